@@ -1,0 +1,78 @@
+"""Lock-step comparison of two optimizers on identical problems: the tool every backend
+test uses against the reference (and the reference against torch.optim.AdamW)."""
+from __future__ import annotations
+
+import torch
+
+# (atol, rtol) by parameter dtype, after the number of steps the tests run.
+TOLERANCE = {
+    torch.float32: (1e-6, 1e-5),
+    torch.float16: (1e-4, 1e-3),
+    torch.bfloat16: (1e-3, 1e-2),
+    torch.float64: (1e-12, 1e-10),
+}
+ODD_SHAPES = [(), (1,), (4097,), (3, 5), (2, 3, 4), (0,), (64,)]
+
+
+def make_params(shapes, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype=dtype, device=device))
+            for s in shapes]
+
+
+def copy_params(params):
+    return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+def set_grads(params, step, seed=1, missing=()):
+    """Deterministic non-zero gradients; params whose index is in ``missing(step)`` get None.
+
+    Gradient scale varies from step to step so that priority keys rise and fall and the
+    buffer both accepts and rejects inserts.
+    """
+    gen = torch.Generator().manual_seed(seed * 100003 + step)
+    scale = 1.0 + 0.9 * torch.sin(torch.tensor(step * 0.7)).item()
+    for i, p in enumerate(params):
+        g = torch.randn(p.shape, generator=gen) * scale
+        p.grad = None if i in missing else g.to(dtype=p.dtype, device=p.device)
+
+
+def assert_close(a, b, dtype, what):
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+# State entries compared exactly: the insert decisions and step counts must agree.
+EXACT_STATE = ("cm_count", "step")
+
+
+def assert_same_state(opt_a, params_a, opt_b, params_b, dtype, where=""):
+    for i, (pa, pb) in enumerate(zip(params_a, params_b)):
+        assert_close(pa.detach(), pb.detach(), dtype, f"{where} param {i}")
+        sa, sb = opt_a.state.get(pa, {}), opt_b.state.get(pb, {})
+        assert sa.keys() == sb.keys(), f"{where} param {i}: state keys {sa.keys()} != {sb.keys()}"
+        for key in sa:
+            if key in EXACT_STATE:
+                assert torch.equal(sa[key].cpu(), sb[key].cpu()), \
+                    f"{where} param {i} {key}: {sa[key]} != {sb[key]}"
+            else:
+                assert sa[key].dtype == sb[key].dtype, f"{where} param {i} {key} dtype"
+                # the buffer's order is part of the contract (first-index tie-break)
+                assert_close(sa[key], sb[key], dtype, f"{where} param {i} {key}")
+
+
+def run_lockstep(make_a, make_b, shapes, steps, dtype=torch.float32, device="cpu",
+                 missing=lambda step: (), compare_every=1, seed=0):
+    """Step two optimizers built by ``make_a(params)``/``make_b(params)`` on copies of the
+    same params with the same gradients; compare params and full state as they go."""
+    params_a = make_params(shapes, dtype, device, seed)
+    params_b = copy_params(params_a)
+    opt_a, opt_b = make_a(params_a), make_b(params_b)
+    for step in range(steps):
+        for params, opt in ((params_a, opt_a), (params_b, opt_b)):
+            set_grads(params, step, seed + 1, missing(step))
+            opt.step()
+        if (step + 1) % compare_every == 0 or step == steps - 1:
+            assert_same_state(opt_a, params_a, opt_b, params_b, dtype, f"step {step}")
+    return (opt_a, params_a), (opt_b, params_b)
