@@ -72,7 +72,50 @@ def run_lockstep(make_a, make_b, shapes, steps, dtype=torch.float32, device="cpu
     for step in range(steps):
         for params, opt in ((params_a, opt_a), (params_b, opt_b)):
             set_grads(params, step, seed + 1, missing(step))
+            torch.manual_seed(step)  # critical_test draws: the same for both optimizers
             opt.step()
         if (step + 1) % compare_every == 0 or step == steps - 1:
             assert_same_state(opt_a, params_a, opt_b, params_b, dtype, f"step {step}")
     return (opt_a, params_a), (opt_b, params_b)
+
+
+def checkpoint_roundtrip(make_opt, shapes, steps_before, steps_after, dtype=torch.float32,
+                         device="cpu", map_location=None, missing=lambda step: ()):
+    """Run ``steps_before + steps_after`` steps uninterrupted, and again with a save (through
+    bytes, loaded with ``weights_only=True``), a fresh optimizer and a load in between.
+    Returns both (optimizer, params) pairs; callers assert they are bit-identical."""
+    import io
+
+    def drive(params, opt, steps):
+        for step in steps:
+            set_grads(params, step, 7, missing(step))
+            torch.manual_seed(step)
+            opt.step()
+
+    params_a = make_params(shapes, dtype, device)
+    params_b = copy_params(params_a)
+    opt_a = make_opt(params_a)
+    drive(params_a, opt_a, range(steps_before + steps_after))
+
+    opt_b = make_opt(params_b)
+    drive(params_b, opt_b, range(steps_before))
+    blob = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params_b], "opt": opt_b.state_dict()}, blob)
+    blob.seek(0)
+    ckpt = torch.load(blob, weights_only=True, map_location=map_location)
+    params_c = [torch.nn.Parameter(t.to(device).clone()) for t in ckpt["params"]]
+    opt_c = make_opt(params_c)
+    opt_c.load_state_dict(ckpt["opt"])
+    drive(params_c, opt_c, range(steps_before, steps_before + steps_after))
+    return (opt_a, params_a), (opt_c, params_c)
+
+
+def assert_bit_identical(opt_a, params_a, opt_b, params_b):
+    for i, (pa, pb) in enumerate(zip(params_a, params_b)):
+        assert torch.equal(pa.detach().cpu(), pb.detach().cpu()), f"param {i} differs"
+        sa, sb = opt_a.state.get(pa, {}), opt_b.state.get(pb, {})
+        assert sa.keys() == sb.keys(), f"param {i}: state keys differ"
+        for key in sa:
+            assert sa[key].dtype == sb[key].dtype, f"param {i} {key}: dtype differs"
+            assert sa[key].device == sb[key].device, f"param {i} {key}: device differs"
+            assert torch.equal(sa[key].cpu(), sb[key].cpu()), f"param {i} {key} differs"
