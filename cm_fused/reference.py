@@ -143,9 +143,10 @@ def _one_tensor(p, g, m, v, v_max, B, K, k, S, step, n, lucky, *, lr, beta1, bet
     m.copy_(m_new)
 
     step.add_(1)
-    bc1 = 1 - beta1 ** step.to(cdt)
-    bc2 = 1 - beta2 ** step.to(cdt)
+    # Bias corrections in fp64: in fp32, 1 - beta2**step loses ~1e-5 to cancellation.
+    bc1 = 1 - beta1 ** step.double()
+    bc2 = 1 - beta2 ** step.double()
     K.mul_(decay)
 
-    denom = v_new.sqrt() / bc2.sqrt() + eps
-    p.copy_(x - (lr / bc1) * a / denom)
+    denom = v_new.sqrt() / bc2.sqrt().to(cdt) + eps
+    p.copy_(x - (lr / bc1).to(cdt) * a / denom)
