@@ -105,8 +105,9 @@ class AdamCM(torch.optim.Optimizer):
                  topC: int = 5, decay: float = 0.7, kappa: float = 1.0, synced: bool = True,
                  critical_test: float = 0.0, buffer_dtype: torch.dtype | None = None, *,
                  backend: str = "auto"):
-        if backend != "auto":
-            registry.module(backend)  # unknown names fail here, not at the first step
+        if backend != "auto" and backend not in registry.NAMES:
+            raise ValueError(f"Invalid backend: {backend!r} (expected 'auto' or one of "
+                             f"{registry.NAMES})")
         self.backend = backend
         self.backends_in_use: dict[str, str] = {}
         self._warned: set[str] = set()

@@ -1,0 +1,376 @@
+"""The optimizer class around the backends: validation, errors that change nothing,
+GradScaler, checkpoints, groups, dtypes, odd shapes, backend choice. Run on the reference."""
+import io
+import warnings
+
+import pytest
+import torch
+
+import cm_fused
+from cm_fused import AdamCM
+from compare import (ODD_SHAPES, assert_bit_identical, assert_same_state,
+                     checkpoint_roundtrip, copy_params, make_params, run_lockstep, set_grads)
+
+
+def ref(params, **kw):
+    return AdamCM(params, backend="reference", **kw)
+
+
+def snapshot(opt, params):
+    return ([p.detach().clone() for p in params],
+            {i: {k: v.clone() for k, v in opt.state[p].items()}
+             for i, p in enumerate(params) if p in opt.state})
+
+
+def assert_unchanged(opt, params, snap):
+    values, state = snap
+    for p, v in zip(params, values):
+        assert torch.equal(p.detach(), v)
+    for i, s in state.items():
+        for k, v in s.items():
+            assert torch.equal(opt.state[params[i]][k], v), (i, k)
+
+
+# ------------------------------------------------------------ validation
+
+BAD_ARGS = [
+    ("lr", -1e-3), ("lr", float("nan")), ("eps", -1.0), ("betas", (1.0, 0.999)),
+    ("betas", (0.9, -0.1)), ("betas", (0.9,)), ("weight_decay", -0.1), ("decay", 1.5),
+    ("decay", -0.1), ("topC", 0), ("topC", 2.5), ("topC", True), ("kappa", -1.0),
+    ("critical_test", 1.5), ("critical_test", -0.1), ("buffer_dtype", torch.float64),
+    ("buffer_dtype", torch.int8), ("buffer_dtype", "bf16"), ("amsgrad", 1), ("synced", "yes"),
+]
+
+
+@pytest.mark.parametrize("name,value", BAD_ARGS, ids=lambda x: repr(x))
+def test_invalid_hyperparameter_is_refused_at_construction(name, value):
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match=name.rstrip("s") if name == "betas" else name):
+        ref([p], **{name: value})
+
+
+@pytest.mark.parametrize("name,value", BAD_ARGS, ids=lambda x: repr(x))
+def test_invalid_hyperparameter_in_a_group_changes_nothing(name, value):
+    params = make_params([(3,), (2, 2)])
+    opt = ref(params[:1], lr=1e-2)
+    with pytest.raises(ValueError):
+        opt.add_param_group({"params": params[1:], name: value})
+    assert len(opt.param_groups) == 1
+    # ... and set later (as a scheduler or a user would): the step raises, nothing moves
+    opt.add_param_group({"params": params[1:]})
+    for t in range(3):
+        set_grads(params, t)
+        opt.step()
+    snap = snapshot(opt, params)
+    opt.param_groups[1][name] = value
+    set_grads(params, 3)
+    with pytest.raises(ValueError, match=name.rstrip("s") if name == "betas" else name):
+        opt.step()
+    assert_unchanged(opt, params, snap)
+
+
+def test_topc_is_only_checked_when_the_buffer_is_on():
+    p = torch.nn.Parameter(torch.ones(2))
+    ref([p], kappa=0.0, topC=0)  # AdamW mode: topC unused
+
+
+def test_tensor_lr_must_be_nonnegative_and_single_valued():
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="lr"):
+        ref([p], lr=torch.tensor(-1.0))
+    with pytest.raises(ValueError, match="lr"):
+        ref([p], lr=torch.tensor([1e-3, 1e-3]))
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="backend"):
+        AdamCM([torch.nn.Parameter(torch.ones(1))], backend="cuda-magic")
+
+
+@pytest.mark.parametrize("bad", ["sparse", "complex"])
+def test_sparse_or_complex_gradient_raises_and_changes_nothing(bad):
+    params = make_params([(4,), (3,)])
+    opt = ref(params)
+    for t in range(2):
+        set_grads(params, t)
+        opt.step()
+    snap = snapshot(opt, params)
+    set_grads(params, 2)
+    if bad == "sparse":
+        params[1].grad = torch.ones(3).to_sparse()
+        match = "sparse"
+    else:
+        params[1].data = params[1].data.to(torch.complex64)
+        params[1].grad = torch.ones(3, dtype=torch.complex64)
+        match = "complex"
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    assert torch.equal(params[0].detach(), snap[0][0])
+    for k, v in snap[1][0].items():
+        assert torch.equal(opt.state[params[0]][k], v), k
+
+
+def test_changing_topc_after_the_first_step_raises_and_changes_nothing():
+    params = make_params([(4,)])
+    opt = ref(params, topC=3)
+    set_grads(params, 0)
+    opt.step()
+    snap = snapshot(opt, params)
+    opt.param_groups[0]["topC"] = 4
+    set_grads(params, 1)
+    with pytest.raises(RuntimeError, match="topC"):
+        opt.step()
+    assert_unchanged(opt, params, snap)
+
+
+def test_turning_the_buffer_on_after_adamw_steps_is_refused():
+    params = make_params([(4,)])
+    opt = ref(params, kappa=0.0)
+    set_grads(params, 0)
+    opt.step()
+    opt.param_groups[0]["kappa"] = 1.0
+    with pytest.raises(RuntimeError, match="kappa"):
+        opt.step()
+
+
+def test_explicit_backend_that_cannot_run_raises_with_reason():
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = AdamCM([p], backend="cpu")
+    p.grad = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="backend='cpu' cannot step"):
+        opt.step()
+    assert not opt.state
+
+
+def test_auto_falls_back_to_reference_with_one_warning():
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))  # no fused backend takes fp64
+    opt = AdamCM([p])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(3):
+            p.grad = torch.full((3,), 0.5 + t, dtype=torch.float64)
+            opt.step()
+    fallbacks = [w for w in caught if "uses 'reference'" in str(w.message)]
+    assert len(fallbacks) == 1
+    assert opt.backends_in_use == {"cpu": "reference"}
+
+
+def test_backends_report_names_each_backend_with_a_status():
+    report = cm_fused.backends()
+    assert set(report) == {"reference", "cpu", "triton"}
+    assert report["reference"] == "available"
+    assert all(isinstance(v, str) and v for v in report.values())
+
+
+# ------------------------------------------------------------ GradScaler protocol
+
+def test_found_inf_changes_nothing_at_all():
+    params = make_params(ODD_SHAPES)
+    opt = ref(params, weight_decay=0.1, amsgrad=True)
+    for t in range(4):
+        set_grads(params, t)
+        opt.step()
+    snap = snapshot(opt, params)
+    set_grads(params, 4)
+    opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(1.0)
+    opt.step()
+    assert_unchanged(opt, params, snap)
+
+
+def test_grad_scale_divides_gradients_and_keys():
+    params_a = make_params([(5,), (2, 3)])
+    params_b = copy_params(params_a)
+    opt_a, opt_b = ref(params_a, synced=False), ref(params_b, synced=False)
+    for t in range(5):
+        set_grads(params_a, t)
+        set_grads(params_b, t)
+        for p in params_b:
+            p.grad *= 8.0
+        opt_a.step()
+        opt_b.grad_scale, opt_b.found_inf = torch.tensor(8.0), torch.tensor(0.0)
+        opt_b.step()
+    assert_bit_identical(opt_a, params_a, opt_b, params_b)  # power-of-two scale: exact
+
+
+@pytest.mark.parametrize("kappa", [1.0, 0.0])
+def test_amp_grad_scaler_matches_unscaled_run_and_skips_inf_steps(kappa):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    twin = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    twin.load_state_dict(model.state_dict())
+    opt = ref(model.parameters(), lr=1e-2, kappa=kappa)
+    opt_twin = ref(twin.parameters(), lr=1e-2, kappa=kappa)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    x = torch.randn(16, 6)
+    for t in range(6):
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        scaler.scale(loss).backward()
+        if t == 3:  # an overflowing step: skipped, scale halves
+            next(model.parameters()).grad[0, 0] = float("inf")
+            before = snapshot(opt, list(model.parameters()))
+        scaler.step(opt)
+        scaler.update()
+        if t == 3:
+            assert_unchanged(opt, list(model.parameters()), before)
+            assert scaler.get_scale() == 2.0 ** 9
+            continue
+        opt_twin.zero_grad()
+        twin(x).pow(2).mean().backward()
+        opt_twin.step()
+    assert_bit_identical(opt, list(model.parameters()), opt_twin, list(twin.parameters()))
+
+
+# ------------------------------------------------------------ checkpoints
+
+CKPT_CONFIGS = [dict(), dict(amsgrad=True, weight_decay=0.1, synced=False),
+                dict(topC=2, critical_test=0.4), dict(kappa=0.0, amsgrad=True),
+                dict(buffer_dtype=torch.bfloat16)]
+
+
+@pytest.mark.parametrize("cfg", CKPT_CONFIGS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_midway_continues_bit_identically(cfg, dtype):
+    a, b = checkpoint_roundtrip(lambda ps: ref(ps, lr=1e-2, **cfg), ODD_SHAPES, 7, 8,
+                                dtype=dtype, missing=lambda t: {1} if t == 8 else ())
+    assert_bit_identical(*a, *b)
+
+
+def test_state_dict_is_plain_and_names_documented_keys():
+    params = make_params([(3,)])
+    opt = ref(params, amsgrad=True, buffer_dtype=torch.float16, topC=4)
+    set_grads(params, 0)
+    opt.step()
+    sd = opt.state_dict()
+    blob = io.BytesIO()
+    torch.save(sd, blob)
+    blob.seek(0)
+    torch.load(blob, weights_only=True)
+    s = sd["state"][0]
+    assert set(s) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "cm_buffer",
+                      "cm_keys", "cm_count", "cm_sum"}
+    assert s["cm_buffer"].shape == (4, 3) and s["cm_buffer"].dtype == torch.float16
+    assert s["cm_sum"].dtype == torch.float32 and s["cm_keys"].dtype == torch.float32
+    assert s["cm_count"].dtype == torch.int64 and s["step"].dtype == torch.float32
+
+
+def test_loading_a_checkpoint_with_another_topc_is_refused_and_changes_nothing():
+    params = make_params([(3,), (2,)])
+    saver = ref(params, topC=3)
+    set_grads(params, 0)
+    saver.step()
+    other = copy_params(params)
+    opt = ref(other, topC=5)
+    set_grads(other, 0)
+    opt.step()
+    snap = snapshot(opt, other)
+    with pytest.raises(ValueError, match="topC=3.*topC=5"):
+        opt.load_state_dict(saver.state_dict())
+    assert_unchanged(opt, other, snap)
+    assert opt.param_groups[0]["topC"] == 5
+
+
+def test_loaded_state_does_not_share_storage_with_the_checkpoint():
+    params = make_params([(3,)])
+    opt = ref(params)
+    set_grads(params, 0)
+    opt.step()
+    sd = opt.state_dict()
+    twin = copy_params(params)
+    opt2 = ref(twin)
+    opt2.load_state_dict(sd)
+    set_grads(twin, 1)
+    opt2.step()
+    assert opt.state[params[0]]["step"].item() == 1  # the source is untouched
+
+
+# ------------------------------------------------------------ shapes, dtypes, groups, API
+
+def test_non_contiguous_params_match_contiguous_run():
+    base = torch.randn(5, 4)
+    p_strided = torch.nn.Parameter(base.clone().t())  # non-contiguous leaf
+    p_dense = torch.nn.Parameter(base.clone().t().contiguous())
+    assert not p_strided.is_contiguous()
+    opt_s, opt_d = ref([p_strided], weight_decay=0.1), ref([p_dense], weight_decay=0.1)
+    for t in range(6):
+        g = torch.randn(4, 5, generator=torch.Generator().manual_seed(t))
+        p_strided.grad, p_dense.grad = g.t().contiguous().t(), g.clone()
+        opt_s.step()
+        opt_d.step()
+    assert torch.equal(p_strided.detach(), p_dense.detach())
+
+
+def test_several_groups_with_their_own_topc_and_hyperparameters():
+    params = make_params([(4,), (3, 3), (), (7,)])
+    opt = ref([{"params": params[:2], "topC": 2, "decay": 0.99},
+               {"params": params[2:], "topC": 4, "synced": False, "lr": 1e-2}])
+    for t in range(6):
+        set_grads(params, t)
+        opt.step()
+    assert opt.state[params[0]]["cm_buffer"].shape == (2, 4)
+    assert opt.state[params[2]]["cm_buffer"].shape == (4,)
+    assert opt.state[params[3]]["cm_count"].item() == 4
+    assert opt.state[params[1]]["cm_count"].item() == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_narrow_params_track_an_fp32_run(dtype):
+    """bf16/fp16 storage, fp32 math: within a few storage ulps of the fp32 trajectory."""
+    shapes = [(64,), (8, 8), ()]
+    narrow = make_params(shapes, dtype=dtype)
+    wide = [torch.nn.Parameter(p.detach().float()) for p in narrow]
+    opt_n, opt_w = ref(narrow, lr=1e-2), ref(wide, lr=1e-2)
+    for t in range(20):
+        set_grads(wide, t)
+        for pn, pw in zip(narrow, wide):
+            pn.grad = pw.grad.to(dtype)
+        opt_n.step()
+        opt_w.step()
+    for pn, pw in zip(narrow, wide):
+        moved = (pw.detach() - make_params(shapes)[0].float().mean()).abs().max()
+        assert moved > 0
+        # 20 steps, each rounding p to the storage dtype once (ulp 2^-8 bf16, 2^-11 fp16)
+        torch.testing.assert_close(pn.detach().float(), pw.detach(),
+                                   atol=0.05 if dtype == torch.bfloat16 else 0.01, rtol=0.02)
+    assert opt_n.state[narrow[0]]["cm_sum"].dtype == torch.float32  # S stays fp32
+    assert opt_n.state[narrow[0]]["exp_avg"].dtype == dtype
+
+
+def test_odd_shapes_and_empty_tensors_step():
+    params = make_params(ODD_SHAPES)
+    opt = ref(params, weight_decay=0.01)
+    for t in range(4):
+        set_grads(params, t)
+        opt.step()
+    assert all(opt.state[p]["cm_count"].item() == 4 for p in params)
+
+
+def test_tensor_lr_matches_float_lr():
+    run_lockstep(lambda ps: ref(ps, lr=1e-2), lambda ps: ref(ps, lr=torch.tensor(1e-2)),
+                 [(6,), (2, 2)], steps=20)
+
+
+def test_scheduler_lr_zero_freezes_params_and_closure_returns_loss():
+    p = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
+    opt = ref([p], lr=0.1, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0)
+    before = p.detach().clone()
+    for _ in range(3):
+        def closure():
+            opt.zero_grad()
+            loss = (p * torch.tensor([2.0, 3.0])).sum()
+            loss.backward()
+            return loss
+        loss = opt.step(closure)
+        sched.step()
+        assert loss.item() == pytest.approx((before * torch.tensor([2.0, 3.0])).sum().item())
+    assert torch.equal(p.detach(), before)
+    assert opt.state[p]["cm_count"].item() == 3  # the buffer still fills at lr 0
+
+
+def test_drop_in_keywords_and_authors_class_name():
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = cm_fused.Adam_CM([p], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                           amsgrad=False, topC=5, decay=0.7, kappa=1.0, synced=True,
+                           critical_test=0.0, buffer_dtype=None)
+    assert isinstance(opt, torch.optim.Optimizer) and opt.defaults["topC"] == 5
