@@ -1,0 +1,119 @@
+"""The Triton backend: the fused Adam+CM step over all tensors of a group.
+
+Kernels are in ``kernels.py``, tables and launches in ``launch.py`` (block sizes there),
+the ``torch.library`` op in ``op.py``. Importing this package never fails for lack of
+Triton: the Triton imports happen on first use, and a failure shows up as
+:func:`unavailable_reason`.
+
+Without a CUDA device the kernels can still run on CPU tensors under the Triton
+interpreter; ``TRITON_INTERPRET=1`` must be set before this backend is first used
+(Triton decides interpreter mode when a kernel is defined).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from ..registry import FUSED_DTYPES
+
+_import_error: str | None = None
+
+
+def _op_module():
+    """cm_fused.triton.op, imported on first use (it imports Triton and the kernels)."""
+    from . import op
+    return op
+
+
+def unavailable_reason() -> str | None:
+    global _import_error
+    try:
+        import triton  # noqa: F401  (absolute: the Triton package, not this one)
+    except ImportError as e:
+        return f"triton is not importable ({e})"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("no CUDA device, and TRITON_INTERPRET=1 is not set (the Triton "
+                "interpreter, slow, runs the kernels on CPU tensors)")
+    if _import_error is None:
+        try:
+            _op_module()
+        except Exception as e:  # reported, not swallowed: auto warns with this reason
+            _import_error = f"the Triton kernels failed to load: {type(e).__name__}: {e}"
+    return _import_error
+
+
+def _interpreted() -> bool:
+    return _op_module().INTERPRETED
+
+
+def unsupported_reason(device: torch.device, dtypes: set[torch.dtype]) -> str | None:
+    bad = sorted(str(d) for d in dtypes if d not in FUSED_DTYPES)
+    if bad:
+        return (f"the Triton backend steps float32, bfloat16 and float16 parameters, got "
+                f"{', '.join(bad)}")
+    device = torch.device(device)
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if _interpreted():
+            return None
+        return ("Triton kernels run on CUDA devices; CPU tensors only under the Triton "
+                "interpreter (TRITON_INTERPRET=1 set before the backend is first used)")
+    return f"Triton kernels run on CUDA devices, not {device.type}"
+
+
+def adam_cm_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    buffers: list[Tensor],
+    keys: list[Tensor],
+    counts: list[Tensor],
+    sums: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decay: float,
+    critical_test: float,
+    amsgrad: bool,
+    synced: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    rand: Tensor | None = None,
+) -> None:
+    """One Adam+CM step (kappa > 0) over the tensors of one param group, in place.
+
+    Same contract as :func:`cm_fused.reference.adam_cm_step`; params, grads and state
+    must be contiguous (the optimizer sees to it) and on one CUDA device (or CPU under
+    the interpreter).
+    """
+    if not params:
+        return
+    op = _op_module()
+    device = params[0].device
+    if isinstance(lr, Tensor):
+        lr_value, lr_tensor = 0.0, lr.to(device)
+    else:
+        lr_value, lr_tensor = float(lr), None
+    if not amsgrad:
+        max_exp_avg_sqs = []
+    if grad_scale is not None:
+        grad_scale = grad_scale.to(device)
+    if found_inf is not None:
+        found_inf = found_inf.to(device)
+    if rand is not None:
+        rand = rand.to(device=device, dtype=torch.float32)
+    op.adam_cm_step_(
+        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
+        list(max_exp_avg_sqs), list(buffers), list(keys), list(counts), list(sums),
+        list(steps), float(lr_value), lr_tensor, float(beta1), float(beta2), float(eps),
+        float(weight_decay), float(decay), float(critical_test), bool(amsgrad),
+        bool(synced), grad_scale, found_inf, rand)

@@ -1,0 +1,260 @@
+"""Triton kernels of the fused Adam+CM step (shared/SPEC.md, kappa > 0).
+
+One step of one param group is four launches (see launch.py for the tables they read):
+
+1. ``_norm_kernel`` (one launch per dtype bucket, one program per chunk): the sum of
+   squares of the unscaled gradient over the chunk, written as a per-chunk partial.
+2. ``_reduce_kernel`` (one launch per group, one program per tensor): the tensor's
+   partials summed in a fixed order -> its sum of squares. No atomics, so the keys, and
+   with them the insert decisions, are bit-for-bit repeatable. (A sharded run would
+   all_reduce this [T] array before the next launch.)
+3. ``_decide_kernel`` (one launch per group, one program per block of tensors): key n,
+   argmin of K, replace flag and slot j, K written and decayed, fill count, step count,
+   bias corrections; the per-tensor decision goes to two small device arrays.
+4. ``_update_kernel`` (one launch per dtype bucket, one program per chunk): the
+   elementwise part (weight decay, m, aggregate, slot write and running sum, v, amsgrad,
+   parameter) in one pass over memory.
+
+Hyperparameters are runtime arguments (never ``tl.constexpr``), so a scheduler changing
+lr does not recompile; ``found_inf``, ``grad_scale`` and a tensor ``lr`` are read on the
+device. Math is fp32 (the bias corrections fp64): narrow dtypes are widened on load and
+narrowed on store.
+"""
+import triton
+import triton.language as tl
+
+# Rows of a bucket's pointer table (int64 [N_BUCKET_ROWS, n]), indexed by the tensor's
+# position in the bucket.
+BUCKET_ROWS = ("p", "g", "m", "v", "vmax", "b", "s", "numel", "gidx")
+ROW_P, ROW_G, ROW_M, ROW_V, ROW_VMAX, ROW_B, ROW_S, ROW_NUMEL, ROW_GIDX = (
+    tl.constexpr(i) for i in range(len(BUCKET_ROWS)))
+# Rows of a group's table (int64 [N_GROUP_ROWS, T]), indexed by the tensor's position in
+# the group (the order of the params list).
+GROUP_ROWS = ("keys", "count", "step", "partial_offset", "partial_count")
+ROW_KEYS, ROW_COUNT, ROW_STEP, ROW_POFF, ROW_PCNT = (
+    tl.constexpr(i) for i in range(len(GROUP_ROWS)))
+# Decision arrays, per tensor of the group: int32 [T, 2] = (slot j, flags) and
+# fp64 [T, 3] = (k before the insert, at least 1; bias correction 1; sqrt of bias
+# correction 2, rounded to fp32 as the reference does).
+FLAG_REPLACE, FLAG_FIRST = tl.constexpr(1), tl.constexpr(2)
+
+
+@triton.jit(do_not_specialize=["n_tab", "chunk_len"])
+def _norm_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, partial_ptr, scale_ptr,
+                 chunk_len, G_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(chunk_t_ptr + pid)
+    start = tl.load(chunk_s_ptr + pid)
+    numel = tl.load(tab_ptr + ROW_NUMEL * n_tab + t)
+    g_ptr = tl.load(tab_ptr + ROW_G * n_tab + t).to(tl.pointer_type(G_DT))
+    end = tl.minimum(start + chunk_len, numel)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr).to(tl.float32)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in range(start, end, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        mask = idx < end
+        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = tl.div_rn(g, scale)
+        acc += tl.where(mask, g * g, 0.0)
+    tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit(do_not_specialize=["T"])
+def _reduce_kernel(gtab_ptr, T, partial_ptr, sumsq_ptr, RBLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64)
+    first = tl.load(gtab_ptr + ROW_POFF * T + i)
+    count = tl.load(gtab_ptr + ROW_PCNT * T + i)
+    acc = tl.zeros([RBLOCK], dtype=tl.float32)
+    for r in range(0, count, RBLOCK):
+        idx = r + tl.arange(0, RBLOCK)
+        acc += tl.load(partial_ptr + first + idx, mask=idx < count, other=0.0)
+    tl.store(sumsq_ptr + i, tl.sum(acc, axis=0))
+
+
+@triton.jit(do_not_specialize=["T", "C"])
+def _decide_kernel(gtab_ptr, T, sumsq_ptr, rand_ptr, found_inf_ptr, dec_i_ptr, dec_f_ptr,
+                   C, critical_test, decay, beta1, beta2,
+                   SYNCED: tl.constexpr, HAS_RAND: tl.constexpr,
+                   HAS_FOUND_INF: tl.constexpr, CP: tl.constexpr, TB: tl.constexpr):
+    critical_test = tl.cast(critical_test, tl.float32)
+    decay = tl.cast(decay, tl.float32)
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * TB + tl.arange(0, TB).to(tl.int64)
+    rmask = rows < T
+    cols = tl.arange(0, CP)
+    cmask = cols < C
+
+    # The key: each tensor's own norm, or (synced) the sum over the group of the
+    # per-tensor norms (SPEC quirk: not the global norm). Every program sums in the same
+    # order, so all of them see the same n.
+    if SYNCED:
+        acc = tl.zeros([TB], dtype=tl.float32)
+        for s in range(0, T, TB):
+            idx = s + tl.arange(0, TB)
+            ss = tl.load(sumsq_ptr + idx, mask=idx < T, other=0.0)
+            acc += tl.where(idx < T, tl.sqrt_rn(ss), 0.0)
+        n = tl.zeros([TB], dtype=tl.float32) + tl.sum(acc, axis=0)
+    else:
+        n = tl.sqrt_rn(tl.load(sumsq_ptr + rows, mask=rmask, other=0.0))
+
+    k_ptr = tl.load(gtab_ptr + ROW_KEYS * T + rows, mask=rmask, other=0)
+    k_ptr = k_ptr.to(tl.pointer_type(tl.float32))
+    cnt_ptr = tl.load(gtab_ptr + ROW_COUNT * T + rows, mask=rmask, other=0)
+    cnt_ptr = cnt_ptr.to(tl.pointer_type(tl.int64))
+    step_ptr = tl.load(gtab_ptr + ROW_STEP * T + rows, mask=rmask, other=0)
+    step_ptr = step_ptr.to(tl.pointer_type(tl.float32))
+
+    kmask = rmask[:, None] & cmask[None, :]
+    K = tl.load(k_ptr[:, None] + cols[None, :], mask=kmask, other=float("inf"))
+    k = tl.load(cnt_ptr, mask=rmask, other=0)
+    step = tl.load(step_ptr, mask=rmask, other=0.0)
+
+    # argmin of K, first index on ties; a NaN key is the minimum (as torch.argmin).
+    Kmin_in = tl.where(K != K, float("-inf"), K)
+    Kmin_in = tl.where(kmask, Kmin_in, float("inf"))
+    kmin = tl.min(Kmin_in, axis=1)
+    jmin = tl.min(tl.where(Kmin_in == kmin[:, None], cols[None, :], CP), axis=1)
+    kj = tl.sum(tl.where(cols[None, :] == jmin[:, None], K, 0.0), axis=1)
+
+    first = k == 0
+    full = k >= C
+    j = tl.where(full, jmin.to(tl.int64), tl.minimum(k, C - 1))
+    replace = (k < C) | (n > kj)
+    if HAS_RAND:
+        lucky = tl.load(rand_ptr + rows, mask=rmask, other=1.0).to(tl.float32) < critical_test
+        replace = replace | lucky
+
+    K_new = tl.where((cols[None, :] == j[:, None]) & replace[:, None], n[:, None], K)
+    K_new = K_new * decay
+    k_new = tl.where(replace & (k < C), k + 1, k)
+    step_new = step + 1.0
+
+    # Bias corrections 1 - beta^step in fp64 (in fp32, 1 - beta2^step loses ~1e-5 to
+    # cancellation): beta^step by binary powering, no transcendental needed.
+    e = step_new.to(tl.int64)
+    b1 = tl.zeros([TB], dtype=tl.float64) + tl.cast(beta1, tl.float32).to(tl.float64)
+    b2 = tl.zeros([TB], dtype=tl.float64) + tl.cast(beta2, tl.float32).to(tl.float64)
+    p1 = tl.full([TB], 1.0, dtype=tl.float64)
+    p2 = tl.full([TB], 1.0, dtype=tl.float64)
+    while tl.max(e, axis=0) > 0:
+        odd = (e & 1) != 0
+        p1 = tl.where(odd, p1 * b1, p1)
+        p2 = tl.where(odd, p2 * b2, p2)
+        b1 = b1 * b1
+        b2 = b2 * b2
+        e = e >> 1
+    bc1 = 1.0 - p1
+    bc2 = 1.0 - p2
+
+    wmask = rmask
+    if HAS_FOUND_INF:
+        fi = tl.zeros([TB], dtype=tl.float32) + tl.load(found_inf_ptr).to(tl.float32)
+        wmask = wmask & (fi == 0.0)
+    tl.store(k_ptr[:, None] + cols[None, :], K_new, mask=kmask & wmask[:, None])
+    tl.store(cnt_ptr, k_new, mask=wmask)
+    tl.store(step_ptr, step_new, mask=wmask)
+
+    flags = replace.to(tl.int32) * FLAG_REPLACE + first.to(tl.int32) * FLAG_FIRST
+    tl.store(dec_i_ptr + 2 * rows, j.to(tl.int32), mask=rmask)
+    tl.store(dec_i_ptr + 2 * rows + 1, flags, mask=rmask)
+    tl.store(dec_f_ptr + 3 * rows, tl.maximum(k, 1).to(tl.float64), mask=rmask)
+    tl.store(dec_f_ptr + 3 * rows + 1, bc1, mask=rmask)
+    tl.store(dec_f_ptr + 3 * rows + 2, tl.sqrt(bc2).to(tl.float32).to(tl.float64),
+             mask=rmask)
+
+
+@triton.jit(do_not_specialize=["n_tab", "chunk_len"])
+def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_ptr,
+                   lr, lr_ptr, scale_ptr, found_inf_ptr, chunk_len,
+                   one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                   P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr,
+                   V_DT: tl.constexpr, VM_DT: tl.constexpr, B_DT: tl.constexpr,
+                   S_DT: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   HAS_FOUND_INF: tl.constexpr, AMSGRAD: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    w = tl.cast(one_minus_beta1, tl.float32)
+    beta2 = tl.cast(beta2, tl.float32)
+    one_minus_beta2 = tl.cast(one_minus_beta2, tl.float32)
+    eps = tl.cast(eps, tl.float32)
+    weight_decay = tl.cast(weight_decay, tl.float32)
+    if LR_IS_PTR:
+        lr64 = tl.load(lr_ptr).to(tl.float64)
+    else:
+        lr64 = tl.cast(lr, tl.float32).to(tl.float64)
+    lr = lr64.to(tl.float32)
+
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(chunk_t_ptr + pid)
+    start = tl.load(chunk_s_ptr + pid)
+    numel = tl.load(tab_ptr + ROW_NUMEL * n_tab + t)
+    gi = tl.load(tab_ptr + ROW_GIDX * n_tab + t)
+    p_ptr = tl.load(tab_ptr + ROW_P * n_tab + t).to(tl.pointer_type(P_DT))
+    g_ptr = tl.load(tab_ptr + ROW_G * n_tab + t).to(tl.pointer_type(G_DT))
+    m_ptr = tl.load(tab_ptr + ROW_M * n_tab + t).to(tl.pointer_type(M_DT))
+    v_ptr = tl.load(tab_ptr + ROW_V * n_tab + t).to(tl.pointer_type(V_DT))
+    b_ptr = tl.load(tab_ptr + ROW_B * n_tab + t).to(tl.pointer_type(B_DT))
+    s_ptr = tl.load(tab_ptr + ROW_S * n_tab + t).to(tl.pointer_type(S_DT))
+
+    j = tl.load(dec_i_ptr + 2 * gi).to(tl.int64)
+    flags = tl.load(dec_i_ptr + 2 * gi + 1)
+    # (a [BLOCK] vector rather than a scalar: the interpreter mis-types vector & scalar)
+    replace = (tl.zeros([BLOCK], dtype=tl.int32) + (flags & FLAG_REPLACE)) != 0
+    first = (flags & FLAG_FIRST) != 0
+    k_before = tl.load(dec_f_ptr + 3 * gi).to(tl.float32)
+    bc1 = tl.load(dec_f_ptr + 3 * gi + 1)
+    sqrt_bc2 = tl.load(dec_f_ptr + 3 * gi + 2).to(tl.float32)
+    slot_ptr = b_ptr + j * numel
+
+    decay_factor = tl.where(weight_decay != 0.0, 1.0 - lr * weight_decay, 1.0)
+    step_size = (lr64 / bc1).to(tl.float32)  # lr / bc1 in fp64, as the reference
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr).to(tl.float32)
+
+    end = tl.minimum(start + chunk_len, numel)
+    if HAS_FOUND_INF:
+        # A skipped step changes nothing: the loop below runs zero times.
+        end = tl.where(tl.load(found_inf_ptr).to(tl.float32) == 0.0, end, start)
+
+    for off in range(start, end, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        mask = idx < end
+        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = tl.div_rn(g, scale)
+        p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        S = tl.load(s_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+
+        x = p * decay_factor
+        # m.lerp(g, 1 - beta1), with torch's two formulas for small and large weights
+        d = g - m
+        m_new = tl.where(w < 0.5, m + w * d, g - d * (1.0 - w))
+        m_new = tl.where(first, 0.0, m_new)
+        # the aggregate uses the buffer as it was before this step's insert
+        a = tl.where(first, 0.0, m_new + tl.div_rn(S, k_before))
+
+        # insert: the raw gradient on the first step (SPEC quirk), the momentum after
+        new = tl.where(first, g, m_new).to(B_DT)
+        rmask = mask & replace
+        old = tl.load(slot_ptr + idx, mask=rmask, other=0.0).to(S_DT).to(tl.float32)
+        S_new = (S - old) + new.to(S_DT).to(tl.float32)
+        tl.store(slot_ptr + idx, new, mask=rmask)
+        tl.store(s_ptr + idx, S_new.to(S_DT), mask=rmask)
+
+        # v tracks the aggregate, not the gradient
+        v_new = v * beta2 + (one_minus_beta2 * a) * a
+        tl.store(v_ptr + idx, v_new.to(V_DT), mask=mask)
+        if AMSGRAD:
+            vm_ptr = tl.load(tab_ptr + ROW_VMAX * n_tab + t).to(tl.pointer_type(VM_DT))
+            vm = tl.load(vm_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            v_new = tl.maximum(vm, v_new, propagate_nan=tl.PropagateNan.ALL)
+            tl.store(vm_ptr + idx, v_new.to(VM_DT), mask=mask)
+        tl.store(m_ptr + idx, m_new.to(M_DT), mask=mask)
+
+        denom = tl.div_rn(tl.sqrt_rn(v_new), sqrt_bc2) + eps
+        p_new = x - tl.div_rn(step_size * a, denom)
+        tl.store(p_ptr + idx, p_new.to(P_DT), mask=mask)

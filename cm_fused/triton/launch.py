@@ -1,0 +1,264 @@
+"""Launchers of the fused Triton step: pointer tables, their cache, and the launches.
+
+Multi-tensor apply: every per-tensor list becomes a row of an int64 table of data
+pointers (cast in-kernel with ``tl.pointer_type``), and a chunk table maps each program
+of the norm and update passes to (tensor, first element). Chunks are cut per tensor, so
+a chunk never crosses into the next tensor; the last chunk of a tensor is short.
+
+Tensors of one group are bucketed by their dtypes (param, grad, m, v, v_max, slot,
+sum) for the norm and update launches; the reduce and decide launches span the whole
+group, so the synced key is the same for all buckets.
+
+Tables are built on the host from shapes and ``data_ptr()`` values only (nothing is read
+from the device), uploaded once per distinct set of pointers (pinned memory and a
+non-blocking copy on CUDA), and cached keyed on the pointers, numels and dtypes, so a
+step with unchanged tensors does no host-to-device copy at all. No step reads a device
+value on the host.
+
+Block sizes: not measured (this code was written without access to a GPU), chosen as
+the usual values for a memory-bound elementwise Triton kernel and written down here.
+``CHUNK`` and ``BLOCK`` are module settings that tests shrink to get several chunks per
+tensor; they are read at every call.
+"""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import torch
+import triton
+import triton.language as tl
+
+from . import kernels as K
+
+# Elements per program of the norm and update passes. 8192 fp32 elements = 48 slot-
+# replacing bytes x 8192 = 384 KiB moved per program: long enough to amortise the
+# table look-ups, short enough that a 1M-element tensor still spreads over 128 programs,
+# and a 2^31-element tensor makes 262144 partials for its reduce program to sum.
+CHUNK = 8192
+# Elements per loop iteration within a chunk: 1024 with 4 warps = 8 elements per thread
+# per tensor (two 128-bit fp32 loads), the usual elementwise configuration.
+BLOCK = 1024
+NUM_WARPS = 4
+# Partials summed per iteration by the reduce pass (one program per tensor).
+RBLOCK = 1024
+# Tensors per program of the decide pass (a [TB, next_pow2(topC)] tile of keys).
+DECIDE_TB = 128
+# Distinct pointer sets kept (each group of each optimizer is one entry; a new set of
+# grad pointers is another).
+CACHE_SIZE = 32
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+              torch.float16: tl.float16, torch.float64: tl.float64}
+
+
+@dataclass
+class _Bucket:
+    n: int  # tensors in the bucket
+    n_chunks: int
+    tab: torch.Tensor  # int64 [9, n] (kernels.BUCKET_ROWS)
+    chunk_t: torch.Tensor  # int64 [n_chunks]: tensor index in the bucket
+    chunk_s: torch.Tensor  # int64 [n_chunks]: first element
+    partials: torch.Tensor  # fp32 view [n_chunks] of the group's partials
+    dtypes: dict
+
+
+@dataclass
+class _Plan:
+    T: int
+    gtab: torch.Tensor  # int64 [5, T] (kernels.GROUP_ROWS)
+    buckets: list
+    partials: torch.Tensor
+    sumsq: torch.Tensor  # fp32 [T]
+    dec_i: torch.Tensor  # int32 [T, 2]
+    dec_f: torch.Tensor  # fp64 [T, 3]
+    keepalive: list = field(default_factory=list)
+
+
+_cache: collections.OrderedDict = collections.OrderedDict()
+stats = {"builds": 0, "hits": 0}  # for tests: how often tables were (re)built
+
+
+def _ptrs(ts):
+    return tuple(t.data_ptr() for t in ts)
+
+
+def _key(lists: dict, C: int, chunk: int):
+    params = lists["params"]
+    parts = [params[0].device, C, chunk, tuple(p.numel() for p in params)]
+    for name in ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
+                 "buffers", "sums", "keys", "counts", "steps"):
+        ts = lists[name]
+        parts.append(_ptrs(ts))
+        parts.append(tuple(t.dtype for t in ts))
+    return tuple(parts)
+
+
+def _pad2(x: list) -> list:
+    """Pad to an even length so that every sub-table starts 16-byte aligned."""
+    return x + [0] * (len(x) % 2)
+
+
+def _build(lists: dict, C: int, chunk: int) -> _Plan:
+    params, grads = lists["params"], lists["grads"]
+    T = len(params)
+    device = params[0].device
+    amsgrad = bool(lists["max_exp_avg_sqs"])
+    numels = [p.numel() for p in params]
+    n_chunks = [(n + chunk - 1) // chunk for n in numels]
+
+    order: dict = {}
+    for i in range(T):
+        dts = (params[i].dtype, grads[i].dtype, lists["exp_avgs"][i].dtype,
+               lists["exp_avg_sqs"][i].dtype,
+               lists["max_exp_avg_sqs"][i].dtype if amsgrad else None,
+               lists["buffers"][i].dtype, lists["sums"][i].dtype)
+        order.setdefault(dts, []).append(i)
+
+    blob: list = []
+    spans = []  # (offset, length) of each sub-table in blob
+
+    def put(values):
+        spans.append((len(blob), len(values)))
+        blob.extend(_pad2(values))
+
+    partial_offset = [0] * T
+    bucket_specs = []
+    base = 0
+    for dts, idx in order.items():
+        rows = [
+            _ptrs(params[i] for i in idx), _ptrs(grads[i] for i in idx),
+            _ptrs(lists["exp_avgs"][i] for i in idx),
+            _ptrs(lists["exp_avg_sqs"][i] for i in idx),
+            _ptrs(lists["max_exp_avg_sqs"][i] for i in idx) if amsgrad else (0,) * len(idx),
+            _ptrs(lists["buffers"][i] for i in idx), _ptrs(lists["sums"][i] for i in idx),
+            tuple(numels[i] for i in idx), tuple(idx),
+        ]
+        put([v for row in rows for v in row])
+        chunk_t, chunk_s = [], []
+        for local, i in enumerate(idx):
+            partial_offset[i] = base + len(chunk_t)
+            chunk_t.extend([local] * n_chunks[i])
+            chunk_s.extend(range(0, numels[i], chunk))
+        put(chunk_t)
+        put(chunk_s)
+        bucket_specs.append((dts, len(idx), len(chunk_t), base))
+        base += len(chunk_t)
+    put([*_ptrs(lists["keys"]), *_ptrs(lists["counts"]), *_ptrs(lists["steps"]),
+         *partial_offset, *n_chunks])
+
+    host = torch.tensor(blob, dtype=torch.int64)
+    keepalive = []
+    if device.type == "cuda":
+        host = host.pin_memory()
+        keepalive.append(host)  # the copy below is asynchronous
+        dev = host.to(device, non_blocking=True)
+    else:
+        dev = host.to(device)
+
+    def view(k):
+        off, length = spans[k]
+        return dev[off:off + length]
+
+    partials = torch.empty(max(base, 1), dtype=torch.float32, device=device)
+    buckets = []
+    names = ("p", "g", "m", "v", "vmax", "b", "s")
+    for b, (dts, n, nch, pbase) in enumerate(bucket_specs):
+        buckets.append(_Bucket(
+            n=n, n_chunks=nch, tab=view(3 * b), chunk_t=view(3 * b + 1),
+            chunk_s=view(3 * b + 2), partials=partials[pbase:pbase + max(nch, 1)],
+            dtypes={k: (_TL_DTYPES[d] if d is not None else tl.float32)
+                    for k, d in zip(names, dts)}))
+    return _Plan(
+        T=T, gtab=view(3 * len(bucket_specs)), buckets=buckets, partials=partials,
+        sumsq=torch.empty(T, dtype=torch.float32, device=device),
+        dec_i=torch.empty(T, 2, dtype=torch.int32, device=device),
+        dec_f=torch.empty(T, 3, dtype=torch.float64, device=device),
+        keepalive=[*keepalive, dev])
+
+
+def plan_for(lists: dict, C: int) -> _Plan:
+    chunk = int(CHUNK)
+    key = _key(lists, C, chunk)
+    plan = _cache.get(key)
+    if plan is not None:
+        _cache.move_to_end(key)
+        stats["hits"] += 1
+        return plan
+    plan = _build(lists, C, chunk)
+    stats["builds"] += 1
+    _cache[key] = plan
+    while len(_cache) > CACHE_SIZE:
+        _cache.popitem(last=False)
+    return plan
+
+
+# Launch log for tests: when a list, each launch appends (kernel name, grid, the
+# specialisation of its arguments: dtype of tensors, "int"/"fp32" for scalars and the
+# value of constexprs). Hyperparameters must show up as "fp32", never as values.
+launch_log: list | None = None
+
+
+def _launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int) -> None:
+    if launch_log is not None:
+        spec = tuple(str(a.dtype) if isinstance(a, torch.Tensor) else
+                     "int" if isinstance(a, int) else "fp32" if isinstance(a, float) else
+                     repr(a) for a in args)
+        launch_log.append((_kname(kernel), grid, spec, tuple(sorted((k, str(v)) for k, v in
+                                                    constexprs.items()))))
+    kernel[grid](*args, **constexprs, num_warps=num_warps)
+
+
+def _kname(kernel):
+    fn = getattr(kernel, "fn", kernel)
+    return getattr(fn, "__name__", str(kernel))
+
+
+def step(lists: dict, *, lr: float, lr_tensor, beta1: float, beta2: float, eps: float,
+         weight_decay: float, decay: float, critical_test: float, amsgrad: bool,
+         synced: bool, grad_scale, found_inf, rand) -> None:
+    """One Adam+CM step of one param group (see kernels.py for the four launches)."""
+    params = lists["params"]
+    if not params:
+        return
+    if not amsgrad:
+        lists = {**lists, "max_exp_avg_sqs": []}
+    C = int(lists["buffers"][0].shape[0])
+    plan = plan_for(lists, C)
+    T = plan.T
+    dummy = plan.sumsq
+    block = int(BLOCK)
+    chunk = int(CHUNK)
+
+    for b in plan.buckets:
+        if b.n_chunks:
+            _launch(K._norm_kernel, (b.n_chunks,),
+                    (b.tab, b.n, b.chunk_t, b.chunk_s, b.partials,
+                     dummy if grad_scale is None else grad_scale, chunk),
+                    dict(G_DT=b.dtypes["g"], HAS_SCALE=grad_scale is not None,
+                         BLOCK=block), NUM_WARPS)
+    _launch(K._reduce_kernel, (T,), (plan.gtab, T, plan.partials, plan.sumsq),
+            dict(RBLOCK=RBLOCK), 4)
+    _launch(K._decide_kernel, (triton.cdiv(T, DECIDE_TB),),
+            (plan.gtab, T, plan.sumsq, dummy if rand is None else rand,
+             dummy if found_inf is None else found_inf, plan.dec_i, plan.dec_f, C,
+             float(critical_test), float(decay), float(beta1), float(beta2)),
+            dict(SYNCED=bool(synced), HAS_RAND=rand is not None,
+                 HAS_FOUND_INF=found_inf is not None,
+                 CP=max(2, triton.next_power_of_2(C)), TB=DECIDE_TB), 4)
+    for b in plan.buckets:
+        if b.n_chunks:
+            d = b.dtypes
+            _launch(K._update_kernel, (b.n_chunks,),
+                    (b.tab, b.n, b.chunk_t, b.chunk_s, plan.dec_i, plan.dec_f,
+                     float(lr), dummy if lr_tensor is None else lr_tensor,
+                     dummy if grad_scale is None else grad_scale,
+                     dummy if found_inf is None else found_inf, chunk,
+                     1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps),
+                     float(weight_decay)),
+                    dict(P_DT=d["p"], G_DT=d["g"], M_DT=d["m"], V_DT=d["v"],
+                         VM_DT=d["vmax"], B_DT=d["b"], S_DT=d["s"],
+                         LR_IS_PTR=lr_tensor is not None,
+                         HAS_SCALE=grad_scale is not None,
+                         HAS_FOUND_INF=found_inf is not None, AMSGRAD=bool(amsgrad),
+                         BLOCK=block), NUM_WARPS)
