@@ -1,0 +1,382 @@
+"""The pieces of the benchmark: providers, the byte model, timing, memory, machine info.
+
+run.py is the command line around these; test_micro_bench.py reuses them. Nothing here
+prints to stdout.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import cm_fused
+from cm_fused import registry
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+# Same hyperparameters for every provider. weight_decay is non-zero so the decoupled decay
+# is part of every step; kappa=1 keeps the critical-momenta buffer on.
+HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+CM_HYPER = dict(decay=0.7, kappa=1.0, synced=True, critical_test=0.0)
+GRAD_STD = 1e-2
+
+
+# ------------------------------------------------------------------------ byte model
+
+def bytes_per_step(kind: str, numel: int, param_dtype: torch.dtype,
+                   buffer_dtype: torch.dtype | None = None, replaced: bool = True) -> int:
+    """Fewest bytes one optimizer step must move through memory (each read once, each write once).
+
+    kind "adamw" (torch.optim.AdamW, any implementation): read p, g, m, v and write p, m,
+    v. m and v have the parameter's dtype (torch keeps them so), so 7 x itemsize per
+    element: 28 B fp32, 14 B bf16.
+
+    kind "cm" (Adam+CM, the straightforward fused step of DESIGN.md): AdamW's 7 accesses,
+    plus a second read of g for the norm (the key must be known before any slot is chosen),
+    a read of S (the sum of the filled slots), and, when a slot is replaced, a read of the
+    old B[j] and writes of B[j] and S:
+        7*P + P + 2*Ssz + 2*Bsz        (P = param itemsize, B = slot, S = sum itemsize)
+    fp32 everything: 28 + 4 + 8 + 8 = 48 B/elem. bf16 params (bf16 slots, fp32 S):
+    14 + 2 + 8 + 4 = 28 B. fp32 params, bf16 slots: 28 + 4 + 8 + 4 = 44 B. topC does not
+    enter: a step touches one slot whatever C is. With replaced=False (the new key lost) the
+    slot read/write and the S write drop out: 7*P + P + Ssz. The harness's gradients keep
+    their norm nearly constant, so with decay 0.7 a slot is replaced on every step and the
+    rows use replaced=True. Per-tensor keys, counts and step counters (a few bytes per
+    tensor) are left out.
+    """
+    p = param_dtype.itemsize
+    if kind == "adamw":
+        return numel * 7 * p
+    if kind != "cm":
+        raise ValueError(f"unknown kind {kind!r}")
+    slot = (buffer_dtype or param_dtype).itemsize
+    s = max(slot, 4)  # S is fp32 whenever the slots are narrower (SPEC, Precision)
+    per = 8 * p + s + ((s + 2 * slot) if replaced else 0)
+    return numel * per
+
+
+# ------------------------------------------------------------------------ providers
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    kind: str            # "adamw" or "cm"
+    option: str          # adamw: forloop/foreach/fused; cm: backend name
+    compiled: bool = False
+    doc: str = ""
+
+
+PROVIDERS = {p.name: p for p in [
+    Provider("torch_adamw_forloop", "adamw", "forloop", doc="torch.optim.AdamW(foreach=False)"),
+    Provider("torch_adamw_foreach", "adamw", "foreach", doc="torch.optim.AdamW(foreach=True)"),
+    Provider("torch_adamw_fused", "adamw", "fused", doc="torch.optim.AdamW(fused=True): the baseline"),
+    Provider("cm_reference", "cm", "reference", doc='cm_fused.AdamCM(backend="reference")'),
+    Provider("cm_cpu", "cm", "cpu", doc='cm_fused.AdamCM(backend="cpu"), C++'),
+    Provider("cm_triton", "cm", "triton", doc='cm_fused.AdamCM(backend="triton")'),
+    Provider("cm_reference_compiled", "cm", "reference", compiled=True,
+             doc='torch.compile(AdamCM(backend="reference").step), only with --compile'),
+]}
+BASELINE = "torch_adamw_fused"
+
+
+def make_optimizer(prov: Provider, params, topC: int | None, buffer_dtype):
+    if prov.kind == "adamw":
+        flags = {"forloop": dict(foreach=False), "foreach": dict(foreach=True),
+                 "fused": dict(fused=True)}[prov.option]
+        return torch.optim.AdamW(params, **HYPER, **flags)
+    return cm_fused.AdamCM(params, **HYPER, **CM_HYPER, topC=topC,
+                           buffer_dtype=buffer_dtype, backend=prov.option)
+
+
+def why_not(prov: Provider, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why this provider cannot step tensors of this dtype on this device, or None."""
+    if prov.kind == "cm":
+        reason = registry.why_not(prov.option, device, {dtype})
+        if reason is None and prov.option == "triton" and device.type != "cuda":
+            # The backend may run under TRITON_INTERPRET=1, but that is a test mode.
+            reason = "Triton needs a CUDA device (TRITON_INTERPRET runs are not benchmarks)"
+        if reason is None and prov.compiled and device.type == "cpu" and not _have_cxx():
+            reason = "torch.compile on CPU needs a C++ compiler"
+        return reason
+    # torch's own: try one tiny step, and report torch's words if it refuses.
+    try:
+        p = torch.nn.Parameter(torch.ones(4, device=device, dtype=dtype))
+        p.grad = torch.ones_like(p)
+        make_optimizer(prov, [p], None, None).step()
+    except Exception as e:  # noqa: BLE001 - shown in the table as the reason
+        return f"torch refuses: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return None
+
+
+def _have_cxx() -> bool:
+    import shutil
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++", os.environ.get("CXX", "")) if c)
+
+
+# ------------------------------------------------------------------------ tensors
+
+def make_tensors(shapes, dtype: torch.dtype, device: torch.device, grad_sets: int, seed: int = 0):
+    """Initial parameter values and `grad_sets` sets of fresh non-zero gradients.
+
+    Gradients are N(0, GRAD_STD^2), so every set has nearly the same norm: with decay 0.7
+    the new key beats the oldest, and a slot is replaced on every step, as in steady state.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = [torch.randn(s, generator=gen, device=device, dtype=dtype) for s in shapes]
+    grads = [[(torch.randn(s, generator=gen, device=device, dtype=dtype) * GRAD_STD)
+              for s in shapes] for _ in range(grad_sets)]
+    return params, grads
+
+
+def set_grads(params, grads) -> None:
+    for p, g in zip(params, grads):
+        p.grad = g
+
+
+# ------------------------------------------------------------------------ timing
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def quantiles(times_ms: list[float]) -> dict:
+    xs = sorted(times_ms)
+
+    def q(f):  # linear interpolation, as torch.quantile / numpy's default
+        pos = f * (len(xs) - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, len(xs) - 1)
+        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+    return dict(median_ms=statistics.median(xs), p20_ms=q(0.2), p80_ms=q(0.8),
+                min_ms=xs[0], mean_ms=statistics.fmean(xs))
+
+
+def time_steps(step: Callable[[], object], params, grads, device: torch.device,
+               reps: int, start: int = 0) -> list[float]:
+    """Time `reps` steps; gradients rotate among the pre-made sets outside the timed region.
+
+    CUDA: a pair of CUDA events around each step, L2 flushed (a 256 MiB write) before each,
+    one synchronize at the end (triton.testing.do_bench's method, per step). CPU: the steps
+    are synchronous, so time.perf_counter() around each one.
+    """
+    times = []
+    if device.type == "cuda":
+        flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(reps)]
+        for i, (e0, e1) in enumerate(events):
+            set_grads(params, grads[(start + i) % len(grads)])
+            flush.zero_()
+            e0.record()
+            step()
+            e1.record()
+        torch.cuda.synchronize(device)
+        return [e0.elapsed_time(e1) for e0, e1 in events]
+    for i in range(reps):
+        set_grads(params, grads[(start + i) % len(grads)])
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+# ------------------------------------------------------------------------ memory
+
+PEAK_METHOD = {
+    "cuda": "torch.cuda.max_memory_allocated() during one step minus memory_allocated() before it",
+    "cpu": ("highest 'Total Allocated' of torch's CPU allocator during one step, from "
+            "torch.profiler(profile_memory=True): every tensor the step allocates and has not "
+            "freed yet; memory a C++ kernel mallocs outside torch's allocator is not seen"),
+}
+
+
+@contextlib.contextmanager
+def _quiet_fd2():
+    """Silence the profiler's C++ log lines on stderr (fd 2) for a moment."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_extra_bytes(step: Callable[[], object], device: torch.device) -> int | None:
+    """Peak memory one step allocates beyond what was allocated before it (see PEAK_METHOD)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+    with tempfile.TemporaryDirectory() as tmp, _quiet_fd2():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f).get("traceEvents", [])
+    peak = 0
+    for e in events:
+        args = e.get("args", {})
+        if e.get("name") == "[memory]" and args.get("Device Type", 0) == 0:
+            peak = max(peak, int(args.get("Total Allocated", 0)))
+    return peak
+
+
+def free_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def state_bytes(kind: str, numel: int, dtype: torch.dtype, buffer_dtype, topC: int | None) -> int:
+    """Bytes a provider allocates for its own copy of the params and its optimizer state."""
+    p = dtype.itemsize
+    if kind == "adamw":
+        return numel * 3 * p
+    slot = (buffer_dtype or dtype).itemsize
+    return numel * (3 * p + max(slot, 4) + topC * slot)  # p, m, v; S; B
+
+
+def copy_bandwidth(device: torch.device, reps: int = 20) -> float:
+    """Measured bytes/s of a large tensor copy_ (bytes read + bytes written)."""
+    n = (1 << 30 if device.type == "cuda" else 256 << 20) // 4
+    a = torch.randn(n, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    sync(device)
+    if device.type == "cuda":
+        evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+               for _ in range(reps)]
+        for e0, e1 in evs:
+            e0.record()
+            b.copy_(a)
+            e1.record()
+        torch.cuda.synchronize(device)
+        ms = [e0.elapsed_time(e1) for e0, e1 in evs]
+    else:
+        ms = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            b.copy_(a)
+            ms.append((time.perf_counter() - t0) * 1e3)
+    med = statistics.median(ms)
+    del a, b
+    return 2 * n * 4 / (med / 1e3)
+
+
+# ------------------------------------------------------------------------ one measurement
+
+def measure(prov: Provider, shapes_params, grads, device: torch.device, *, topC, buffer_dtype,
+            reps: int, warmup: int) -> dict:
+    """Warm up, time `reps` steps, then measure one step's peak extra memory."""
+    params = [torch.nn.Parameter(t.clone()) for t in shapes_params]
+    opt = make_optimizer(prov, params, topC, buffer_dtype)
+    step = opt.step
+    if prov.compiled:
+        torch._dynamo.reset()  # each compiled provider compiles from scratch
+        step = torch.compile(opt.step)
+    try:
+        # Warm-up: compilation, JIT builds and allocator growth, and (cm) enough steps to
+        # fill all topC slots, so that the timed steps replace slots as in steady state.
+        n_warm = max(warmup, (topC or 0) + 3)
+        t0 = time.perf_counter()
+        time_steps(step, params, grads, device, n_warm)
+        warm_s = time.perf_counter() - t0
+        times = time_steps(step, params, grads, device, reps, start=n_warm)
+        set_grads(params, grads[(n_warm + reps) % len(grads)])
+        peak = peak_extra_bytes(step, device)
+        for p in params:  # a benchmark of garbage is no benchmark
+            if not torch.isfinite(p).all():
+                raise FloatingPointError("non-finite parameter after the timed steps")
+        return dict(**quantiles(times), peak_extra_bytes=peak, warmup_steps=n_warm,
+                    warmup_s=round(warm_s, 3), reps=reps)
+    finally:
+        del opt, step, params
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------ machine info
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    return f"{model} ({cores} cores)"
+
+
+def versions() -> dict:
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception as e:  # noqa: BLE001 - only reported
+        tv = f"absent ({type(e).__name__})"
+    return dict(torch=torch.__version__, triton=tv, cm_fused=cm_fused.__version__,
+                python=platform.python_version())
+
+
+def git_commit() -> str:
+    """HEAD of the checkout bench/ lives in, '+dirty' when code that can change results is."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "cm_fused",
+                                "csrc", "setup.py", "bench/harness.py", "bench/run.py",
+                                "bench/param_sets.py"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
+def loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None

@@ -1,0 +1,267 @@
+#!/usr/bin/env python
+"""Time optimizer.step() of torch's AdamW and cm_fused.AdamCM's backends, side by side.
+
+    python bench/run.py                      # quick: GPT-2 ~11M and ResNet-18 sets, fp32, topC 5
+    python bench/run.py --full               # every set for the device, topC 1/5/20, fp32/bf16,
+                                             # buffer_dtype None/bf16
+    python bench/run.py --sets gpt2-124m --providers torch_adamw_fused,cm_reference --topc 1,20
+
+Every provider steps the same parameter values with the same gradient sets and the same
+hyperparameters, in one process. The table goes to stdout, progress to stderr, and one JSON
+line per row is appended to bench/results/results.jsonl (see --out). Plot with
+`python bench/plot.py`. Providers that cannot run here are listed with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import datetime
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+
+import harness as H  # noqa: E402
+import param_sets  # noqa: E402
+
+DEFAULT_OUT = os.path.join(HERE, "results", "results.jsonl")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true",
+                    help="the full sweep: all sets for the device, --topc 1,5,20, --dtype fp32,bf16, "
+                         "--buffer-dtype none,bf16 (explicit flags still win)")
+    ap.add_argument("--sets", help=f"comma list of parameter sets: {', '.join(param_sets.SETS)}")
+    ap.add_argument("--providers", help=f"comma list (default: all but the compiled one): "
+                                        f"{', '.join(H.PROVIDERS)}; {H.BASELINE} is always run "
+                                        f"as the ratio's baseline")
+    ap.add_argument("--topc", help="comma list of topC values (default 5)")
+    ap.add_argument("--dtype", help="param dtypes, comma list of fp32,bf16,fp16 (default fp32)")
+    ap.add_argument("--buffer-dtype", help="slot dtypes, comma list of none,fp32,bf16,fp16 "
+                                           "(default none: the param's dtype)")
+    ap.add_argument("--reps", type=int, help="timed steps per row (default 30 on CPU, 100 on CUDA)")
+    ap.add_argument("--warmup", type=int, default=5,
+                    help="warm-up steps before timing; at least topC+3 are always done so the "
+                         "buffer is full (default 5)")
+    ap.add_argument("--grad-sets", type=int, default=3,
+                    help="pre-made gradient sets rotated between steps (default 3)")
+    ap.add_argument("--compile", action="store_true",
+                    help="add cm_reference_compiled: torch.compile(opt.step) of the reference "
+                         "(minutes of compilation per row on CPU)")
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    ap.add_argument("--out", default=DEFAULT_OUT, help="JSON lines file to append rows to "
+                                                       "('' to write none)")
+    ap.add_argument("--list", action="store_true", help="list sets and providers and exit")
+    return ap.parse_args(argv)
+
+
+def _csv(text):
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def plan(args, device):
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    sets = _csv(args.sets) if args.sets else (param_sets.FULL[kind] if args.full
+                                              else param_sets.QUICK[kind])
+    for s in sets:
+        if s not in param_sets.SETS:
+            sys.exit(f"unknown set {s!r}; known: {', '.join(param_sets.SETS)}")
+    if args.providers:
+        provs = _csv(args.providers)
+        for p in provs:
+            if p not in H.PROVIDERS:
+                sys.exit(f"unknown provider {p!r}; known: {', '.join(H.PROVIDERS)}")
+    else:
+        provs = [p for p, v in H.PROVIDERS.items() if not v.compiled]
+    if args.compile and "cm_reference_compiled" not in provs:
+        provs.append("cm_reference_compiled")
+    if H.BASELINE not in provs:
+        provs.insert(0, H.BASELINE)
+    topcs = [int(c) for c in _csv(args.topc)] if args.topc else ([1, 5, 20] if args.full else [5])
+    dt = _csv(args.dtype) if args.dtype else (["fp32", "bf16"] if args.full else ["fp32"])
+    bd = _csv(args.buffer_dtype) if args.buffer_dtype else (
+        ["none", "bf16"] if args.full else ["none"])
+    for d in dt + [b for b in bd if b != "none"]:
+        if d not in H.DTYPES:
+            sys.exit(f"unknown dtype {d!r}; use {', '.join(H.DTYPES)}")
+    jobs = []  # (set, dtype, buffer, topC, provider); AdamW rows do not depend on C or buffer
+    for s in sets:
+        for d in dt:
+            for p in provs:
+                if H.PROVIDERS[p].kind == "adamw":
+                    jobs.append((s, d, None, None, p))
+            for b in bd:
+                for c in topcs:
+                    for p in provs:
+                        if H.PROVIDERS[p].kind == "cm":
+                            jobs.append((s, d, None if b == "none" else b, c, p))
+    return jobs
+
+
+_T0 = time.perf_counter()
+
+
+def progress(msg):
+    print(f"{time.perf_counter() - _T0:6.1f}s {msg}", file=sys.stderr, flush=True)
+
+
+def short(text, n=110):
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def fmt_row(r):
+    c = "-" if r["topC"] is None else str(r["topC"])
+    b = r["buffer_dtype"] or "-"
+    head = (f"{r['param_set']:<11} {r['param_dtype']:<5} {b:<4} {c:>2}  {r['provider']:<22}")
+    if r["status"] != "ok":
+        return f"{head} {'-':>9} {'-':>17} {'-':>7} {'-':>8} {'-':>6} {'-':>8}  {r['status']}: {short(r['reason'])}"
+    q = f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}"
+    ratio = "-" if r["ratio_to_torch_fused"] is None else f"{r['ratio_to_torch_fused']:.2f}"
+    peak = "-" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / 2**20:.1f}"
+    return (f"{head} {r['median_ms']:>9.2f} {q:>17} {ratio:>7} "
+            f"{r['bytes_per_step'] / 1e6:>8.1f} {r['gbps']:>6.1f} {peak:>8}")
+
+
+TABLE_HEAD = (f"{'set':<11} {'dtype':<5} {'buf':<4} {'C':>2}  {'provider':<22} "
+              f"{'median ms':>9} {'p20-p80 ms':>17} {'x fused':>7} {'MB/step':>8} "
+              f"{'GB/s':>6} {'peak+MiB':>8}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.list:
+        for n in param_sets.SETS:
+            print(param_sets.describe(n))
+        for p in H.PROVIDERS.values():
+            print(f"{p.name}: {p.doc}")
+        return 0
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    reps = args.reps or (100 if device.type == "cuda" else 30)
+    jobs = plan(args, device)
+
+    t_start = time.perf_counter()
+    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    meta = dict(device=H.device_name(device), device_type=device.type, **H.versions(),
+                commit=H.git_commit(), run_id=run_id, threads=torch.get_num_threads())
+    progress(f"cm_fused bench: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
+             f"{len(jobs)} rows, {reps} timed steps each")
+    for name, status in H.cm_fused.backends().items():
+        progress(f"backend {name}: {short(status, 300)}")
+    progress("measuring copy bandwidth ...")
+    copy_gbps = H.copy_bandwidth(device) / 1e9
+    meta["device_copy_gbps"] = round(copy_gbps, 2)
+
+    rows, baseline, data, why = [], {}, {}, {}
+    for i, (sname, dname, bname, topC, pname) in enumerate(jobs, 1):
+        prov = H.PROVIDERS[pname]
+        dtype, bdtype = H.DTYPES[dname], (H.DTYPES[bname] if bname else None)
+        shapes = param_sets.SETS[sname]
+        numel = param_sets.numel(sname)
+        nbytes = H.bytes_per_step(prov.kind, numel, dtype, bdtype)
+        row = dict(meta, timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(
+                       timespec="seconds"),
+                   provider=pname, param_set=sname, param_dtype=dname, buffer_dtype=bname,
+                   topC=topC, numel=numel, tensors=len(shapes), status="ok", reason=None,
+                   median_ms=None, p20_ms=None, p80_ms=None, min_ms=None, mean_ms=None,
+                   ratio_to_torch_fused=None, bytes_per_step=nbytes, gbps=None,
+                   peak_extra_bytes=None, peak_extra_method=H.PEAK_METHOD[device.type],
+                   loadavg_1m=H.loadavg(), hyper=dict(H.HYPER, **(H.CM_HYPER if prov.kind == "cm"
+                                                               else {})))
+        label = f"[{i}/{len(jobs)}] {sname} {dname} buf={bname or '-'} C={topC or '-'} {pname}"
+        # The tensors of one (set, dtype) are made once and shared by its rows.
+        if (sname, dname) not in data:
+            data.clear()
+            gc.collect()
+            need = numel * dtype.itemsize * (1 + args.grad_sets)
+            free = H.free_bytes(device)
+            if free is not None and need > 0.8 * free:
+                data[(sname, dname)] = f"needs {need / 1e9:.1f} GB for params and " \
+                                       f"gradients, {free / 1e9:.1f} GB free"
+            else:
+                progress(f"making {param_sets.describe(sname)} in {dname} ...")
+                data[(sname, dname)] = H.make_tensors(shapes, dtype, device, args.grad_sets)
+        tensors = data[(sname, dname)]
+        key = (pname, dname)
+        if key not in why:
+            why[key] = H.why_not(prov, device, dtype)
+        reason = tensors if isinstance(tensors, str) else why[key]
+        if reason is None:
+            need = H.state_bytes(prov.kind, numel, dtype, bdtype, topC) + \
+                8 * max(math.prod(s) for s in shapes) * 4
+            free = H.free_bytes(device)
+            if free is not None and need > 0.8 * free:
+                reason = f"needs ~{need / 1e9:.1f} GB of state, {free / 1e9:.1f} GB free"
+        if reason is not None:
+            row.update(status="skipped", reason=reason)
+            progress(f"{label}: skipped ({short(reason, 300)})")
+        else:
+            progress(f"{label} ...")
+            try:
+                res = H.measure(prov, tensors[0], tensors[1], device, topC=topC,
+                                buffer_dtype=bdtype, reps=reps, warmup=args.warmup)
+            except Exception as e:  # noqa: BLE001 - the row says what broke, nothing is hidden
+                msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+                row.update(status="error", reason=msg)
+                progress(f"{label}: ERROR {msg}")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            else:
+                row.update(res)
+                row["gbps"] = nbytes / (res["median_ms"] / 1e3) / 1e9
+                if pname == H.BASELINE:
+                    baseline[(sname, dname)] = res["median_ms"]
+                progress(f"{label}: median {res['median_ms']:.2f} ms "
+                         f"(p20 {res['p20_ms']:.2f}, p80 {res['p80_ms']:.2f})")
+        rows.append(row)
+    data.clear()
+
+    for r in rows:
+        base = baseline.get((r["param_set"], r["param_dtype"]))
+        if r["status"] == "ok" and base:
+            r["ratio_to_torch_fused"] = r["median_ms"] / base
+    elapsed = time.perf_counter() - t_start
+
+    print(f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
+          f"commit {meta['commit']} | {meta['threads']} threads")
+    print(f"copy_ bandwidth (read+write): {copy_gbps:.1f} GB/s | {reps} timed steps per row "
+          f"after >= topC+3 warm-up steps | load avg at start {rows[0]['loadavg_1m'] if rows else '-'}")
+    print("x fused = median / torch_adamw_fused median (same set and dtype, same run); "
+          "MB/step = byte model (bench/harness.py:bytes_per_step); GB/s = MB/step / median;")
+    print(f"peak+MiB = extra memory of one step ({'CUDA max_memory_allocated' if device.type == 'cuda' else 'torch CPU allocator, via torch.profiler'})")
+    print()
+    print(TABLE_HEAD)
+    last = None
+    for r in rows:
+        grp = (r["param_set"], r["param_dtype"])
+        if last is not None and grp != last:
+            print()
+        last = grp
+        print(fmt_row(r))
+    print(f"\n{len(rows)} rows in {elapsed:.0f} s")
+
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        print(f"rows appended to {os.path.relpath(args.out)} (run_id {run_id}); "
+              f"plot: python bench/plot.py {os.path.relpath(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
