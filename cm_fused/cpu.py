@@ -1,0 +1,219 @@
+"""The C++ CPU backend: finds, checks and loads the extension, and calls its op.
+
+The op ``cm_fused::adam_cm_step_`` (csrc/adam_cm.cpp) is the kappa > 0 step of
+shared/SPEC.md over all tensors of a group. Where it comes from, in order:
+
+1. already registered in this process (loaded by an earlier call, or by the user);
+2. the prebuilt ``cm_fused/_C*.so`` that ``pip install`` compiled, if it was built
+   against this very torch (its build tag is read from the file before loading it, so a
+   binary for another torch is never loaded);
+3. a JIT build of the shipped C++ sources with ``torch.utils.cpp_extension.load``
+   (ninja, cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
+
+If none works, :func:`unavailable_reason` says why (and ``backend="auto"`` falls back to
+the reference backend with one warning). Importing this module never builds anything.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .registry import FUSED_DTYPES
+
+OP = "cm_fused::adam_cm_step_"
+_TAG = b"CM_FUSED_BUILT_WITH_TORCH="
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+_lock = threading.Lock()
+_status: dict = {"done": False, "reason": None, "source": None}
+
+
+# ---------------------------------------------------------------- finding the extension
+
+def source_dir() -> Path | None:
+    """The C++ sources: shipped in the package (wheel), or the repository's csrc/."""
+    for d in (_PACKAGE_DIR / "csrc", _PACKAGE_DIR.parent / "csrc"):
+        if (d / "adam_cm.cpp").is_file() and (d / "build.json").is_file():
+            return d
+    return None
+
+
+def build_flags(csrc: Path) -> tuple[list[str], list[str]]:
+    """(compile flags, link flags) of the extension, shared with setup.py."""
+    spec = json.loads((csrc / "build.json").read_text())
+    # Unquoted: quotes do not survive every build tool; adam_cm.cpp stringizes it.
+    version = f"-DCM_FUSED_TORCH_VERSION={torch.__version__}"
+    return [*spec["cflags"], version], list(spec["ldflags"])
+
+
+def build_tag(path: str | os.PathLike) -> str | None:
+    """The torch version a built extension was compiled against (read from its bytes)."""
+    data = Path(path).read_bytes()
+    start = data.find(_TAG)
+    if start < 0:
+        return None
+    start += len(_TAG)
+    end = data.find(b";", start)
+    return data[start:end].decode("ascii", "replace") if end > start else None
+
+
+def _registered() -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw(OP, "")
+        return True
+    except RuntimeError:
+        return False
+
+
+def _load_prebuilt() -> str | None:
+    """Load the pip-built cm_fused._C; None if loaded, else why not."""
+    try:
+        spec = importlib.util.find_spec("cm_fused._C")
+    except (ImportError, ValueError) as e:
+        return f"cannot look up cm_fused._C: {e}"
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        return "no prebuilt extension (installed with CM_FUSED_NO_EXT=1, or its build failed)"
+    tag = build_tag(spec.origin)
+    if tag != torch.__version__:
+        return (f"the prebuilt extension {spec.origin} was built for torch {tag or '(unknown)'}, "
+                f"this is torch {torch.__version__}")
+    try:
+        torch.ops.load_library(spec.origin)
+    except (OSError, RuntimeError) as e:
+        return f"the prebuilt extension {spec.origin} failed to load: {e}"
+    return None if _registered() else f"{spec.origin} loaded but does not define {OP}"
+
+
+def _jit_build() -> str | None:
+    """Compile and load the shipped sources; None if that worked, else why not."""
+    if os.environ.get("CM_FUSED_NO_JIT") == "1":
+        return "JIT build disabled by CM_FUSED_NO_JIT=1"
+    csrc = source_dir()
+    if csrc is None:
+        return f"the C++ sources are not shipped with this install ({_PACKAGE_DIR})"
+    try:
+        from torch.utils import cpp_extension
+        cflags, ldflags = build_flags(csrc)
+        cpp_extension.load(
+            name="cm_fused_cpu",
+            sources=sorted(str(p) for p in csrc.glob("*.cpp")),
+            extra_cflags=cflags, extra_ldflags=ldflags, extra_include_paths=[str(csrc)],
+            is_python_module=False,
+            verbose=os.environ.get("CM_FUSED_VERBOSE_BUILD") == "1",
+        )
+    except Exception as e:  # noqa: BLE001 - any build failure: report it, do not crash
+        text = str(e).strip().splitlines()
+        detail = " | ".join(text[-6:]) if text else type(e).__name__
+        return (f"the JIT build of the C++ extension failed ({type(e).__name__}: {detail}); "
+                f"set CM_FUSED_VERBOSE_BUILD=1 to see the compiler output")
+    return None if _registered() else f"the JIT-built extension does not define {OP}"
+
+
+def _register_fake() -> None:
+    """The meta/fake implementation: the op mutates its inputs and returns nothing."""
+    if getattr(_register_fake, "done", False):
+        return
+
+    @torch.library.register_fake(OP)
+    def _fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, buffers, keys, counts,
+              sums, steps, lr, lr_tensor, beta1, beta2, eps, weight_decay, decay,
+              critical_test, amsgrad, synced, grad_scale, found_inf, rand):
+        return None
+
+    _register_fake.done = True
+
+
+def load() -> str | None:
+    """Make the op available (once per process); None if it is, else the reason."""
+    with _lock:
+        if not _status["done"]:
+            reasons = []
+            if _registered():
+                _status["source"] = "already registered"
+            else:
+                for source, attempt in (("prebuilt", _load_prebuilt), ("jit", _jit_build)):
+                    why = attempt()
+                    if why is None:
+                        _status["source"] = source
+                        break
+                    reasons.append(why)
+            if _status["source"] is None:
+                _status["reason"] = "the C++ extension is unavailable: " + "; ".join(reasons)
+            else:
+                _register_fake()
+            _status["done"] = True
+        return _status["reason"]
+
+
+def kernel_name() -> str:
+    """Which kernel build runs on this CPU: 'AVX2' or 'DEFAULT'."""
+    reason = load()
+    if reason:
+        raise RuntimeError(reason)
+    return torch.ops.cm_fused.cpu_kernel_name()
+
+
+# ---------------------------------------------------------------- backend interface
+
+def unavailable_reason() -> str | None:
+    return load()
+
+
+def unsupported_reason(device: torch.device, dtypes: set[torch.dtype]) -> str | None:
+    if torch.device(device).type != "cpu":
+        return f"the C++ kernel steps CPU tensors only, got {device}"
+    bad = sorted(str(d) for d in dtypes if d not in FUSED_DTYPES)
+    if bad:
+        return (f"the C++ kernel takes float32, bfloat16 or float16 parameters, "
+                f"got {', '.join(bad)}")
+    return None
+
+
+def adam_cm_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    buffers: list[Tensor],
+    keys: list[Tensor],
+    counts: list[Tensor],
+    sums: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decay: float,
+    critical_test: float,
+    amsgrad: bool,
+    synced: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    rand: Tensor | None = None,
+) -> None:
+    """One Adam+CM step (kappa > 0) over the tensors of one param group, in place.
+
+    Same contract as :func:`cm_fused.reference.adam_cm_step`; params and grads must be
+    contiguous (the optimizer passes contiguous copies of strided ones).
+    """
+    if not params:
+        return
+    reason = load()
+    if reason:
+        raise RuntimeError(reason)
+    lr_tensor = lr if isinstance(lr, Tensor) else None
+    torch.ops.cm_fused.adam_cm_step_(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [],
+        buffers, keys, counts, sums, steps,
+        0.0 if lr_tensor is not None else float(lr), lr_tensor,
+        float(beta1), float(beta2), float(eps), float(weight_decay), float(decay),
+        float(critical_test), bool(amsgrad), bool(synced), grad_scale, found_inf, rand)

@@ -1,0 +1,315 @@
+// cm_fused::adam_cm_step_ for CPU tensors: the kappa > 0 step of shared/SPEC.md over all
+// tensors of one param group, in place.
+//
+//   1. validate every argument (a step that raises changes nothing); honour found_inf
+//   2. norm pass (parallel): per fixed-size chunk of every gradient, a sum of squares
+//   3. decide (serial, per tensor): reduce the chunk sums in chunk order -> norm -> key
+//      (synced: sum of all norms), argmin of the keys, replace flag, slot j, count, step,
+//      bias corrections, key decay
+//   4. update pass (parallel): one pass over p, g, m, v, (v_max), S and B[j]
+//
+// Chunk boundaries are fixed (kChunk elements from the start of each tensor) and each
+// chunk's partial sum is computed by one thread with the same code, so the norms, the
+// keys and hence every insert decision have the same bits whatever the thread count.
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "adam_cm.h"
+
+// The build passes -DCM_FUSED_TORCH_VERSION=<torch.__version__> unquoted (quotes do not
+// survive every build tool's command line), stringized here.
+#define CM_FUSED_STR2(x) #x
+#define CM_FUSED_STR(x) CM_FUSED_STR2(x)
+#ifdef CM_FUSED_TORCH_VERSION
+#define CM_FUSED_TORCH_VERSION_STR CM_FUSED_STR(CM_FUSED_TORCH_VERSION)
+#else
+#define CM_FUSED_TORCH_VERSION_STR "unknown"
+#endif
+
+// Read by cm_fused/cpu.py (as bytes, before loading) to refuse a binary built against
+// another torch instead of loading it and risking an ABI mismatch.
+extern "C" __attribute__((used, visibility("default")))
+const char cm_fused_build_tag[] = "CM_FUSED_BUILT_WITH_TORCH=" CM_FUSED_TORCH_VERSION_STR ";";
+
+namespace cm_fused {
+namespace {
+
+constexpr int64_t kChunk = 16384;          // elements; a multiple of every vector block
+constexpr int64_t kSerialBelow = 1 << 16;  // total elements under which one thread is faster
+
+const KernelTable& kernels() {
+  static const KernelTable* table = [] {
+#if defined(__x86_64__) || defined(_M_X64)
+    const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
+    if (cap != "DEFAULT" && cap != "default" && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+      return &AVX2::kernel_table();
+    }
+#endif
+    return &DEFAULT::kernel_table();
+  }();
+  return *table;
+}
+
+int dtype_index(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kF32;
+    case at::kBFloat16: return kBF16;
+    case at::kHalf: return kF16;
+    default: return -1;
+  }
+}
+
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+// Run body(chunk_index) over all chunks, split into contiguous runs of about equal element
+// counts, one per thread. Which thread runs a chunk never changes what it computes.
+template <typename F>
+void for_each_chunk(const std::vector<Chunk>& chunks, int64_t total, const F& body) {
+  const int64_t n = static_cast<int64_t>(chunks.size());
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (total < kSerialBelow || threads <= 1 || at::in_parallel_region()) {
+    for (int64_t c = 0; c < n; ++c) body(c);
+    return;
+  }
+  // bounds[t] = first chunk of run t; a chunk costs its elements plus a small fixed cost.
+  std::vector<int64_t> bounds(threads + 1, n);
+  bounds[0] = 0;
+  const double per_thread = static_cast<double>(total + 64 * n) / threads;
+  double acc = 0;
+  int64_t t = 1;
+  for (int64_t c = 0; c < n && t < threads; ++c) {
+    acc += static_cast<double>(chunks[c].end - chunks[c].begin + 64);
+    while (t < threads && acc >= per_thread * t) bounds[t++] = c + 1;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t r = tb; r < te; ++r) {
+      for (int64_t c = bounds[r]; c < bounds[r + 1]; ++c) body(c);
+    }
+  });
+}
+
+void check_list(at::TensorList list, const char* name, size_t count) {
+  TORCH_CHECK(list.size() == count, "cm_fused::adam_cm_step_: ", name, " has ", list.size(),
+              " tensors, params has ", count);
+}
+
+void check_tensor(const at::Tensor& t, const char* name, size_t i, int64_t numel,
+                  std::optional<at::ScalarType> dtype) {
+  TORCH_CHECK(t.defined(), "cm_fused::adam_cm_step_: ", name, "[", i, "] is undefined");
+  TORCH_CHECK(t.device().is_cpu(), "cm_fused::adam_cm_step_: ", name, "[", i,
+              "] is on ", t.device(), ", expected cpu");
+  TORCH_CHECK(t.layout() == at::kStrided && t.is_contiguous(), "cm_fused::adam_cm_step_: ",
+              name, "[", i, "] must be a dense contiguous tensor");
+  TORCH_CHECK(t.numel() == numel, "cm_fused::adam_cm_step_: ", name, "[", i, "] has ",
+              t.numel(), " elements, expected ", numel);
+  if (dtype) {
+    TORCH_CHECK(t.scalar_type() == *dtype, "cm_fused::adam_cm_step_: ", name, "[", i,
+                "] has dtype ", t.scalar_type(), ", expected ", *dtype);
+  }
+}
+
+double scalar_value(const std::optional<at::Tensor>& t, const char* name) {
+  TORCH_CHECK(t->numel() == 1, "cm_fused::adam_cm_step_: ", name,
+              " must hold exactly one value, got ", t->numel());
+  return t->item<double>();
+}
+
+void adam_cm_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                      at::TensorList buffers, at::TensorList keys, at::TensorList counts,
+                      at::TensorList sums, at::TensorList steps, double lr,
+                      const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                      double eps, double weight_decay, double decay, double critical_test,
+                      bool amsgrad, bool synced, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf,
+                      const std::optional<at::Tensor>& rand) {
+  const size_t T = params.size();
+  // ------------------------------------------------------------ 1. validate
+  check_list(grads, "grads", T);
+  check_list(exp_avgs, "exp_avgs", T);
+  check_list(exp_avg_sqs, "exp_avg_sqs", T);
+  if (amsgrad) check_list(max_exp_avg_sqs, "max_exp_avg_sqs", T);
+  check_list(buffers, "buffers", T);
+  check_list(keys, "keys", T);
+  check_list(counts, "counts", T);
+  check_list(sums, "sums", T);
+  check_list(steps, "steps", T);
+  std::vector<int> pdt(T), sdt(T);
+  for (size_t i = 0; i < T; ++i) {
+    const at::Tensor& p = params[i];
+    pdt[i] = dtype_index(p.scalar_type());
+    TORCH_CHECK(pdt[i] >= 0, "cm_fused::adam_cm_step_: params[", i, "] has dtype ",
+                p.scalar_type(), "; the CPU kernel takes float32, bfloat16 or float16");
+    const int64_t n = p.numel();
+    check_tensor(p, "params", i, n, std::nullopt);
+    check_tensor(grads[i], "grads", i, n, p.scalar_type());
+    check_tensor(exp_avgs[i], "exp_avgs", i, n, p.scalar_type());
+    check_tensor(exp_avg_sqs[i], "exp_avg_sqs", i, n, p.scalar_type());
+    if (amsgrad) check_tensor(max_exp_avg_sqs[i], "max_exp_avg_sqs", i, n, p.scalar_type());
+    const int64_t C = keys[i].numel();
+    TORCH_CHECK(C >= 1, "cm_fused::adam_cm_step_: keys[", i, "] is empty");
+    check_tensor(keys[i], "keys", i, C, at::kFloat);
+    const at::Tensor& B = buffers[i];
+    TORCH_CHECK(B.dim() >= 1 && B.size(0) == C, "cm_fused::adam_cm_step_: buffers[", i,
+                "] must have ", C, " slots along dim 0 (one per key), got shape ", B.sizes());
+    sdt[i] = dtype_index(B.scalar_type());
+    TORCH_CHECK(sdt[i] >= 0, "cm_fused::adam_cm_step_: buffers[", i, "] has dtype ",
+                B.scalar_type(), "; slots must be float32, bfloat16 or float16");
+    check_tensor(B, "buffers", i, C * n, std::nullopt);
+    check_tensor(sums[i], "sums", i, n, at::kFloat);
+    check_tensor(counts[i], "counts", i, 1, at::kLong);
+    check_tensor(steps[i], "steps", i, 1, at::kFloat);
+  }
+  if (rand) {
+    TORCH_CHECK(rand->device().is_cpu() && rand->scalar_type() == at::kFloat &&
+                    rand->is_contiguous() && rand->numel() >= static_cast<int64_t>(T),
+                "cm_fused::adam_cm_step_: rand must be a contiguous float32 CPU tensor with "
+                "one value per tensor");
+  }
+  const bool scaled = grad_scale.has_value();
+  const double scale_value = scaled ? scalar_value(grad_scale, "grad_scale") : 1.0;
+  const bool skip = found_inf.has_value() && scalar_value(found_inf, "found_inf") != 0.0;
+  const double lr_value = lr_tensor ? scalar_value(lr_tensor, "lr_tensor") : lr;
+  if (T == 0 || skip) return;  // found_inf: the step changes nothing at all
+
+  const KernelTable& table = kernels();
+  const float scale_f = static_cast<float>(scale_value);
+
+  std::vector<Chunk> chunks;
+  int64_t total = 0;
+  for (size_t i = 0; i < T; ++i) {
+    const int64_t n = params[i].numel();
+    for (int64_t b = 0; b < n; b += kChunk) {
+      chunks.push_back({static_cast<int64_t>(i), b, std::min(n, b + kChunk)});
+    }
+    total += n;
+  }
+
+  // ------------------------------------------------------------ 2. norm pass
+  std::vector<const void*> gptr(T);
+  for (size_t i = 0; i < T; ++i) gptr[i] = grads[i].data_ptr();
+  std::vector<double> partial(chunks.size());
+  for_each_chunk(chunks, total, [&](int64_t c) {
+    const Chunk& ch = chunks[c];
+    partial[c] = table.norm[pdt[ch.tensor]](gptr[ch.tensor], ch.begin, ch.end, scaled, scale_f);
+  });
+
+  // ------------------------------------------------------------ 3. decide
+  std::vector<double> sumsq(T, 0.0);
+  for (size_t c = 0; c < chunks.size(); ++c) sumsq[chunks[c].tensor] += partial[c];
+  std::vector<float> key(T);
+  for (size_t i = 0; i < T; ++i) key[i] = static_cast<float>(std::sqrt(sumsq[i]));
+  if (synced) {  // SPEC quirk: the sum of per-tensor norms, not the global norm
+    double s = 0.0;
+    for (size_t i = 0; i < T; ++i) s += key[i];
+    std::fill(key.begin(), key.end(), static_cast<float>(s));
+  }
+
+  // Scalars rounded as the reference's tensor arithmetic rounds them.
+  const at::ScalarType lr_dtype = lr_tensor ? lr_tensor->scalar_type() : at::kDouble;
+  const bool lr_is_f32 = lr_tensor && lr_dtype == at::kFloat;
+  const float lr_f = static_cast<float>(lr_value);
+  const float wd_factor = lr_is_f32
+      ? 1.f - lr_f * static_cast<float>(weight_decay)
+      : static_cast<float>(1.0 - lr_value * weight_decay);
+  const float beta2_f = static_cast<float>(beta2);
+  const float decay_f = static_cast<float>(decay);
+  const float critical_f = static_cast<float>(critical_test);
+  const float* rand_ptr = rand ? rand->data_ptr<float>() : nullptr;
+
+  std::vector<UpdateArgs> args(T);
+  for (size_t i = 0; i < T; ++i) {
+    const int64_t n = params[i].numel();
+    float* K = keys[i].data_ptr<float>();
+    const int64_t C = keys[i].numel();
+    int64_t* count = counts[i].data_ptr<int64_t>();
+    float* step = steps[i].data_ptr<float>();
+    const int64_t k = *count;
+    const bool full = k >= C;
+    int64_t j_min = 0;  // torch.argmin: the first minimum; a NaN counts as the minimum
+    for (int64_t c = 1; c < C && !std::isnan(K[j_min]); ++c) {
+      if (std::isnan(K[c]) || K[c] < K[j_min]) j_min = c;
+    }
+    const int64_t j = full ? j_min : std::min(k, C - 1);
+    bool replace = !full || key[i] > K[j_min];
+    if (rand_ptr != nullptr) replace = replace || rand_ptr[i] < critical_f;
+    if (replace) {
+      K[j] = key[i];
+      if (!full) *count = k + 1;
+    }
+    const float step_f = *step + 1.f;
+    *step = step_f;
+    for (int64_t c = 0; c < C; ++c) K[c] = K[c] * decay_f;
+    // Bias corrections in fp64, as the reference (fp32 1 - beta2^t cancels).
+    const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step_f));
+    const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step_f));
+
+    UpdateArgs& a = args[i];
+    a.p = params[i].data_ptr();
+    a.g = gptr[i];
+    a.m = exp_avgs[i].data_ptr();
+    a.v = exp_avg_sqs[i].data_ptr();
+    a.v_max = amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr;
+    a.slot = replace && n > 0
+        ? static_cast<char*>(buffers[i].data_ptr()) + j * n * buffers[i].element_size()
+        : nullptr;
+    a.sum = sums[i].data_ptr<float>();
+    a.first = k == 0;
+    a.has_wd = weight_decay != 0.0;
+    a.scaled = scaled;
+    a.grad_scale = scale_f;
+    a.wd_factor = wd_factor;
+    a.lerp_w = static_cast<float>(1.0 - beta1);
+    a.beta2 = beta2_f;
+    a.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+    a.k_before = static_cast<float>(std::max<int64_t>(k, 1));
+    // Python's float / tensor is tensor.reciprocal() * float.
+    a.step_size = static_cast<float>(lr_tensor ? lr_value / bc1 : (1.0 / bc1) * lr_value);
+    a.sqrt_bc2 = static_cast<float>(std::sqrt(bc2));
+    a.eps = static_cast<float>(eps);
+  }
+
+  // ------------------------------------------------------------ 4. update pass
+  std::vector<UpdateFn> update(T);
+  for (size_t i = 0; i < T; ++i) update[i] = table.update[pdt[i]][sdt[i]];
+  for_each_chunk(chunks, total, [&](int64_t c) {
+    const Chunk& ch = chunks[c];
+    update[ch.tensor](args[ch.tensor], ch.begin, ch.end);
+  });
+}
+
+}  // namespace
+
+// Which kernel build runs here ("AVX2" or "DEFAULT"): for tests and benchmarks.
+std::string kernel_name() { return kernels().name; }
+
+}  // namespace cm_fused
+
+TORCH_LIBRARY(cm_fused, m) {
+  m.def(
+      "adam_cm_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] buffers, "
+      "Tensor(f!)[] keys, Tensor(g!)[] counts, Tensor(h!)[] sums, Tensor(i!)[] steps, "
+      "float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, "
+      "float weight_decay, float decay, float critical_test, bool amsgrad, bool synced, "
+      "Tensor? grad_scale, Tensor? found_inf, Tensor? rand) -> ()");
+  m.def("cpu_kernel_name() -> str", [] { return cm_fused::kernel_name(); });
+}
+
+TORCH_LIBRARY_IMPL(cm_fused, CPU, m) {
+  m.impl("adam_cm_step_", &cm_fused::adam_cm_step_cpu);
+}

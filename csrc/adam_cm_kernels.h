@@ -1,0 +1,233 @@
+// The vectorised per-chunk kernels of the Adam+CM step, written once as templates over the
+// parameter dtype T and the slot dtype TS (fp32, bf16, fp16; arithmetic always fp32).
+//
+// This header is compiled once per CPU capability: the including .cpp defines
+// CPU_CAPABILITY (DEFAULT, AVX2) before including it, so everything here, at::vec
+// included, lands in a namespace of its own (see PyTorch's Note [CPU_CAPABILITY
+// namespace]) and the two builds never share a symbol.
+//
+// Operation order mirrors cm_fused/reference.py, so the backends agree to rounding.
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstring>
+#include <tuple>
+
+#include "adam_cm.h"
+
+namespace cm_fused {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+using Vec = Vectorized<float>;
+constexpr int64_t kV = Vec::size();
+constexpr int64_t kW = 2 * kV;  // elements per block: two fp32 vectors, one 16-bit vector
+
+// Load/store kW elements of T as two fp32 vectors.
+template <typename T>
+struct IO {  // bf16, fp16
+  static_assert(Vectorized<T>::size() == kW, "a 16-bit vector holds two fp32 vectors");
+  static inline void load(const T* ptr, Vec& lo, Vec& hi) {
+    std::tie(lo, hi) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(ptr));
+  }
+  static inline void store(T* ptr, const Vec& lo, const Vec& hi) {
+    at::vec::convert_from_float<T>(lo, hi).store(ptr);
+  }
+  // Store, and return in lo/hi the values as stored (rounded to T).
+  static inline void store_rounded(T* ptr, Vec& lo, Vec& hi) {
+    auto narrow = at::vec::convert_from_float<T>(lo, hi);
+    narrow.store(ptr);
+    std::tie(lo, hi) = at::vec::convert_to_float<T>(narrow);
+  }
+};
+
+template <>
+struct IO<float> {
+  static inline void load(const float* ptr, Vec& lo, Vec& hi) {
+    lo = Vec::loadu(ptr);
+    hi = Vec::loadu(ptr + kV);
+  }
+  static inline void store(float* ptr, const Vec& lo, const Vec& hi) {
+    lo.store(ptr);
+    hi.store(ptr + kV);
+  }
+  static inline void store_rounded(float* ptr, Vec& lo, Vec& hi) { store(ptr, lo, hi); }
+};
+
+// torch.lerp's vectorised formula (ATen/native/Lerp.h), as the reference's m.lerp(g, w).
+inline Vec lerp(const Vec& start, const Vec& end, float w) {
+  if (std::abs(w) < 0.5f) {
+    return at::vec::fmadd(Vec(w), end - start, start);
+  }
+  return at::vec::fmadd(Vec(w - 1.f), end - start, end);
+}
+
+// ---------------------------------------------------------------- norm pass
+
+template <typename T>
+inline void sq_block(const T* g, bool scaled, const Vec& scale, Vec& acc_lo, Vec& acc_hi) {
+  Vec lo, hi;
+  IO<T>::load(g, lo, hi);
+  if (scaled) {
+    lo = lo / scale;
+    hi = hi / scale;
+  }
+  acc_lo = at::vec::fmadd(lo, lo, acc_lo);
+  acc_hi = at::vec::fmadd(hi, hi, acc_hi);
+}
+
+template <typename T>
+double norm_kernel(const void* g_, int64_t begin, int64_t end, bool scaled, float grad_scale) {
+  const T* g = static_cast<const T*>(g_);
+  const Vec scale(grad_scale);
+  Vec a0(0.f), a1(0.f), b0(0.f), b1(0.f);
+  int64_t i = begin;
+  for (; i + 2 * kW <= end; i += 2 * kW) {
+    sq_block<T>(g + i, scaled, scale, a0, a1);
+    sq_block<T>(g + i + kW, scaled, scale, b0, b1);
+  }
+  for (; i + kW <= end; i += kW) {
+    sq_block<T>(g + i, scaled, scale, a0, a1);
+  }
+  if (i < end) {  // zero padding adds nothing to a sum of squares
+    T pad[kW];
+    std::memset(static_cast<void*>(pad), 0, sizeof(pad));
+    std::memcpy(static_cast<void*>(pad), g + i, (end - i) * sizeof(T));
+    sq_block<T>(pad, scaled, scale, a0, a1);
+  }
+  float lanes[4 * kV];
+  (a0 + b0).store(lanes);
+  (a1 + b1).store(lanes + kV);
+  double sum = 0.0;
+  for (int64_t l = 0; l < kW; ++l) sum += lanes[l];
+  return sum;
+}
+
+// ---------------------------------------------------------------- update pass
+
+template <typename T, typename TS>
+inline void update_block(const UpdateArgs& a, T* p, const T* g, T* m, T* v, T* v_max,
+                         TS* slot, float* sum) {
+  Vec g0, g1, x0, x1, s0, s1;
+  IO<T>::load(g, g0, g1);
+  if (a.scaled) {
+    const Vec scale(a.grad_scale);
+    g0 = g0 / scale;
+    g1 = g1 / scale;
+  }
+  IO<T>::load(p, x0, x1);
+  if (a.has_wd) {
+    const Vec f(a.wd_factor);
+    x0 = x0 * f;
+    x1 = x1 * f;
+  }
+  IO<float>::load(sum, s0, s1);
+
+  // m_new, the aggregate a = m_new + S/k (buffer before the insert), the inserted value.
+  Vec m0, m1, a0, a1, n0, n1;
+  if (a.first) {
+    m0 = m1 = a0 = a1 = Vec(0.f);
+    n0 = g0;  // SPEC quirk: the first slot holds the raw (unscaled) gradient
+    n1 = g1;
+  } else {
+    Vec o0, o1;
+    IO<T>::load(m, o0, o1);
+    m0 = lerp(o0, g0, a.lerp_w);
+    m1 = lerp(o1, g1, a.lerp_w);
+    const Vec k(a.k_before);
+    a0 = m0 + s0 / k;
+    a1 = m1 + s1 / k;
+    n0 = m0;
+    n1 = m1;
+  }
+  if (slot != nullptr) {  // S <- (S - B[j]) + round(new); B[j] <- round(new)
+    Vec b0, b1;
+    IO<TS>::load(slot, b0, b1);
+    IO<TS>::store_rounded(slot, n0, n1);
+    IO<float>::store(sum, (s0 - b0) + n0, (s1 - b1) + n1);
+  }
+
+  // v tracks the aggregate.
+  Vec v0, v1;
+  IO<T>::load(v, v0, v1);
+  const Vec b2(a.beta2), omb2(a.one_minus_beta2);
+  v0 = v0 * b2 + (omb2 * a0) * a0;
+  v1 = v1 * b2 + (omb2 * a1) * a1;
+  IO<T>::store(v, v0, v1);
+  if (v_max != nullptr) {
+    Vec w0, w1;
+    IO<T>::load(v_max, w0, w1);
+    v0 = at::vec::maximum(w0, v0);
+    v1 = at::vec::maximum(w1, v1);
+    IO<T>::store(v_max, v0, v1);
+  }
+  IO<T>::store(m, m0, m1);
+
+  const Vec sqrt_bc2(a.sqrt_bc2), eps(a.eps), step_size(a.step_size);
+  const Vec d0 = v0.sqrt() / sqrt_bc2 + eps;
+  const Vec d1 = v1.sqrt() / sqrt_bc2 + eps;
+  IO<T>::store(p, x0 - (step_size * a0) / d0, x1 - (step_size * a1) / d1);
+}
+
+template <typename T, typename TS>
+void update_kernel(const UpdateArgs& a, int64_t begin, int64_t end) {
+  T* p = static_cast<T*>(a.p);
+  const T* g = static_cast<const T*>(a.g);
+  T* m = static_cast<T*>(a.m);
+  T* v = static_cast<T*>(a.v);
+  T* v_max = static_cast<T*>(a.v_max);
+  TS* slot = static_cast<TS*>(a.slot);
+  float* sum = a.sum;
+  int64_t i = begin;
+  for (; i + kW <= end; i += kW) {
+    update_block<T, TS>(a, p + i, g + i, m + i, v + i, v_max ? v_max + i : nullptr,
+                        slot ? slot + i : nullptr, sum + i);
+  }
+  if (i == end) return;
+  // The tail of a tensor: the same block code on zero-padded copies, then copy back.
+  const int64_t r = end - i;
+  T tp[kW], tg[kW], tm[kW], tv[kW], tvm[kW];
+  TS ts[kW];
+  float tsum[kW];
+  auto in = [r](void* dst, const void* src, size_t size) {
+    std::memset(dst, 0, kW * size);
+    if (src != nullptr) std::memcpy(dst, src, r * size);
+  };
+  in(tp, p + i, sizeof(T));
+  in(tg, g + i, sizeof(T));
+  in(tm, m + i, sizeof(T));
+  in(tv, v + i, sizeof(T));
+  in(tvm, v_max ? v_max + i : nullptr, sizeof(T));
+  in(ts, slot ? slot + i : nullptr, sizeof(TS));
+  in(tsum, sum + i, sizeof(float));
+  update_block<T, TS>(a, tp, tg, tm, tv, v_max ? tvm : nullptr, slot ? ts : nullptr, tsum);
+  std::memcpy(static_cast<void*>(p + i), tp, r * sizeof(T));
+  std::memcpy(static_cast<void*>(m + i), tm, r * sizeof(T));
+  std::memcpy(static_cast<void*>(v + i), tv, r * sizeof(T));
+  if (v_max) std::memcpy(static_cast<void*>(v_max + i), tvm, r * sizeof(T));
+  if (slot) {
+    std::memcpy(static_cast<void*>(slot + i), ts, r * sizeof(TS));
+    std::memcpy(sum + i, tsum, r * sizeof(float));
+  }
+}
+
+}  // namespace
+
+const KernelTable& kernel_table() {
+  using c10::BFloat16;
+  using c10::Half;
+#define CM_ROW(T) {&update_kernel<T, float>, &update_kernel<T, BFloat16>, &update_kernel<T, Half>}
+  static const KernelTable table{
+      C10_STRINGIZE(CPU_CAPABILITY),
+      {&norm_kernel<float>, &norm_kernel<BFloat16>, &norm_kernel<Half>},
+      {CM_ROW(float), CM_ROW(BFloat16), CM_ROW(Half)},
+  };
+#undef CM_ROW
+  return table;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cm_fused
