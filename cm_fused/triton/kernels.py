@@ -16,9 +16,12 @@ One step of one param group is four launches (see launch.py for the tables they 
    parameter) in one pass over memory.
 
 Hyperparameters are runtime arguments (never ``tl.constexpr``), so a scheduler changing
-lr does not recompile; ``found_inf``, ``grad_scale`` and a tensor ``lr`` are read on the
+lr does not recompile (floats that the reference uses in fp64 -- lr, the betas in the
+bias corrections -- travel as two fp32 halves); ``found_inf``, ``grad_scale`` and a tensor ``lr`` are read on the
 device. Math is fp32 (the bias corrections fp64): narrow dtypes are widened on load and
-narrowed on store.
+narrowed on store. The arithmetic follows the reference operation by operation (the
+launchers turn off fp contraction, and use an fma exactly where torch's lerp does), so
+that with fp32 the two differ only in the summation order of the norms.
 """
 import triton
 import triton.language as tl
@@ -37,6 +40,26 @@ ROW_KEYS, ROW_COUNT, ROW_STEP, ROW_POFF, ROW_PCNT = (
 # fp64 [T, 3] = (k before the insert, at least 1; bias correction 1; sqrt of bias
 # correction 2, rounded to fp32 as the reference does).
 FLAG_REPLACE, FLAG_FIRST = tl.constexpr(1), tl.constexpr(2)
+
+
+@triton.jit
+def _f64(hi, lo):
+    """A Python float passed as two fp32 arguments (Triton passes floats as fp32)."""
+    return tl.cast(hi, tl.float32).to(tl.float64) + tl.cast(lo, tl.float32).to(tl.float64)
+
+
+@triton.jit
+def _narrow(x, DT: tl.constexpr):
+    """fp32 -> DT, rounding to nearest even. bf16 is rounded by hand, as torch does
+    (c10::BFloat16): the Triton interpreter's fp32 -> bf16 cast truncates, and this
+    way the interpreter and the GPU round alike."""
+    if DT == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        bits = tl.where(x != x, 0x7FC00000, bits)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DT)
 
 
 @triton.jit(do_not_specialize=["n_tab", "chunk_len"])
@@ -76,7 +99,7 @@ def _reduce_kernel(gtab_ptr, T, partial_ptr, sumsq_ptr, RBLOCK: tl.constexpr):
 
 @triton.jit(do_not_specialize=["T", "C"])
 def _decide_kernel(gtab_ptr, T, sumsq_ptr, rand_ptr, found_inf_ptr, dec_i_ptr, dec_f_ptr,
-                   C, critical_test, decay, beta1, beta2,
+                   C, critical_test, decay, beta1_hi, beta1_lo, beta2_hi, beta2_lo,
                    SYNCED: tl.constexpr, HAS_RAND: tl.constexpr,
                    HAS_FOUND_INF: tl.constexpr, CP: tl.constexpr, TB: tl.constexpr):
     critical_test = tl.cast(critical_test, tl.float32)
@@ -135,8 +158,8 @@ def _decide_kernel(gtab_ptr, T, sumsq_ptr, rand_ptr, found_inf_ptr, dec_i_ptr, d
     # Bias corrections 1 - beta^step in fp64 (in fp32, 1 - beta2^step loses ~1e-5 to
     # cancellation): beta^step by binary powering, no transcendental needed.
     e = step_new.to(tl.int64)
-    b1 = tl.zeros([TB], dtype=tl.float64) + tl.cast(beta1, tl.float32).to(tl.float64)
-    b2 = tl.zeros([TB], dtype=tl.float64) + tl.cast(beta2, tl.float32).to(tl.float64)
+    b1 = tl.zeros([TB], dtype=tl.float64) + _f64(beta1_hi, beta1_lo)
+    b2 = tl.zeros([TB], dtype=tl.float64) + _f64(beta2_hi, beta2_lo)
     p1 = tl.full([TB], 1.0, dtype=tl.float64)
     p2 = tl.full([TB], 1.0, dtype=tl.float64)
     while tl.max(e, axis=0) > 0:
@@ -168,7 +191,7 @@ def _decide_kernel(gtab_ptr, T, sumsq_ptr, rand_ptr, found_inf_ptr, dec_i_ptr, d
 
 @triton.jit(do_not_specialize=["n_tab", "chunk_len"])
 def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_ptr,
-                   lr, lr_ptr, scale_ptr, found_inf_ptr, chunk_len,
+                   lr_hi, lr_lo, wd_factor, lr_ptr, scale_ptr, found_inf_ptr, chunk_len,
                    one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
                    P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr,
                    V_DT: tl.constexpr, VM_DT: tl.constexpr, B_DT: tl.constexpr,
@@ -180,11 +203,16 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
     one_minus_beta2 = tl.cast(one_minus_beta2, tl.float32)
     eps = tl.cast(eps, tl.float32)
     weight_decay = tl.cast(weight_decay, tl.float32)
+    # p * (1 - lr * wd): with a float lr, 1 - lr * wd comes from the host (computed in
+    # fp64 as the reference does); with a tensor lr, in fp32 as torch does.
     if LR_IS_PTR:
-        lr64 = tl.load(lr_ptr).to(tl.float64)
+        lr_t = tl.load(lr_ptr)
+        lr64 = lr_t.to(tl.float64)
+        lr = lr_t.to(tl.float32)
+        decay_factor = tl.where(weight_decay != 0.0, 1.0 - lr * weight_decay, 1.0)
     else:
-        lr64 = tl.cast(lr, tl.float32).to(tl.float64)
-    lr = lr64.to(tl.float32)
+        lr64 = _f64(lr_hi, lr_lo)
+        decay_factor = tl.cast(wd_factor, tl.float32)
 
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(chunk_t_ptr + pid)
@@ -208,7 +236,6 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
     sqrt_bc2 = tl.load(dec_f_ptr + 3 * gi + 2).to(tl.float32)
     slot_ptr = b_ptr + j * numel
 
-    decay_factor = tl.where(weight_decay != 0.0, 1.0 - lr * weight_decay, 1.0)
     step_size = (lr64 / bc1).to(tl.float32)  # lr / bc1 in fp64, as the reference
     if HAS_SCALE:
         scale = tl.load(scale_ptr).to(tl.float32)
@@ -230,31 +257,32 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
         S = tl.load(s_ptr + idx, mask=mask, other=0.0).to(tl.float32)
 
         x = p * decay_factor
-        # m.lerp(g, 1 - beta1), with torch's two formulas for small and large weights
+        # m.lerp(g, 1 - beta1) as torch computes it: one fma, from m for a small weight,
+        # from g for a large one
         d = g - m
-        m_new = tl.where(w < 0.5, m + w * d, g - d * (1.0 - w))
+        m_new = tl.where(w < 0.5, tl.fma(w, d, m), tl.fma(w - 1.0, d, g))
         m_new = tl.where(first, 0.0, m_new)
         # the aggregate uses the buffer as it was before this step's insert
         a = tl.where(first, 0.0, m_new + tl.div_rn(S, k_before))
 
         # insert: the raw gradient on the first step (SPEC quirk), the momentum after
-        new = tl.where(first, g, m_new).to(B_DT)
+        new = _narrow(tl.where(first, g, m_new), B_DT)
         rmask = mask & replace
         old = tl.load(slot_ptr + idx, mask=rmask, other=0.0).to(S_DT).to(tl.float32)
         S_new = (S - old) + new.to(S_DT).to(tl.float32)
         tl.store(slot_ptr + idx, new, mask=rmask)
-        tl.store(s_ptr + idx, S_new.to(S_DT), mask=rmask)
+        tl.store(s_ptr + idx, _narrow(S_new, S_DT), mask=rmask)
 
         # v tracks the aggregate, not the gradient
         v_new = v * beta2 + (one_minus_beta2 * a) * a
-        tl.store(v_ptr + idx, v_new.to(V_DT), mask=mask)
+        tl.store(v_ptr + idx, _narrow(v_new, V_DT), mask=mask)
         if AMSGRAD:
             vm_ptr = tl.load(tab_ptr + ROW_VMAX * n_tab + t).to(tl.pointer_type(VM_DT))
             vm = tl.load(vm_ptr + idx, mask=mask, other=0.0).to(tl.float32)
             v_new = tl.maximum(vm, v_new, propagate_nan=tl.PropagateNan.ALL)
-            tl.store(vm_ptr + idx, v_new.to(VM_DT), mask=mask)
-        tl.store(m_ptr + idx, m_new.to(M_DT), mask=mask)
+            tl.store(vm_ptr + idx, _narrow(v_new, VM_DT), mask=mask)
+        tl.store(m_ptr + idx, _narrow(m_new, M_DT), mask=mask)
 
         denom = tl.div_rn(tl.sqrt_rn(v_new), sqrt_bc2) + eps
         p_new = x - tl.div_rn(step_size * a, denom)
-        tl.store(p_ptr + idx, p_new.to(P_DT), mask=mask)
+        tl.store(p_ptr + idx, _narrow(p_new, P_DT), mask=mask)

@@ -199,6 +199,13 @@ def plan_for(lists: dict, C: int) -> _Plan:
 launch_log: list | None = None
 
 
+def _split(x: float) -> tuple[float, float]:
+    """A float as two fp32 halves whose fp64 sum is x to ~48 bits (Triton passes Python
+    floats as fp32; the bias corrections and lr / bc1 need fp64, as the reference)."""
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
+
+
 def _launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int) -> None:
     if launch_log is not None:
         spec = tuple(str(a.dtype) if isinstance(a, torch.Tensor) else
@@ -206,7 +213,9 @@ def _launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int) -> None
                      repr(a) for a in args)
         launch_log.append((_kname(kernel), grid, spec, tuple(sorted((k, str(v)) for k, v in
                                                     constexprs.items()))))
-    kernel[grid](*args, **constexprs, num_warps=num_warps)
+    # enable_fp_fusion=False: no fma contraction, so every operation rounds as torch's
+    # separate kernels do (explicit tl.fma where torch fuses).
+    kernel[grid](*args, **constexprs, num_warps=num_warps, enable_fp_fusion=False)
 
 
 def _kname(kernel):
@@ -242,7 +251,7 @@ def step(lists: dict, *, lr: float, lr_tensor, beta1: float, beta2: float, eps: 
     _launch(K._decide_kernel, (triton.cdiv(T, DECIDE_TB),),
             (plan.gtab, T, plan.sumsq, dummy if rand is None else rand,
              dummy if found_inf is None else found_inf, plan.dec_i, plan.dec_f, C,
-             float(critical_test), float(decay), float(beta1), float(beta2)),
+             float(critical_test), float(decay), *_split(beta1), *_split(beta2)),
             dict(SYNCED=bool(synced), HAS_RAND=rand is not None,
                  HAS_FOUND_INF=found_inf is not None,
                  CP=max(2, triton.next_power_of_2(C)), TB=DECIDE_TB), 4)
@@ -251,7 +260,8 @@ def step(lists: dict, *, lr: float, lr_tensor, beta1: float, beta2: float, eps: 
             d = b.dtypes
             _launch(K._update_kernel, (b.n_chunks,),
                     (b.tab, b.n, b.chunk_t, b.chunk_s, plan.dec_i, plan.dec_f,
-                     float(lr), dummy if lr_tensor is None else lr_tensor,
+                     *_split(lr), 1.0 - float(lr) * float(weight_decay),
+                     dummy if lr_tensor is None else lr_tensor,
                      dummy if grad_scale is None else grad_scale,
                      dummy if found_inf is None else found_inf, chunk,
                      1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps),
