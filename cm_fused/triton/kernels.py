@@ -56,7 +56,7 @@ def _narrow(x, DT: tl.constexpr):
     if DT == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        bits = tl.where(x != x, 0x7FC00000, bits)
+        bits = tl.where(x != x, (bits & 0) | 0x7FC00000, bits)  # NaN: torch's quiet NaN
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DT)
