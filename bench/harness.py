@@ -314,13 +314,20 @@ def measure(prov: Provider, shapes_params, grads, device: torch.device, *, topC,
         t0 = time.perf_counter()
         time_steps(step, params, grads, device, n_warm)
         warm_s = time.perf_counter() - t0
+        cpu0, wall0 = os.times(), time.perf_counter()
         times = time_steps(step, params, grads, device, reps, start=n_warm)
+        cpu1, wall1 = os.times(), time.perf_counter()
+        # Share of the torch threads' time this process got while timing: near 1 on an idle
+        # machine (memory stalls count as busy), well under 1 when others compete for cores.
+        cpu_share = ((cpu1.user - cpu0.user + cpu1.system - cpu0.system)
+                     / max(1e-9, (wall1 - wall0) * torch.get_num_threads()))
         set_grads(params, grads[(n_warm + reps) % len(grads)])
         peak = peak_extra_bytes(step, device)
         for p in params:  # a benchmark of garbage is no benchmark
             if not torch.isfinite(p).all():
                 raise FloatingPointError("non-finite parameter after the timed steps")
         return dict(**quantiles(times), peak_extra_bytes=peak, warmup_steps=n_warm,
+                    cpu_share=round(cpu_share, 3) if device.type == "cpu" else None,
                     warmup_s=round(warm_s, 3), reps=reps)
     finally:
         del opt, step, params

@@ -51,9 +51,10 @@ def resnet(blocks: tuple[int, ...], bottleneck: bool, classes: int = 1000) -> li
     return shapes + [(classes, cin), (classes,)]
 
 
-# name -> (shapes, description). "quick" sets run in a couple of minutes on 2 CPU cores;
-# "gpu" sets are only in the CPU --full sweep when asked for by name (see run.py).
+# name -> shapes. The large GPT-2s and single-268m are in the --full sweep on CUDA only;
+# on CPU, name them with --sets (rows that would not fit in memory are skipped, saying so).
 SETS: dict[str, list[Shape]] = {
+    "gpt2-tiny": gpt2(d=128, layers=2, vocab=2048, ctx=256),  # smoke tests, micro-benchmarks
     "gpt2-11m": gpt2(d=256, layers=12, vocab=8192, ctx=1024),
     "gpt2-124m": gpt2(d=768, layers=12, vocab=50257, ctx=1024),
     "gpt2-medium": gpt2(d=1024, layers=24, vocab=50257, ctx=1024),
@@ -64,7 +65,8 @@ SETS: dict[str, list[Shape]] = {
     "single-268m": [(16384, 16384)],
 }
 
-QUICK = ["gpt2-11m", "resnet18"]
+# The default run (python bench/run.py): a couple of minutes on 2 CPU cores.
+QUICK = {"cpu": ["gpt2-11m", "resnet18"], "cuda": ["gpt2-11m", "gpt2-124m", "resnet18"]}
 FULL = {"cpu": ["gpt2-11m", "gpt2-124m", "resnet18", "resnet50", "single-16m"],
         "cuda": ["gpt2-11m", "gpt2-124m", "gpt2-medium", "gpt2-large", "resnet18",
                  "resnet50", "single-16m", "single-268m"]}

@@ -123,17 +123,18 @@ def fmt_row(r):
     b = r["buffer_dtype"] or "-"
     head = (f"{r['param_set']:<11} {r['param_dtype']:<5} {b:<4} {c:>2}  {r['provider']:<22}")
     if r["status"] != "ok":
-        return f"{head} {'-':>9} {'-':>17} {'-':>7} {'-':>8} {'-':>6} {'-':>8}  {r['status']}: {short(r['reason'])}"
+        return f"{head} {'-':>9} {'-':>17} {'-':>7} {'-':>8} {'-':>6} {'-':>8} {'-':>4}  {r['status']}: {short(r['reason'])}"
     q = f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}"
     ratio = "-" if r["ratio_to_torch_fused"] is None else f"{r['ratio_to_torch_fused']:.2f}"
     peak = "-" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / 2**20:.1f}"
+    share = "-" if r.get("cpu_share") is None else f"{100 * r['cpu_share']:.0f}"
     return (f"{head} {r['median_ms']:>9.2f} {q:>17} {ratio:>7} "
-            f"{r['bytes_per_step'] / 1e6:>8.1f} {r['gbps']:>6.1f} {peak:>8}")
+            f"{r['bytes_per_step'] / 1e6:>8.1f} {r['gbps']:>6.1f} {peak:>8} {share:>4}")
 
 
 TABLE_HEAD = (f"{'set':<11} {'dtype':<5} {'buf':<4} {'C':>2}  {'provider':<22} "
               f"{'median ms':>9} {'p20-p80 ms':>17} {'x fused':>7} {'MB/step':>8} "
-              f"{'GB/s':>6} {'peak+MiB':>8}")
+              f"{'GB/s':>6} {'peak+MiB':>8} {'cpu%':>4}")
 
 
 def main(argv=None):
@@ -186,6 +187,8 @@ def main(argv=None):
         if (sname, dname) not in data:
             data.clear()
             gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             need = numel * dtype.itemsize * (1 + args.grad_sets)
             free = H.free_bytes(device)
             if free is not None and need > 0.8 * free:
@@ -241,7 +244,10 @@ def main(argv=None):
           f"after >= topC+3 warm-up steps | load avg at start {rows[0]['loadavg_1m'] if rows else '-'}")
     print("x fused = median / torch_adamw_fused median (same set and dtype, same run); "
           "MB/step = byte model (bench/harness.py:bytes_per_step); GB/s = MB/step / median;")
-    print(f"peak+MiB = extra memory of one step ({'CUDA max_memory_allocated' if device.type == 'cuda' else 'torch CPU allocator, via torch.profiler'})")
+    print(f"peak+MiB = extra memory of one step ({'CUDA max_memory_allocated' if device.type == 'cuda' else 'torch CPU allocator, via torch.profiler'})"
+          + ("; cpu% = CPU time this process got while timing / (wall x torch threads): "
+             "under ~90 means other processes took cores and the row is slowed"
+             if device.type == "cpu" else ""))
     print()
     print(TABLE_HEAD)
     last = None

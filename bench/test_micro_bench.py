@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
 import param_sets  # noqa: E402
 
-SHAPES = param_sets.gpt2(d=128, layers=2, vocab=2048, ctx=256)
+SHAPES = param_sets.SETS["gpt2-tiny"]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOPC = 5
 
