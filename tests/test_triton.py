@@ -286,7 +286,7 @@ def test_tensor_lr_matches_float_lr():
 # scheduler or a user changes between steps.
 STRUCTURAL_CONSTEXPRS = {"G_DT", "HAS_SCALE", "BLOCK", "RBLOCK", "SYNCED", "HAS_RAND",
                          "HAS_FOUND_INF", "CP", "TB", "P_DT", "M_DT", "V_DT", "VM_DT",
-                         "B_DT", "S_DT", "LR_IS_PTR", "AMSGRAD"}
+                         "B_DT", "S_DT", "LR_IS_PTR", "AMSGRAD", "ALIGNED"}
 
 
 def _specialisations(launch, opt, params, lrs):
@@ -325,6 +325,26 @@ def test_changing_hyperparameters_does_not_respecialise_kernels(small_chunks, te
     constexprs = {k for _, _, const in specs[0] for k, _ in const}
     assert constexprs <= STRUCTURAL_CONSTEXPRS, constexprs - STRUCTURAL_CONSTEXPRS
     assert all(spec.count("fp32") >= 2 for _, spec, _ in specs[0][2:])  # decide, update
+
+
+def test_unaligned_storage_takes_the_masked_path_and_matches(small_chunks):
+    """Params that are views at an odd offset (4-byte aligned only): the bucket is not
+    marked aligned (no 16-byte vector hints), and the step is still right."""
+    def odd_views(make):
+        def f(params):
+            for p in params:
+                flat = torch.zeros(p.numel() + 1, dtype=p.dtype, device=p.device)
+                flat[1:] = p.data.flatten()
+                p.data = flat[1:].view(p.shape)
+            return make(params)
+        return f
+    shapes = [(4097,), (3, 5), ()]
+    run_lockstep(odd_views(tri(topC=2)), odd_views(ref(topC=2)), shapes, 4, device=DEVICE)
+    aligned = [b.aligned for plan in small_chunks._cache.values() for b in plan.buckets]
+    assert aligned[-1] is False
+    run_lockstep(tri(topC=2), ref(topC=2), [(64,), (8, 4)], 2, device=DEVICE)
+    aligned = [b.aligned for plan in small_chunks._cache.values() for b in plan.buckets]
+    assert aligned[-1] is True
 
 
 def test_tables_are_cached_on_data_pointers(small_chunks):
@@ -390,7 +410,7 @@ def test_gpu_opcheck_with_aot_dispatch():
 def test_gpu_real_sizes_match_reference(small_chunks, monkeypatch, dtype):
     from cm_fused.triton import launch
     monkeypatch.setattr(launch, "CHUNK", 8192)
-    monkeypatch.setattr(launch, "BLOCK", 1024)
+    monkeypatch.setattr(launch, "BLOCK", 512)
     shapes = [(1000, 1000), (4097,), (3, 257, 129), (), (0,), (8193,), (512, 3)]
     for cfg in (dict(), dict(synced=False, amsgrad=True, weight_decay=0.1, topC=3),
                 dict(buffer_dtype=torch.bfloat16, critical_test=0.2)):
@@ -463,7 +483,7 @@ def test_gpu_cuda_graph_replay_matches_eager():
 def test_gpu_ten_thousand_small_tensors(monkeypatch):
     from cm_fused.triton import launch
     monkeypatch.setattr(launch, "CHUNK", 8192)
-    monkeypatch.setattr(launch, "BLOCK", 1024)
+    monkeypatch.setattr(launch, "BLOCK", 512)
     gen = torch.Generator().manual_seed(0)
     shapes = [(int(n),) for n in torch.randint(0, 300, (10_000,), generator=gen)]
     run_lockstep(tri(topC=2), ref(topC=2), shapes, 3, device="cuda", compare_every=3)

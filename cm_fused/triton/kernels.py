@@ -65,17 +65,26 @@ def _narrow(x, DT: tl.constexpr):
 @triton.jit(do_not_specialize=["n_tab", "chunk_len"])
 def _norm_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, partial_ptr, scale_ptr,
                  chunk_len, G_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(chunk_t_ptr + pid)
     start = tl.load(chunk_s_ptr + pid)
     numel = tl.load(tab_ptr + ROW_NUMEL * n_tab + t)
     g_ptr = tl.load(tab_ptr + ROW_G * n_tab + t).to(tl.pointer_type(G_DT))
+    if ALIGNED:  # see _update_kernel
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        start = tl.multiple_of(start, BLOCK)
     end = tl.minimum(start + chunk_len, numel)
+    full_end = start + ((end - start) // BLOCK) * BLOCK
     if HAS_SCALE:
         scale = tl.load(scale_ptr).to(tl.float32)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for off in range(start, end, BLOCK):
+    for off in range(start, full_end, BLOCK):  # full blocks: no mask
+        g = tl.load(g_ptr + off + tl.arange(0, BLOCK)).to(tl.float32)
+        if HAS_SCALE:
+            g = tl.div_rn(g, scale)
+        acc += g * g
+    for off in range(full_end, end, BLOCK):  # the tensor's last, short block (0 or 1)
         idx = off + tl.arange(0, BLOCK)
         mask = idx < end
         g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
@@ -189,6 +198,71 @@ def _decide_kernel(gtab_ptr, T, sumsq_ptr, rand_ptr, found_inf_ptr, dec_i_ptr, d
              mask=rmask)
 
 
+@triton.jit
+def _ld(ptr, mask):
+    """Load, masked only where the block may run past the end (mask None: a full block,
+    which the compiler can vectorise)."""
+    if mask is None:
+        return tl.load(ptr)
+    else:
+        return tl.load(ptr, mask=mask, other=0.0)
+
+
+@triton.jit
+def _st(ptr, value, mask):
+    if mask is None:
+        tl.store(ptr, value)
+    else:
+        tl.store(ptr, value, mask=mask)
+
+
+@triton.jit
+def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, vm_ptr, slot_ptr, s_ptr, replace,
+                  first, k_before, scale, w, beta2, one_minus_beta2, eps, decay_factor,
+                  step_size, sqrt_bc2, P_DT: tl.constexpr, M_DT: tl.constexpr,
+                  V_DT: tl.constexpr, VM_DT: tl.constexpr, B_DT: tl.constexpr,
+                  S_DT: tl.constexpr, HAS_SCALE: tl.constexpr, AMSGRAD: tl.constexpr):
+    """One block of the update: SPEC's "every later step" 1-9 (and the first step)."""
+    g = _ld(g_ptr + idx, mask).to(tl.float32)
+    if HAS_SCALE:
+        g = tl.div_rn(g, scale)
+    p = _ld(p_ptr + idx, mask).to(tl.float32)
+    m = _ld(m_ptr + idx, mask).to(tl.float32)
+    v = _ld(v_ptr + idx, mask).to(tl.float32)
+    S = _ld(s_ptr + idx, mask).to(tl.float32)
+
+    x = p * decay_factor
+    # m.lerp(g, 1 - beta1) as torch computes it: one fma, from m for a small weight,
+    # from g for a large one
+    d = g - m
+    m_new = tl.where(w < 0.5, tl.fma(w, d, m), tl.fma(w - 1.0, d, g))
+    m_new = tl.where(first, 0.0, m_new)
+    # the aggregate uses the buffer as it was before this step's insert
+    a = tl.where(first, 0.0, m_new + tl.div_rn(S, k_before))
+
+    # insert: the raw gradient on the first step (SPEC quirk), the momentum after; a
+    # kept slot is neither read nor written
+    if replace:
+        new = _narrow(tl.where(first, g, m_new), B_DT)
+        old = _ld(slot_ptr + idx, mask).to(S_DT).to(tl.float32)
+        S_new = (S - old) + new.to(S_DT).to(tl.float32)
+        _st(slot_ptr + idx, new, mask)
+        _st(s_ptr + idx, _narrow(S_new, S_DT), mask)
+
+    # v tracks the aggregate, not the gradient
+    v_new = v * beta2 + (one_minus_beta2 * a) * a
+    _st(v_ptr + idx, _narrow(v_new, V_DT), mask)
+    if AMSGRAD:
+        vm = _ld(vm_ptr + idx, mask).to(tl.float32)
+        v_new = tl.maximum(vm, v_new, propagate_nan=tl.PropagateNan.ALL)
+        _st(vm_ptr + idx, _narrow(v_new, VM_DT), mask)
+    _st(m_ptr + idx, _narrow(m_new, M_DT), mask)
+
+    denom = tl.div_rn(tl.sqrt_rn(v_new), sqrt_bc2) + eps
+    p_new = x - tl.div_rn(step_size * a, denom)
+    _st(p_ptr + idx, _narrow(p_new, P_DT), mask)
+
+
 @triton.jit(do_not_specialize=["n_tab", "chunk_len"])
 def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_ptr,
                    lr_hi, lr_lo, wd_factor, lr_ptr, scale_ptr, found_inf_ptr, chunk_len,
@@ -197,7 +271,7 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
                    V_DT: tl.constexpr, VM_DT: tl.constexpr, B_DT: tl.constexpr,
                    S_DT: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
                    HAS_FOUND_INF: tl.constexpr, AMSGRAD: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     w = tl.cast(one_minus_beta1, tl.float32)
     beta2 = tl.cast(beta2, tl.float32)
     one_minus_beta2 = tl.cast(one_minus_beta2, tl.float32)
@@ -225,64 +299,52 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
     v_ptr = tl.load(tab_ptr + ROW_V * n_tab + t).to(tl.pointer_type(V_DT))
     b_ptr = tl.load(tab_ptr + ROW_B * n_tab + t).to(tl.pointer_type(B_DT))
     s_ptr = tl.load(tab_ptr + ROW_S * n_tab + t).to(tl.pointer_type(S_DT))
+    if AMSGRAD:
+        vm_ptr = tl.load(tab_ptr + ROW_VMAX * n_tab + t).to(tl.pointer_type(VM_DT))
+    else:
+        vm_ptr = v_ptr  # not used
 
     j = tl.load(dec_i_ptr + 2 * gi).to(tl.int64)
     flags = tl.load(dec_i_ptr + 2 * gi + 1)
-    # (a [BLOCK] vector rather than a scalar: the interpreter mis-types vector & scalar)
-    replace = (tl.zeros([BLOCK], dtype=tl.int32) + (flags & FLAG_REPLACE)) != 0
+    replace = (flags & FLAG_REPLACE) != 0
     first = (flags & FLAG_FIRST) != 0
     k_before = tl.load(dec_f_ptr + 3 * gi).to(tl.float32)
     bc1 = tl.load(dec_f_ptr + 3 * gi + 1)
     sqrt_bc2 = tl.load(dec_f_ptr + 3 * gi + 2).to(tl.float32)
     slot_ptr = b_ptr + j * numel
+    if ALIGNED:
+        # The host checked: every pointer of the bucket 16-byte aligned, and every
+        # numel * slot size a multiple of 16 bytes (so is each slot). Chunks start at
+        # multiples of BLOCK. Full blocks then load and store in 16-byte vectors.
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+        vm_ptr = tl.multiple_of(vm_ptr, 16)
+        s_ptr = tl.multiple_of(s_ptr, 16)
+        slot_ptr = tl.multiple_of(slot_ptr, 16)
+        start = tl.multiple_of(start, BLOCK)
 
     step_size = (lr64 / bc1).to(tl.float32)  # lr / bc1 in fp64, as the reference
     if HAS_SCALE:
         scale = tl.load(scale_ptr).to(tl.float32)
+    else:
+        scale = 1.0
 
     end = tl.minimum(start + chunk_len, numel)
     if HAS_FOUND_INF:
-        # A skipped step changes nothing: the loop below runs zero times.
+        # A skipped step changes nothing: the loops below run zero times.
         end = tl.where(tl.load(found_inf_ptr).to(tl.float32) == 0.0, end, start)
+    full_end = start + ((end - start) // BLOCK) * BLOCK
 
-    for off in range(start, end, BLOCK):
+    for off in range(start, full_end, BLOCK):  # full blocks: no mask
+        _update_block(off + tl.arange(0, BLOCK), None, p_ptr, g_ptr, m_ptr, v_ptr, vm_ptr,
+                      slot_ptr, s_ptr, replace, first, k_before, scale, w, beta2,
+                      one_minus_beta2, eps, decay_factor, step_size, sqrt_bc2, P_DT, M_DT,
+                      V_DT, VM_DT, B_DT, S_DT, HAS_SCALE, AMSGRAD)
+    for off in range(full_end, end, BLOCK):  # the tensor's last, short block (0 or 1)
         idx = off + tl.arange(0, BLOCK)
-        mask = idx < end
-        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            g = tl.div_rn(g, scale)
-        p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        S = tl.load(s_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-
-        x = p * decay_factor
-        # m.lerp(g, 1 - beta1) as torch computes it: one fma, from m for a small weight,
-        # from g for a large one
-        d = g - m
-        m_new = tl.where(w < 0.5, tl.fma(w, d, m), tl.fma(w - 1.0, d, g))
-        m_new = tl.where(first, 0.0, m_new)
-        # the aggregate uses the buffer as it was before this step's insert
-        a = tl.where(first, 0.0, m_new + tl.div_rn(S, k_before))
-
-        # insert: the raw gradient on the first step (SPEC quirk), the momentum after
-        new = _narrow(tl.where(first, g, m_new), B_DT)
-        rmask = mask & replace
-        old = tl.load(slot_ptr + idx, mask=rmask, other=0.0).to(S_DT).to(tl.float32)
-        S_new = (S - old) + new.to(S_DT).to(tl.float32)
-        tl.store(slot_ptr + idx, new, mask=rmask)
-        tl.store(s_ptr + idx, _narrow(S_new, S_DT), mask=rmask)
-
-        # v tracks the aggregate, not the gradient
-        v_new = v * beta2 + (one_minus_beta2 * a) * a
-        tl.store(v_ptr + idx, _narrow(v_new, V_DT), mask=mask)
-        if AMSGRAD:
-            vm_ptr = tl.load(tab_ptr + ROW_VMAX * n_tab + t).to(tl.pointer_type(VM_DT))
-            vm = tl.load(vm_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            v_new = tl.maximum(vm, v_new, propagate_nan=tl.PropagateNan.ALL)
-            tl.store(vm_ptr + idx, _narrow(v_new, VM_DT), mask=mask)
-        tl.store(m_ptr + idx, _narrow(m_new, M_DT), mask=mask)
-
-        denom = tl.div_rn(tl.sqrt_rn(v_new), sqrt_bc2) + eps
-        p_new = x - tl.div_rn(step_size * a, denom)
-        tl.store(p_ptr + idx, _narrow(p_new, P_DT), mask=mask)
+        _update_block(idx, idx < end, p_ptr, g_ptr, m_ptr, v_ptr, vm_ptr, slot_ptr, s_ptr,
+                      replace, first, k_before, scale, w, beta2, one_minus_beta2, eps,
+                      decay_factor, step_size, sqrt_bc2, P_DT, M_DT, V_DT, VM_DT, B_DT,
+                      S_DT, HAS_SCALE, AMSGRAD)

@@ -15,8 +15,9 @@ non-blocking copy on CUDA), and cached keyed on the pointers, numels and dtypes,
 step with unchanged tensors does no host-to-device copy at all. No step reads a device
 value on the host.
 
-Block sizes: not measured (this code was written without access to a GPU), chosen as
-the usual values for a memory-bound elementwise Triton kernel and written down here.
+Block sizes: not measured (this code was written without access to a GPU); chosen from
+the compiled kernels (PTX and ptxas register counts for sm_90, compiled without a GPU)
+and the usual values for a memory-bound elementwise kernel, and written down below.
 ``CHUNK`` and ``BLOCK`` are module settings that tests shrink to get several chunks per
 tensor; they are read at every call.
 """
@@ -31,14 +32,16 @@ import triton.language as tl
 
 from . import kernels as K
 
-# Elements per program of the norm and update passes. 8192 fp32 elements = 48 slot-
-# replacing bytes x 8192 = 384 KiB moved per program: long enough to amortise the
-# table look-ups, short enough that a 1M-element tensor still spreads over 128 programs,
-# and a 2^31-element tensor makes 262144 partials for its reduce program to sum.
+# Elements per program of the norm and update passes. 8192 elements x 48 bytes (fp32,
+# slot replaced) = 384 KiB moved per program: long enough to amortise the table look-ups,
+# short enough that a 1M-element tensor still spreads over 128 programs; a 2^31-element
+# tensor makes 262144 partials for its reduce program to sum.
 CHUNK = 8192
-# Elements per loop iteration within a chunk: 1024 with 4 warps = 8 elements per thread
-# per tensor (two 128-bit fp32 loads), the usual elementwise configuration.
-BLOCK = 1024
+# Elements per loop iteration within a chunk: 512 with 4 warps = 4 elements per thread
+# per tensor, one 16-byte vector per fp32 stream when the bucket is 16-byte aligned
+# (ptxas for sm_90: 55-61 registers for the update, no spills; with 1024 elements it
+# took 120-168 registers, which caps the resident warps per SM at a third or less).
+BLOCK = 512
 NUM_WARPS = 4
 # Partials summed per iteration by the reduce pass (one program per tensor).
 RBLOCK = 1024
@@ -61,6 +64,7 @@ class _Bucket:
     chunk_s: torch.Tensor  # int64 [n_chunks]: first element
     partials: torch.Tensor  # fp32 view [n_chunks] of the group's partials
     dtypes: dict
+    aligned: bool  # all pointers 16-byte aligned, every slot too: vector loads
 
 
 @dataclass
@@ -83,9 +87,9 @@ def _ptrs(ts):
     return tuple(t.data_ptr() for t in ts)
 
 
-def _key(lists: dict, C: int, chunk: int):
+def _key(lists: dict, C: int, chunk: int, block: int):
     params = lists["params"]
-    parts = [params[0].device, C, chunk, tuple(p.numel() for p in params)]
+    parts = [params[0].device, C, chunk, block, tuple(p.numel() for p in params)]
     for name in ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
                  "buffers", "sums", "keys", "counts", "steps"):
         ts = lists[name]
@@ -99,7 +103,7 @@ def _pad2(x: list) -> list:
     return x + [0] * (len(x) % 2)
 
 
-def _build(lists: dict, C: int, chunk: int) -> _Plan:
+def _build(lists: dict, C: int, chunk: int, block: int) -> _Plan:
     params, grads = lists["params"], lists["grads"]
     T = len(params)
     device = params[0].device
@@ -135,6 +139,10 @@ def _build(lists: dict, C: int, chunk: int) -> _Plan:
             tuple(numels[i] for i in idx), tuple(idx),
         ]
         put([v for row in rows for v in row])
+        slot_bytes = lists["buffers"][idx[0]].element_size()
+        aligned = (chunk % block == 0
+                   and all(ptr % 16 == 0 for row in rows[:7] for ptr in row)
+                   and all(numels[i] * slot_bytes % 16 == 0 for i in idx))
         chunk_t, chunk_s = [], []
         for local, i in enumerate(idx):
             partial_offset[i] = base + len(chunk_t)
@@ -142,7 +150,7 @@ def _build(lists: dict, C: int, chunk: int) -> _Plan:
             chunk_s.extend(range(0, numels[i], chunk))
         put(chunk_t)
         put(chunk_s)
-        bucket_specs.append((dts, len(idx), len(chunk_t), base))
+        bucket_specs.append((dts, len(idx), len(chunk_t), base, aligned))
         base += len(chunk_t)
     put([*_ptrs(lists["keys"]), *_ptrs(lists["counts"]), *_ptrs(lists["steps"]),
          *partial_offset, *n_chunks])
@@ -163,12 +171,12 @@ def _build(lists: dict, C: int, chunk: int) -> _Plan:
     partials = torch.empty(max(base, 1), dtype=torch.float32, device=device)
     buckets = []
     names = ("p", "g", "m", "v", "vmax", "b", "s")
-    for b, (dts, n, nch, pbase) in enumerate(bucket_specs):
+    for b, (dts, n, nch, pbase, aligned) in enumerate(bucket_specs):
         buckets.append(_Bucket(
             n=n, n_chunks=nch, tab=view(3 * b), chunk_t=view(3 * b + 1),
             chunk_s=view(3 * b + 2), partials=partials[pbase:pbase + max(nch, 1)],
             dtypes={k: (_TL_DTYPES[d] if d is not None else tl.float32)
-                    for k, d in zip(names, dts)}))
+                    for k, d in zip(names, dts)}, aligned=aligned))
     return _Plan(
         T=T, gtab=view(3 * len(bucket_specs)), buckets=buckets, partials=partials,
         sumsq=torch.empty(T, dtype=torch.float32, device=device),
@@ -177,15 +185,14 @@ def _build(lists: dict, C: int, chunk: int) -> _Plan:
         keepalive=[*keepalive, dev])
 
 
-def plan_for(lists: dict, C: int) -> _Plan:
-    chunk = int(CHUNK)
-    key = _key(lists, C, chunk)
+def plan_for(lists: dict, C: int, chunk: int, block: int) -> _Plan:
+    key = _key(lists, C, chunk, block)
     plan = _cache.get(key)
     if plan is not None:
         _cache.move_to_end(key)
         stats["hits"] += 1
         return plan
-    plan = _build(lists, C, chunk)
+    plan = _build(lists, C, chunk, block)
     stats["builds"] += 1
     _cache[key] = plan
     while len(_cache) > CACHE_SIZE:
@@ -233,11 +240,11 @@ def step(lists: dict, *, lr: float, lr_tensor, beta1: float, beta2: float, eps: 
     if not amsgrad:
         lists = {**lists, "max_exp_avg_sqs": []}
     C = int(lists["buffers"][0].shape[0])
-    plan = plan_for(lists, C)
-    T = plan.T
-    dummy = plan.sumsq
     block = int(BLOCK)
     chunk = int(CHUNK)
+    plan = plan_for(lists, C, chunk, block)
+    T = plan.T
+    dummy = plan.sumsq
 
     for b in plan.buckets:
         if b.n_chunks:
@@ -245,7 +252,7 @@ def step(lists: dict, *, lr: float, lr_tensor, beta1: float, beta2: float, eps: 
                     (b.tab, b.n, b.chunk_t, b.chunk_s, b.partials,
                      dummy if grad_scale is None else grad_scale, chunk),
                     dict(G_DT=b.dtypes["g"], HAS_SCALE=grad_scale is not None,
-                         BLOCK=block), NUM_WARPS)
+                         ALIGNED=b.aligned, BLOCK=block), NUM_WARPS)
     _launch(K._reduce_kernel, (T,), (plan.gtab, T, plan.partials, plan.sumsq),
             dict(RBLOCK=RBLOCK), 4)
     _launch(K._decide_kernel, (triton.cdiv(T, DECIDE_TB),),
@@ -271,4 +278,4 @@ def step(lists: dict, *, lr: float, lr_tensor, beta1: float, beta2: float, eps: 
                          LR_IS_PTR=lr_tensor is not None,
                          HAS_SCALE=grad_scale is not None,
                          HAS_FOUND_INF=found_inf is not None, AMSGRAD=bool(amsgrad),
-                         BLOCK=block), NUM_WARPS)
+                         ALIGNED=b.aligned, BLOCK=block), NUM_WARPS)
