@@ -24,6 +24,7 @@ tensor; they are read at every call.
 from __future__ import annotations
 
 import collections
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -83,18 +84,25 @@ _cache: collections.OrderedDict = collections.OrderedDict()
 stats = {"builds": 0, "hits": 0}  # for tests: how often tables were (re)built
 
 
+_data_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
+_dtype = operator.attrgetter("dtype")
+
+
 def _ptrs(ts):
-    return tuple(t.data_ptr() for t in ts)
+    return tuple(map(_data_ptr, ts))
 
 
 def _key(lists: dict, C: int, chunk: int, block: int):
+    """Everything a table depends on: pointers, numels, dtypes (computed every step, so
+    kept to C-level loops: ~10 attribute reads per tensor)."""
     params = lists["params"]
-    parts = [params[0].device, C, chunk, block, tuple(p.numel() for p in params)]
+    parts = [params[0].device, C, chunk, block, tuple(map(_numel, params))]
     for name in ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
                  "buffers", "sums", "keys", "counts", "steps"):
         ts = lists[name]
         parts.append(_ptrs(ts))
-        parts.append(tuple(t.dtype for t in ts))
+        parts.append(tuple(map(_dtype, ts)))
     return tuple(parts)
 
 
