@@ -56,6 +56,8 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true",
                     help="add cm_reference_compiled: torch.compile(opt.step) of the reference "
                          "(minutes of compilation per row on CPU)")
+    ap.add_argument("--threads", type=int,
+                    help="torch.set_num_threads for the CPU (default: torch's choice)")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     ap.add_argument("--out", default=DEFAULT_OUT, help="JSON lines file to append rows to "
                                                        "('' to write none)")
@@ -151,6 +153,8 @@ def main(argv=None):
         device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     reps = args.reps or (100 if device.type == "cuda" else 30)
     jobs = plan(args, device)
 
@@ -258,6 +262,11 @@ def main(argv=None):
         last = grp
         print(fmt_row(r))
     print(f"\n{len(rows)} rows in {elapsed:.0f} s")
+    shares = sorted(r["cpu_share"] for r in rows if r.get("cpu_share") is not None)
+    if shares and shares[len(shares) // 2] < 0.8:
+        print(f"WARNING: this process got a median {100 * shares[len(shares) // 2]:.0f}% of its "
+              f"{meta['threads']} threads' time while timing: other processes were using the "
+              f"cores, so these times are inflated and noisy. Re-run on a quiet machine.")
 
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
