@@ -5,14 +5,13 @@ Without a CUDA device the kernels run on CPU tensors under the Triton interprete
 tens of steps, and a shrunken chunk size so that tensors still span several chunks.
 Tests marked ``gpu`` need a CUDA device and skip, saying so, without one.
 """
-import io
 
 import pytest
 import torch
 
 import cm_fused
 from cm_fused import AdamCM
-from compare import (ODD_SHAPES, TOLERANCE, assert_bit_identical, assert_same_state,
+from compare import (TOLERANCE, assert_bit_identical, assert_same_state,
                      checkpoint_roundtrip, copy_params, make_params, run_lockstep, set_grads)
 
 triton_backend = pytest.importorskip("cm_fused.triton")
@@ -20,8 +19,6 @@ REASON = triton_backend.unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"triton backend: {REASON}")
 
 HAS_CUDA = torch.cuda.is_available()
-gpu = [pytest.mark.gpu,
-       pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none in this process)")]
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 # Shapes for lock-step runs: 0-dim, 1, odd, empty, and 4097 (several chunks, the last
 # one a single element, with the chunk sizes set below).

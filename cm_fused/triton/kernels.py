@@ -16,22 +16,30 @@ One step of one param group is four launches (see launch.py for the tables they 
    parameter) in one pass over memory.
 
 Hyperparameters are runtime arguments (never ``tl.constexpr``), so a scheduler changing
-lr does not recompile (floats that the reference uses in fp64 -- lr, the betas in the
-bias corrections -- travel as two fp32 halves); ``found_inf``, ``grad_scale`` and a tensor ``lr`` are read on the
-device. Math is fp32 (the bias corrections fp64): narrow dtypes are widened on load and
-narrowed on store. The arithmetic follows the reference operation by operation (the
-launchers turn off fp contraction, and use an fma exactly where torch's lerp does), so
-that with fp32 the two differ only in the summation order of the norms.
+lr does not recompile; floats that the reference uses in fp64 (lr, the betas of the bias
+corrections) travel as two fp32 halves. ``found_inf``, ``grad_scale`` and a tensor lr
+are read on the device. Math is fp32 (the bias corrections fp64): narrow dtypes are
+widened on load and narrowed on store (round to nearest even). The arithmetic follows
+the reference operation by operation (the launchers turn off fp contraction; an
+explicit fma where torch's lerp has one; IEEE division and square root), so that in the
+tests, fp32 included, the two differ only by the summation order of the norms (keys).
+
+Memory traffic per element and step, fp32 everything: the norm pass reads g (4 B); the
+update reads p, g, m, v, S (20 B) and writes p, m, v (12 B); when the tensor's slot is
+replaced it also reads B[j] and writes B[j] and S (12 B): 48 B with an insert, 36 B
+without (amsgrad: +8 B). bf16 params with bf16 slots and the fp32 S: 28 B with an insert.
+A chunk's full blocks load and store unmasked (16-byte vectors when the host found the
+bucket aligned); only the last block of a tensor is masked.
 """
 import triton
 import triton.language as tl
 
-# Rows of a bucket's pointer table (int64 [N_BUCKET_ROWS, n]), indexed by the tensor's
+# Rows of a bucket's pointer table (int64 [len(BUCKET_ROWS), n]), indexed by the tensor's
 # position in the bucket.
 BUCKET_ROWS = ("p", "g", "m", "v", "vmax", "b", "s", "numel", "gidx")
 ROW_P, ROW_G, ROW_M, ROW_V, ROW_VMAX, ROW_B, ROW_S, ROW_NUMEL, ROW_GIDX = (
     tl.constexpr(i) for i in range(len(BUCKET_ROWS)))
-# Rows of a group's table (int64 [N_GROUP_ROWS, T]), indexed by the tensor's position in
+# Rows of a group's table (int64 [len(GROUP_ROWS), T]), indexed by the tensor's position in
 # the group (the order of the params list).
 GROUP_ROWS = ("keys", "count", "step", "partial_offset", "partial_count")
 ROW_KEYS, ROW_COUNT, ROW_STEP, ROW_POFF, ROW_PCNT = (
