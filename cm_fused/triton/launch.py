@@ -263,13 +263,15 @@ def step(lists: dict, *, lr: float, lr_tensor, beta1: float, beta2: float, eps: 
                          ALIGNED=b.aligned, BLOCK=block), NUM_WARPS)
     _launch(K._reduce_kernel, (T,), (plan.gtab, T, plan.partials, plan.sumsq),
             dict(RBLOCK=RBLOCK), 4)
-    _launch(K._decide_kernel, (triton.cdiv(T, DECIDE_TB),),
+    CP = max(2, triton.next_power_of_2(C))
+    TB = min(DECIDE_TB, max(16, 2048 // CP))  # a [TB, CP] tile of keys: <= 2048 or 16 rows
+    _launch(K._decide_kernel, (triton.cdiv(T, TB),),
             (plan.gtab, T, plan.sumsq, dummy if rand is None else rand,
              dummy if found_inf is None else found_inf, plan.dec_i, plan.dec_f, C,
              float(critical_test), float(decay), *_split(beta1), *_split(beta2)),
             dict(SYNCED=bool(synced), HAS_RAND=rand is not None,
                  HAS_FOUND_INF=found_inf is not None,
-                 CP=max(2, triton.next_power_of_2(C)), TB=DECIDE_TB), 4)
+                 CP=CP, TB=TB), 4)
     for b in plan.buckets:
         if b.n_chunks:
             d = b.dtypes
