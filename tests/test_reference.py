@@ -219,7 +219,7 @@ def test_kappa_zero_is_torch_adamw_bit_for_bit(amsgrad, weight_decay):
 
 # ------------------------------------------------------------ properties
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)  # same examples in every CI run
 @given(
     scales=st.lists(st.floats(0.01, 100.0), min_size=1, max_size=25),
     top_c=st.integers(1, 4),
@@ -240,8 +240,10 @@ def test_buffer_invariants(scales, top_c, decay, synced, critical):
             s = opt.state[p]
             k = s["cm_count"].item()
             assert 1 <= k <= top_c and k == min(t + 1, top_c)
-            torch.testing.assert_close(s["cm_sum"], s["cm_buffer"][:k].sum(0),
-                                       rtol=1e-5, atol=1e-5)
+            # S is a running sum: one rounding per add and per subtract, each up to
+            # ulp(|S|) with |S| ~ topC * max scale, so the bound grows with steps and scale.
+            torch.testing.assert_close(s["cm_sum"], s["cm_buffer"][:k].sum(0), rtol=1e-5,
+                                       atol=1e-6 * max(scales[: t + 1]) * (t + 1))
             assert torch.equal(s["cm_buffer"][k:], torch.zeros_like(s["cm_buffer"][k:]))
             if old is not None:  # keys only decay, except the one slot written this step
                 changed = (s["cm_keys"] != old * decay).sum().item()
