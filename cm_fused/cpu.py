@@ -31,7 +31,8 @@ _TAG = b"CM_FUSED_BUILT_WITH_TORCH="
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 _lock = threading.Lock()
-_status: dict = {"done": False, "reason": None, "source": None}
+# source: "prebuilt", "jit" or "already registered"; path: the library loaded, if any.
+_status: dict = {"done": False, "reason": None, "source": None, "path": None}
 
 
 # ---------------------------------------------------------------- finding the extension
@@ -138,9 +139,12 @@ def load() -> str | None:
                 _status["source"] = "already registered"
             else:
                 for source, attempt in (("prebuilt", _load_prebuilt), ("jit", _jit_build)):
+                    known = set(torch.ops.loaded_libraries)
                     why = attempt()
                     if why is None:
                         _status["source"] = source
+                        _status["path"] = next(iter(set(torch.ops.loaded_libraries) - known),
+                                               None)
                         break
                     reasons.append(why)
             if _status["source"] is None:
@@ -149,6 +153,12 @@ def load() -> str | None:
                 _register_fake()
             _status["done"] = True
         return _status["reason"]
+
+
+def loaded_from() -> tuple[str | None, str | None]:
+    """(how the extension was loaded, the library file), after :func:`load`."""
+    load()
+    return _status["source"], _status["path"]
 
 
 def kernel_name() -> str:
