@@ -65,10 +65,9 @@ def build_tag(path: str | os.PathLike) -> str | None:
 
 
 def _registered() -> bool:
-    try:
-        torch._C._dispatch_find_schema_or_throw(OP, "")
-        return True
-    except RuntimeError:
+    try:  # the lookup raises (AttributeError/RuntimeError) while the op is not registered
+        return hasattr(torch.ops.cm_fused, "adam_cm_step_")
+    except Exception:  # noqa: BLE001
         return False
 
 
@@ -109,11 +108,19 @@ def _jit_build() -> str | None:
             verbose=os.environ.get("CM_FUSED_VERBOSE_BUILD") == "1",
         )
     except Exception as e:  # noqa: BLE001 - any build failure: report it, do not crash
-        text = str(e).strip().splitlines()
-        detail = " | ".join(text[-6:]) if text else type(e).__name__
+        detail = _summary(str(e)) or type(e).__name__
         return (f"the JIT build of the C++ extension failed ({type(e).__name__}: {detail}); "
                 f"set CM_FUSED_VERBOSE_BUILD=1 to see the compiler output")
     return None if _registered() else f"the JIT-built extension does not define {OP}"
+
+
+def _summary(log: str, keep: int = 4) -> str:
+    """The telling lines of a build log (errors, not the long compiler command lines)."""
+    lines = [ln.strip() for ln in log.strip().splitlines() if ln.strip()]
+    telling = [ln for ln in lines if any(w in ln.lower() for w in
+                                         ("error", "not found", "no such file", "failed"))
+               and not ln.startswith("[")]
+    return " | ".join(ln[:200] for ln in (telling or lines)[-keep:])
 
 
 def _register_fake() -> None:

@@ -354,3 +354,27 @@ def test_the_loaded_library_was_built_for_this_torch():
     source, path = cpu_backend.loaded_from()
     assert source in ("prebuilt", "jit"), source
     assert cpu_backend.build_tag(path) == torch.__version__
+
+
+@pytest.mark.slow
+def test_without_a_prebuilt_extension_the_first_use_jit_builds_it(tmp_path):
+    """As after CM_FUSED_NO_EXT=1: no cm_fused._C, so the first use compiles the shipped
+    sources (into a fresh TORCH_EXTENSIONS_DIR here) and steps with them."""
+    script = tmp_path / "jit.py"
+    script.write_text(textwrap.dedent("""
+        import importlib.util
+        real_find_spec = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a, **k: (
+            None if name == "cm_fused._C" else real_find_spec(name, *a, **k))
+        import torch, cm_fused.cpu as c
+        from cm_fused import AdamCM
+        assert c.unavailable_reason() is None, c.unavailable_reason()
+        p = torch.nn.Parameter(torch.ones(5)); p.grad = torch.ones(5)
+        opt = AdamCM([p], backend="cpu"); opt.step(); opt.step()
+        print("LOADED:", c.loaded_from()[0], c.build_tag(c.loaded_from()[1]))
+    """))
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"LOADED: jit {torch.__version__}" in out.stdout
