@@ -24,7 +24,7 @@ if _REASON is not None:
 # ODD_SHAPES (0-dim, 1, 4097, empty, ...) plus a tensor of several 16384-element chunks
 # with a ragged tail, so chunked norms and vector tails are both exercised.
 SHAPES = ODD_SHAPES + [(40000,)]
-STEPS = 100
+STEPS = 80
 
 
 @pytest.fixture(autouse=True)
@@ -294,6 +294,32 @@ def test_kernel_build_matches_this_cpu():
     assert name in ("AVX2", "DEFAULT")
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         assert name == "AVX2"
+
+
+def test_default_kernels_match_reference_too():
+    """The portable (non-AVX2) kernel build, as picked on CPUs without AVX2, forced here with
+    ATEN_CPU_CAPABILITY=default in a subprocess."""
+    script = textwrap.dedent("""
+        import sys, torch
+        torch.set_num_threads(1)
+        sys.path.insert(0, sys.argv[1])
+        from compare import run_lockstep, ODD_SHAPES
+        from cm_fused import AdamCM
+        import cm_fused.cpu
+        print("KERNEL:", cm_fused.cpu.kernel_name())
+        kw = dict(amsgrad=True, weight_decay=0.1, synced=False, critical_test=0.1)
+        for dt, slot in [(torch.float32, None), (torch.bfloat16, torch.float16),
+                         (torch.float16, torch.bfloat16)]:
+            run_lockstep(lambda p: AdamCM(p, backend="cpu", buffer_dtype=slot, **kw),
+                         lambda p: AdamCM(p, backend="reference", buffer_dtype=slot, **kw),
+                         ODD_SHAPES + [(40000,)], 40, dtype=dt)
+        print("OK")
+    """)
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    out = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "KERNEL: DEFAULT" in out.stdout and "OK" in out.stdout
 
 
 # ------------------------------------------------------------ loading and fallback
