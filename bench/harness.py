@@ -287,13 +287,20 @@ def copy_bandwidth(device: torch.device, reps: int = 20) -> float:
         ms = [e0.elapsed_time(e1) for e0, e1 in evs]
     else:
         ms = []
+        cpu0, wall0 = os.times(), time.perf_counter()
         for _ in range(reps):
             t0 = time.perf_counter()
             b.copy_(a)
             ms.append((time.perf_counter() - t0) * 1e3)
+        cpu1, wall1 = os.times(), time.perf_counter()
+        COPY_CPU_SHARE[0] = ((cpu1.user - cpu0.user + cpu1.system - cpu0.system)
+                             / max(1e-9, (wall1 - wall0) * torch.get_num_threads()))
     med = statistics.median(ms)
     del a, b
     return 2 * n * 4 / (med / 1e3)
+
+
+COPY_CPU_SHARE = [None]  # cpu share of the last CPU copy_bandwidth measurement
 
 
 # ------------------------------------------------------------------------ one measurement

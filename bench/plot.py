@@ -41,7 +41,9 @@ def main(argv=None) -> int:
     ap.add_argument("results", nargs="?", default=DEFAULT_IN, help="JSON lines from bench/run.py")
     ap.add_argument("--run", default="latest", help="run_id to plot, 'latest' (default) or 'all'")
     ap.add_argument("--out", help="PNG path (default: next to the results, named after the run)")
-    ap.add_argument("--log", action="store_true", help="logarithmic time axis")
+    ap.add_argument("--log", action="store_true", default=None,
+                    help="logarithmic time axis (default: when times in a panel span > 30x)")
+    ap.add_argument("--linear", dest="log", action="store_false", help="linear time axis")
     args = ap.parse_args(argv)
 
     try:
@@ -95,8 +97,10 @@ def main(argv=None) -> int:
         ax.set_xticklabels([f"{d}, buf {b}, C={c if c is not None else '-'}"
                             for d, b, c in configs], fontsize=8)
         ax.set_ylabel("step time, ms (median)")
-        if args.log:
+        times = [r["median_ms"] for r in ok]
+        if args.log or (args.log is None and times and max(times) > 30 * min(times)):
             ax.set_yscale("log")
+            ax.set_ylabel("step time, ms (median, log)")
         first = mine[0]
         ax.set_title(f"{sname}: {first['numel'] / 1e6:.1f}M params in {first['tensors']} tensors",
                      fontsize=10)

@@ -169,6 +169,8 @@ def main(argv=None):
     progress("measuring copy bandwidth ...")
     copy_gbps = H.copy_bandwidth(device) / 1e9
     meta["device_copy_gbps"] = round(copy_gbps, 2)
+    if device.type == "cpu" and H.COPY_CPU_SHARE[0] is not None:
+        meta["device_copy_cpu_share"] = round(H.COPY_CPU_SHARE[0], 3)
 
     rows, baseline, data, why = [], {}, {}, {}
     for i, (sname, dname, bname, topC, pname) in enumerate(jobs, 1):
@@ -244,7 +246,9 @@ def main(argv=None):
 
     print(f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
           f"commit {meta['commit']} | {meta['threads']} threads")
-    print(f"copy_ bandwidth (read+write): {copy_gbps:.1f} GB/s | {reps} timed steps per row "
+    share = H.COPY_CPU_SHARE[0] if device.type == "cpu" else None
+    print(f"copy_ bandwidth (read+write): {copy_gbps:.1f} GB/s"
+          f"{'' if share is None else f' (cpu% {100 * share:.0f})'} | {reps} timed steps per row "
           f"after >= topC+3 warm-up steps | load avg at start {rows[0]['loadavg_1m'] if rows else '-'}")
     print("x fused = median / torch_adamw_fused median (same set and dtype, same run); "
           "MB/step = byte model (bench/harness.py:bytes_per_step); GB/s = MB/step / median;")
