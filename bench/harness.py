@@ -287,14 +287,13 @@ def copy_bandwidth(device: torch.device, reps: int = 20) -> float:
         ms = [e0.elapsed_time(e1) for e0, e1 in evs]
     else:
         ms = []
-        cpu0, wall0 = os.times(), time.perf_counter()
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         for _ in range(reps):
             t0 = time.perf_counter()
             b.copy_(a)
             ms.append((time.perf_counter() - t0) * 1e3)
-        cpu1, wall1 = os.times(), time.perf_counter()
-        COPY_CPU_SHARE[0] = ((cpu1.user - cpu0.user + cpu1.system - cpu0.system)
-                             / max(1e-9, (wall1 - wall0) * torch.get_num_threads()))
+        cpu1, wall1 = time.process_time(), time.perf_counter()
+        COPY_CPU_SHARE[0] = (cpu1 - cpu0) / max(1e-9, (wall1 - wall0) * torch.get_num_threads())
     med = statistics.median(ms)
     del a, b
     return 2 * n * 4 / (med / 1e3)
@@ -321,13 +320,12 @@ def measure(prov: Provider, shapes_params, grads, device: torch.device, *, topC,
         t0 = time.perf_counter()
         time_steps(step, params, grads, device, n_warm)
         warm_s = time.perf_counter() - t0
-        cpu0, wall0 = os.times(), time.perf_counter()
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         times = time_steps(step, params, grads, device, reps, start=n_warm)
-        cpu1, wall1 = os.times(), time.perf_counter()
+        cpu1, wall1 = time.process_time(), time.perf_counter()
         # Share of the torch threads' time this process got while timing: near 1 on an idle
         # machine (memory stalls count as busy), well under 1 when others compete for cores.
-        cpu_share = ((cpu1.user - cpu0.user + cpu1.system - cpu0.system)
-                     / max(1e-9, (wall1 - wall0) * torch.get_num_threads()))
+        cpu_share = (cpu1 - cpu0) / max(1e-9, (wall1 - wall0) * torch.get_num_threads())
         set_grads(params, grads[(n_warm + reps) % len(grads)])
         peak = peak_extra_bytes(step, device)
         for p in params:  # a benchmark of garbage is no benchmark

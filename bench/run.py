@@ -191,6 +191,7 @@ def main(argv=None):
         label = f"[{i}/{len(jobs)}] {sname} {dname} buf={bname or '-'} C={topC or '-'} {pname}"
         # The tensors of one (set, dtype) are made once and shared by its rows.
         if (sname, dname) not in data:
+            tensors = None  # drop the previous set's tensors before making the next
             data.clear()
             gc.collect()
             if device.type == "cuda":
