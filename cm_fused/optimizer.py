@@ -17,15 +17,13 @@ from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
 
 from . import registry
-from .reference import _found_inf_guard, unscaled
+from .reference import unscaled
 
 log = logging.getLogger("cm_fused")
 
-SLOT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # State entries that keep their own dtype (torch's load_state_dict would cast them to the
 # param's dtype, which breaks bf16 slots, fp32 keys and sums, and the integer count).
 _OWN_DTYPE = {"cm_keys": torch.float32, "cm_count": torch.int64, "step": torch.float32}
-_BUFFER_KEYS = ("cm_buffer", "cm_keys", "cm_count", "cm_sum")
 
 
 def sum_dtype(slot_dtype: torch.dtype) -> torch.dtype:
@@ -69,7 +67,7 @@ def validate_group(group: dict) -> None:
         raise _bad("topC", top_c, "must be an int >= 1 when kappa > 0")
     if not (_is_real(group["critical_test"]) and 0 <= group["critical_test"] <= 1):
         raise _bad("critical_test", group["critical_test"], "must be a probability in [0, 1]")
-    if group["buffer_dtype"] is not None and group["buffer_dtype"] not in SLOT_DTYPES:
+    if group["buffer_dtype"] is not None and group["buffer_dtype"] not in registry.FUSED_DTYPES:
         raise _bad("buffer_dtype", group["buffer_dtype"],
                    "must be None, torch.float32, torch.bfloat16 or torch.float16")
     for flag in ("amsgrad", "synced"):
@@ -84,6 +82,7 @@ class _Plan:
     params: list[Tensor]
     device: torch.device | None
     backend: str
+    states: list[dict] | None = None
 
 
 class AdamCM(torch.optim.Optimizer):
@@ -132,8 +131,11 @@ class AdamCM(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Every check runs before the first change, so a step that raises changes nothing.
+        # Every check runs before the first change, so a step that raises changes nothing;
+        # then all state is allocated (an out-of-memory stops before any group steps).
         plans = [self._plan(group) for group in self.param_groups]
+        for plan in plans:
+            plan.states = [self._state_for(p, plan.group) for p in plan.params]
         grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler
         found_inf = getattr(self, "found_inf", None)
         for plan in plans:
@@ -149,9 +151,9 @@ class AdamCM(torch.optim.Optimizer):
                 raise RuntimeError("AdamCM does not support sparse gradients")
             if p.is_complex() or p.grad.is_complex():
                 raise RuntimeError("AdamCM does not support complex parameters or gradients")
-            if p.grad.shape != p.shape:
-                raise RuntimeError(f"gradient shape {tuple(p.grad.shape)} does not match "
-                                   f"parameter shape {tuple(p.shape)}")
+            if p.grad.shape != p.shape or p.grad.dtype != p.dtype:
+                raise RuntimeError(f"gradient {tuple(p.grad.shape)} {p.grad.dtype} does not "
+                                   f"match parameter {tuple(p.shape)} {p.dtype}")
         if not params:
             return _Plan(group, [], None, "reference")
         devices = {p.device for p in params} | {p.grad.device for p in params}
@@ -208,7 +210,7 @@ class AdamCM(torch.optim.Optimizer):
         if self.backends_in_use.get(device.type) != plan.backend:
             log.debug("cm_fused: %s steps parameters on %s", plan.backend, device)
             self.backends_in_use[device.type] = plan.backend
-        states = [self._state_for(p, group) for p in params]
+        states = plan.states
         if grad_scale is not None:
             grad_scale = grad_scale.to(device, non_blocking=True)
         if found_inf is not None:
@@ -250,9 +252,9 @@ class AdamCM(torch.optim.Optimizer):
                         **hyper)
             return
         # torch's single-tensor path takes no GradScaler inputs: unscale and guard here.
-        restore = _found_inf_guard(found_inf, [*lists["params"], *lists["exp_avgs"],
-                                               *lists["exp_avg_sqs"],
-                                               *lists["max_exp_avg_sqs"], *steps])
+        restore = _restore_if_found_inf(found_inf, [*lists["params"], *lists["exp_avgs"],
+                                                    *lists["exp_avg_sqs"],
+                                                    *lists["max_exp_avg_sqs"], *steps])
         if grad_scale is not None:
             lists = {**lists, "grads": [unscaled(g, grad_scale).to(g.dtype)
                                         for g in lists["grads"]]}
@@ -309,6 +311,25 @@ class AdamCM(torch.optim.Optimizer):
                 continue
             self.state[p] = {key: _restore(key, value, p)
                              for key, value in saved_state[pid].items()}
+
+
+def _restore_if_found_inf(found_inf: Tensor | None, tensors: list[Tensor]):
+    """Snapshot ``tensors``; the returned callable puts them back where found_inf is set.
+
+    torch's single-tensor AdamW takes no found_inf, so the reference's kappa=0 step is
+    done and then undone on the device, without a host sync (it costs one copy of p, m
+    and v while it runs).
+    """
+    if found_inf is None:
+        return lambda: None
+    skip = found_inf != 0
+    saved = [t.clone() for t in tensors]
+
+    def restore():
+        for t, old in zip(tensors, saved):
+            t.copy_(torch.where(skip, old, t))
+
+    return restore
 
 
 def _restore(key: str, value: Any, p: Tensor) -> Any:

@@ -32,24 +32,6 @@ def gradient_keys(grads: list[Tensor], grad_scale: Tensor | None, synced: bool) 
     return norms.sum().expand(len(grads)) if synced else norms
 
 
-def _found_inf_guard(found_inf: Tensor | None, tensors: list[Tensor]):
-    """Snapshot ``tensors``; the returned callable puts them back where found_inf is set.
-
-    A skipped step must change nothing; doing the step and restoring keeps the step code
-    itself free of found_inf, and needs no host sync to decide.
-    """
-    if found_inf is None:
-        return lambda: None
-    skip = found_inf.to(tensors[0].device) != 0
-    saved = [t.clone() for t in tensors]
-
-    def restore():
-        for t, old in zip(tensors, saved):
-            t.copy_(torch.where(skip, old, t))
-
-    return restore
-
-
 def unavailable_reason() -> str | None:
     return None
 
@@ -87,24 +69,27 @@ def adam_cm_step(
     """One Adam+CM step (kappa > 0) over the tensors of one param group, in place."""
     if not params:
         return
-    state = [*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs, *buffers, *keys,
-             *counts, *sums, *steps]
-    restore = _found_inf_guard(found_inf, state)
+    # found_inf set: the step is computed, and every write keeps the old value instead.
+    keep = None if found_inf is None else found_inf.to(params[0].device) != 0
     norms = gradient_keys(grads, grad_scale, synced)
     for i, p in enumerate(params):
         _one_tensor(
             p, unscaled(grads[i], grad_scale), exp_avgs[i], exp_avg_sqs[i],
             max_exp_avg_sqs[i] if amsgrad else None, buffers[i], keys[i], counts[i],
             sums[i], steps[i], norms[i],
-            None if rand is None else rand[i] < critical_test,
+            None if rand is None else rand[i] < critical_test, keep,
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
             decay=decay,
         )
-    restore()
 
 
-def _one_tensor(p, g, m, v, v_max, B, K, k, S, step, n, lucky, *, lr, beta1, beta2, eps,
-                weight_decay, decay):
+def _commit(dst: Tensor, new: Tensor, keep: Tensor | None) -> None:
+    """Write ``new`` into ``dst``, unless the step is skipped (``keep``, from found_inf)."""
+    dst.copy_(new if keep is None else torch.where(keep, dst, new))
+
+
+def _one_tensor(p, g, m, v, v_max, B, K, k, S, step, n, lucky, keep, *, lr, beta1, beta2,
+                eps, weight_decay, decay):
     cdt = compute_dtype(p.dtype)
     C = B.shape[0]
     first = k == 0  # fresh state (SPEC "first step"): a device value, so torch.where below
@@ -127,26 +112,30 @@ def _one_tensor(p, g, m, v, v_max, B, K, k, S, step, n, lucky, *, lr, beta1, bet
     replace = ~full | (n > K[j_min])
     if lucky is not None:
         replace = replace | lucky
+    if keep is not None:
+        replace = replace & ~keep
     old_slot = B.index_select(0, j)[0]
     S_new = S - old_slot.to(S.dtype) + new_slot.to(S.dtype)  # S is fp32 or wider
     S.copy_(torch.where(replace, S_new, S))
     B.index_copy_(0, j, torch.where(replace, new_slot, old_slot).unsqueeze(0))
-    K.index_copy_(0, j, torch.where(replace, n, K.index_select(0, j)[0]).view(1))
+    K_written = K.index_copy(0, j, torch.where(replace, n, K.index_select(0, j)[0]).view(1))
+    _commit(K, K_written * decay, keep)  # every key decays, the one just written too
     k.copy_(torch.where(replace & ~full, k + 1, k))
 
     # v tracks the aggregate, not the gradient.
     v_new = v.to(cdt) * beta2 + (1 - beta2) * a * a
-    v.copy_(v_new)
+    _commit(v, v_new, keep)
     if v_max is not None:
         v_new = torch.maximum(v_max.to(cdt), v_new)
-        v_max.copy_(v_new)
-    m.copy_(m_new)
+        _commit(v_max, v_new, keep)
+    _commit(m, m_new, keep)
 
-    step.add_(1)
+    step_new = step + 1
+    _commit(step, step_new, keep)
     # Bias corrections in fp64: in fp32, 1 - beta2**step loses ~1e-5 to cancellation.
-    bc1 = 1 - beta1 ** step.double()
-    bc2 = 1 - beta2 ** step.double()
-    K.mul_(decay)
-
+    bc1 = 1 - beta1 ** step_new.double()
+    bc2 = 1 - beta2 ** step_new.double()
     denom = v_new.sqrt() / bc2.sqrt().to(cdt) + eps
-    p.copy_(x - (lr / bc1).to(cdt) * a / denom)
+    # The first step's update is zero by definition (m = 0), also when eps = 0 makes it 0/0.
+    x_new = torch.where(first, x, x - (lr / bc1).to(cdt) * a / denom)
+    _commit(p, x_new, keep)

@@ -119,3 +119,20 @@ def assert_bit_identical(opt_a, params_a, opt_b, params_b):
             assert sa[key].dtype == sb[key].dtype, f"param {i} {key}: dtype differs"
             assert sa[key].device == sb[key].device, f"param {i} {key}: device differs"
             assert torch.equal(sa[key].cpu(), sb[key].cpu()), f"param {i} {key} differs"
+
+
+def snapshot(opt, params):
+    """Copies of params and their state, for assert_unchanged."""
+    return ([p.detach().clone() for p in params],
+            {i: {k: v.clone() for k, v in opt.state[p].items()}
+             for i, p in enumerate(params) if p in opt.state})
+
+
+def assert_unchanged(opt, params, snap):
+    values, state = snap
+    for i, (p, v) in enumerate(zip(params, values)):
+        assert torch.equal(p.detach(), v), f"param {i} changed"
+    for i, s in state.items():
+        assert opt.state[params[i]].keys() == s.keys(), f"param {i}: state keys changed"
+        for k, v in s.items():
+            assert torch.equal(opt.state[params[i]][k], v), f"param {i} {k} changed"

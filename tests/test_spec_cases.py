@@ -1,0 +1,181 @@
+"""shared/SPEC.md's quirks, pinned by hand-computed cases on tiny tensors, on every backend
+that can run here (the fused ones included: exact ties and edge cases never arise in
+random lock-step runs)."""
+import math
+
+import pytest
+import torch
+
+from cm_fused import AdamCM, registry
+
+BACKENDS = ["reference", "cpu", "triton"]
+
+
+@pytest.fixture(params=BACKENDS)
+def make(request):
+    reason = registry.why_not(request.param, torch.device("cpu"), {torch.float32})
+    if reason:
+        pytest.skip(f"backend {request.param!r} cannot run on CPU tensors here: {reason}")
+    return lambda params, **kw: AdamCM(params, backend=request.param, **kw)
+
+
+def param(values):
+    return torch.nn.Parameter(torch.tensor(values, dtype=torch.float32))
+
+
+def test_first_step_moves_only_by_weight_decay_and_seeds_buffer_with_raw_gradient(make):
+    p = param([1.0, -2.0, 4.0])
+    g = torch.tensor([3.0, 0.0, 4.0])
+    opt = make([p], lr=0.1, weight_decay=0.5, topC=3, decay=0.5)
+    p.grad = g.clone()
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([1.0, -2.0, 4.0]) * (1 - 0.1 * 0.5),
+                               rtol=0, atol=0)
+    s = opt.state[p]
+    assert torch.equal(s["exp_avg"], torch.zeros(3))
+    assert torch.equal(s["exp_avg_sq"], torch.zeros(3))
+    assert torch.equal(s["cm_buffer"][0], g)  # the raw gradient, not a momentum
+    assert torch.equal(s["cm_buffer"][1:], torch.zeros(2, 3))
+    assert torch.equal(s["cm_sum"], g)
+    assert s["cm_count"].item() == 1 and s["step"].item() == 1
+    assert s["cm_keys"].tolist() == [5.0 * 0.5, 0.0, 0.0]  # ||g|| = 5, decayed once
+
+
+def test_first_step_without_weight_decay_leaves_param_bit_identical(make):
+    p = param([0.3, -0.7])
+    opt = make([p], lr=1.0)
+    p.grad = torch.tensor([10.0, -3.0])
+    opt.step()
+    assert torch.equal(p.detach(), torch.tensor([0.3, -0.7]))
+
+
+def test_synced_key_is_sum_of_per_tensor_norms_not_global_norm(make):
+    a, b = param([3.0, 4.0]), param([0.0, 12.0])
+    opt = make([a, b], decay=1.0)
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 12.0])
+    opt.step()
+    assert opt.state[a]["cm_keys"][0].item() == 17.0  # 5 + 12, the global norm is 13
+    assert opt.state[b]["cm_keys"][0].item() == 17.0
+    c, d = param([3.0, 4.0]), param([0.0, 12.0])
+    opt = make([c, d], decay=1.0, synced=False)
+    c.grad, d.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 12.0])
+    opt.step()
+    assert opt.state[c]["cm_keys"][0].item() == 5.0
+    assert opt.state[d]["cm_keys"][0].item() == 12.0
+
+
+def test_second_step_aggregate_uses_pre_insert_buffer_and_v_tracks_aggregate(make):
+    lr, b1, b2, eps = 0.1, 0.9, 0.999, 1e-8
+    x0 = [0.5, -1.0]
+    g1, g2 = [1.0, 2.0], [-3.0, 0.5]
+    p = param(x0)
+    opt = make([p], lr=lr, betas=(b1, b2), eps=eps, topC=5)
+    p.grad = torch.tensor(g1)
+    opt.step()
+    p.grad = torch.tensor(g2)
+    opt.step()
+    m = [(1 - b1) * y for y in g2]  # m was 0 after the first step
+    a = [mi + s for mi, s in zip(m, g1)]  # S/k before the insert: g1 / 1
+    v = [(1 - b2) * ai * ai for ai in a]  # not (1 - b2) * g^2
+    bc1, bc2 = 1 - b1 ** 2, 1 - b2 ** 2
+    want = [x - (lr / bc1) * ai / (math.sqrt(vi) / math.sqrt(bc2) + eps)
+            for x, ai, vi in zip(x0, a, v)]
+    s = opt.state[p]
+    torch.testing.assert_close(p.detach(), torch.tensor(want), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(s["exp_avg_sq"], torch.tensor(v), rtol=1e-6, atol=0)
+    torch.testing.assert_close(s["exp_avg"], torch.tensor(m), rtol=1e-6, atol=0)
+    # the momentum (not the aggregate) went into slot 1; S is the sum of the slots
+    torch.testing.assert_close(s["cm_buffer"][1], torch.tensor(m), rtol=0, atol=0)
+    torch.testing.assert_close(s["cm_sum"], torch.tensor(g1) + torch.tensor(m), rtol=0, atol=0)
+
+
+def _drive(opt, p, grads):
+    for g in grads:
+        p.grad = torch.tensor(g)
+        opt.step()
+
+
+def test_replacement_is_strictly_greater_than_the_min_key(make):
+    p = param([0.0, 0.0])
+    opt = make([p], topC=2, decay=1.0)  # decay 1: keys are the norms themselves
+    _drive(opt, p, [[1.0, 0.0], [2.0, 0.0]])
+    s = opt.state[p]
+    assert s["cm_keys"].tolist() == [1.0, 2.0] and s["cm_count"].item() == 2
+    before = s["cm_buffer"].clone()
+    _drive(opt, p, [[0.0, 1.0]])  # key 1.0 == min key: no replacement
+    assert torch.equal(s["cm_buffer"], before) and s["cm_keys"].tolist() == [1.0, 2.0]
+    _drive(opt, p, [[0.0, 1.5]])  # 1.5 > 1.0: replaces slot 0
+    assert s["cm_keys"].tolist() == [1.5, 2.0]
+    assert torch.equal(s["cm_buffer"][1], before[1])
+    assert torch.equal(s["cm_buffer"][0], s["exp_avg"])
+    torch.testing.assert_close(s["cm_sum"], s["cm_buffer"].sum(0))
+
+
+def test_tie_on_min_key_replaces_first_index(make):
+    p = param([0.0, 0.0])
+    opt = make([p], topC=3, decay=1.0)
+    _drive(opt, p, [[5.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
+    s = opt.state[p]
+    assert s["cm_keys"].tolist() == [5.0, 2.0, 2.0]
+    before = s["cm_buffer"].clone()
+    _drive(opt, p, [[3.0, 0.0]])
+    assert s["cm_keys"].tolist() == [5.0, 3.0, 2.0]
+    assert torch.equal(s["cm_buffer"][2], before[2]) and not torch.equal(s["cm_buffer"][1],
+                                                                         before[1])
+
+
+def test_critical_test_one_always_replaces_the_min_slot(make):
+    p = param([0.0, 0.0])
+    opt = make([p], topC=2, decay=1.0, critical_test=1.0)
+    _drive(opt, p, [[4.0, 0.0], [3.0, 0.0], [0.0, 1.0]])  # key 1 < min key 3
+    assert opt.state[p]["cm_keys"].tolist() == [4.0, 1.0]
+
+
+def test_tensor_without_grad_is_skipped_entirely(make):
+    a, b = param([1.0, 1.0]), param([2.0, 2.0])
+    opt = make([a, b], weight_decay=0.1, lr=0.1, decay=0.5)
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 1.0])
+    opt.step()
+    sb = {k: v.clone() for k, v in opt.state[b].items()}
+    b_before = b.detach().clone()
+    a.grad, b.grad = torch.tensor([0.0, 2.0]), None
+    opt.step()
+    assert torch.equal(b.detach(), b_before)  # no weight decay either
+    for k, v in sb.items():
+        assert torch.equal(opt.state[b][k], v), k  # keys not decayed, step not advanced
+    # a's synced key no longer includes b's norm: 0.5 * ||(0, 2)||
+    assert opt.state[a]["cm_keys"][1].item() == 0.5 * 2.0
+
+
+def test_skipped_first_step_keeps_the_first_step_quirk_for_the_next_step(make):
+    p = param([1.0, 2.0])
+    opt = make([p], weight_decay=0.1)
+    p.grad = torch.tensor([1.0, 1.0])
+    opt.found_inf = torch.ones(())
+    opt.step()
+    del opt.found_inf
+    assert opt.state[p]["cm_count"].item() == 0 and opt.state[p]["step"].item() == 0
+    p.grad = torch.tensor([2.0, 2.0])
+    opt.step()
+    assert torch.equal(opt.state[p]["cm_buffer"][0], torch.tensor([2.0, 2.0]))
+    assert torch.equal(opt.state[p]["exp_avg"], torch.zeros(2))
+
+
+def test_first_step_with_eps_zero_moves_only_by_weight_decay(make):
+    p = param([1.0, -3.0])
+    opt = make([p], lr=0.5, eps=0.0, weight_decay=0.2)
+    p.grad = torch.tensor([2.0, 1.0])
+    opt.step()
+    assert torch.equal(p.detach(), torch.tensor([1.0, -3.0]) * (1 - 0.5 * 0.2))
+
+
+def test_found_inf_on_a_later_step_changes_nothing(make):
+    p = param([1.0, -3.0, 0.5])
+    opt = make([p], weight_decay=0.1, amsgrad=True, topC=2)
+    _drive(opt, p, [[1.0, 2.0, 3.0], [0.5, 0.5, 0.5], [3.0, 1.0, 0.0]])
+    before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
+    _drive(opt, p, [[9.0, 9.0, 9.0]])  # would replace a slot if it were not skipped
+    assert torch.equal(p.detach(), before[0])
+    for k, v in before[1].items():
+        assert torch.equal(opt.state[p][k], v), k
