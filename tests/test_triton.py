@@ -14,9 +14,16 @@ from cm_fused import AdamCM
 from compare import (TOLERANCE, assert_bit_identical, assert_same_state,
                      checkpoint_roundtrip, copy_params, make_params, run_lockstep, set_grads)
 
-triton_backend = pytest.importorskip("cm_fused.triton")
+try:
+    import triton  # noqa: F401
+except ImportError as e:  # the only reason to skip: no Triton at all
+    pytest.skip(f"triton is not importable ({e})", allow_module_level=True)
+
+import cm_fused.triton as triton_backend  # noqa: E402
+
+# Triton imports, so the backend must work: a kernel that fails to load (or a
+# TRITON_INTERPRET=0 without a CUDA device) fails every test, with the reason.
 REASON = triton_backend.unavailable_reason()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=f"triton backend: {REASON}")
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -29,6 +36,9 @@ SHAPES = [(), (1,), (4097,), (3, 5), (0,), (2, 33)]
 def small_chunks(monkeypatch):
     """Chunks of 1024 elements in loops of 256: 4097 elements = 5 chunks, the last one
     element long. (Interpreter cost grows with the number of programs, not their width.)"""
+    if REASON is not None:
+        pytest.fail(f"triton is importable but the triton backend is unavailable: {REASON}",
+                    pytrace=False)
     from cm_fused.triton import launch
     monkeypatch.setattr(launch, "CHUNK", 1024)
     monkeypatch.setattr(launch, "BLOCK", 256)
@@ -108,9 +118,65 @@ def test_first_step_quirk_raw_gradient_in_slot_zero_and_only_weight_decay_moves_
     dict(topC=3, critical_test=0.4),
     dict(topC=1, critical_test=1.0, synced=False),
     dict(betas=(0.6, 0.9), eps=1e-6, lr=3e-2),  # lerp's large-weight formula (1-b1 > .5)
+    dict(decay=0.0),  # every key decays to 0: exact ties, the first index is replaced
+    dict(eps=0.0, weight_decay=0.1),  # the first step must not compute 0 / (0 + 0)
 ], ids=str)
 def test_matches_reference(cfg):
     lockstep(cfg, steps=8)
+
+
+def test_long_run_matches_reference(small_chunks, monkeypatch):
+    """100 steps (keys rise and fall many times over, the buffer keeps turning over) on
+    small tensors, one of three 16-element chunks (the last one short), some gradients
+    missing, amsgrad, weight decay."""
+    monkeypatch.setattr(small_chunks, "CHUNK", 16)
+    monkeypatch.setattr(small_chunks, "BLOCK", 8)
+    lockstep(dict(amsgrad=True, weight_decay=0.05, topC=3, decay=0.9, lr=1e-2),
+             shapes=[(37,), (), (3, 5)], steps=100,
+             missing=lambda t: {0} if t % 5 == 2 else ({1, 2} if t % 7 == 3 else ()))
+
+
+def test_eps_zero_first_step_moves_p_by_weight_decay_only():
+    """SPEC: the first step's Adam update is zero; with eps=0 it is not computed as
+    0 / (0 + 0) = NaN. Later steps stay finite."""
+    params = make_params([(4097,), (3, 5), ()], device=DEVICE)
+    before = copy_params(params)
+    opt = AdamCM(params, backend="triton", eps=0.0, lr=0.1, weight_decay=0.5)
+    set_grads(params, 0, 1)
+    opt.step()
+    for p, p0 in zip(params, before):
+        assert torch.equal(p.detach(), p0.detach() * (1 - 0.1 * 0.5))
+    for t in range(1, 3):
+        set_grads(params, t, 1)
+        opt.step()
+        assert all(p.isfinite().all() for p in params)
+
+
+def test_kernels_that_fail_to_load_fail_the_tests_not_skip_them(tmp_path):
+    """With triton importable, a backend whose kernels cannot load is an error to see,
+    not a reason to skip this module: run one test of it in a subprocess where loading
+    the kernels raises."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        import pytest
+        import cm_fused.triton as t
+        def broken():
+            raise ImportError("simulated kernel load failure")
+        t._op_module = broken
+        sys.exit(pytest.main([sys.argv[1], "-q", "-p", "no:cacheprovider", "-rfEs",
+                              "-k", "test_backend_signature_is_the_reference_one"]))
+    """))
+    out = subprocess.run([sys.executable, str(script), __file__], capture_output=True,
+                         text=True, timeout=300, cwd=os.path.dirname(__file__))
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    assert ("1 error" in out.stdout or "1 failed" in out.stdout) and "skipped" not in out.stdout
+    assert "simulated kernel load failure" in out.stdout, \
+        out.stdout[-3000:]
 
 
 def test_insert_decisions_both_accept_and_reject():

@@ -93,7 +93,8 @@ def adam_cm_step(
 
     Same contract as :func:`cm_fused.reference.adam_cm_step`; params, grads and state
     must be contiguous (the optimizer sees to it) and on one CUDA device (or CPU under
-    the interpreter).
+    the interpreter), ``grad_scale`` and ``found_inf`` on that device too (the optimizer
+    moves them there; the kernels read them in place).
     """
     if not params:
         return
@@ -105,29 +106,18 @@ def adam_cm_step(
         lr_value, lr_tensor = float(lr), None
     if not amsgrad:
         max_exp_avg_sqs = []
-    if grad_scale is not None:
-        grad_scale = grad_scale.to(device)
-    if found_inf is not None:
-        found_inf = found_inf.to(device)
     if rand is not None:
         rand = rand.to(device=device, dtype=torch.float32)
-    if not torch.compiler.is_compiling():
+    args = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
+            list(max_exp_avg_sqs), list(buffers), list(keys), list(counts), list(sums),
+            list(steps), float(lr_value), lr_tensor, float(beta1), float(beta2), float(eps),
+            float(weight_decay), float(decay), float(critical_test), bool(amsgrad),
+            bool(synced), grad_scale, found_inf, rand)
+    if torch.compiler.is_compiling():
+        # Traced (torch.compile): the custom op, so that the graph sees what it mutates.
+        op.adam_cm_step_(*args)
+    else:
         # Eager: the op's kernel, called directly. Through the dispatcher, a custom op
         # with ten mutated tensor lists costs tens of microseconds per tensor of host
         # time (alias checks, version counters), ~0.5 s a step for 10,000 tensors.
-        op.launch.step(
-            dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-                 max_exp_avg_sqs=max_exp_avg_sqs, buffers=buffers, keys=keys,
-                 counts=counts, sums=sums, steps=steps),
-            lr=lr_value, lr_tensor=lr_tensor, beta1=beta1, beta2=beta2, eps=eps,
-            weight_decay=weight_decay, decay=decay, critical_test=critical_test,
-            amsgrad=amsgrad, synced=synced, grad_scale=grad_scale, found_inf=found_inf,
-            rand=rand)
-        return
-    # Traced (torch.compile): the custom op, so that the graph sees what it mutates.
-    op.adam_cm_step_(
-        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
-        list(max_exp_avg_sqs), list(buffers), list(keys), list(counts), list(sums),
-        list(steps), float(lr_value), lr_tensor, float(beta1), float(beta2), float(eps),
-        float(weight_decay), float(decay), float(critical_test), bool(amsgrad),
-        bool(synced), grad_scale, found_inf, rand)
+        op.eager_step(*args)

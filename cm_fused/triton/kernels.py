@@ -267,7 +267,8 @@ def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, vm_ptr, slot_ptr, s_ptr
     _st(m_ptr + idx, _narrow(m_new, M_DT), mask)
 
     denom = tl.div_rn(tl.sqrt_rn(v_new), sqrt_bc2) + eps
-    p_new = x - tl.div_rn(step_size * a, denom)
+    # SPEC: no Adam update on the first step (with eps == 0 it would be 0/0 = NaN)
+    p_new = tl.where(first, x, x - tl.div_rn(step_size * a, denom))
     _st(p_ptr + idx, _narrow(p_new, P_DT), mask)
 
 

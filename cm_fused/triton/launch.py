@@ -52,8 +52,18 @@ DECIDE_TB = 128
 # grad pointers is another).
 CACHE_SIZE = 32
 
+# The storage dtypes the kernels take (params, state and slots: registry.FUSED_DTYPES;
+# the optimizer refuses anything else before a step).
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
-              torch.float16: tl.float16, torch.float64: tl.float64}
+              torch.float16: tl.float16}
+
+
+def _tl_dtype(d: torch.dtype):
+    try:
+        return _TL_DTYPES[d]
+    except KeyError:
+        raise TypeError(f"the Triton kernels take float32, bfloat16 and float16 tensors, "
+                        f"got {d}") from None
 
 
 @dataclass
@@ -183,7 +193,7 @@ def _build(lists: dict, C: int, chunk: int, block: int) -> _Plan:
         buckets.append(_Bucket(
             n=n, n_chunks=nch, tab=view(3 * b), chunk_t=view(3 * b + 1),
             chunk_s=view(3 * b + 2), partials=partials[pbase:pbase + max(nch, 1)],
-            dtypes={k: (_TL_DTYPES[d] if d is not None else tl.float32)
+            dtypes={k: (_tl_dtype(d) if d is not None else tl.float32)
                     for k, d in zip(names, dts)}, aligned=aligned))
     return _Plan(
         T=T, gtab=view(3 * len(bucket_specs)), buckets=buckets, partials=partials,
