@@ -166,6 +166,10 @@ inline void update_block(const UpdateArgs& a, T* p, const T* g, T* m, T* v, T* v
   }
   IO<T>::store(m, m0, m1);
 
+  if (a.first) {  // SPEC: no Adam update on the first step (with eps == 0 it is 0/0)
+    IO<T>::store(p, x0, x1);
+    return;
+  }
   const Vec sqrt_bc2(a.sqrt_bc2), eps(a.eps), step_size(a.step_size);
   const Vec d0 = v0.sqrt() / sqrt_bc2 + eps;
   const Vec d1 = v1.sqrt() / sqrt_bc2 + eps;

@@ -75,6 +75,7 @@ CONFIGS = {
     "tensor_lr": dict(lr=torch.tensor(2e-3), weight_decay=0.05),
     "all": dict(synced=False, amsgrad=True, weight_decay=0.05, topC=3, decay=0.99,
                 critical_test=0.1, lr=1e-2, eps=1e-6),
+    "eps0": dict(eps=0.0, weight_decay=0.1),  # the first step must not compute 0 / (0 + 0)
 }
 
 
@@ -118,6 +119,87 @@ def test_several_groups_with_their_own_topc():
                                     SHAPES, STEPS, missing=some_missing)
     assert opt.state[params[0]]["cm_buffer"].shape[0] == 1
     assert opt.state[params[7]]["cm_buffer"].shape[0] == 2
+
+
+def test_eps_zero_first_step_moves_p_by_weight_decay_only():
+    """SPEC: the first step's Adam update is zero; with eps=0 the kernel must not compute
+    it as 0 / (0 + 0) = NaN (the vector body and the ragged tail alike)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        params = make_params([(4097,), (3, 5), ()], dtype=dtype)
+        before = copy_params(params)
+        opt = cpu(params, eps=0.0, lr=0.1, weight_decay=0.5)
+        set_grads(params, 0)
+        opt.step()
+        for p, p0 in zip(params, before):
+            expect = (p0.detach().float() * (1 - 0.1 * 0.5)).to(dtype)
+            assert torch.equal(p.detach(), expect), dtype
+        for t in range(1, 3):
+            set_grads(params, t)
+            opt.step()
+            assert all(p.isfinite().all() for p in params)
+
+
+# ------------------------------------------------------------ kappa == 0: torch's AdamW
+
+def _adamw_pair(model_a, model_b, **kw):
+    return (AdamCM(model_a.parameters(), kappa=0, backend="cpu", **kw),
+            torch.optim.AdamW(model_b.parameters(), fused=True, **kw))
+
+
+def _assert_adamw_identical(opt_a, params_a, opt_b, params_b, where):
+    for i, (pa, pb) in enumerate(zip(params_a, params_b)):
+        assert torch.equal(pa.detach(), pb.detach()), f"{where}: param {i}"
+        sa, sb = opt_a.state[pa], opt_b.state[pb]
+        assert sa.keys() == sb.keys(), f"{where}: param {i} state keys"
+        for key in sa:
+            assert sa[key].dtype == sb[key].dtype, f"{where}: param {i} {key} dtype"
+            assert torch.equal(sa[key], sb[key]), f"{where}: param {i} {key}"
+
+
+@pytest.mark.parametrize("kw", [dict(weight_decay=0.0), dict(weight_decay=0.1),
+                                dict(amsgrad=True, weight_decay=0.05, lr=1e-2),
+                                dict(amsgrad=True, lr=torch.tensor(3e-3))], ids=str)
+def test_kappa_zero_is_torch_fused_adamw_bit_for_bit(kw):
+    """kappa=0 through backend='cpu' (torch's fused AdamW code path): params and state
+    bit-identical to torch.optim.AdamW(fused=True) over 50 steps, missing grads too."""
+    params_a = make_params(SHAPES)
+    params_b = copy_params(params_a)
+    kw_b = {**kw, "lr": kw["lr"].clone()} if isinstance(kw.get("lr"), torch.Tensor) else kw
+    opt_a = AdamCM(params_a, kappa=0, backend="cpu", **kw)
+    opt_b = torch.optim.AdamW(params_b, fused=True, **{"weight_decay": 0.0, **kw_b})
+    for t in range(50):
+        for params, opt in ((params_a, opt_a), (params_b, opt_b)):
+            set_grads(params, t, missing=some_missing(t))
+            opt.step()
+        _assert_adamw_identical(opt_a, params_a, opt_b, params_b, f"step {t}")
+    assert opt_a.backends_in_use == {"cpu": "cpu"}
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_kappa_zero_with_grad_scaler_is_torch_fused_adamw_bit_for_bit(amsgrad):
+    """The same with a real GradScaler (grads unscaled in the fused kernel); the steps whose
+    gradients overflow are skipped by both, the scale halving alike."""
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(),
+                                  torch.nn.Linear(32, 1)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = _adamw_pair(*models, lr=1e-2, weight_decay=0.01, amsgrad=amsgrad)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=4)
+               for _ in range(2)]
+    x = torch.randn(16, 6)
+    for t in range(50):
+        for model, opt, scaler in zip(models, opts, scalers):
+            opt.zero_grad()
+            scaler.scale(model(x + 0.01 * t).pow(2).mean()).backward()
+            if t in (3, 11, 30):  # an overflowing step: skipped, the scale halves
+                next(model.parameters()).grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        _assert_adamw_identical(opts[0], list(models[0].parameters()), opts[1],
+                                list(models[1].parameters()), f"step {t}")
+    # three skipped steps: the step counts say so
+    assert all(s["step"].item() == 47 for s in opts[0].state.values())
 
 
 def test_auto_picks_the_cpu_backend_without_a_warning():
@@ -216,6 +298,15 @@ def test_real_amp_grad_scaler_matches_reference():
 def test_save_load_midway_continues_bit_identically(cfg, dtype):
     a, b = checkpoint_roundtrip(lambda ps: cpu(ps, lr=1e-2, **cfg), SHAPES, 9, 11,
                                 dtype=dtype, missing=lambda t: {1} if t == 10 else ())
+    assert_bit_identical(*a, *b)
+    assert b[0].backends_in_use == {"cpu": "cpu"}
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(amsgrad=True, weight_decay=0.1, synced=False,
+                                               buffer_dtype=torch.bfloat16)], ids=str)
+def test_checkpoint_with_map_location_cpu_continues_bit_identically(cfg):
+    a, b = checkpoint_roundtrip(lambda ps: cpu(ps, lr=1e-2, **cfg), SHAPES, 6, 6,
+                                map_location="cpu", missing=lambda t: {2} if t == 7 else ())
     assert_bit_identical(*a, *b)
     assert b[0].backends_in_use == {"cpu": "cpu"}
 
@@ -374,6 +465,36 @@ def test_broken_or_foreign_prebuilt_falls_back_with_a_reason(tmp_path, kind):
     assert expect in lines["REASON"] and "CM_FUSED_NO_JIT" in lines["REASON"]
     assert lines["AUTO"] == "{'cpu': 'reference'} 1"
     assert "backend='cpu' cannot step" in lines["EXPLICIT"] and expect in lines["EXPLICIT"]
+
+
+@pytest.mark.parametrize("require", [False, True])
+def test_require_ext_fails_this_module_instead_of_skipping_it(tmp_path, require):
+    """With the extension unloadable (no prebuilt, no JIT), this module skips, unless
+    CM_FUSED_REQUIRE_EXT=1 (as CI sets it): then it fails, with the reason."""
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent("""
+        import importlib.util, sys
+        real_find_spec = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a, **k: (
+            None if name == "cm_fused._C" else real_find_spec(name, *a, **k))
+        import pytest
+        sys.exit(pytest.main([sys.argv[1], "-q", "-p", "no:cacheprovider", "-rs",
+                              "-k", "test_kernel_build_matches_this_cpu"]))
+    """))
+    env = {**os.environ, "CM_FUSED_NO_JIT": "1"}
+    env.pop("CM_FUSED_REQUIRE_EXT", None)
+    if require:
+        env["CM_FUSED_REQUIRE_EXT"] = "1"
+    out = subprocess.run([sys.executable, str(script), __file__], env=env,
+                         capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(__file__))
+    log = out.stdout[-3000:] + out.stderr[-3000:]
+    if require:
+        assert out.returncode not in (0, 5), log
+        assert "CM_FUSED_REQUIRE_EXT=1 but" in out.stdout and "skipped" not in out.stdout, log
+    else:
+        assert out.returncode in (0, 5) and "1 skipped" in out.stdout, log  # 5: none ran
+        assert "CM_FUSED_NO_JIT" in out.stdout, log
 
 
 def test_the_loaded_library_was_built_for_this_torch():
