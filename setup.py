@@ -81,7 +81,8 @@ setup(
     description="Adam with Critical Momenta for PyTorch: fused C++ CPU and Triton CUDA steps",
     packages=find_packages(include=["cm_fused", "cm_fused.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
+    # 2.7: torch.optim.adam(decoupled_weight_decay=...), which kappa=0 steps call
+    install_requires=["torch>=2.7"],
     extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "hypothesis"]},
     ext_modules=ext_modules,
     cmdclass={"build_py": build_py_with_csrc, **cmdclass},

@@ -11,8 +11,9 @@ import torch
 
 import cm_fused
 from cm_fused import AdamCM
-from compare import (TOLERANCE, assert_bit_identical, assert_same_state,
-                     checkpoint_roundtrip, copy_params, make_params, run_lockstep, set_grads)
+from compare import (TOLERANCE, assert_bit_identical, assert_same_state, assert_unchanged,
+                     checkpoint_roundtrip, copy_params, make_params, run_lockstep, set_grads,
+                     snapshot)
 
 try:
     import triton  # noqa: F401
@@ -56,22 +57,6 @@ def ref(**kw):
 def lockstep(cfg, shapes=SHAPES, steps=12, dtype=torch.float32, **kw):
     return run_lockstep(tri(**cfg), ref(**cfg), shapes, steps, dtype=dtype, device=DEVICE,
                         **kw)
-
-
-def snapshot(opt, params):
-    return ([p.detach().clone() for p in params],
-            {i: {k: v.clone() for k, v in opt.state[p].items()}
-             for i, p in enumerate(params) if p in opt.state})
-
-
-def assert_unchanged(opt, params, snap):
-    values, state = snap
-    for i, (p, v) in enumerate(zip(params, values)):
-        assert torch.equal(p.detach(), v), f"param {i} changed"
-    for i, s in state.items():
-        assert opt.state[params[i]].keys() == s.keys()
-        for k, v in s.items():
-            assert torch.equal(opt.state[params[i]][k], v), f"param {i} {k} changed"
 
 
 # ------------------------------------------------------------ backend interface
