@@ -222,7 +222,10 @@ class AdamCM(torch.optim.Optimizer):
             exp_avg_sqs=[s["exp_avg_sq"] for s in states],
             max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
         )
-        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+        lr = group["lr"]
+        if isinstance(lr, Tensor):  # once here, so no backend copies it on every use
+            lr = lr.to(device, non_blocking=True)
+        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                      weight_decay=group["weight_decay"], amsgrad=group["amsgrad"])
         steps = [s["step"] for s in states]
         if group["kappa"] == 0:

@@ -21,14 +21,11 @@ def unscaled(grad: Tensor, grad_scale: Tensor | None) -> Tensor:
     return g if grad_scale is None else g / grad_scale.to(g.dtype)
 
 
-def gradient_keys(grads: list[Tensor], grad_scale: Tensor | None, synced: bool) -> Tensor:
-    """One fp32 priority key per tensor: its own L2 norm, or (synced) the sum of all norms.
-
-    The synced key is a sum of per-tensor norms, not the global norm (SPEC quirk).
-    """
-    norms = torch.stack(
-        [torch.linalg.vector_norm(unscaled(g, grad_scale)).float() for g in grads]
-    )
+def gradient_keys(grads: list[Tensor], synced: bool) -> Tensor:
+    """One fp32 priority key per (unscaled) gradient: its own L2 norm, or (synced) the sum
+    of all norms. The synced key is a sum of per-tensor norms, not the global norm (SPEC
+    quirk)."""
+    norms = torch.stack([torch.linalg.vector_norm(g).float() for g in grads])
     return norms.sum().expand(len(grads)) if synced else norms
 
 
@@ -71,10 +68,11 @@ def adam_cm_step(
         return
     # found_inf set: the step is computed, and every write keeps the old value instead.
     keep = None if found_inf is None else found_inf.to(params[0].device) != 0
-    norms = gradient_keys(grads, grad_scale, synced)
+    grads = [unscaled(g, grad_scale) for g in grads]
+    norms = gradient_keys(grads, synced)
     for i, p in enumerate(params):
         _one_tensor(
-            p, unscaled(grads[i], grad_scale), exp_avgs[i], exp_avg_sqs[i],
+            p, grads[i], exp_avgs[i], exp_avg_sqs[i],
             max_exp_avg_sqs[i] if amsgrad else None, buffers[i], keys[i], counts[i],
             sums[i], steps[i], norms[i],
             None if rand is None else rand[i] < critical_test, keep,

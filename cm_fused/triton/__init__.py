@@ -93,21 +93,16 @@ def adam_cm_step(
 
     Same contract as :func:`cm_fused.reference.adam_cm_step`; params, grads and state
     must be contiguous (the optimizer sees to it) and on one CUDA device (or CPU under
-    the interpreter), ``grad_scale`` and ``found_inf`` on that device too (the optimizer
-    moves them there; the kernels read them in place).
+    the interpreter); a tensor ``lr``, ``grad_scale``, ``found_inf`` and ``rand`` (fp32)
+    on that device too (the optimizer puts them there; the kernels read them in place).
     """
     if not params:
         return
     op = _op_module()
-    device = params[0].device
     if isinstance(lr, Tensor):
-        lr_value, lr_tensor = 0.0, lr.to(device)
+        lr_value, lr_tensor = 0.0, lr
     else:
         lr_value, lr_tensor = float(lr), None
-    if not amsgrad:
-        max_exp_avg_sqs = []
-    if rand is not None:
-        rand = rand.to(device=device, dtype=torch.float32)
     args = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
             list(max_exp_avg_sqs), list(buffers), list(keys), list(counts), list(sums),
             list(steps), float(lr_value), lr_tensor, float(beta1), float(beta2), float(eps),

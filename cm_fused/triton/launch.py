@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import operator
+import struct
 from dataclasses import dataclass, field
 
 import torch
@@ -224,11 +225,19 @@ def plan_for(lists: dict, C: int, chunk: int, block: int) -> _Plan:
 launch_log: list | None = None
 
 
+def _fp32(x: float) -> float:
+    return _F32.unpack(_F32.pack(x))[0]
+
+
+_F32 = struct.Struct("f")
+
+
 def _split(x: float) -> tuple[float, float]:
     """A float as two fp32 halves whose fp64 sum is x to ~48 bits (Triton passes Python
-    floats as fp32; the bias corrections and lr / bc1 need fp64, as the reference)."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
+    floats as fp32; the bias corrections and lr / bc1 need fp64, as the reference).
+    Rounded with struct, not torch.tensor: no allocation per launch."""
+    hi = _fp32(x)
+    return hi, _fp32(x - hi)
 
 
 def _launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int) -> None:
