@@ -175,29 +175,40 @@ def test_kappa_zero_is_torch_fused_adamw_bit_for_bit(kw):
     assert opt_a.backends_in_use == {"cpu": "cpu"}
 
 
-@pytest.mark.parametrize("amsgrad", [False, True])
-def test_kappa_zero_with_grad_scaler_is_torch_fused_adamw_bit_for_bit(amsgrad):
-    """The same with a real GradScaler (grads unscaled in the fused kernel); the steps whose
-    gradients overflow are skipped by both, the scale halving alike."""
+def _scaler_lockstep(make_opts, steps, overflow_at):
+    """Two identical small models, each with its optimizer (``make_opts(model_a, model_b)``)
+    and its own GradScaler, stepped on the same data; at the steps in ``overflow_at`` a
+    gradient overflows (the step is skipped, the scale halves). Yields
+    ``(t, (params_a, params_b), opts, scalers)`` after every step."""
     torch.manual_seed(0)
     models = [torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(),
                                   torch.nn.Linear(32, 1)) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    opts = _adamw_pair(*models, lr=1e-2, weight_decay=0.01, amsgrad=amsgrad)
+    opts = make_opts(*models)
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=4)
                for _ in range(2)]
     x = torch.randn(16, 6)
-    for t in range(50):
+    for t in range(steps):
         for model, opt, scaler in zip(models, opts, scalers):
             opt.zero_grad()
             scaler.scale(model(x + 0.01 * t).pow(2).mean()).backward()
-            if t in (3, 11, 30):  # an overflowing step: skipped, the scale halves
+            if t in overflow_at:
                 next(model.parameters()).grad[0, 0] = float("inf")
             scaler.step(opt)
             scaler.update()
+        yield t, tuple(list(m.parameters()) for m in models), opts, scalers
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_kappa_zero_with_grad_scaler_is_torch_fused_adamw_bit_for_bit(amsgrad):
+    """The same with a real GradScaler (grads unscaled in the fused kernel); the steps whose
+    gradients overflow are skipped by both, the scale halving alike."""
+    runs = _scaler_lockstep(
+        lambda a, b: _adamw_pair(a, b, lr=1e-2, weight_decay=0.01, amsgrad=amsgrad),
+        steps=50, overflow_at=(3, 11, 30))
+    for t, (params_a, params_b), opts, scalers in runs:
         assert scalers[0].get_scale() == scalers[1].get_scale()
-        _assert_adamw_identical(opts[0], list(models[0].parameters()), opts[1],
-                                list(models[1].parameters()), f"step {t}")
+        _assert_adamw_identical(opts[0], params_a, opts[1], params_b, f"step {t}")
     # three skipped steps: the step counts say so
     assert all(s["step"].item() == 47 for s in opts[0].state.values())
 
@@ -266,26 +277,13 @@ def test_found_inf_leaves_everything_bit_identical(cfg):
 
 
 def test_real_amp_grad_scaler_matches_reference():
-    torch.manual_seed(0)
-    models = [torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(),
-                                  torch.nn.Linear(32, 1)) for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    opts = [cpu(models[0].parameters(), lr=1e-2, weight_decay=0.01),
-            ref(models[1].parameters(), lr=1e-2, weight_decay=0.01)]
-    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=4)
-               for _ in range(2)]
-    x = torch.randn(16, 6)
-    for t in range(30):
-        for model, opt, scaler in zip(models, opts, scalers):
-            opt.zero_grad()
-            scaler.scale(model(x + 0.01 * t).pow(2).mean()).backward()
-            if t in (3, 11):  # an overflowing step: skipped, the scale halves
-                next(model.parameters()).grad[0, 0] = float("inf")
-            scaler.step(opt)
-            scaler.update()
+    runs = _scaler_lockstep(
+        lambda a, b: [cpu(a.parameters(), lr=1e-2, weight_decay=0.01),
+                      ref(b.parameters(), lr=1e-2, weight_decay=0.01)],
+        steps=30, overflow_at=(3, 11))
+    for t, (params_a, params_b), opts, scalers in runs:
         assert scalers[0].get_scale() == scalers[1].get_scale()
-        assert_same_state(opts[0], list(models[0].parameters()), opts[1],
-                          list(models[1].parameters()), torch.float32, f"step {t}")
+        assert_same_state(opts[0], params_a, opts[1], params_b, torch.float32, f"step {t}")
     assert opts[0].backends_in_use == {"cpu": "cpu"}
 
 
