@@ -22,6 +22,7 @@ import torch
 
 import cm_fused
 from cm_fused import registry
+from cm_fused.optimizer import sum_dtype
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -61,8 +62,8 @@ def bytes_per_step(kind: str, numel: int, param_dtype: torch.dtype,
         return numel * 7 * p
     if kind != "cm":
         raise ValueError(f"unknown kind {kind!r}")
-    slot = (buffer_dtype or param_dtype).itemsize
-    s = max(slot, 4)  # S is fp32 whenever the slots are narrower (SPEC, Precision)
+    slot_dtype = buffer_dtype or param_dtype
+    slot, s = slot_dtype.itemsize, sum_dtype(slot_dtype).itemsize
     per = 8 * p + s + ((s + 2 * slot) if replaced else 0)
     return numel * per
 
@@ -264,8 +265,8 @@ def state_bytes(kind: str, numel: int, dtype: torch.dtype, buffer_dtype, topC: i
     p = dtype.itemsize
     if kind == "adamw":
         return numel * 3 * p
-    slot = (buffer_dtype or dtype).itemsize
-    return numel * (3 * p + max(slot, 4) + topC * slot)  # p, m, v; S; B
+    slot_dtype = buffer_dtype or dtype
+    return numel * (3 * p + sum_dtype(slot_dtype).itemsize + topC * slot_dtype.itemsize)
 
 
 def copy_bandwidth(device: torch.device, reps: int = 20) -> float:
