@@ -22,7 +22,7 @@ import torch
 
 import cm_fused
 from cm_fused import registry
-from cm_fused.optimizer import sum_dtype
+from cm_fused.contract import sum_dtype
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}

@@ -1,12 +1,13 @@
-"""cm_fused: Adam with Critical Momenta (Adam+CM) for PyTorch, fused.
+"""cm_fused: critical-momenta and critical-gradients optimizers for PyTorch, fused.
 
-Importing never fails for lack of the C++ extension or of Triton: those backends report
-why they are unavailable through :func:`backends`, and ``backend="auto"`` falls back.
+``AdamCM`` (Adam with Critical Momenta) and the critical-gradients family ``AdamCG``,
+``SGDCG``, also importable under the authors' names (``Adam_CM``, ``Adam_C``,
+``SGD_C``). Importing never fails for lack of the C++
+extension or of Triton: those backends report why they are unavailable through
+:func:`backends`, and ``backend="auto"`` falls back.
 """
 from .registry import backends
-from .optimizer import AdamCM
+from .optimizers import AdamCG, AdamCM, Adam_C, Adam_CM, SGD_C, SGDCG
 
-Adam_CM = AdamCM  # the authors' class name, so switching is a one-line change
-
-__all__ = ["AdamCM", "Adam_CM", "backends"]
-__version__ = "0.1.0"
+__all__ = ["AdamCM", "AdamCG", "SGDCG", "Adam_CM", "Adam_C", "SGD_C", "backends"]
+__version__ = "0.2.0"

@@ -1,7 +1,9 @@
 """The C++ CPU backend: finds, checks and loads the extension, and calls its op.
 
-The op ``cm_fused::adam_cm_step_`` (csrc/adam_cm.cpp) is the kappa > 0 step of
-shared/SPEC.md over all tensors of a group. Where it comes from, in order:
+The op ``cm_fused::step_`` is the kappa > 0 step of docs/SPEC.md over all tensors of a
+group, for every variant. Its schema is defined here from
+:class:`cm_fused.contract.StepArgs`; the extension (csrc/step.cpp) registers the CPU
+kernel for it. Where the kernel comes from, in order:
 
 1. already registered in this process (loaded by an earlier call, or by the user);
 2. the prebuilt ``cm_fused/_C*.so`` that ``pip install`` compiled, if it was built
@@ -22,11 +24,10 @@ import threading
 from pathlib import Path
 
 import torch
-from torch import Tensor
-
+from .contract import StepArgs, define_op
 from .registry import FUSED_DTYPES
 
-OP = "cm_fused::adam_cm_step_"
+OP = "cm_fused::step_"
 _TAG = b"CM_FUSED_BUILT_WITH_TORCH="
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -40,7 +41,7 @@ _status: dict = {"done": False, "reason": None, "source": None, "path": None}
 def source_dir() -> Path | None:
     """The C++ sources: shipped in the package (wheel), or the repository's csrc/."""
     for d in (_PACKAGE_DIR / "csrc", _PACKAGE_DIR.parent / "csrc"):
-        if (d / "adam_cm.cpp").is_file() and (d / "build.json").is_file():
+        if (d / "step.cpp").is_file() and (d / "build.json").is_file():
             return d
     return None
 
@@ -48,7 +49,7 @@ def source_dir() -> Path | None:
 def build_flags(csrc: Path) -> tuple[list[str], list[str]]:
     """(compile flags, link flags) of the extension, shared with setup.py."""
     spec = json.loads((csrc / "build.json").read_text())
-    # Unquoted: quotes do not survive every build tool; adam_cm.cpp stringizes it.
+    # Unquoted: quotes do not survive every build tool; step.cpp stringizes it.
     version = f"-DCM_FUSED_TORCH_VERSION={torch.__version__}"
     return [*spec["cflags"], version], list(spec["ldflags"])
 
@@ -65,10 +66,9 @@ def build_tag(path: str | os.PathLike) -> str | None:
 
 
 def _registered() -> bool:
-    try:  # the lookup raises (AttributeError/RuntimeError) while the op is not registered
-        return hasattr(torch.ops.cm_fused, "adam_cm_step_")
-    except Exception:  # noqa: BLE001
-        return False
+    """Whether a CPU kernel for the op is registered in this process."""
+    define_op(OP)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU")
 
 
 def _load_prebuilt() -> str | None:
@@ -123,20 +123,6 @@ def _summary(log: str, keep: int = 4) -> str:
     return " | ".join(ln[:200] for ln in (telling or lines)[-keep:])
 
 
-def _register_fake() -> None:
-    """The meta/fake implementation: the op mutates its inputs and returns nothing."""
-    if getattr(_register_fake, "done", False):
-        return
-
-    @torch.library.register_fake(OP)
-    def _fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, buffers, keys, counts,
-              sums, steps, lr, lr_tensor, beta1, beta2, eps, weight_decay, decay,
-              critical_test, amsgrad, synced, grad_scale, found_inf, rand):
-        return None
-
-    _register_fake.done = True
-
-
 def load() -> str | None:
     """Make the op available (once per process); None if it is, else the reason."""
     with _lock:
@@ -156,8 +142,6 @@ def load() -> str | None:
                     reasons.append(why)
             if _status["source"] is None:
                 _status["reason"] = "the C++ extension is unavailable: " + "; ".join(reasons)
-            else:
-                _register_fake()
             _status["done"] = True
         return _status["reason"]
 
@@ -192,45 +176,13 @@ def unsupported_reason(device: torch.device, dtypes: set[torch.dtype]) -> str | 
     return None
 
 
-def adam_cm_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    buffers: list[Tensor],
-    keys: list[Tensor],
-    counts: list[Tensor],
-    sums: list[Tensor],
-    steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decay: float,
-    critical_test: float,
-    amsgrad: bool,
-    synced: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    rand: Tensor | None = None,
-) -> None:
-    """One Adam+CM step (kappa > 0) over the tensors of one param group, in place.
-
-    Same contract as :func:`cm_fused.reference.adam_cm_step`; params and grads must be
-    contiguous (the optimizer passes contiguous copies of strided ones).
-    """
-    if not params:
+def step(args: StepArgs) -> None:
+    """One step (kappa > 0) of one param group, in place (see cm_fused.contract.StepArgs);
+    params and grads must be contiguous (the optimizer passes contiguous copies of
+    strided ones)."""
+    if not args.params:
         return
     reason = load()
     if reason:
         raise RuntimeError(reason)
-    lr_tensor = lr if isinstance(lr, Tensor) else None
-    torch.ops.cm_fused.adam_cm_step_(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [],
-        buffers, keys, counts, sums, steps,
-        0.0 if lr_tensor is not None else float(lr), lr_tensor,
-        float(beta1), float(beta2), float(eps), float(weight_decay), float(decay),
-        float(critical_test), bool(amsgrad), bool(synced), grad_scale, found_inf, rand)
+    torch.ops.cm_fused.step_(*args.op_args())

@@ -1,14 +1,21 @@
-"""The reference backend: shared/SPEC.md written as plain PyTorch, one tensor at a time.
+"""The reference backend: docs/SPEC.md written as plain PyTorch, one tensor at a time.
 
 This is the oracle every fused backend is tested against, so it favours being obviously
 right over being fast. Two rules keep it usable on a GPU as well: no ``.item()`` and no
 Python branch on a device value (device-side conditions go through ``torch.where``), so a
-step never waits on the host.
+step never waits on the host. Python branches on the variant and on hyperparameters are
+fine: those are host values.
+
+One step is the same three parts for every variant: the keys (:func:`gradient_keys`),
+the insert decision (:func:`decide` and :func:`insert`, shared), and the variant's
+update (:func:`_one_tensor`).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .contract import StepArgs, Variant
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,47 +45,26 @@ def unsupported_reason(device: torch.device, dtypes: set[torch.dtype]) -> str | 
     return f"parameters must be floating point, got {', '.join(bad)}" if bad else None
 
 
-def adam_cm_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    buffers: list[Tensor],
-    keys: list[Tensor],
-    counts: list[Tensor],
-    sums: list[Tensor],
-    steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decay: float,
-    critical_test: float,
-    amsgrad: bool,
-    synced: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    rand: Tensor | None = None,
-) -> None:
-    """One Adam+CM step (kappa > 0) over the tensors of one param group, in place."""
-    if not params:
+def step(args: StepArgs) -> None:
+    """One step (kappa > 0) over the tensors of one param group, in place."""
+    if not args.params:
         return
     # found_inf set: the step is computed, and every write keeps the old value instead.
-    keep = None if found_inf is None else found_inf.to(params[0].device) != 0
-    grads = [unscaled(g, grad_scale) for g in grads]
-    norms = gradient_keys(grads, synced)
-    for i, p in enumerate(params):
-        _one_tensor(
-            p, grads[i], exp_avgs[i], exp_avg_sqs[i],
-            max_exp_avg_sqs[i] if amsgrad else None, buffers[i], keys[i], counts[i],
-            sums[i], steps[i], norms[i],
-            None if rand is None else rand[i] < critical_test, keep,
-            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-            decay=decay,
-        )
+    keep = None if args.found_inf is None else args.found_inf.to(args.params[0].device) != 0
+    grads = [unscaled(g, args.grad_scale) for g in args.grads]
+    norms = gradient_keys(grads, args.synced)
+    lr = args.lr if args.lr_tensor is None else args.lr_tensor
+
+    def role(tensors: list[Tensor], i: int) -> Tensor | None:
+        return tensors[i] if tensors else None
+
+    for i, p in enumerate(args.params):
+        lucky = None if args.rand is None else args.rand[i] < args.critical_test
+        first, j, replace, k_before = decide(args.keys[i], args.counts[i], norms[i], lucky,
+                                             keep, args.key_decay)
+        _one_tensor(Variant(args.variant), args, lr, keep, first, j, replace, k_before, p,
+                    grads[i], role(args.momenta, i), role(args.second_moments, i),
+                    role(args.extras, i), args.buffers[i], args.sums[i], args.steps[i])
 
 
 def _commit(dst: Tensor, new: Tensor, keep: Tensor | None) -> None:
@@ -86,24 +72,15 @@ def _commit(dst: Tensor, new: Tensor, keep: Tensor | None) -> None:
     dst.copy_(new if keep is None else torch.where(keep, dst, new))
 
 
-def _one_tensor(p, g, m, v, v_max, B, K, k, S, step, n, lucky, keep, *, lr, beta1, beta2,
-                eps, weight_decay, decay):
-    cdt = compute_dtype(p.dtype)
-    C = B.shape[0]
-    first = k == 0  # fresh state (SPEC "first step"): a device value, so torch.where below
-
-    x = p.to(cdt)
-    if weight_decay != 0:
-        x = x * (1 - lr * weight_decay)
-
-    m_new = torch.where(first, torch.zeros_like(g), m.to(cdt).lerp(g, 1 - beta1))
-    # The aggregate uses the buffer as it was before this step's insert.
-    mean = S.to(cdt) / k.clamp(min=1).to(cdt)
-    a = torch.where(first, torch.zeros_like(g), m_new + mean)
-
-    # Insert: the raw gradient on the first step (SPEC quirk), the momentum afterwards.
-    # Unfilled slots hold zeros, so "S - B[j] + new" also covers filling a free slot.
-    new_slot = torch.where(first, g, m_new).to(B.dtype)
+def decide(K: Tensor, k: Tensor, n: Tensor, lucky: Tensor | None, keep: Tensor | None,
+           key_decay: float):
+    """The insert rule, shared by every variant: fill while ``k < C``; then replace the
+    first-index argmin of the keys when ``n`` beats it strictly (or on a lucky coin).
+    Writes the keys (the new one at slot j, then all decayed) and the fill count, unless
+    the step is skipped. Returns (first step?, slot j, replace?, k before the insert, at
+    least 1), all device values."""
+    C = K.shape[0]
+    first = k == 0  # fresh state (SPEC "first step"): a device value, so torch.where
     full = k >= C
     j_min = torch.argmin(K)  # first index on ties
     j = torch.where(full, j_min, k.clamp(max=C - 1)).view(1)
@@ -112,28 +89,78 @@ def _one_tensor(p, g, m, v, v_max, B, K, k, S, step, n, lucky, keep, *, lr, beta
         replace = replace | lucky
     if keep is not None:
         replace = replace & ~keep
-    old_slot = B.index_select(0, j)[0]
-    S_new = S - old_slot.to(S.dtype) + new_slot.to(S.dtype)  # S is fp32 or wider
-    S.copy_(torch.where(replace, S_new, S))
-    B.index_copy_(0, j, torch.where(replace, new_slot, old_slot).unsqueeze(0))
+    k_before = k.clamp(min=1)
     K_written = K.index_copy(0, j, torch.where(replace, n, K.index_select(0, j)[0]).view(1))
-    _commit(K, K_written * decay, keep)  # every key decays, the one just written too
+    _commit(K, K_written * key_decay, keep)  # every key decays, the one just written too
     k.copy_(torch.where(replace & ~full, k + 1, k))
+    return first, j, replace, k_before
 
-    # v tracks the aggregate, not the gradient.
-    v_new = v.to(cdt) * beta2 + (1 - beta2) * a * a
-    _commit(v, v_new, keep)
-    if v_max is not None:
-        v_new = torch.maximum(v_max.to(cdt), v_new)
-        _commit(v_max, v_new, keep)
-    _commit(m, m_new, keep)
+
+def insert(B: Tensor, S: Tensor, j: Tensor, replace: Tensor, new: Tensor) -> None:
+    """``S ← S − B[j]``, ``B[j] ← new`` (rounded to the slot dtype), ``S ← S + B[j]``
+    where ``replace``. Unfilled slots hold zeros, so this also fills a free slot."""
+    new = new.to(B.dtype)
+    old = B.index_select(0, j)[0]
+    S_new = S - old.to(S.dtype) + new.to(S.dtype)  # S is fp32 or wider
+    S.copy_(torch.where(replace, S_new, S))
+    B.index_copy_(0, j, torch.where(replace, new, old).unsqueeze(0))
+
+
+def _one_tensor(variant, a: StepArgs, lr, keep, first, j, replace, k_before, p, g, mom, sq,
+                extra, B, S, step):
+    cdt = compute_dtype(p.dtype)
+    x = p.to(cdt)
+    zero = torch.zeros_like(g)
+    mean = S.to(cdt) / k_before.to(cdt)  # the buffer as it was before this step's insert
+    wd = a.weight_decay
+
+    # ---- the direction u the base rule takes, and the value inserted into the buffer
+    if variant == Variant.ADAM_CM:
+        if wd != 0:  # decoupled (AdamW)
+            x = x * (1 - lr * wd)
+        m_new = torch.where(first, zero, mom.to(cdt).lerp(g, 1 - a.beta1))
+        u = torch.where(first, zero, m_new + mean)  # the aggregate
+        new = torch.where(first, g, m_new)  # SPEC quirk: the first slot is the raw gradient
+    elif variant == Variant.SGD_CG:
+        d = g + wd * x if wd != 0 else g  # the stored value includes weight decay (quirk)
+        u = torch.where(first, d, d + mean)
+        new = d
+    else:  # ADAM_CG
+        u = torch.where(first, g, g + mean)
+        if wd != 0:  # coupled L2, after the aggregate
+            u = u + wd * x
+        new = g
+    insert(B, S, j, replace, new)
 
     step_new = step + 1
     _commit(step, step_new, keep)
-    # Bias corrections in fp64: in fp32, 1 - beta2**step loses ~1e-5 to cancellation.
-    bc1 = 1 - beta1 ** step_new.double()
-    bc2 = 1 - beta2 ** step_new.double()
-    denom = v_new.sqrt() / bc2.sqrt().to(cdt) + eps
-    # The first step's update is zero by definition (m = 0), also when eps = 0 makes it 0/0.
-    x_new = torch.where(first, x, x - (lr / bc1).to(cdt) * a / denom)
+
+    # ---- the base rule
+    if variant in (Variant.ADAM_CM, Variant.ADAM_CG):
+        if variant == Variant.ADAM_CM:
+            m_new, num = m_new, u  # m stays the plain momentum; the aggregate moves p
+        else:
+            m_new = mom.to(cdt).lerp(u, 1 - a.beta1)
+            num = m_new
+        _commit(mom, m_new, keep)
+        v_new = sq.to(cdt) * a.beta2 + (1 - a.beta2) * u * u  # CM: v tracks the aggregate
+        _commit(sq, v_new, keep)
+        if extra is not None:  # amsgrad
+            v_new = torch.maximum(extra.to(cdt), v_new)
+            _commit(extra, v_new, keep)
+        # Bias corrections in fp64: in fp32, 1 - beta2**step loses ~1e-5 to cancellation.
+        bc1 = 1 - a.beta1 ** step_new.double()
+        bc2 = 1 - a.beta2 ** step_new.double()
+        denom = v_new.sqrt() / bc2.sqrt().to(cdt) + a.eps
+        x_new = x - (lr / bc1).to(cdt) * num / denom
+        if variant == Variant.ADAM_CM:
+            # The first step's update is zero by definition (m = 0), also when eps = 0
+            # makes it 0/0.
+            x_new = torch.where(first, x, x_new)
+    else:  # SGD_CG
+        if mom is not None:  # the first momentum step copies d
+            buf = torch.where(first, u, mom.to(cdt) * a.beta1 + (1 - a.dampening) * u)
+            _commit(mom, buf, keep)
+            u = buf
+        x_new = x - lr * u
     _commit(p, x_new, keep)

@@ -6,8 +6,8 @@ A backend is a module with three functions:
   (no extension, no Triton, ...), or None;
 - ``unsupported_reason(device, dtypes) -> str | None``: why it cannot take tensors of that
   device and those dtypes, or None;
-- ``adam_cm_step(...)``: the kappa > 0 step, with the signature of
-  :func:`cm_fused.reference.adam_cm_step`.
+- ``step(args)``: the kappa > 0 step of one param group, from a
+  :class:`cm_fused.contract.StepArgs` (the one declaration of its inputs).
 """
 from __future__ import annotations
 

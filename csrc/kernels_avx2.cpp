@@ -1,4 +1,4 @@
-// The Adam+CM kernels built for AVX2+FMA+F16C, picked at run time (adam_cm.cpp: kernels())
+// The step kernels built for AVX2+FMA+F16C, picked at run time (step.cpp: kernels())
 // only on CPUs that have them, so the extension stays loadable on any x86-64 CPU.
 //
 // The file is compiled for that target with a pragma rather than per-file flags
@@ -6,7 +6,7 @@
 // included first, outside the pragma, so inline functions this file shares with the
 // other files keep baseline code; at::vec and the kernels land in namespaces of their
 // own (at::vec::AVX2, cm_fused::AVX2).
-#include "adam_cm.h"
+#include "step.h"
 
 // -DCM_FUSED_NO_AVX2_TU leaves the AVX2 build out (to measure the DEFAULT kernels).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CM_FUSED_NO_AVX2_TU)
@@ -58,7 +58,7 @@
 
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
-#include "adam_cm_kernels.h"
+#include "step_kernels.h"
 #ifdef __clang__
 #pragma clang attribute pop
 #else

@@ -1,5 +1,5 @@
 """Lock-step comparison of two optimizers on identical problems: the tool every backend
-test uses against the reference (and the reference against torch.optim.AdamW)."""
+test uses against the reference (and the reference against torch's optimizers)."""
 from __future__ import annotations
 
 import torch
@@ -136,3 +136,29 @@ def assert_unchanged(opt, params, snap):
         assert opt.state[params[i]].keys() == s.keys(), f"param {i}: state keys changed"
         for k, v in s.items():
             assert torch.equal(opt.state[params[i]][k], v), f"param {i} {k} changed"
+
+
+def scaler_lockstep(make_opts, steps, overflow_at, device="cpu"):
+    """Two identical small models, each with its optimizer (``make_opts(params_a,
+    params_b)``) and its own torch.amp.GradScaler, stepped on the same data; at the steps
+    in ``overflow_at`` a gradient overflows (the step is skipped, the scale halves).
+    Yields ``(t, (params_a, params_b), opts, scalers)`` after every step."""
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(),
+                                  torch.nn.Linear(32, 1)).to(device) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    params = [list(m.parameters()) for m in models]
+    opts = make_opts(*params)
+    scalers = [torch.amp.GradScaler(device, init_scale=2.0 ** 12, growth_interval=4)
+               for _ in range(2)]
+    x = torch.randn(16, 6, device=device)
+    for t in range(steps):
+        for model, opt, scaler in zip(models, opts, scalers):
+            opt.zero_grad()
+            scaler.scale(model(x + 0.01 * t).pow(2).mean()).backward()
+            if t in overflow_at:
+                next(model.parameters()).grad[0, 0] = float("inf")
+            torch.manual_seed(t)  # critical_test draws: the same for both optimizers
+            scaler.step(opt)
+            scaler.update()
+        yield t, tuple(params), opts, scalers

@@ -1,8 +1,12 @@
-"""An independent transcription of shared/SPEC.md, for testing the reference backend.
+"""Independent transcriptions of docs/SPEC.md, for testing the reference backend.
 
 Written the other way round from cm_fused/reference.py on purpose: float64, host-side
-Python branches, per-slot Python lists, no torch.where. If both agree over long runs, the
-reference computes what SPEC.md says (and not merely what its author meant).
+Python branches, per-slot Python lists, no torch.where, one class per optimizer. If the
+reference agrees with these over long runs, it computes what the SPEC says (and not
+merely what its author meant).
+
+``step(rand=None)``: ``rand`` holds the critical_test coin draws of this step, one per
+tensor with a gradient (the tests draw them as the optimizer does).
 """
 from __future__ import annotations
 
@@ -11,26 +15,65 @@ import math
 import torch
 
 
-class SpecAdamCM:
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, topC=5, decay=0.7, synced=True):
+class Buffer:
+    """Up to C slots with priority keys: fill, then replace the smallest key (first on
+    ties) when the new key is strictly larger or the coin says so."""
+
+    def __init__(self, C):
+        self.C, self.slots, self.keys = C, [], []
+        self.total = None  # S, the running sum, updated as SPEC says (not re-summed)
+
+    def mean(self):
+        return self.total / len(self.slots)
+
+    def insert(self, key, value, lucky=False):
+        value = value.clone()
+        if len(self.slots) < self.C:
+            self.slots.append(value)
+            self.keys.append(key)
+            self.total = value.clone() if self.total is None else self.total + value
+            return
+        j = min(range(self.C), key=lambda s: (self.keys[s], s))
+        if lucky or key > self.keys[j]:
+            self.total = self.total - self.slots[j]
+            self.slots[j], self.keys[j] = value, key
+            self.total = self.total + value
+
+    def decay(self, lam):
+        self.keys = [k * lam for k in self.keys]
+
+
+class _Model:
+    def __init__(self, params, topC, decay, synced, critical_test=0.0):
         self.params = params
-        self.h = dict(lr=lr, b1=betas[0], b2=betas[1], eps=eps, wd=weight_decay,
-                      amsgrad=amsgrad, C=topC, lam=decay, synced=synced)
+        self.C, self.lam, self.synced, self.critical = topC, decay, synced, critical_test
         self.x = [p.detach().double().clone() for p in params]  # float64 shadow params
         self.state = [None] * len(params)
+        self.steps = [0] * len(params)  # steps each tensor has taken
 
-    def step(self):
-        h = self.h
+    def step(self, rand=None):
         live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        for i in live:
+            self.steps[i] += 1
         grads = {i: self.params[i].grad.double() for i in live}
         norms = {i: math.sqrt(float((grads[i] ** 2).sum())) for i in live}
-        for i in live:
-            key = sum(norms.values()) if h["synced"] else norms[i]
-            self._one(i, grads[i], key)
+        for r, i in enumerate(live):
+            key = sum(norms.values()) if self.synced else norms[i]
+            lucky = rand is not None and float(rand[r]) < self.critical
+            self._one(i, grads[i], key, lucky)
         return self.x
 
-    def _one(self, i, g, n):
+
+class SpecAdamCM(_Model):
+    """SPEC.md, AdamCM."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, topC=5, decay=0.7, synced=True, critical_test=0.0):
+        super().__init__(params, topC, decay, synced, critical_test)
+        self.h = dict(lr=lr, b1=betas[0], b2=betas[1], eps=eps, wd=weight_decay,
+                      amsgrad=amsgrad)
+
+    def _one(self, i, g, n, lucky):
         h = self.h
         x = self.x[i]
         if h["wd"] != 0:
@@ -38,22 +81,14 @@ class SpecAdamCM:
         st = self.state[i]
         if st is None:  # first step: buffer seeded with the raw gradient, p does not move
             z = torch.zeros_like(x)
-            self.state[i] = dict(step=1, m=z.clone(), v=z.clone(), vmax=z.clone(),
-                                 B=[g.clone()], K=[n * h["lam"]], S=g.clone())
+            st = self.state[i] = dict(step=1, m=z.clone(), v=z.clone(), vmax=z.clone(),
+                                      buf=Buffer(self.C))
+            st["buf"].insert(n, g)
+            st["buf"].decay(self.lam)
             return
         st["m"] = h["b1"] * st["m"] + (1 - h["b1"]) * g
-        a = st["m"] + st["S"] / len(st["B"])
-        if len(st["B"]) < h["C"]:
-            st["B"].append(st["m"].clone())
-            st["K"].append(n)
-            st["S"] = st["S"] + st["B"][-1]
-        else:
-            j = min(range(len(st["K"])), key=lambda s: (st["K"][s], s))
-            if n > st["K"][j]:
-                st["S"] = st["S"] - st["B"][j]
-                st["B"][j] = st["m"].clone()
-                st["K"][j] = n
-                st["S"] = st["S"] + st["B"][j]
+        a = st["m"] + st["buf"].mean()
+        st["buf"].insert(n, st["m"], lucky)
         st["v"] = h["b2"] * st["v"] + (1 - h["b2"]) * a * a
         denom_v = st["v"]
         if h["amsgrad"]:
@@ -62,5 +97,73 @@ class SpecAdamCM:
         st["step"] += 1
         bc1 = 1 - h["b1"] ** st["step"]
         bc2 = 1 - h["b2"] ** st["step"]
-        st["K"] = [k * h["lam"] for k in st["K"]]
+        st["buf"].decay(self.lam)
         x.sub_((h["lr"] / bc1) * a / (denom_v.sqrt() / math.sqrt(bc2) + h["eps"]))
+
+
+class SpecAdamCG(_Model):
+    """SPEC-CG.md, AdamCG."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, topC=10, decay=0.7, synced=True, critical_test=0.0):
+        super().__init__(params, topC, decay, synced, critical_test)
+        self.h = dict(lr=lr, b1=betas[0], b2=betas[1], eps=eps, wd=weight_decay,
+                      amsgrad=amsgrad)
+
+    def _one(self, i, g, n, lucky):
+        h = self.h
+        x = self.x[i]
+        st = self.state[i]
+        if st is None:
+            z = torch.zeros_like(x)
+            st = self.state[i] = dict(step=0, m=z.clone(), v=z.clone(), vmax=z.clone(),
+                                      buf=Buffer(self.C))
+            u = g
+            st["buf"].insert(n, g)
+        else:
+            u = g + st["buf"].mean()
+            st["buf"].insert(n, g, lucky)
+        st["step"] += 1
+        bc1 = 1 - h["b1"] ** st["step"]
+        bc2 = 1 - h["b2"] ** st["step"]
+        if h["wd"] != 0:
+            u = u + h["wd"] * x
+        st["m"] = h["b1"] * st["m"] + (1 - h["b1"]) * u
+        st["v"] = h["b2"] * st["v"] + (1 - h["b2"]) * u * u
+        denom_v = st["v"]
+        if h["amsgrad"]:
+            st["vmax"] = torch.maximum(st["vmax"], st["v"])
+            denom_v = st["vmax"]
+        st["buf"].decay(self.lam)
+        x.sub_((h["lr"] / bc1) * st["m"] / (denom_v.sqrt() / math.sqrt(bc2) + h["eps"]))
+
+
+class SpecSGDCG(_Model):
+    """SPEC-CG.md, SGDCG."""
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 topC=10, decay=0.7, synced=True, critical_test=0.0):
+        super().__init__(params, topC, decay, synced, critical_test)
+        self.h = dict(lr=lr, mu=momentum, damp=dampening, wd=weight_decay)
+
+    def _one(self, i, g, n, lucky):
+        h = self.h
+        x = self.x[i]
+        d = g + h["wd"] * x
+        st = self.state[i]
+        if st is None:
+            st = self.state[i] = dict(buf=Buffer(self.C), mom=None)
+            st["buf"].insert(n, d)
+        else:
+            a = d + st["buf"].mean()
+            st["buf"].insert(n, d, lucky)
+            d = a
+        if self.lam != 0:  # quirk: decay 0 means no decay here
+            st["buf"].decay(self.lam)
+        if h["mu"] != 0:
+            if st["mom"] is None:
+                st["mom"] = d.clone()
+            else:
+                st["mom"] = h["mu"] * st["mom"] + (1 - h["damp"]) * d
+            d = st["mom"]
+        x.sub_(h["lr"] * d)

@@ -1,19 +1,29 @@
-"""The optimizer class around the backends: validation, errors that change nothing,
-GradScaler, checkpoints, groups, dtypes, odd shapes, backend choice. Run on the reference."""
+"""The optimizer classes around the backends: validation, errors that change nothing,
+GradScaler, checkpoints (old ones included), groups, dtypes, odd shapes, keywords,
+backend choice. Run on the reference (the fused backends are in test_matrix.py)."""
 import io
+import pickle
 import warnings
 
 import pytest
 import torch
 
 import cm_fused
-from cm_fused import AdamCM
+from cm_fused import AdamCM, registry
 from compare import (ODD_SHAPES, assert_bit_identical, assert_unchanged, checkpoint_roundtrip,
                      copy_params, make_params, run_lockstep, set_grads, snapshot)
+from family import FAMILY
 
 
 def ref(params, **kw):
     return AdamCM(params, backend="reference", **kw)
+
+
+@pytest.fixture(params=list(FAMILY))
+def family_ref(request):
+    """Every optimizer of the family, on the reference backend."""
+    cls = FAMILY[request.param].cls
+    return lambda params, **kw: cls(params, backend="reference", **kw)
 
 
 # ------------------------------------------------------------ validation
@@ -24,22 +34,31 @@ BAD_ARGS = [
     ("decay", -0.1), ("topC", 0), ("topC", 2.5), ("topC", True), ("kappa", -1.0),
     ("critical_test", 1.5), ("critical_test", -0.1), ("buffer_dtype", torch.float64),
     ("buffer_dtype", torch.int8), ("buffer_dtype", "bf16"), ("amsgrad", 1), ("synced", "yes"),
+    ("momentum", -0.5), ("dampening", float("nan")), ("dampening", "0.1"),
 ]
+BAD_CASES = [pytest.param(opt, arg, value, id=f"{opt}-{arg}={value!r}")
+             for opt, member in FAMILY.items() for arg, value in BAD_ARGS
+             if arg in member.cls.HYPERPARAMETERS]
 
 
-@pytest.mark.parametrize("name,value", BAD_ARGS, ids=lambda x: repr(x))
-def test_invalid_hyperparameter_is_refused_at_construction(name, value):
+def _match(arg):
+    return "beta" if arg == "betas" else arg
+
+
+@pytest.mark.parametrize("opt_name,arg,value", BAD_CASES)
+def test_invalid_hyperparameter_is_refused_at_construction(opt_name, arg, value):
     p = torch.nn.Parameter(torch.ones(2))
-    with pytest.raises(ValueError, match=name.rstrip("s") if name == "betas" else name):
-        ref([p], **{name: value})
+    with pytest.raises(ValueError, match=_match(arg)):
+        FAMILY[opt_name].cls([p], backend="reference", **{arg: value})
 
 
-@pytest.mark.parametrize("name,value", BAD_ARGS, ids=lambda x: repr(x))
-def test_invalid_hyperparameter_in_a_group_changes_nothing(name, value):
+@pytest.mark.parametrize("opt_name,arg,value", BAD_CASES)
+def test_invalid_hyperparameter_in_a_group_changes_nothing(opt_name, arg, value):
+    cls = FAMILY[opt_name].cls
     params = make_params([(3,), (2, 2)])
-    opt = ref(params[:1], lr=1e-2)
+    opt = cls(params[:1], lr=1e-2, backend="reference")
     with pytest.raises(ValueError):
-        opt.add_param_group({"params": params[1:], name: value})
+        opt.add_param_group({"params": params[1:], arg: value})
     assert len(opt.param_groups) == 1
     # ... and set later (as a scheduler or a user would): the step raises, nothing moves
     opt.add_param_group({"params": params[1:]})
@@ -47,9 +66,9 @@ def test_invalid_hyperparameter_in_a_group_changes_nothing(name, value):
         set_grads(params, t)
         opt.step()
     snap = snapshot(opt, params)
-    opt.param_groups[1][name] = value
+    opt.param_groups[1][arg] = value
     set_grads(params, 3)
-    with pytest.raises(ValueError, match=name.rstrip("s") if name == "betas" else name):
+    with pytest.raises(ValueError, match=_match(arg)):
         opt.step()
     assert_unchanged(opt, params, snap)
 
@@ -159,23 +178,10 @@ def test_backends_report_names_each_backend_with_a_status():
 
 # ------------------------------------------------------------ GradScaler protocol
 
-def test_found_inf_changes_nothing_at_all():
-    params = make_params(ODD_SHAPES)
-    opt = ref(params, weight_decay=0.1, amsgrad=True)
-    for t in range(4):
-        set_grads(params, t)
-        opt.step()
-    snap = snapshot(opt, params)
-    set_grads(params, 4)
-    opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(1.0)
-    opt.step()
-    assert_unchanged(opt, params, snap)
-
-
-def test_grad_scale_divides_gradients_and_keys():
+def test_grad_scale_divides_gradients_and_keys(family_ref):
     params_a = make_params([(5,), (2, 3)])
     params_b = copy_params(params_a)
-    opt_a, opt_b = ref(params_a, synced=False), ref(params_b, synced=False)
+    opt_a, opt_b = family_ref(params_a, synced=False), family_ref(params_b, synced=False)
     for t in range(5):
         set_grads(params_a, t)
         set_grads(params_b, t)
@@ -188,13 +194,13 @@ def test_grad_scale_divides_gradients_and_keys():
 
 
 @pytest.mark.parametrize("kappa", [1.0, 0.0])
-def test_amp_grad_scaler_matches_unscaled_run_and_skips_inf_steps(kappa):
+def test_amp_grad_scaler_matches_unscaled_run_and_skips_inf_steps(family_ref, kappa):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     twin = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     twin.load_state_dict(model.state_dict())
-    opt = ref(model.parameters(), lr=1e-2, kappa=kappa)
-    opt_twin = ref(twin.parameters(), lr=1e-2, kappa=kappa)
+    opt = family_ref(model.parameters(), lr=1e-2, kappa=kappa)
+    opt_twin = family_ref(twin.parameters(), lr=1e-2, kappa=kappa)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     x = torch.randn(16, 6)
     for t in range(6):
@@ -218,15 +224,14 @@ def test_amp_grad_scaler_matches_unscaled_run_and_skips_inf_steps(kappa):
 
 # ------------------------------------------------------------ checkpoints
 
-CKPT_CONFIGS = [dict(), dict(amsgrad=True, weight_decay=0.1, synced=False),
-                dict(topC=2, critical_test=0.4), dict(kappa=0.0, amsgrad=True),
-                dict(buffer_dtype=torch.bfloat16)]
-
-
-@pytest.mark.parametrize("cfg", CKPT_CONFIGS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_save_load_midway_continues_bit_identically(cfg, dtype):
-    a, b = checkpoint_roundtrip(lambda ps: ref(ps, lr=1e-2, **cfg), ODD_SHAPES, 7, 8,
+def test_kappa_zero_save_load_midway_continues_bit_identically(family_ref, dtype):
+    """torch's own state layout at kappa=0 (SGD's momentum buffer created on the first
+    step) survives a checkpoint too; kappa > 0 is in the matrix for every backend."""
+    kw = dict(lr=1e-2, kappa=0.0, weight_decay=0.1)
+    if "momentum" in family_ref([torch.nn.Parameter(torch.ones(1))]).defaults:
+        kw["momentum"] = 0.9
+    a, b = checkpoint_roundtrip(lambda ps: family_ref(ps, **kw), ODD_SHAPES, 7, 8,
                                 dtype=dtype, missing=lambda t: {1} if t == 8 else ())
     assert_bit_identical(*a, *b)
 
@@ -309,12 +314,13 @@ def test_several_groups_with_their_own_topc_and_hyperparameters():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_narrow_params_track_an_fp32_run(dtype):
+def test_narrow_params_track_an_fp32_run(family_ref, dtype):
     """bf16/fp16 storage, fp32 math: within a few storage ulps of the fp32 trajectory."""
     shapes = [(64,), (8, 8), ()]
     narrow = make_params(shapes, dtype=dtype)
     wide = [torch.nn.Parameter(p.detach().float()) for p in narrow]
-    opt_n, opt_w = ref(narrow, lr=1e-2), ref(wide, lr=1e-2)
+    lr = 1e-2 if family_ref(narrow[:1]).defaults.get("betas") else 0.2  # SGD: move as far
+    opt_n, opt_w = family_ref(narrow, lr=lr), family_ref(wide, lr=lr)
     for t in range(20):
         set_grads(wide, t)
         for pn, pw in zip(narrow, wide):
@@ -330,12 +336,12 @@ def test_narrow_params_track_an_fp32_run(dtype):
         ulp = 2.0 ** -6 if dtype == torch.bfloat16 else 2.0 ** -9
         torch.testing.assert_close(pn.detach().float(), pw.detach(), atol=10 * ulp, rtol=0)
     assert opt_n.state[narrow[0]]["cm_sum"].dtype == torch.float32  # S stays fp32
-    assert opt_n.state[narrow[0]]["exp_avg"].dtype == dtype
+    assert opt_n.state[narrow[0]]["cm_buffer"].dtype == dtype
 
 
-def test_odd_shapes_and_empty_tensors_step():
+def test_odd_shapes_and_empty_tensors_step(family_ref):
     params = make_params(ODD_SHAPES)
-    opt = ref(params, weight_decay=0.01)
+    opt = family_ref(params, weight_decay=0.01, topC=5)
     for t in range(4):
         set_grads(params, t)
         opt.step()
@@ -365,9 +371,173 @@ def test_scheduler_lr_zero_freezes_params_and_closure_returns_loss():
     assert opt.state[p]["cm_count"].item() == 3  # the buffer still fills at lr 0
 
 
-def test_drop_in_keywords_and_authors_class_name():
+# The authors' classes' keyword arguments, all of them (cmoptimizer.optim, as released).
+AUTHORS_KEYWORDS = {
+    "Adam_CM": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, decay=0.7, kappa=1.0, topC=5,
+                    weight_decay=0.0, amsgrad=False, critical_test=0.0, synced=True,
+                    buffer_dtype=None),
+    "Adam_C": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, decay=0.7, kappa=1.0, topC=10,
+                   weight_decay=0.0, amsgrad=False, critical_test=0.0, synced=True,
+                   buffer_dtype=None),
+    "SGD_C": dict(lr=1e-3, kappa=1.0, dampening=0.0, weight_decay=0.0, momentum=0.0,
+                  decay=0.7, topC=10, critical_test=0.0, synced=True, buffer_dtype=None),
+}
+TORCH_KEYWORDS = {
+    "AdamCM": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, amsgrad=False),
+    "AdamCG": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False),
+    "SGDCG": dict(lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0),
+}
+
+
+@pytest.mark.parametrize("name", list(AUTHORS_KEYWORDS))
+def test_the_authors_classes_names_and_keywords(name):
     p = torch.nn.Parameter(torch.ones(2))
-    opt = cm_fused.Adam_CM([p], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                           amsgrad=False, topC=5, decay=0.7, kappa=1.0, synced=True,
-                           critical_test=0.0, buffer_dtype=None)
-    assert isinstance(opt, torch.optim.Optimizer) and opt.defaults["topC"] == 5
+    opt = getattr(cm_fused, name)([p], **AUTHORS_KEYWORDS[name])
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert {k: opt.defaults[k] for k in AUTHORS_KEYWORDS[name]} == AUTHORS_KEYWORDS[name]
+    assert opt.defaults["topC"] == AUTHORS_KEYWORDS[name]["topC"]  # the authors' default
+
+
+@pytest.mark.parametrize("name", list(TORCH_KEYWORDS))
+def test_torch_counterparts_keywords(name):
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = getattr(cm_fused, name)([p], **TORCH_KEYWORDS[name])
+    assert {k: opt.defaults[k] for k in TORCH_KEYWORDS[name]} == TORCH_KEYWORDS[name]
+
+
+def test_positional_arguments_stop_where_torch_and_the_authors_disagree():
+    """torch.optim.Adam(params, lr, betas, eps, weight_decay) vs the authors' Adam_CM(params,
+    lr, betas, eps, decay): a fifth positional argument would mean two different things,
+    so it is refused rather than bound to either. SGD: torch's second is momentum, the
+    authors' kappa."""
+    p = torch.nn.Parameter(torch.ones(2))
+    AdamCM([p], 1e-3, (0.9, 0.99), 1e-8)
+    cm_fused.AdamCG([p], 1e-3, (0.9, 0.99), 1e-8)
+    cm_fused.SGDCG([p], 1e-3)
+    with pytest.raises(TypeError):
+        AdamCM([p], 1e-3, (0.9, 0.99), 1e-8, 0.01)
+    with pytest.raises(TypeError):
+        cm_fused.SGDCG([p], 1e-3, 0.9)
+
+
+def test_keywords_of_another_optimizer_are_refused():
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(TypeError, match="betas"):
+        cm_fused.SGDCG([p], betas=(0.9, 0.99))
+    with pytest.raises(TypeError, match="momentum"):
+        cm_fused.AdamCG([p], momentum=0.9)
+
+
+# ------------------------------------------------------------ old checkpoints, pickles
+
+def test_a_checkpoint_without_a_newer_hyperparameter_loads_with_its_default(family_ref):
+    """A checkpoint written before a hyperparameter existed (emulated: deleted from the
+    saved groups) loads; the group gets the hyperparameter's default, and steps on."""
+    params = make_params([(4,), (2, 3)])
+    opt = family_ref(params, lr=1e-2)
+    for t in range(3):
+        set_grads(params, t)
+        opt.step()
+    sd = opt.state_dict()
+    for group in sd["param_groups"]:
+        del group["critical_test"], group["synced"]
+    fresh = family_ref(copy_params(params), lr=1e-2, critical_test=0.5, synced=False)
+    fresh.load_state_dict(sd)
+    assert fresh.param_groups[0]["critical_test"] == 0.0
+    assert fresh.param_groups[0]["synced"] is True
+    set_grads(fresh.param_groups[0]["params"], 3)
+    fresh.step()
+
+
+def test_an_optimizer_pickled_by_an_older_version_unpickles_with_new_attributes():
+    params = make_params([(4,)])
+    opt = ref(params)
+    set_grads(params, 0)
+    opt.step()
+    for attr in ("_backend_cache", "backends_in_use"):  # as if an older version pickled it
+        del opt.__dict__[attr]
+    for group in opt.param_groups:
+        del group["critical_test"]
+    clone = pickle.loads(pickle.dumps(opt))
+    assert clone._backend_cache == {} and clone.param_groups[0]["critical_test"] == 0.0
+    set_grads(clone.param_groups[0]["params"], 1)
+    clone.step()
+
+
+def test_a_torch_checkpoint_is_named_as_such_and_changes_nothing():
+    params = make_params([(3,)])
+    adamw = torch.optim.AdamW(params)
+    set_grads(params, 0)
+    adamw.step()
+    opt = ref(copy_params(params))
+    with pytest.raises(ValueError, match="not saved by a cm_fused optimizer"):
+        opt.load_state_dict(adamw.state_dict())
+    assert not opt.state
+
+
+# ------------------------------------------------------------ state, backend choice
+
+def test_a_state_allocation_that_fails_changes_nothing():
+    """topC so large that the buffer cannot be allocated: the step raises, and no state is
+    left behind, not even for the group that allocated first."""
+    params = make_params([(4,), (1000,)])
+    opt = ref([{"params": params[:1]}, {"params": params[1:], "topC": 10 ** 12}])
+    set_grads(params, 0)
+    with pytest.raises(RuntimeError):
+        opt.step()
+    assert not any(opt.state.get(p) for p in params)
+    assert all(torch.equal(p, q) for p, q in zip(params, make_params([(4,), (1000,)])))
+
+
+def test_the_backend_is_chosen_once_per_device_and_dtypes(monkeypatch):
+    calls = []
+    real = registry.why_not
+    monkeypatch.setattr(registry, "why_not", lambda *a: calls.append(a) or real(*a))
+    params = make_params([(4,), (3,)])
+    opt = AdamCM(params)  # auto
+    for t in range(4):
+        set_grads(params, t)
+        opt.step()
+    assert len(calls) == 1
+    half = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    opt.add_param_group({"params": [half]})
+    for t in range(3):
+        set_grads(params, t)
+        half.grad = torch.ones(3, dtype=torch.bfloat16)
+        opt.step()
+    assert len(calls) == 2  # one more for the new (device, dtypes)
+
+
+def test_sgdcg_momentum_cannot_be_turned_on_after_the_first_step():
+    params = make_params([(4,)])
+    opt = cm_fused.SGDCG(params, backend="reference")
+    set_grads(params, 0)
+    opt.step()
+    snap = snapshot(opt, params)
+    opt.param_groups[0]["momentum"] = 0.9
+    set_grads(params, 1)
+    with pytest.raises(RuntimeError, match="momentum"):
+        opt.step()
+    assert_unchanged(opt, params, snap)
+
+
+def test_kappa_zero_sgd_skipped_first_momentum_step_leaves_no_buffer():
+    """torch's SGD creates its momentum buffer on a tensor's first step; when GradScaler
+    skips that step (found_inf), the buffer must not exist afterwards, so the next step
+    is again a first momentum step: as torch.optim.SGD with GradScaler, which never
+    calls step() for an overflowing step."""
+    params = make_params([(5,)])
+    twin = copy_params(params)
+    opt = cm_fused.SGDCG(params, lr=0.1, momentum=0.9, kappa=0.0, backend="reference")
+    sgd = torch.optim.SGD(twin, lr=0.1, momentum=0.9, foreach=False)
+    set_grads(params, 0)
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)
+    opt.step()
+    assert "momentum_buffer" not in opt.state[params[0]]
+    del opt.grad_scale, opt.found_inf
+    for t in range(1, 4):
+        set_grads(params, t)
+        set_grads(twin, t)
+        opt.step()
+        sgd.step()
+    assert_bit_identical(opt, params, sgd, twin)

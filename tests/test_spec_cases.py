@@ -1,27 +1,40 @@
-"""shared/SPEC.md's quirks, pinned by hand-computed cases on tiny tensors, on every backend
+"""docs/SPEC.md's quirks, pinned by hand-computed cases on tiny tensors, on every backend
 that can run here (the fused ones included: exact ties and edge cases never arise in
-random lock-step runs)."""
+random lock-step runs). The insert rule's cases run for every optimizer; each
+optimizer's own quirks have their own cases."""
 import math
 
 import pytest
 import torch
 
-from cm_fused import AdamCM, registry
-
-BACKENDS = ["reference", "cpu", "triton"]
+from family import BACKENDS, FAMILY, require
 
 
 @pytest.fixture(params=BACKENDS)
-def make(request):
-    reason = registry.why_not(request.param, torch.device("cpu"), {torch.float32})
-    if reason:
-        pytest.skip(f"backend {request.param!r} cannot run on CPU tensors here: {reason}")
-    return lambda params, **kw: AdamCM(params, backend=request.param, **kw)
+def backend(request):
+    require(request.param)
+    return request.param
+
+
+@pytest.fixture
+def make(backend):
+    """AdamCM on the backend under test."""
+    return lambda params, **kw: FAMILY["adamcm"].cls(params, backend=backend, **kw)
+
+
+@pytest.fixture(params=list(FAMILY))
+def make_any(request, backend):
+    """Every optimizer of the family on the backend under test (lr 0: the insert rule's
+    cases look at the buffer, not at the parameter)."""
+    cls = FAMILY[request.param].cls
+    return lambda params, **kw: cls(params, backend=backend, **{"lr": 0.0, **kw})
 
 
 def param(values):
     return torch.nn.Parameter(torch.tensor(values, dtype=torch.float32))
 
+
+# ------------------------------------------------------------ AdamCM
 
 def test_first_step_moves_only_by_weight_decay_and_seeds_buffer_with_raw_gradient(make):
     p = param([1.0, -2.0, 4.0])
@@ -49,15 +62,15 @@ def test_first_step_without_weight_decay_leaves_param_bit_identical(make):
     assert torch.equal(p.detach(), torch.tensor([0.3, -0.7]))
 
 
-def test_synced_key_is_sum_of_per_tensor_norms_not_global_norm(make):
+def test_synced_key_is_sum_of_per_tensor_norms_not_global_norm(make_any):
     a, b = param([3.0, 4.0]), param([0.0, 12.0])
-    opt = make([a, b], decay=1.0)
+    opt = make_any([a, b], decay=1.0)
     a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 12.0])
     opt.step()
     assert opt.state[a]["cm_keys"][0].item() == 17.0  # 5 + 12, the global norm is 13
     assert opt.state[b]["cm_keys"][0].item() == 17.0
     c, d = param([3.0, 4.0]), param([0.0, 12.0])
-    opt = make([c, d], decay=1.0, synced=False)
+    opt = make_any([c, d], decay=1.0, synced=False)
     c.grad, d.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 12.0])
     opt.step()
     assert opt.state[c]["cm_keys"][0].item() == 5.0
@@ -95,9 +108,18 @@ def _drive(opt, p, grads):
         opt.step()
 
 
-def test_replacement_is_strictly_greater_than_the_min_key(make):
+def inserted(opt, p):
+    """What a later step inserts, without weight decay: AdamCM the momentum, the
+    critical-gradients optimizers the gradient."""
+    return opt.state[p]["exp_avg"] if type(opt) is FAMILY["adamcm"].cls else p.grad
+
+
+# ------------------------------------------------------------ the insert rule, every optimizer
+
+
+def test_replacement_is_strictly_greater_than_the_min_key(make_any):
     p = param([0.0, 0.0])
-    opt = make([p], topC=2, decay=1.0)  # decay 1: keys are the norms themselves
+    opt = make_any([p], topC=2, decay=1.0)  # decay 1: keys are the norms themselves
     _drive(opt, p, [[1.0, 0.0], [2.0, 0.0]])
     s = opt.state[p]
     assert s["cm_keys"].tolist() == [1.0, 2.0] and s["cm_count"].item() == 2
@@ -107,13 +129,13 @@ def test_replacement_is_strictly_greater_than_the_min_key(make):
     _drive(opt, p, [[0.0, 1.5]])  # 1.5 > 1.0: replaces slot 0
     assert s["cm_keys"].tolist() == [1.5, 2.0]
     assert torch.equal(s["cm_buffer"][1], before[1])
-    assert torch.equal(s["cm_buffer"][0], s["exp_avg"])
+    assert torch.equal(s["cm_buffer"][0], inserted(opt, p))
     torch.testing.assert_close(s["cm_sum"], s["cm_buffer"].sum(0))
 
 
-def test_tie_on_min_key_replaces_first_index(make):
+def test_tie_on_min_key_replaces_first_index(make_any):
     p = param([0.0, 0.0])
-    opt = make([p], topC=3, decay=1.0)
+    opt = make_any([p], topC=3, decay=1.0)
     _drive(opt, p, [[5.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
     s = opt.state[p]
     assert s["cm_keys"].tolist() == [5.0, 2.0, 2.0]
@@ -124,9 +146,9 @@ def test_tie_on_min_key_replaces_first_index(make):
                                                                          before[1])
 
 
-def test_critical_test_one_always_replaces_the_min_slot(make):
+def test_critical_test_one_always_replaces_the_min_slot(make_any):
     p = param([0.0, 0.0])
-    opt = make([p], topC=2, decay=1.0, critical_test=1.0)
+    opt = make_any([p], topC=2, decay=1.0, critical_test=1.0)
     _drive(opt, p, [[4.0, 0.0], [3.0, 0.0], [0.0, 1.0]])  # key 1 < min key 3
     assert opt.state[p]["cm_keys"].tolist() == [4.0, 1.0]
 
@@ -147,9 +169,9 @@ def test_tensor_without_grad_is_skipped_entirely(make):
     assert opt.state[a]["cm_keys"][1].item() == 0.5 * 2.0
 
 
-def test_skipped_first_step_keeps_the_first_step_quirk_for_the_next_step(make):
+def test_skipped_first_step_keeps_the_first_step_quirk_for_the_next_step(make_any):
     p = param([1.0, 2.0])
-    opt = make([p], weight_decay=0.1)
+    opt = make_any([p])
     p.grad = torch.tensor([1.0, 1.0])
     opt.found_inf = torch.ones(())
     opt.step()
@@ -158,7 +180,8 @@ def test_skipped_first_step_keeps_the_first_step_quirk_for_the_next_step(make):
     p.grad = torch.tensor([2.0, 2.0])
     opt.step()
     assert torch.equal(opt.state[p]["cm_buffer"][0], torch.tensor([2.0, 2.0]))
-    assert torch.equal(opt.state[p]["exp_avg"], torch.zeros(2))
+    if "exp_avg" in opt.state[p] and type(opt) is FAMILY["adamcm"].cls:
+        assert torch.equal(opt.state[p]["exp_avg"], torch.zeros(2))  # CM: m <- 0 first
 
 
 def test_first_step_with_eps_zero_moves_only_by_weight_decay(make):
@@ -179,3 +202,100 @@ def test_found_inf_on_a_later_step_changes_nothing(make):
     assert torch.equal(p.detach(), before[0])
     for k, v in before[1].items():
         assert torch.equal(opt.state[p][k], v), k
+
+
+# ------------------------------------------------------------ AdamCG
+
+def test_adamcg_first_step_is_an_ordinary_adam_step(backend):
+    lr, b1, b2, eps = 0.1, 0.9, 0.999, 1e-8
+    p = param([0.5, -1.0, 2.0])
+    g = torch.tensor([3.0, -4.0, 0.0])
+    opt = FAMILY["adamcg"].cls([p], lr=lr, betas=(b1, b2), eps=eps, backend=backend)
+    p.grad = g.clone()
+    opt.step()
+    m = (1 - b1) * g
+    v = (1 - b2) * g * g
+    want = torch.tensor([0.5, -1.0, 2.0]) - (lr / (1 - b1)) * m / (
+        v.sqrt() / math.sqrt(1 - b2) + eps)
+    torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-7)
+    s = opt.state[p]
+    assert torch.equal(s["cm_buffer"][0], g) and torch.equal(s["cm_sum"], g)
+    assert s["cm_count"].item() == 1 and s["step"].item() == 1
+
+
+def test_adamcg_aggregates_before_adam_inserts_raw_gradient_and_decays_coupled(backend):
+    """Step 2: u = g2 + S/k (S before the insert) + wd·p; Adam runs on u; the buffer
+    gets the raw g2 (no weight decay, no aggregate)."""
+    lr, b1, b2, eps, wd = 0.05, 0.8, 0.99, 1e-8, 0.1
+    x0 = torch.tensor([0.5, -1.0])
+    g1, g2 = torch.tensor([1.0, 2.0]), torch.tensor([-3.0, 0.5])
+    p = torch.nn.Parameter(x0.clone())
+    opt = FAMILY["adamcg"].cls([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd,
+                               topC=4, backend=backend)
+    p.grad = g1.clone()
+    opt.step()
+    u1 = g1 + wd * x0
+    m1, v1 = (1 - b1) * u1, (1 - b2) * u1 * u1
+    x1 = x0 - (lr / (1 - b1)) * m1 / (v1.sqrt() / math.sqrt(1 - b2) + eps)
+    torch.testing.assert_close(p.detach(), x1, rtol=1e-6, atol=1e-7)
+    p.grad = g2.clone()
+    opt.step()
+    u2 = g2 + g1 / 1 + wd * x1
+    m2 = b1 * m1 + (1 - b1) * u2
+    v2 = b2 * v1 + (1 - b2) * u2 * u2
+    x2 = x1 - (lr / (1 - b1 ** 2)) * m2 / (v2.sqrt() / math.sqrt(1 - b2 ** 2) + eps)
+    s = opt.state[p]
+    torch.testing.assert_close(p.detach(), x2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(s["exp_avg"], m2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(s["exp_avg_sq"], v2, rtol=1e-6, atol=1e-8)
+    assert torch.equal(s["cm_buffer"][1], g2)  # the raw gradient
+    assert torch.equal(s["cm_sum"], g1 + g2)
+
+
+# ------------------------------------------------------------ SGDCG
+
+def test_sgdcg_stores_weight_decay_in_the_buffer_and_first_momentum_step_copies(backend):
+    lr, wd, mu, damp = 0.1, 0.5, 0.9, 0.25
+    x0 = torch.tensor([1.0, -2.0])
+    g1, g2 = torch.tensor([0.5, 1.0]), torch.tensor([2.0, -1.0])
+    p = torch.nn.Parameter(x0.clone())
+    opt = FAMILY["sgdcg"].cls([p], lr=lr, weight_decay=wd, momentum=mu, dampening=damp,
+                              topC=3, backend=backend)
+    p.grad = g1.clone()
+    opt.step()
+    d1 = g1 + wd * x0  # the stored value includes weight decay (quirk)
+    x1 = x0 - lr * d1  # the first momentum step copies d: buf = d1
+    s = opt.state[p]
+    torch.testing.assert_close(s["cm_buffer"][0], d1, rtol=0, atol=0)
+    torch.testing.assert_close(s["momentum_buffer"], d1, rtol=0, atol=0)
+    torch.testing.assert_close(p.detach(), x1, rtol=1e-6, atol=1e-7)
+    p.grad = g2.clone()
+    opt.step()
+    d2 = g2 + wd * x1
+    a2 = d2 + d1 / 1  # the buffer before the insert
+    buf = mu * d1 + (1 - damp) * a2
+    torch.testing.assert_close(s["cm_buffer"][1], d2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(s["momentum_buffer"], buf, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(p.detach(), x1 - lr * buf, rtol=1e-6, atol=1e-7)
+
+
+def test_sgdcg_decay_zero_means_keys_never_decay(backend):
+    """SGDCG's quirk: decay=0 leaves the keys as they were written (the others zero
+    them every step)."""
+    p = param([0.0, 0.0])
+    opt = FAMILY["sgdcg"].cls([p], lr=0.0, topC=3, decay=0.0, backend=backend)
+    _drive(opt, p, [[3.0, 4.0], [0.0, 2.0], [1.0, 0.0]])
+    assert opt.state[p]["cm_keys"].tolist() == [5.0, 2.0, 1.0]
+    q = param([0.0, 0.0])
+    other = FAMILY["adamcg"].cls([q], lr=0.0, topC=3, decay=0.0, backend=backend)
+    _drive(other, q, [[3.0, 4.0], [0.0, 2.0], [1.0, 0.0]])
+    assert other.state[q]["cm_keys"].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_sgdcg_without_momentum_steps_by_the_aggregate(backend):
+    p = param([1.0, 1.0])
+    opt = FAMILY["sgdcg"].cls([p], lr=0.5, topC=2, backend=backend)
+    _drive(opt, p, [[2.0, 0.0], [0.0, 4.0]])
+    # step 1: p -= 0.5 * g1; step 2: p -= 0.5 * (g2 + g1)
+    assert torch.equal(p.detach(), torch.tensor([1.0 - 1.0 - 1.0, 1.0 - 2.0]))
+    assert "momentum_buffer" not in opt.state[p]

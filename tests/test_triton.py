@@ -1,4 +1,6 @@
-"""The Triton backend against the reference, in lock-step, params and full state.
+"""What is particular to the Triton backend: plan caching, alignment, specialisation,
+chunking, the op, and the GPU-only tests. Its lock step with the reference, for every
+optimizer, is in test_matrix.py.
 
 Without a CUDA device the kernels run on CPU tensors under the Triton interpreter
 (conftest.py sets TRITON_INTERPRET=1); that is slow, so these tests use small tensors,
@@ -11,9 +13,10 @@ import torch
 
 import cm_fused
 from cm_fused import AdamCM
-from compare import (TOLERANCE, assert_bit_identical, assert_same_state, assert_unchanged,
-                     checkpoint_roundtrip, copy_params, make_params, run_lockstep, set_grads,
-                     snapshot)
+from cm_fused.contract import StepArgs, Variant
+from compare import (TOLERANCE, assert_bit_identical, copy_params, make_params, run_lockstep,
+                     set_grads)
+from family import FAMILY, make
 
 try:
     import triton  # noqa: F401
@@ -34,16 +37,10 @@ SHAPES = [(), (1,), (4097,), (3, 5), (0,), (2, 33)]
 
 
 @pytest.fixture(autouse=True)
-def small_chunks(monkeypatch):
-    """Chunks of 1024 elements in loops of 256: 4097 elements = 5 chunks, the last one
-    element long. (Interpreter cost grows with the number of programs, not their width.)"""
+def _available(small_chunks):
     if REASON is not None:
         pytest.fail(f"triton is importable but the triton backend is unavailable: {REASON}",
                     pytrace=False)
-    from cm_fused.triton import launch
-    monkeypatch.setattr(launch, "CHUNK", 1024)
-    monkeypatch.setattr(launch, "BLOCK", 256)
-    yield launch
 
 
 def tri(**kw):
@@ -54,9 +51,9 @@ def ref(**kw):
     return lambda params: AdamCM(params, backend="reference", **kw)
 
 
-def lockstep(cfg, shapes=SHAPES, steps=12, dtype=torch.float32, **kw):
-    return run_lockstep(tri(**cfg), ref(**cfg), shapes, steps, dtype=dtype, device=DEVICE,
-                        **kw)
+def lockstep(cfg, shapes=SHAPES, steps=12, dtype=torch.float32, name="adamcm", **kw):
+    return run_lockstep(make(name, "triton", **cfg), make(name, "reference", **cfg), shapes,
+                        steps, dtype=dtype, device=DEVICE, **kw)
 
 
 # ------------------------------------------------------------ backend interface
@@ -71,70 +68,30 @@ def test_backend_is_available_and_says_what_it_takes():
     assert "CUDA" in triton_backend.unsupported_reason(torch.device("meta"), {torch.float32})
 
 
-def test_backend_signature_is_the_reference_one():
+def test_every_backend_takes_the_one_step_contract():
+    """The step's arguments are declared once (cm_fused.contract.StepArgs): each backend's
+    step takes that bundle, and the ops' schema is generated from it."""
     import inspect
 
-    from cm_fused import reference
-    assert (inspect.signature(triton_backend.adam_cm_step)
-            == inspect.signature(reference.adam_cm_step))
+    from cm_fused import contract, cpu, reference
+    for backend in (reference, cpu, triton_backend):
+        assert list(inspect.signature(backend.step).parameters) == ["args"]
+    schema = str(torch.ops.cm_fused_triton.step_.default._schema)
+    assert schema == "cm_fused_triton::step_" + contract.SCHEMA
 
 
-def test_first_step_quirk_raw_gradient_in_slot_zero_and_only_weight_decay_moves_p():
-    (opt, params), _ = lockstep(dict(lr=0.1, weight_decay=0.5, topC=3), steps=1)
-    set_grads(before := copy_params(make_params(SHAPES)), 0, 1)  # the grads step 0 used
-    for p, p0 in zip(params, before):
-        st = opt.state[p]
-        torch.testing.assert_close(p.detach().cpu(), p0.detach() * (1 - 0.1 * 0.5))
-        assert torch.equal(st["cm_buffer"][0].cpu(), p0.grad)
-        assert torch.equal(st["cm_sum"].cpu(), p0.grad)
-        assert not st["exp_avg"].any() and not st["exp_avg_sq"].any()
-        assert st["cm_count"].item() == 1 and st["step"].item() == 1
+# ------------------------------------------------------------ long runs, chunking
 
-
-# ------------------------------------------------------------ lock-step vs reference
-
-@pytest.mark.parametrize("cfg", [
-    dict(),
-    dict(synced=False),
-    dict(amsgrad=True, weight_decay=0.1),
-    dict(synced=False, amsgrad=True, weight_decay=0.05, topC=1),
-    dict(topC=5, decay=0.99),
-    dict(topC=2, decay=0.7, synced=False, lr=1e-2),
-    dict(topC=3, critical_test=0.4),
-    dict(topC=1, critical_test=1.0, synced=False),
-    dict(betas=(0.6, 0.9), eps=1e-6, lr=3e-2),  # lerp's large-weight formula (1-b1 > .5)
-    dict(decay=0.0),  # every key decays to 0: exact ties, the first index is replaced
-    dict(eps=0.0, weight_decay=0.1),  # the first step must not compute 0 / (0 + 0)
-], ids=str)
-def test_matches_reference(cfg):
-    lockstep(cfg, steps=8)
-
-
-def test_long_run_matches_reference(small_chunks, monkeypatch):
-    """100 steps (keys rise and fall many times over, the buffer keeps turning over) on
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_long_run_matches_reference(small_chunks, monkeypatch, name):
+    """60 steps (keys rise and fall many times over, the buffer keeps turning over) on
     small tensors, one of three 16-element chunks (the last one short), some gradients
-    missing, amsgrad, weight decay."""
+    missing, every optimizer's "all" configuration."""
     monkeypatch.setattr(small_chunks, "CHUNK", 16)
     monkeypatch.setattr(small_chunks, "BLOCK", 8)
-    lockstep(dict(amsgrad=True, weight_decay=0.05, topC=3, decay=0.9, lr=1e-2),
-             shapes=[(37,), (), (3, 5)], steps=100,
+    lockstep({**FAMILY[name].configs["all"], "topC": 3, "decay": 0.9}, name=name,
+             shapes=[(37,), (), (3, 5)], steps=60,
              missing=lambda t: {0} if t % 5 == 2 else ({1, 2} if t % 7 == 3 else ()))
-
-
-def test_eps_zero_first_step_moves_p_by_weight_decay_only():
-    """SPEC: the first step's Adam update is zero; with eps=0 it is not computed as
-    0 / (0 + 0) = NaN. Later steps stay finite."""
-    params = make_params([(4097,), (3, 5), ()], device=DEVICE)
-    before = copy_params(params)
-    opt = AdamCM(params, backend="triton", eps=0.0, lr=0.1, weight_decay=0.5)
-    set_grads(params, 0, 1)
-    opt.step()
-    for p, p0 in zip(params, before):
-        assert torch.equal(p.detach(), p0.detach() * (1 - 0.1 * 0.5))
-    for t in range(1, 3):
-        set_grads(params, t, 1)
-        opt.step()
-        assert all(p.isfinite().all() for p in params)
 
 
 def test_kernels_that_fail_to_load_fail_the_tests_not_skip_them(tmp_path):
@@ -154,7 +111,7 @@ def test_kernels_that_fail_to_load_fail_the_tests_not_skip_them(tmp_path):
             raise ImportError("simulated kernel load failure")
         t._op_module = broken
         sys.exit(pytest.main([sys.argv[1], "-q", "-p", "no:cacheprovider", "-rfEs",
-                              "-k", "test_backend_signature_is_the_reference_one"]))
+                              "-k", "test_every_backend_takes_the_one_step_contract"]))
     """))
     out = subprocess.run([sys.executable, str(script), __file__], capture_output=True,
                          text=True, timeout=300, cwd=os.path.dirname(__file__))
@@ -164,177 +121,20 @@ def test_kernels_that_fail_to_load_fail_the_tests_not_skip_them(tmp_path):
         out.stdout[-3000:]
 
 
-def test_insert_decisions_both_accept_and_reject():
-    """The lock-step gradients rise and fall; make sure the buffer both replaced and kept
-    slots, so the decision comparison above is not vacuous."""
-    params = make_params([(7,)], device=DEVICE)
-    opt = AdamCM(params, backend="triton", topC=2, decay=0.99, synced=False)
-    sums = []
-    for t in range(14):
-        set_grads(params, t, 1)
-        opt.step()
-        sums.append(opt.state[params[0]]["cm_sum"].clone())
-    changed = [not torch.equal(a, b) for a, b in zip(sums[2:], sums[3:])]
-    assert any(changed) and not all(changed)
-
-
-def test_missing_gradients_skip_tensors_entirely():
-    lockstep(dict(weight_decay=0.1), steps=7,
-             missing=lambda t: {0, 2} if t % 3 == 1 else ({5} if t == 0 else ()))
-
-
-def test_several_groups_with_their_own_topc():
-    def make(backend):
-        def f(params):
-            return AdamCM([
-                {"params": params[:2], "topC": 1},
-                {"params": params[2:4], "topC": 5, "synced": False, "lr": 1e-2},
-                {"params": params[4:], "topC": 3, "amsgrad": True, "weight_decay": 0.1},
-            ], backend=backend)
-        return f
-    run_lockstep(make("triton"), make("reference"), SHAPES, 7, device=DEVICE)
-
-
 def test_many_chunks_per_tensor_and_short_last_chunks(small_chunks, monkeypatch):
     """64-element chunks in loops of 16: 257 = 4 chunks + 1, 66 = 64 + 2."""
     monkeypatch.setattr(small_chunks, "CHUNK", 64)
     monkeypatch.setattr(small_chunks, "BLOCK", 16)
-    lockstep(dict(amsgrad=True, weight_decay=0.1), shapes=[(257,), (66,), (), (64,), (0,)],
-             steps=4)
-
-
-@pytest.mark.parametrize("dtype,slot", [
-    (torch.bfloat16, None), (torch.float16, None), (torch.bfloat16, torch.float32),
-    (torch.float16, torch.bfloat16), (torch.float32, torch.bfloat16),
-    (torch.float32, torch.float16),
-], ids=str)
-def test_narrow_params_and_slots(dtype, slot):
-    """Tolerance of the narrowest dtype involved (compare.TOLERANCE): an fp32 param with
-    bf16 slots is compared at bf16 tolerance (slots round the same fp32 value, which may
-    differ from the reference's in the last fp32 bit)."""
-    narrow = max((d for d in (dtype, slot) if d is not None),
-                 key=lambda d: TOLERANCE[d][1])
-
-    def as_dtype(make):
-        def f(params):
-            for p in params:
-                p.data = p.data.to(dtype)
-            return make(params)
-        return f
-    cfg = dict(buffer_dtype=slot, amsgrad=True, weight_decay=0.1)
-    (opt, params), _ = run_lockstep(as_dtype(tri(**cfg)), as_dtype(ref(**cfg)), SHAPES, 5,
-                                    dtype=narrow, device=DEVICE)
-    st = opt.state[params[2]]
-    assert params[2].dtype == dtype and st["exp_avg"].dtype == dtype
-    assert st["cm_buffer"].dtype == (slot or dtype)
-    assert st["cm_sum"].dtype == (torch.float32 if (slot or dtype).itemsize < 4
-                                  else (slot or dtype))
-
-
-def test_mixed_dtypes_in_one_group_share_the_synced_key():
-    """fp32, bf16 and fp16 params in one group: three dtype buckets, one synced key."""
-    kinds = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16,
-             torch.float16]
-
-    def mixed(make):
-        def f(params):
-            for p, d in zip(params, kinds):
-                p.data = p.data.to(d)
-            return make(params)
-        return f
-    (opt, params), _ = run_lockstep(mixed(tri(topC=2)), mixed(ref(topC=2)), SHAPES, 6,
-                                    dtype=torch.bfloat16, device=DEVICE)
-    keys = [opt.state[p]["cm_keys"] for p in params]
-    for k in keys[1:]:
-        assert torch.equal(k, keys[0])  # one key for the whole group, every bucket
-
-
-# ------------------------------------------------------------ GradScaler protocol
-
-def with_scaler(make, scale, found_inf=0.0):
-    def f(params):
-        opt = make(params)
-        opt.grad_scale = torch.tensor(scale, device=DEVICE)
-        opt.found_inf = torch.tensor(found_inf, device=DEVICE)
-        return opt
-    return f
-
-
-def test_grad_scale_is_divided_out_of_gradients_and_keys():
-    cfg = dict(synced=False, topC=2)
-    run_lockstep(with_scaler(tri(**cfg), 3.0), with_scaler(ref(**cfg), 3.0), SHAPES, 8,
-                 device=DEVICE)
-
-
-def test_found_inf_changes_nothing_at_all():
-    params = make_params(SHAPES, device=DEVICE)
-    opt = AdamCM(params, backend="triton", topC=2, amsgrad=True, weight_decay=0.1,
-                 critical_test=0.5)
-    for t in range(4):
-        set_grads(params, t, 1)
-        opt.step()
-    before = snapshot(opt, params)
-    set_grads(params, 4, 1, missing=(1,))
-    params[2].grad[7] = float("inf")
-    opt.grad_scale = torch.tensor(2.0, device=DEVICE)
-    opt.found_inf = torch.tensor(1.0, device=DEVICE)
-    opt.step()
-    assert_unchanged(opt, params, before)
-    # a fresh tensor's first step is skipped as well: its state stays all zero
-    fresh = torch.nn.Parameter(torch.ones(5, device=DEVICE))
-    opt.add_param_group({"params": [fresh]})
-    fresh.grad = torch.ones(5, device=DEVICE)
-    opt.step()
-    assert torch.equal(fresh.detach(), torch.ones(5, device=DEVICE))
-    assert opt.state[fresh]["cm_count"].item() == 0 and opt.state[fresh]["step"].item() == 0
-    assert not opt.state[fresh]["cm_buffer"].any()
-
-
-def test_amp_grad_scaler_steps_like_the_reference():
-    torch.manual_seed(0)
-    models = [torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(),
-                                  torch.nn.Linear(4, 1)).to(DEVICE) for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    opts = [AdamCM(models[0].parameters(), lr=1e-2, backend="triton"),
-            AdamCM(models[1].parameters(), lr=1e-2, backend="reference")]
-    scalers = [torch.amp.GradScaler(DEVICE, init_scale=2.0 ** 10) for _ in range(2)]
-    x = torch.randn(16, 6, device=DEVICE)
-    for t in range(5):
-        for model, opt, scaler in zip(models, opts, scalers):
-            opt.zero_grad()
-            scaler.scale(model(x).pow(2).mean()).backward()
-            if t == 2:
-                next(model.parameters()).grad[0, 0] = float("inf")
-            scaler.step(opt)
-            scaler.update()
-        assert_same_state(opts[0], list(models[0].parameters()), opts[1],
-                          list(models[1].parameters()), torch.float32, f"step {t}")
-    assert scalers[0].get_scale() == 2.0 ** 9
-
-
-# ------------------------------------------------------------ checkpoints, lr
-
-@pytest.mark.parametrize("cfg", [dict(topC=2, amsgrad=True, weight_decay=0.1),
-                                 dict(buffer_dtype=torch.bfloat16, critical_test=0.3)],
-                         ids=str)
-def test_save_load_midway_continues_bit_identically(cfg):
-    a, b = checkpoint_roundtrip(tri(lr=1e-2, **cfg), SHAPES, 3, 3, device=DEVICE,
-                                missing=lambda t: {1} if t == 4 else ())
-    assert_bit_identical(*a, *b)
-
-
-def test_tensor_lr_matches_float_lr():
-    cfg = dict(weight_decay=0.1)
-    run_lockstep(lambda ps: AdamCM(ps, lr=torch.tensor(2e-3, device=DEVICE),
-                                   backend="triton", **cfg),
-                 ref(lr=2e-3, **cfg), SHAPES, 8, device=DEVICE)
+    for name in FAMILY:
+        lockstep(FAMILY[name].configs["all"], name=name,
+                 shapes=[(257,), (66,), (), (64,), (0,)], steps=4)
 
 
 # The only constexprs a launch may have: dtypes, on/off switches, tile sizes. Nothing a
 # scheduler or a user changes between steps.
 STRUCTURAL_CONSTEXPRS = {"G_DT", "HAS_SCALE", "BLOCK", "RBLOCK", "SYNCED", "HAS_RAND",
-                         "HAS_FOUND_INF", "CP", "TB", "P_DT", "M_DT", "V_DT", "VM_DT",
-                         "B_DT", "S_DT", "LR_IS_PTR", "AMSGRAD", "ALIGNED"}
+                         "HAS_FOUND_INF", "CP", "TB", "VARIANT", "P_DT", "M_DT", "V_DT",
+                         "X_DT", "B_DT", "S_DT", "LR_IS_PTR", "HAS_MOM", "HAS_X", "ALIGNED"}
 
 
 def _specialisations(launch, opt, params, lrs):
@@ -347,8 +147,12 @@ def _specialisations(launch, opt, params, lrs):
                 opt.param_groups[0]["lr"].fill_(lr)
             else:
                 opt.param_groups[0]["lr"] = lr
-            opt.param_groups[0]["weight_decay"] = 0.1 * t
-            opt.param_groups[0]["betas"] = (0.9 - 0.01 * t, 0.999 - 0.0001 * t)
+            group = opt.param_groups[0]
+            group["weight_decay"] = 0.1 * t
+            if "betas" in group:
+                group["betas"] = (0.9 - 0.01 * t, 0.999 - 0.0001 * t)
+            else:
+                group["momentum"], group["dampening"] = 0.9 - 0.01 * t, 0.1 * t
             set_grads(params, t, 1)
             opt.step()
             out.append([(name, spec, const) for name, grid, spec, const in launch.launch_log])
@@ -358,13 +162,15 @@ def _specialisations(launch, opt, params, lrs):
 
 
 @pytest.mark.parametrize("tensor_lr", [False, True])
-def test_changing_hyperparameters_does_not_respecialise_kernels(small_chunks, tensor_lr):
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_changing_hyperparameters_does_not_respecialise_kernels(small_chunks, tensor_lr, name):
     """Triton compiles one kernel per specialisation: constexpr values and argument types
     (not float values). Under the interpreter nothing is compiled, so this compares what
     each launch would be specialised on; the gpu test below counts real compilations."""
     params = make_params(SHAPES, device=DEVICE)
     lr = torch.tensor(1e-3, device=DEVICE) if tensor_lr else 1e-3
-    opt = AdamCM(params, lr=lr, backend="triton", critical_test=0.2, decay=0.9)
+    extra = dict(momentum=0.9) if name == "sgdcg" else {}
+    opt = make(name, "triton", lr=lr, critical_test=0.2, decay=0.9, **extra)(params)
     specs = _specialisations(small_chunks, opt, params, [1e-3, 5e-4, 0.0, 3e-2])
     assert len(specs[0]) == 4  # norm, reduce, decide, update: one dtype bucket
     assert all(s == specs[1] for s in specs[1:])
@@ -417,50 +223,44 @@ def test_tables_are_cached_on_data_pointers(small_chunks):
 
 # ------------------------------------------------------------ the custom op
 
-def _op_args(device, n=3):
-    params = make_params([(5,), (), (2, 3)][:n], device=device)
+def _op_args(device, variant=Variant.ADAM_CM):
+    params = make_params([(5,), (), (2, 3)], device=device)
     set_grads(params, 0, 1)
     C = 2
-    args = (
-        [p.detach() for p in params], [p.grad for p in params],
-        [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params], [],
-        [torch.zeros((C, *p.shape), device=device) for p in params],
-        [torch.zeros(C, device=device) for p in params],
-        [torch.zeros((), dtype=torch.int64, device=device) for p in params],
-        [torch.zeros_like(p) for p in params],
-        [torch.zeros((), device=device) for p in params],
-        1e-2, None, 0.9, 0.999, 1e-8, 0.1, 0.7, 0.0, False, True, None, None, None)
-    return args
+    zeros = lambda: [torch.zeros_like(p) for p in params]  # noqa: E731
+    adam = variant != Variant.SGD_CG
+    return StepArgs(
+        params=[p.detach() for p in params], grads=[p.grad for p in params], momenta=zeros(),
+        second_moments=zeros() if adam else [], extras=[],
+        buffers=[torch.zeros((C, *p.shape), device=device) for p in params],
+        keys=[torch.zeros(C, device=device) for p in params],
+        counts=[torch.zeros((), dtype=torch.int64, device=device) for p in params],
+        sums=zeros(), steps=[torch.zeros((), device=device) for p in params],
+        variant=int(variant), lr=1e-2, lr_tensor=None, beta1=0.9, beta2=0.999, eps=1e-8,
+        weight_decay=0.1, dampening=0.0, key_decay=0.7, critical_test=0.0, synced=True,
+        grad_scale=None, found_inf=None, rand=None)
 
 
-def test_custom_op_schema_and_opcheck():
-    op = torch.ops.cm_fused_triton.adam_cm_step_.default
-    schema = str(op._schema)
-    assert "Tensor(a0!)[] params" in schema and "Tensor[] grads" in schema
-    assert "float lr" in schema and "Tensor? lr_tensor" in schema
-    torch.library.opcheck(op, _op_args(DEVICE))  # schema, fake, autograd, aot dispatch
+@pytest.mark.parametrize("variant", list(Variant), ids=lambda v: v.name)
+def test_custom_op_opcheck(variant):
+    op = torch.ops.cm_fused_triton.step_.default
+    torch.library.opcheck(op, _op_args(DEVICE, variant).op_args())  # schema, fake, aot
 
 
 def test_compiled_step_goes_through_the_op_and_matches_eager():
     """Eager steps call the launcher directly; under torch.compile the backend calls the
     custom op, which traces with fullgraph=True and steps bit-identically."""
-    def step(args):
-        triton_backend.adam_cm_step(*args[:10], lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
-                                    weight_decay=0.1, decay=0.7, critical_test=0.0,
-                                    amsgrad=False, synced=True)
     eager = _op_args(DEVICE)
-    traced = [[t.clone() for t in x] if isinstance(x, list) else x for x in eager]
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    traced = StepArgs(*[[t.clone() for t in x] if isinstance(x, list) else x
+                        for x in eager.op_args()])
+    compiled = torch.compile(triton_backend.step, fullgraph=True, backend="aot_eager")
     for _ in range(3):
-        step(eager)
+        triton_backend.step(eager)
         compiled(traced)
-    for name, xs, ys in zip(MUTATED_NAMES, eager[:10], traced[:10]):
-        for i, (x, y) in enumerate(zip(xs, ys)):
+    for name in ("params", "momenta", "second_moments", "buffers", "keys", "counts", "sums",
+                 "steps"):
+        for i, (x, y) in enumerate(zip(getattr(eager, name), getattr(traced, name))):
             assert torch.equal(x, y), f"{name}[{i}]"
-
-
-MUTATED_NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
-                 "buffers", "keys", "counts", "sums", "steps")
 
 
 # ------------------------------------------------------------ GPU only
@@ -468,8 +268,9 @@ MUTATED_NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none in this process)")
 def test_gpu_opcheck_with_aot_dispatch():
-    torch.library.opcheck(torch.ops.cm_fused_triton.adam_cm_step_.default,
-                          _op_args("cuda"))
+    for variant in Variant:
+        torch.library.opcheck(torch.ops.cm_fused_triton.step_.default,
+                              _op_args("cuda", variant).op_args())
 
 
 @pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""The Triton backend: the fused Adam+CM step over all tensors of a group.
+"""The Triton backend: the fused step (every variant) over all tensors of a group.
 
 Kernels are in ``kernels.py``, tables and launches in ``launch.py`` (block sizes there),
 the ``torch.library`` op in ``op.py``. Importing this package never fails for lack of
@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import Tensor
 
+from ..contract import StepArgs
 from ..registry import FUSED_DTYPES
 
 _import_error: str | None = None
@@ -64,55 +64,22 @@ def unsupported_reason(device: torch.device, dtypes: set[torch.dtype]) -> str | 
     return f"Triton kernels run on CUDA devices, not {device.type}"
 
 
-def adam_cm_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    buffers: list[Tensor],
-    keys: list[Tensor],
-    counts: list[Tensor],
-    sums: list[Tensor],
-    steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decay: float,
-    critical_test: float,
-    amsgrad: bool,
-    synced: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    rand: Tensor | None = None,
-) -> None:
-    """One Adam+CM step (kappa > 0) over the tensors of one param group, in place.
+def step(args: StepArgs) -> None:
+    """One step (kappa > 0) of one param group, in place (see cm_fused.contract.StepArgs).
 
-    Same contract as :func:`cm_fused.reference.adam_cm_step`; params, grads and state
-    must be contiguous (the optimizer sees to it) and on one CUDA device (or CPU under
-    the interpreter); a tensor ``lr``, ``grad_scale``, ``found_inf`` and ``rand`` (fp32)
-    on that device too (the optimizer puts them there; the kernels read them in place).
+    Params, grads and state must be contiguous (the optimizer sees to it) and on one CUDA
+    device (or CPU under the interpreter); a tensor ``lr``, ``grad_scale``, ``found_inf``
+    and ``rand`` (fp32) on that device too (the optimizer puts them there; the kernels
+    read them in place).
     """
-    if not params:
+    if not args.params:
         return
     op = _op_module()
-    if isinstance(lr, Tensor):
-        lr_value, lr_tensor = 0.0, lr
-    else:
-        lr_value, lr_tensor = float(lr), None
-    args = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
-            list(max_exp_avg_sqs), list(buffers), list(keys), list(counts), list(sums),
-            list(steps), float(lr_value), lr_tensor, float(beta1), float(beta2), float(eps),
-            float(weight_decay), float(decay), float(critical_test), bool(amsgrad),
-            bool(synced), grad_scale, found_inf, rand)
     if torch.compiler.is_compiling():
         # Traced (torch.compile): the custom op, so that the graph sees what it mutates.
-        op.adam_cm_step_(*args)
+        torch.ops.cm_fused_triton.step_(*args.op_args())
     else:
         # Eager: the op's kernel, called directly. Through the dispatcher, a custom op
-        # with ten mutated tensor lists costs tens of microseconds per tensor of host
+        # with nine mutated tensor lists costs tens of microseconds per tensor of host
         # time (alias checks, version counters), ~0.5 s a step for 10,000 tensors.
-        op.eager_step(*args)
+        op.eager_step(args)

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused Adam+CM step (shared/SPEC.md, kappa > 0).
+"""Triton kernels of the fused step (docs/SPEC.md, kappa > 0), for every variant.
 
 One step of one param group is four launches (see launch.py for the tables they read):
 
@@ -9,11 +9,12 @@ One step of one param group is four launches (see launch.py for the tables they 
    with them the insert decisions, are bit-for-bit repeatable. (A sharded run would
    all_reduce this [T] array before the next launch.)
 3. ``_decide_kernel`` (one launch per group, one program per block of tensors): key n,
-   argmin of K, replace flag and slot j, K written and decayed, fill count, step count,
-   bias corrections; the per-tensor decision goes to two small device arrays.
+   the insert rule (argmin of K, replace flag and slot j, K written and decayed, fill
+   count), step count, bias corrections; the per-tensor decision goes to two small
+   device arrays. The same for every variant.
 4. ``_update_kernel`` (one launch per dtype bucket, one program per chunk): the
-   elementwise part (weight decay, m, aggregate, slot write and running sum, v, amsgrad,
-   parameter) in one pass over memory.
+   elementwise part in one pass over memory; ``VARIANT`` (cm_fused.contract.Variant)
+   selects the arithmetic: what is inserted, the direction, the base rule.
 
 Hyperparameters are runtime arguments (never ``tl.constexpr``), so a scheduler changing
 lr does not recompile; floats that the reference uses in fp64 (lr, the betas of the bias
@@ -24,10 +25,11 @@ the reference operation by operation (the launchers turn off fp contraction; an
 explicit fma where torch's lerp has one; IEEE division and square root), so that in the
 tests, fp32 included, the two differ only by the summation order of the norms (keys).
 
-Memory traffic per element and step, fp32 everything: the norm pass reads g (4 B); the
-update reads p, g, m, v, S (20 B) and writes p, m, v (12 B); when the tensor's slot is
-replaced it also reads B[j] and writes B[j] and S (12 B): 48 B with an insert, 36 B
-without (amsgrad: +8 B). bf16 params with bf16 slots and the fp32 S: 28 B with an insert.
+Memory traffic per element and step, fp32 everything, AdamCM or AdamCG: the norm pass
+reads g (4 B); the update reads p, g, m, v, S (20 B) and writes p, m, v (12 B); when the
+tensor's slot is replaced it also reads B[j] and writes B[j] and S (12 B): 48 B with an
+insert, 36 B without (amsgrad: +8 B). bf16 params with bf16 slots and the fp32 S: 28 B
+with an insert. SGDCG with momentum: 40 B with an insert.
 A chunk's full blocks load and store unmasked (16-byte vectors when the host found the
 bucket aligned); only the last block of a tensor is masked.
 """
@@ -36,8 +38,10 @@ import triton.language as tl
 
 # Rows of a bucket's pointer table (int64 [len(BUCKET_ROWS), n]), indexed by the tensor's
 # position in the bucket.
-BUCKET_ROWS = ("p", "g", "m", "v", "vmax", "b", "s", "numel", "gidx")
-ROW_P, ROW_G, ROW_M, ROW_V, ROW_VMAX, ROW_B, ROW_S, ROW_NUMEL, ROW_GIDX = (
+# Roles m, v, x: the StepArgs lists momenta, second_moments, extras (a zero pointer where
+# the role is unused).
+BUCKET_ROWS = ("p", "g", "m", "v", "x", "b", "s", "numel", "gidx")
+ROW_P, ROW_G, ROW_M, ROW_V, ROW_X, ROW_B, ROW_S, ROW_NUMEL, ROW_GIDX = (
     tl.constexpr(i) for i in range(len(BUCKET_ROWS)))
 # Rows of a group's table (int64 [len(GROUP_ROWS), T]), indexed by the tensor's position in
 # the group (the order of the params list).
@@ -48,6 +52,8 @@ ROW_KEYS, ROW_COUNT, ROW_STEP, ROW_POFF, ROW_PCNT = (
 # fp64 [T, 3] = (k before the insert, at least 1; bias correction 1; sqrt of bias
 # correction 2, rounded to fp32 as the reference does).
 FLAG_REPLACE, FLAG_FIRST = tl.constexpr(1), tl.constexpr(2)
+# cm_fused.contract.Variant
+ADAM_CM, ADAM_CG, SGD_CG = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
@@ -116,11 +122,11 @@ def _reduce_kernel(gtab_ptr, T, partial_ptr, sumsq_ptr, RBLOCK: tl.constexpr):
 
 @triton.jit(do_not_specialize=["T", "C"])
 def _decide_kernel(gtab_ptr, T, sumsq_ptr, rand_ptr, found_inf_ptr, dec_i_ptr, dec_f_ptr,
-                   C, critical_test, decay, beta1_hi, beta1_lo, beta2_hi, beta2_lo,
+                   C, critical_test, key_decay, beta1_hi, beta1_lo, beta2_hi, beta2_lo,
                    SYNCED: tl.constexpr, HAS_RAND: tl.constexpr,
                    HAS_FOUND_INF: tl.constexpr, CP: tl.constexpr, TB: tl.constexpr):
     critical_test = tl.cast(critical_test, tl.float32)
-    decay = tl.cast(decay, tl.float32)
+    key_decay = tl.cast(key_decay, tl.float32)
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * TB + tl.arange(0, TB).to(tl.int64)
     rmask = rows < T
@@ -168,7 +174,7 @@ def _decide_kernel(gtab_ptr, T, sumsq_ptr, rand_ptr, found_inf_ptr, dec_i_ptr, d
         replace = replace | lucky
 
     K_new = tl.where((cols[None, :] == j[:, None]) & replace[:, None], n[:, None], K)
-    K_new = K_new * decay
+    K_new = K_new * key_decay
     k_new = tl.where(replace & (k < C), k + 1, k)
     step_new = step + 1.0
 
@@ -225,67 +231,99 @@ def _st(ptr, value, mask):
 
 
 @triton.jit
-def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, vm_ptr, slot_ptr, s_ptr, replace,
-                  first, k_before, scale, w, beta2, one_minus_beta2, eps, decay_factor,
-                  step_size, sqrt_bc2, P_DT: tl.constexpr, M_DT: tl.constexpr,
-                  V_DT: tl.constexpr, VM_DT: tl.constexpr, B_DT: tl.constexpr,
-                  S_DT: tl.constexpr, HAS_SCALE: tl.constexpr, AMSGRAD: tl.constexpr):
-    """One block of the update: SPEC's "every later step" 1-9 (and the first step)."""
+def _lerp(start, end, w):
+    """start.lerp(end, w) as torch computes it: one fma, from start for a small weight,
+    from end for a large one."""
+    d = end - start
+    return tl.where(w < 0.5, tl.fma(w, d, start), tl.fma(w - 1.0, d, end))
+
+
+@triton.jit
+def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, s_ptr, replace,
+                  first, k_before, scale, lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                  eps, weight_decay, decay_factor, one_minus_dampening, step_size, sqrt_bc2,
+                  VARIANT: tl.constexpr, P_DT: tl.constexpr, M_DT: tl.constexpr,
+                  V_DT: tl.constexpr, X_DT: tl.constexpr, B_DT: tl.constexpr,
+                  S_DT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MOM: tl.constexpr,
+                  HAS_X: tl.constexpr):
+    """One block of the update of variant VARIANT: the direction u and the value
+    inserted (what the variants differ in), the insert (shared), the base rule."""
     g = _ld(g_ptr + idx, mask).to(tl.float32)
     if HAS_SCALE:
         g = tl.div_rn(g, scale)
-    p = _ld(p_ptr + idx, mask).to(tl.float32)
-    m = _ld(m_ptr + idx, mask).to(tl.float32)
-    v = _ld(v_ptr + idx, mask).to(tl.float32)
+    x = _ld(p_ptr + idx, mask).to(tl.float32)
     S = _ld(s_ptr + idx, mask).to(tl.float32)
+    mean = tl.div_rn(S, k_before)  # the buffer as it was before this step's insert
 
-    x = p * decay_factor
-    # m.lerp(g, 1 - beta1) as torch computes it: one fma, from m for a small weight,
-    # from g for a large one
-    d = g - m
-    m_new = tl.where(w < 0.5, tl.fma(w, d, m), tl.fma(w - 1.0, d, g))
-    m_new = tl.where(first, 0.0, m_new)
-    # the aggregate uses the buffer as it was before this step's insert
-    a = tl.where(first, 0.0, m_new + tl.div_rn(S, k_before))
+    if VARIANT == ADAM_CM:
+        x = x * decay_factor  # decoupled weight decay (AdamW)
+        m_new = tl.where(first, 0.0, _lerp(_ld(m_ptr + idx, mask).to(tl.float32), g,
+                                           one_minus_beta1))
+        u = tl.where(first, 0.0, m_new + mean)  # the aggregate
+        new = tl.where(first, g, m_new)  # SPEC quirk: the first slot is the raw gradient
+    elif VARIANT == SGD_CG:
+        g = tl.where(weight_decay != 0.0, g + weight_decay * x, g)  # stored with wd (quirk)
+        u = tl.where(first, g, g + mean)
+        new = g
+        m_new = u  # not used
+    else:  # ADAM_CG
+        u = tl.where(first, g, g + mean)
+        u = tl.where(weight_decay != 0.0, u + weight_decay * x, u)  # coupled, after
+        new = g
+        m_new = u  # not used
 
-    # insert: the raw gradient on the first step (SPEC quirk), the momentum after; a
-    # kept slot is neither read nor written
+    # insert: a kept slot is neither read nor written
     if replace:
-        new = _narrow(tl.where(first, g, m_new), B_DT)
+        rounded = _narrow(new, B_DT)
         old = _ld(slot_ptr + idx, mask).to(S_DT).to(tl.float32)
-        S_new = (S - old) + new.to(S_DT).to(tl.float32)
-        _st(slot_ptr + idx, new, mask)
+        S_new = (S - old) + rounded.to(S_DT).to(tl.float32)
+        _st(slot_ptr + idx, rounded, mask)
         _st(s_ptr + idx, _narrow(S_new, S_DT), mask)
 
-    # v tracks the aggregate, not the gradient
-    v_new = v * beta2 + (one_minus_beta2 * a) * a
-    _st(v_ptr + idx, _narrow(v_new, V_DT), mask)
-    if AMSGRAD:
-        vm = _ld(vm_ptr + idx, mask).to(tl.float32)
-        v_new = tl.maximum(vm, v_new, propagate_nan=tl.PropagateNan.ALL)
-        _st(vm_ptr + idx, _narrow(v_new, VM_DT), mask)
-    _st(m_ptr + idx, _narrow(m_new, M_DT), mask)
-
-    denom = tl.div_rn(tl.sqrt_rn(v_new), sqrt_bc2) + eps
-    # SPEC: no Adam update on the first step (with eps == 0 it would be 0/0 = NaN)
-    p_new = tl.where(first, x, x - tl.div_rn(step_size * a, denom))
+    if VARIANT == SGD_CG:
+        if HAS_MOM:  # the first momentum step copies d
+            buf = _ld(m_ptr + idx, mask).to(tl.float32)
+            u = tl.where(first, u, buf * beta1 + one_minus_dampening * u)
+            _st(m_ptr + idx, _narrow(u, M_DT), mask)
+        p_new = x - lr * u
+    else:  # Adam: CM's v tracks the aggregate, CG's the aggregated gradient
+        if VARIANT == ADAM_CG:
+            m_new = _lerp(_ld(m_ptr + idx, mask).to(tl.float32), u, one_minus_beta1)
+            num = m_new
+        else:
+            num = u
+        v_new = _ld(v_ptr + idx, mask).to(tl.float32) * beta2 + (one_minus_beta2 * u) * u
+        _st(v_ptr + idx, _narrow(v_new, V_DT), mask)
+        if HAS_X:  # amsgrad
+            vm = _ld(x_ptr + idx, mask).to(tl.float32)
+            v_new = tl.maximum(vm, v_new, propagate_nan=tl.PropagateNan.ALL)
+            _st(x_ptr + idx, _narrow(v_new, X_DT), mask)
+        _st(m_ptr + idx, _narrow(m_new, M_DT), mask)
+        denom = tl.div_rn(tl.sqrt_rn(v_new), sqrt_bc2) + eps
+        p_new = x - tl.div_rn(step_size * num, denom)
+        if VARIANT == ADAM_CM:
+            # SPEC: no Adam update on CM's first step (with eps == 0 it would be 0/0)
+            p_new = tl.where(first, x, p_new)
     _st(p_ptr + idx, _narrow(p_new, P_DT), mask)
 
 
 @triton.jit(do_not_specialize=["n_tab", "chunk_len"])
 def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_ptr,
                    lr_hi, lr_lo, wd_factor, lr_ptr, scale_ptr, found_inf_ptr, chunk_len,
-                   one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-                   P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr,
-                   V_DT: tl.constexpr, VM_DT: tl.constexpr, B_DT: tl.constexpr,
-                   S_DT: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
-                   HAS_FOUND_INF: tl.constexpr, AMSGRAD: tl.constexpr,
+                   beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                   one_minus_dampening, VARIANT: tl.constexpr, P_DT: tl.constexpr,
+                   G_DT: tl.constexpr, M_DT: tl.constexpr, V_DT: tl.constexpr,
+                   X_DT: tl.constexpr, B_DT: tl.constexpr, S_DT: tl.constexpr,
+                   LR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   HAS_FOUND_INF: tl.constexpr, HAS_MOM: tl.constexpr, HAS_X: tl.constexpr,
                    ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    w = tl.cast(one_minus_beta1, tl.float32)
+    beta1 = tl.cast(beta1, tl.float32)
+    one_minus_beta1 = tl.cast(one_minus_beta1, tl.float32)
     beta2 = tl.cast(beta2, tl.float32)
     one_minus_beta2 = tl.cast(one_minus_beta2, tl.float32)
     eps = tl.cast(eps, tl.float32)
     weight_decay = tl.cast(weight_decay, tl.float32)
+    one_minus_dampening = tl.cast(one_minus_dampening, tl.float32)
     # p * (1 - lr * wd): with a float lr, 1 - lr * wd comes from the host (computed in
     # fp64 as the reference does); with a tensor lr, in fp32 as torch does.
     if LR_IS_PTR:
@@ -295,6 +333,7 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
         decay_factor = tl.where(weight_decay != 0.0, 1.0 - lr * weight_decay, 1.0)
     else:
         lr64 = _f64(lr_hi, lr_lo)
+        lr = tl.cast(lr_hi, tl.float32)  # the host rounded lr to fp32 (RNE) for this half
         decay_factor = tl.cast(wd_factor, tl.float32)
 
     pid = tl.program_id(0).to(tl.int64)
@@ -304,14 +343,12 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
     gi = tl.load(tab_ptr + ROW_GIDX * n_tab + t)
     p_ptr = tl.load(tab_ptr + ROW_P * n_tab + t).to(tl.pointer_type(P_DT))
     g_ptr = tl.load(tab_ptr + ROW_G * n_tab + t).to(tl.pointer_type(G_DT))
-    m_ptr = tl.load(tab_ptr + ROW_M * n_tab + t).to(tl.pointer_type(M_DT))
-    v_ptr = tl.load(tab_ptr + ROW_V * n_tab + t).to(tl.pointer_type(V_DT))
     b_ptr = tl.load(tab_ptr + ROW_B * n_tab + t).to(tl.pointer_type(B_DT))
     s_ptr = tl.load(tab_ptr + ROW_S * n_tab + t).to(tl.pointer_type(S_DT))
-    if AMSGRAD:
-        vm_ptr = tl.load(tab_ptr + ROW_VMAX * n_tab + t).to(tl.pointer_type(VM_DT))
-    else:
-        vm_ptr = v_ptr  # not used
+    # An unused role's pointer is 0 in the table and never dereferenced.
+    m_ptr = tl.load(tab_ptr + ROW_M * n_tab + t).to(tl.pointer_type(M_DT))
+    v_ptr = tl.load(tab_ptr + ROW_V * n_tab + t).to(tl.pointer_type(V_DT))
+    x_ptr = tl.load(tab_ptr + ROW_X * n_tab + t).to(tl.pointer_type(X_DT))
 
     j = tl.load(dec_i_ptr + 2 * gi).to(tl.int64)
     flags = tl.load(dec_i_ptr + 2 * gi + 1)
@@ -329,7 +366,7 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
         g_ptr = tl.multiple_of(g_ptr, 16)
         m_ptr = tl.multiple_of(m_ptr, 16)
         v_ptr = tl.multiple_of(v_ptr, 16)
-        vm_ptr = tl.multiple_of(vm_ptr, 16)
+        x_ptr = tl.multiple_of(x_ptr, 16)
         s_ptr = tl.multiple_of(s_ptr, 16)
         slot_ptr = tl.multiple_of(slot_ptr, 16)
         start = tl.multiple_of(start, BLOCK)
@@ -347,13 +384,15 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
     full_end = start + ((end - start) // BLOCK) * BLOCK
 
     for off in range(start, full_end, BLOCK):  # full blocks: no mask
-        _update_block(off + tl.arange(0, BLOCK), None, p_ptr, g_ptr, m_ptr, v_ptr, vm_ptr,
-                      slot_ptr, s_ptr, replace, first, k_before, scale, w, beta2,
-                      one_minus_beta2, eps, decay_factor, step_size, sqrt_bc2, P_DT, M_DT,
-                      V_DT, VM_DT, B_DT, S_DT, HAS_SCALE, AMSGRAD)
+        _update_block(off + tl.arange(0, BLOCK), None, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr,
+                      slot_ptr, s_ptr, replace, first, k_before, scale, lr, beta1,
+                      one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                      decay_factor, one_minus_dampening, step_size, sqrt_bc2, VARIANT, P_DT,
+                      M_DT, V_DT, X_DT, B_DT, S_DT, HAS_SCALE, HAS_MOM, HAS_X)
     for off in range(full_end, end, BLOCK):  # the tensor's last, short block (0 or 1)
         idx = off + tl.arange(0, BLOCK)
-        _update_block(idx, idx < end, p_ptr, g_ptr, m_ptr, v_ptr, vm_ptr, slot_ptr, s_ptr,
-                      replace, first, k_before, scale, w, beta2, one_minus_beta2, eps,
-                      decay_factor, step_size, sqrt_bc2, P_DT, M_DT, V_DT, VM_DT, B_DT,
-                      S_DT, HAS_SCALE, AMSGRAD)
+        _update_block(idx, idx < end, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, s_ptr,
+                      replace, first, k_before, scale, lr, beta1, one_minus_beta1, beta2,
+                      one_minus_beta2, eps, weight_decay, decay_factor, one_minus_dampening,
+                      step_size, sqrt_bc2, VARIANT, P_DT, M_DT, V_DT, X_DT, B_DT, S_DT,
+                      HAS_SCALE, HAS_MOM, HAS_X)

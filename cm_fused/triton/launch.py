@@ -5,8 +5,8 @@ pointers (cast in-kernel with ``tl.pointer_type``), and a chunk table maps each 
 of the norm and update passes to (tensor, first element). Chunks are cut per tensor, so
 a chunk never crosses into the next tensor; the last chunk of a tensor is short.
 
-Tensors of one group are bucketed by their dtypes (param, grad, m, v, v_max, slot,
-sum) for the norm and update launches; the reduce and decide launches span the whole
+Tensors of one group are bucketed by their dtypes (param, grad, the three state roles,
+slot, sum) for the norm and update launches; the reduce and decide launches span the whole
 group, so the synced key is the same for all buckets.
 
 Tables are built on the host from shapes and ``data_ptr()`` values only (nothing is read
@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..contract import StepArgs
 from . import kernels as K
 
 # Elements per program of the norm and update passes. 8192 elements x 48 bytes (fp32,
@@ -104,14 +105,20 @@ def _ptrs(ts):
     return tuple(map(_data_ptr, ts))
 
 
-def _key(lists: dict, C: int, chunk: int, block: int):
+# The StepArgs lists a table depends on, and the rows of a bucket table they give.
+_LISTS = ("params", "grads", "momenta", "second_moments", "extras", "buffers", "sums",
+          "keys", "counts", "steps")
+_BUCKET_LISTS = ("params", "grads", "momenta", "second_moments", "extras", "buffers", "sums")
+_DTYPE_NAMES = ("p", "g", "m", "v", "x", "b", "s")  # kernels.BUCKET_ROWS, in that order
+
+
+def _key(args: StepArgs, C: int, chunk: int, block: int):
     """Everything a table depends on: pointers, numels, dtypes (computed every step, so
     kept to C-level loops: ~10 attribute reads per tensor)."""
-    params = lists["params"]
+    params = args.params
     parts = [params[0].device, C, chunk, block, tuple(map(_numel, params))]
-    for name in ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
-                 "buffers", "sums", "keys", "counts", "steps"):
-        ts = lists[name]
+    for name in _LISTS:
+        ts = getattr(args, name)
         parts.append(_ptrs(ts))
         parts.append(tuple(map(_dtype, ts)))
     return tuple(parts)
@@ -122,20 +129,17 @@ def _pad2(x: list) -> list:
     return x + [0] * (len(x) % 2)
 
 
-def _build(lists: dict, C: int, chunk: int, block: int) -> _Plan:
-    params, grads = lists["params"], lists["grads"]
+def _build(args: StepArgs, C: int, chunk: int, block: int) -> _Plan:
+    params = args.params
     T = len(params)
     device = params[0].device
-    amsgrad = bool(lists["max_exp_avg_sqs"])
     numels = [p.numel() for p in params]
     n_chunks = [(n + chunk - 1) // chunk for n in numels]
+    lists = [getattr(args, name) for name in _BUCKET_LISTS]
 
     order: dict = {}
     for i in range(T):
-        dts = (params[i].dtype, grads[i].dtype, lists["exp_avgs"][i].dtype,
-               lists["exp_avg_sqs"][i].dtype,
-               lists["max_exp_avg_sqs"][i].dtype if amsgrad else None,
-               lists["buffers"][i].dtype, lists["sums"][i].dtype)
+        dts = tuple(ts[i].dtype if ts else None for ts in lists)
         order.setdefault(dts, []).append(i)
 
     blob: list = []
@@ -149,16 +153,10 @@ def _build(lists: dict, C: int, chunk: int, block: int) -> _Plan:
     bucket_specs = []
     base = 0
     for dts, idx in order.items():
-        rows = [
-            _ptrs(params[i] for i in idx), _ptrs(grads[i] for i in idx),
-            _ptrs(lists["exp_avgs"][i] for i in idx),
-            _ptrs(lists["exp_avg_sqs"][i] for i in idx),
-            _ptrs(lists["max_exp_avg_sqs"][i] for i in idx) if amsgrad else (0,) * len(idx),
-            _ptrs(lists["buffers"][i] for i in idx), _ptrs(lists["sums"][i] for i in idx),
-            tuple(numels[i] for i in idx), tuple(idx),
-        ]
+        rows = [_ptrs(ts[i] for i in idx) if ts else (0,) * len(idx) for ts in lists]
+        rows += [tuple(numels[i] for i in idx), tuple(idx)]
         put([v for row in rows for v in row])
-        slot_bytes = lists["buffers"][idx[0]].element_size()
+        slot_bytes = args.buffers[idx[0]].element_size()
         aligned = (chunk % block == 0
                    and all(ptr % 16 == 0 for row in rows[:7] for ptr in row)
                    and all(numels[i] * slot_bytes % 16 == 0 for i in idx))
@@ -171,8 +169,8 @@ def _build(lists: dict, C: int, chunk: int, block: int) -> _Plan:
         put(chunk_s)
         bucket_specs.append((dts, len(idx), len(chunk_t), base, aligned))
         base += len(chunk_t)
-    put([*_ptrs(lists["keys"]), *_ptrs(lists["counts"]), *_ptrs(lists["steps"]),
-         *partial_offset, *n_chunks])
+    put([*_ptrs(args.keys), *_ptrs(args.counts), *_ptrs(args.steps), *partial_offset,
+         *n_chunks])
 
     host = torch.tensor(blob, dtype=torch.int64)
     keepalive = []
@@ -189,13 +187,12 @@ def _build(lists: dict, C: int, chunk: int, block: int) -> _Plan:
 
     partials = torch.empty(max(base, 1), dtype=torch.float32, device=device)
     buckets = []
-    names = ("p", "g", "m", "v", "vmax", "b", "s")
     for b, (dts, n, nch, pbase, aligned) in enumerate(bucket_specs):
         buckets.append(_Bucket(
             n=n, n_chunks=nch, tab=view(3 * b), chunk_t=view(3 * b + 1),
             chunk_s=view(3 * b + 2), partials=partials[pbase:pbase + max(nch, 1)],
             dtypes={k: (_tl_dtype(d) if d is not None else tl.float32)
-                    for k, d in zip(names, dts)}, aligned=aligned))
+                    for k, d in zip(_DTYPE_NAMES, dts)}, aligned=aligned))
     return _Plan(
         T=T, gtab=view(3 * len(bucket_specs)), buckets=buckets, partials=partials,
         sumsq=torch.empty(T, dtype=torch.float32, device=device),
@@ -204,14 +201,14 @@ def _build(lists: dict, C: int, chunk: int, block: int) -> _Plan:
         keepalive=[*keepalive, dev])
 
 
-def plan_for(lists: dict, C: int, chunk: int, block: int) -> _Plan:
-    key = _key(lists, C, chunk, block)
+def plan_for(args: StepArgs, C: int, chunk: int, block: int) -> _Plan:
+    key = _key(args, C, chunk, block)
     plan = _cache.get(key)
     if plan is not None:
         _cache.move_to_end(key)
         stats["hits"] += 1
         return plan
-    plan = _build(lists, C, chunk, block)
+    plan = _build(args, C, chunk, block)
     stats["builds"] += 1
     _cache[key] = plan
     while len(_cache) > CACHE_SIZE:
@@ -257,21 +254,17 @@ def _kname(kernel):
     return getattr(fn, "__name__", str(kernel))
 
 
-def step(lists: dict, *, lr: float, lr_tensor, beta1: float, beta2: float, eps: float,
-         weight_decay: float, decay: float, critical_test: float, amsgrad: bool,
-         synced: bool, grad_scale, found_inf, rand) -> None:
-    """One Adam+CM step of one param group (see kernels.py for the four launches)."""
-    params = lists["params"]
-    if not params:
+def step(args: StepArgs) -> None:
+    """One step of one param group (see kernels.py for the four launches)."""
+    if not args.params:
         return
-    if not amsgrad:
-        lists = {**lists, "max_exp_avg_sqs": []}
-    C = int(lists["buffers"][0].shape[0])
+    C = int(args.buffers[0].shape[0])
     block = int(BLOCK)
     chunk = int(CHUNK)
-    plan = plan_for(lists, C, chunk, block)
+    plan = plan_for(args, C, chunk, block)
     T = plan.T
     dummy = plan.sumsq
+    grad_scale, found_inf, lr_tensor = args.grad_scale, args.found_inf, args.lr_tensor
 
     for b in plan.buckets:
         if b.n_chunks:
@@ -285,26 +278,28 @@ def step(lists: dict, *, lr: float, lr_tensor, beta1: float, beta2: float, eps: 
     CP = max(2, triton.next_power_of_2(C))
     TB = min(DECIDE_TB, max(16, 2048 // CP))  # a [TB, CP] tile of keys: <= 2048 or 16 rows
     _launch(K._decide_kernel, (triton.cdiv(T, TB),),
-            (plan.gtab, T, plan.sumsq, dummy if rand is None else rand,
+            (plan.gtab, T, plan.sumsq, dummy if args.rand is None else args.rand,
              dummy if found_inf is None else found_inf, plan.dec_i, plan.dec_f, C,
-             float(critical_test), float(decay), *_split(beta1), *_split(beta2)),
-            dict(SYNCED=bool(synced), HAS_RAND=rand is not None,
-                 HAS_FOUND_INF=found_inf is not None,
-                 CP=CP, TB=TB), 4)
+             float(args.critical_test), float(args.key_decay), *_split(args.beta1),
+             *_split(args.beta2)),
+            dict(SYNCED=bool(args.synced), HAS_RAND=args.rand is not None,
+                 HAS_FOUND_INF=found_inf is not None, CP=CP, TB=TB), 4)
+    lr = float(args.lr)
     for b in plan.buckets:
         if b.n_chunks:
             d = b.dtypes
             _launch(K._update_kernel, (b.n_chunks,),
                     (b.tab, b.n, b.chunk_t, b.chunk_s, plan.dec_i, plan.dec_f,
-                     *_split(lr), 1.0 - float(lr) * float(weight_decay),
+                     *_split(lr), 1.0 - lr * float(args.weight_decay),
                      dummy if lr_tensor is None else lr_tensor,
                      dummy if grad_scale is None else grad_scale,
                      dummy if found_inf is None else found_inf, chunk,
-                     1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps),
-                     float(weight_decay)),
-                    dict(P_DT=d["p"], G_DT=d["g"], M_DT=d["m"], V_DT=d["v"],
-                         VM_DT=d["vmax"], B_DT=d["b"], S_DT=d["s"],
+                     float(args.beta1), 1.0 - float(args.beta1), float(args.beta2),
+                     1.0 - float(args.beta2), float(args.eps), float(args.weight_decay),
+                     1.0 - float(args.dampening)),
+                    dict(VARIANT=int(args.variant), P_DT=d["p"], G_DT=d["g"], M_DT=d["m"],
+                         V_DT=d["v"], X_DT=d["x"], B_DT=d["b"], S_DT=d["s"],
                          LR_IS_PTR=lr_tensor is not None,
                          HAS_SCALE=grad_scale is not None,
-                         HAS_FOUND_INF=found_inf is not None, AMSGRAD=bool(amsgrad),
-                         ALIGNED=b.aligned, BLOCK=block), NUM_WARPS)
+                         HAS_FOUND_INF=found_inf is not None, HAS_MOM=bool(args.momenta),
+                         HAS_X=bool(args.extras), ALIGNED=b.aligned, BLOCK=block), NUM_WARPS)

@@ -1,12 +1,14 @@
-// cm_fused::adam_cm_step_ for CPU tensors: the kappa > 0 step of shared/SPEC.md over all
-// tensors of one param group, in place.
+// cm_fused::step_ for CPU tensors: the kappa > 0 step of docs/SPEC.md over all tensors
+// of one param group, in place, for every variant (cm_fused.contract.Variant). The op's
+// schema is defined in Python from cm_fused.contract.StepArgs (the one declaration of
+// the step's inputs); this file only implements it for the CPU dispatch key.
 //
 //   1. validate every argument (a step that raises changes nothing); honour found_inf
-//   2. norm pass (parallel): per fixed-size chunk of every gradient, a sum of squares
+//   2. reduce pass (parallel): per fixed-size chunk of every gradient, a sum of squares
 //   3. decide (serial, per tensor): reduce the chunk sums in chunk order -> norm -> key
-//      (synced: sum of all norms), argmin of the keys, replace flag, slot j, count, step,
-//      bias corrections, key decay
-//   4. update pass (parallel): one pass over p, g, m, v, (v_max), S and B[j]
+//      (synced: sum of all norms), the insert rule (decide(), shared by every variant),
+//      step count, bias corrections
+//   4. update pass (parallel): one pass over the tensor's elements (step_kernels.h)
 //
 // Chunk boundaries are fixed (kChunk elements from the start of each tensor) and each
 // chunk's partial sum is computed by one thread with the same code, so the norms, the
@@ -23,7 +25,7 @@
 #include <string>
 #include <vector>
 
-#include "adam_cm.h"
+#include "step.h"
 
 // The build passes -DCM_FUSED_TORCH_VERSION=<torch.__version__> unquoted (quotes do not
 // survive every build tool's command line), stringized here.
@@ -103,46 +105,86 @@ void for_each_chunk(const std::vector<Chunk>& chunks, int64_t total, const F& bo
 }
 
 void check_list(at::TensorList list, const char* name, size_t count) {
-  TORCH_CHECK(list.size() == count, "cm_fused::adam_cm_step_: ", name, " has ", list.size(),
+  TORCH_CHECK(list.size() == count, "cm_fused::step_: ", name, " has ", list.size(),
               " tensors, params has ", count);
 }
 
 void check_tensor(const at::Tensor& t, const char* name, size_t i, int64_t numel,
                   std::optional<at::ScalarType> dtype) {
-  TORCH_CHECK(t.defined(), "cm_fused::adam_cm_step_: ", name, "[", i, "] is undefined");
-  TORCH_CHECK(t.device().is_cpu(), "cm_fused::adam_cm_step_: ", name, "[", i,
+  TORCH_CHECK(t.defined(), "cm_fused::step_: ", name, "[", i, "] is undefined");
+  TORCH_CHECK(t.device().is_cpu(), "cm_fused::step_: ", name, "[", i,
               "] is on ", t.device(), ", expected cpu");
-  TORCH_CHECK(t.layout() == at::kStrided && t.is_contiguous(), "cm_fused::adam_cm_step_: ",
+  TORCH_CHECK(t.layout() == at::kStrided && t.is_contiguous(), "cm_fused::step_: ",
               name, "[", i, "] must be a dense contiguous tensor");
-  TORCH_CHECK(t.numel() == numel, "cm_fused::adam_cm_step_: ", name, "[", i, "] has ",
+  TORCH_CHECK(t.numel() == numel, "cm_fused::step_: ", name, "[", i, "] has ",
               t.numel(), " elements, expected ", numel);
   if (dtype) {
-    TORCH_CHECK(t.scalar_type() == *dtype, "cm_fused::adam_cm_step_: ", name, "[", i,
+    TORCH_CHECK(t.scalar_type() == *dtype, "cm_fused::step_: ", name, "[", i,
                 "] has dtype ", t.scalar_type(), ", expected ", *dtype);
   }
 }
 
 double scalar_value(const std::optional<at::Tensor>& t, const char* name) {
-  TORCH_CHECK(t->numel() == 1, "cm_fused::adam_cm_step_: ", name,
+  TORCH_CHECK(t->numel() == 1, "cm_fused::step_: ", name,
               " must hold exactly one value, got ", t->numel());
   return t->item<double>();
 }
 
-void adam_cm_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                      at::TensorList buffers, at::TensorList keys, at::TensorList counts,
-                      at::TensorList sums, at::TensorList steps, double lr,
-                      const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
-                      double eps, double weight_decay, double decay, double critical_test,
-                      bool amsgrad, bool synced, const std::optional<at::Tensor>& grad_scale,
-                      const std::optional<at::Tensor>& found_inf,
-                      const std::optional<at::Tensor>& rand) {
+// A role list holds one tensor per parameter, or none (unused by this variant/config).
+bool check_role(at::TensorList list, const char* name, size_t count, bool required) {
+  TORCH_CHECK(list.size() == count || (!required && list.empty()), "cm_fused::step_: ", name,
+              " has ", list.size(), " tensors, params has ", count,
+              required ? "" : " (an unused role is an empty list)");
+  return !list.empty();
+}
+
+struct Decision {
+  int64_t j;         // the slot written, if replace
+  bool replace;
+  bool first;        // the buffer was empty: the tensor's first step
+  int64_t k_before;  // the fill count before the insert, at least 1
+};
+
+// The insert rule, shared by every variant: fill while k < C; then replace the first-index
+// argmin of the keys when the new key beats it strictly, or on a lucky coin. Writes the
+// key (then decays them all) and the fill count.
+Decision decide(float* K, int64_t C, int64_t* count, float key, bool lucky, float key_decay) {
+  const int64_t k = *count;
+  const bool full = k >= C;
+  int64_t j_min = 0;  // torch.argmin: the first minimum; a NaN counts as the minimum
+  for (int64_t c = 1; c < C && !std::isnan(K[j_min]); ++c) {
+    if (std::isnan(K[c]) || K[c] < K[j_min]) j_min = c;
+  }
+  const int64_t j = full ? j_min : std::min(k, C - 1);
+  const bool replace = !full || key > K[j_min] || lucky;
+  if (replace) {
+    K[j] = key;
+    if (!full) *count = k + 1;
+  }
+  for (int64_t c = 0; c < C; ++c) K[c] = K[c] * key_decay;
+  return {j, replace, k == 0, std::max<int64_t>(k, 1)};
+}
+
+void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momenta,
+              at::TensorList second_moments, at::TensorList extras, at::TensorList buffers,
+              at::TensorList keys, at::TensorList counts, at::TensorList sums,
+              at::TensorList steps, int64_t variant, double lr,
+              const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+              double eps, double weight_decay, double dampening, double key_decay,
+              double critical_test, bool synced, const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf,
+              const std::optional<at::Tensor>& rand) {
   const size_t T = params.size();
   // ------------------------------------------------------------ 1. validate
+  TORCH_CHECK(variant >= 0 && variant < kNumVariants, "cm_fused::step_: unknown variant ",
+              variant);
+  const bool adam = variant == kAdamCM || variant == kAdamCG;
   check_list(grads, "grads", T);
-  check_list(exp_avgs, "exp_avgs", T);
-  check_list(exp_avg_sqs, "exp_avg_sqs", T);
-  if (amsgrad) check_list(max_exp_avg_sqs, "max_exp_avg_sqs", T);
+  const bool has_mom = check_role(momenta, "momenta", T, adam);
+  const bool has_sq = check_role(second_moments, "second_moments", T, adam);
+  const bool has_extra = check_role(extras, "extras", T, false);
+  TORCH_CHECK(adam || (!has_sq && !has_extra), "cm_fused::step_: variant ", variant,
+              " takes no second_moments or extras");
   check_list(buffers, "buffers", T);
   check_list(keys, "keys", T);
   check_list(counts, "counts", T);
@@ -152,23 +194,23 @@ void adam_cm_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   for (size_t i = 0; i < T; ++i) {
     const at::Tensor& p = params[i];
     pdt[i] = dtype_index(p.scalar_type());
-    TORCH_CHECK(pdt[i] >= 0, "cm_fused::adam_cm_step_: params[", i, "] has dtype ",
-                p.scalar_type(), "; the CPU kernel takes float32, bfloat16 or float16");
+    TORCH_CHECK(pdt[i] >= 0, "cm_fused::step_: params[", i, "] has dtype ", p.scalar_type(),
+                "; the CPU kernel takes float32, bfloat16 or float16");
     const int64_t n = p.numel();
     check_tensor(p, "params", i, n, std::nullopt);
     check_tensor(grads[i], "grads", i, n, p.scalar_type());
-    check_tensor(exp_avgs[i], "exp_avgs", i, n, p.scalar_type());
-    check_tensor(exp_avg_sqs[i], "exp_avg_sqs", i, n, p.scalar_type());
-    if (amsgrad) check_tensor(max_exp_avg_sqs[i], "max_exp_avg_sqs", i, n, p.scalar_type());
+    if (has_mom) check_tensor(momenta[i], "momenta", i, n, p.scalar_type());
+    if (has_sq) check_tensor(second_moments[i], "second_moments", i, n, p.scalar_type());
+    if (has_extra) check_tensor(extras[i], "extras", i, n, p.scalar_type());
     const int64_t C = keys[i].numel();
-    TORCH_CHECK(C >= 1, "cm_fused::adam_cm_step_: keys[", i, "] is empty");
+    TORCH_CHECK(C >= 1, "cm_fused::step_: keys[", i, "] is empty");
     check_tensor(keys[i], "keys", i, C, at::kFloat);
     const at::Tensor& B = buffers[i];
-    TORCH_CHECK(B.dim() >= 1 && B.size(0) == C, "cm_fused::adam_cm_step_: buffers[", i,
+    TORCH_CHECK(B.dim() >= 1 && B.size(0) == C, "cm_fused::step_: buffers[", i,
                 "] must have ", C, " slots along dim 0 (one per key), got shape ", B.sizes());
     sdt[i] = dtype_index(B.scalar_type());
-    TORCH_CHECK(sdt[i] >= 0, "cm_fused::adam_cm_step_: buffers[", i, "] has dtype ",
-                B.scalar_type(), "; slots must be float32, bfloat16 or float16");
+    TORCH_CHECK(sdt[i] >= 0, "cm_fused::step_: buffers[", i, "] has dtype ", B.scalar_type(),
+                "; slots must be float32, bfloat16 or float16");
     check_tensor(B, "buffers", i, C * n, std::nullopt);
     check_tensor(sums[i], "sums", i, n, at::kFloat);
     check_tensor(counts[i], "counts", i, 1, at::kLong);
@@ -177,8 +219,8 @@ void adam_cm_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   if (rand) {
     TORCH_CHECK(rand->device().is_cpu() && rand->scalar_type() == at::kFloat &&
                     rand->is_contiguous() && rand->numel() >= static_cast<int64_t>(T),
-                "cm_fused::adam_cm_step_: rand must be a contiguous float32 CPU tensor with "
-                "one value per tensor");
+                "cm_fused::step_: rand must be a contiguous float32 CPU tensor with one value "
+                "per tensor");
   }
   const bool scaled = grad_scale.has_value();
   const double scale_value = scaled ? scalar_value(grad_scale, "grad_scale") : 1.0;
@@ -199,7 +241,7 @@ void adam_cm_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     total += n;
   }
 
-  // ------------------------------------------------------------ 2. norm pass
+  // ------------------------------------------------------------ 2. reduce pass
   std::vector<const void*> gptr(T);
   for (size_t i = 0; i < T; ++i) gptr[i] = grads[i].data_ptr();
   std::vector<double> partial(chunks.size());
@@ -226,34 +268,22 @@ void adam_cm_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   const float wd_factor = lr_is_f32
       ? 1.f - lr_f * static_cast<float>(weight_decay)
       : static_cast<float>(1.0 - lr_value * weight_decay);
-  const float beta2_f = static_cast<float>(beta2);
-  const float decay_f = static_cast<float>(decay);
+  const float key_decay_f = static_cast<float>(key_decay);
   const float critical_f = static_cast<float>(critical_test);
   const float* rand_ptr = rand ? rand->data_ptr<float>() : nullptr;
+  auto ptr = [](at::TensorList list, size_t i) {
+    return list.empty() ? nullptr : list[i].data_ptr();
+  };
 
   std::vector<UpdateArgs> args(T);
   for (size_t i = 0; i < T; ++i) {
     const int64_t n = params[i].numel();
-    float* K = keys[i].data_ptr<float>();
-    const int64_t C = keys[i].numel();
-    int64_t* count = counts[i].data_ptr<int64_t>();
+    const bool lucky = rand_ptr != nullptr && rand_ptr[i] < critical_f;
+    const Decision d = decide(keys[i].data_ptr<float>(), keys[i].numel(),
+                              counts[i].data_ptr<int64_t>(), key[i], lucky, key_decay_f);
     float* step = steps[i].data_ptr<float>();
-    const int64_t k = *count;
-    const bool full = k >= C;
-    int64_t j_min = 0;  // torch.argmin: the first minimum; a NaN counts as the minimum
-    for (int64_t c = 1; c < C && !std::isnan(K[j_min]); ++c) {
-      if (std::isnan(K[c]) || K[c] < K[j_min]) j_min = c;
-    }
-    const int64_t j = full ? j_min : std::min(k, C - 1);
-    bool replace = !full || key[i] > K[j_min];
-    if (rand_ptr != nullptr) replace = replace || rand_ptr[i] < critical_f;
-    if (replace) {
-      K[j] = key[i];
-      if (!full) *count = k + 1;
-    }
     const float step_f = *step + 1.f;
     *step = step_f;
-    for (int64_t c = 0; c < C; ++c) K[c] = K[c] * decay_f;
     // Bias corrections in fp64, as the reference (fp32 1 - beta2^t cancels).
     const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step_f));
     const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step_f));
@@ -261,22 +291,26 @@ void adam_cm_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     UpdateArgs& a = args[i];
     a.p = params[i].data_ptr();
     a.g = gptr[i];
-    a.m = exp_avgs[i].data_ptr();
-    a.v = exp_avg_sqs[i].data_ptr();
-    a.v_max = amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr;
-    a.slot = replace && n > 0
-        ? static_cast<char*>(buffers[i].data_ptr()) + j * n * buffers[i].element_size()
+    a.mom = ptr(momenta, i);
+    a.sq = ptr(second_moments, i);
+    a.extra = ptr(extras, i);
+    a.slot = d.replace && n > 0
+        ? static_cast<char*>(buffers[i].data_ptr()) + d.j * n * buffers[i].element_size()
         : nullptr;
     a.sum = sums[i].data_ptr<float>();
-    a.first = k == 0;
+    a.first = d.first;
     a.has_wd = weight_decay != 0.0;
     a.scaled = scaled;
     a.grad_scale = scale_f;
+    a.wd = static_cast<float>(weight_decay);
     a.wd_factor = wd_factor;
-    a.lerp_w = static_cast<float>(1.0 - beta1);
-    a.beta2 = beta2_f;
+    a.lr = lr_f;
+    a.beta1 = static_cast<float>(beta1);
+    a.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+    a.beta2 = static_cast<float>(beta2);
     a.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-    a.k_before = static_cast<float>(std::max<int64_t>(k, 1));
+    a.one_minus_dampening = static_cast<float>(1.0 - dampening);
+    a.k_before = static_cast<float>(d.k_before);
     // Python's float / tensor is tensor.reciprocal() * float.
     a.step_size = static_cast<float>(lr_tensor ? lr_value / bc1 : (1.0 / bc1) * lr_value);
     a.sqrt_bc2 = static_cast<float>(std::sqrt(bc2));
@@ -285,7 +319,7 @@ void adam_cm_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
 
   // ------------------------------------------------------------ 4. update pass
   std::vector<UpdateFn> update(T);
-  for (size_t i = 0; i < T; ++i) update[i] = table.update[pdt[i]][sdt[i]];
+  for (size_t i = 0; i < T; ++i) update[i] = table.update[variant][pdt[i]][sdt[i]];
   for_each_chunk(chunks, total, [&](int64_t c) {
     const Chunk& ch = chunks[c];
     update[ch.tensor](args[ch.tensor], ch.begin, ch.end);
@@ -299,17 +333,10 @@ std::string kernel_name() { return kernels().name; }
 
 }  // namespace cm_fused
 
-TORCH_LIBRARY(cm_fused, m) {
-  m.def(
-      "adam_cm_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] buffers, "
-      "Tensor(f!)[] keys, Tensor(g!)[] counts, Tensor(h!)[] sums, Tensor(i!)[] steps, "
-      "float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, "
-      "float weight_decay, float decay, float critical_test, bool amsgrad, bool synced, "
-      "Tensor? grad_scale, Tensor? found_inf, Tensor? rand) -> ()");
+// The schema of step_ is defined in Python (cm_fused/contract.py); this library adds the
+// CPU implementation and a query of the kernel build.
+TORCH_LIBRARY_FRAGMENT(cm_fused, m) {
   m.def("cpu_kernel_name() -> str", [] { return cm_fused::kernel_name(); });
 }
 
-TORCH_LIBRARY_IMPL(cm_fused, CPU, m) {
-  m.impl("adam_cm_step_", &cm_fused::adam_cm_step_cpu);
-}
+TORCH_LIBRARY_IMPL(cm_fused, CPU, m) { m.impl("step_", &cm_fused::step_cpu); }

@@ -1,5 +1,6 @@
-// The vectorised per-chunk kernels of the Adam+CM step, written once as templates over the
-// parameter dtype T and the slot dtype TS (fp32, bf16, fp16; arithmetic always fp32).
+// The vectorised per-chunk kernels of the fused step, written once as templates over the
+// variant V (cm_fused.contract.Variant), the parameter dtype T and the slot dtype TS
+// (fp32, bf16, fp16; arithmetic always fp32).
 //
 // This header is compiled once per CPU capability: the including .cpp defines
 // CPU_CAPABILITY (DEFAULT, AVX2) before including it, so everything here, at::vec
@@ -15,7 +16,7 @@
 #include <cstring>
 #include <tuple>
 
-#include "adam_cm.h"
+#include "step.h"
 
 namespace cm_fused {
 namespace CPU_CAPABILITY {
@@ -108,8 +109,11 @@ double norm_kernel(const void* g_, int64_t begin, int64_t end, bool scaled, floa
 
 // ---------------------------------------------------------------- update pass
 
-template <typename T, typename TS>
-inline void update_block(const UpdateArgs& a, T* p, const T* g, T* m, T* v, T* v_max,
+// One block of kW elements of one tensor: docs/SPEC.md's update of variant V. The
+// direction u the base rule takes and the value inserted into the buffer come first
+// (they are what the variants differ in), then the insert (shared), then the base rule.
+template <int V, typename T, typename TS>
+inline void update_block(const UpdateArgs& a, T* p, const T* g, T* mom, T* sq, T* extra,
                          TS* slot, float* sum) {
   Vec g0, g1, x0, x1, s0, s1;
   IO<T>::load(g, g0, g1);
@@ -119,30 +123,53 @@ inline void update_block(const UpdateArgs& a, T* p, const T* g, T* m, T* v, T* v
     g1 = g1 / scale;
   }
   IO<T>::load(p, x0, x1);
-  if (a.has_wd) {
-    const Vec f(a.wd_factor);
-    x0 = x0 * f;
-    x1 = x1 * f;
-  }
   IO<float>::load(sum, s0, s1);
+  const Vec k(a.k_before);  // S / k: the buffer as it was before this step's insert
 
-  // m_new, the aggregate a = m_new + S/k (buffer before the insert), the inserted value.
-  Vec m0, m1, a0, a1, n0, n1;
-  if (a.first) {
-    m0 = m1 = a0 = a1 = Vec(0.f);
-    n0 = g0;  // SPEC quirk: the first slot holds the raw (unscaled) gradient
+  Vec u0, u1, n0, n1;  // u: the direction; n: the value inserted
+  Vec m0, m1;          // AdamCM: the new momentum
+  if constexpr (V == kAdamCM) {
+    if (a.has_wd) {  // decoupled (AdamW)
+      const Vec f(a.wd_factor);
+      x0 = x0 * f;
+      x1 = x1 * f;
+    }
+    if (a.first) {
+      m0 = m1 = u0 = u1 = Vec(0.f);
+      n0 = g0;  // SPEC quirk: the first slot holds the raw (unscaled) gradient
+      n1 = g1;
+    } else {
+      Vec o0, o1;
+      IO<T>::load(mom, o0, o1);
+      m0 = lerp(o0, g0, a.one_minus_beta1);
+      m1 = lerp(o1, g1, a.one_minus_beta1);
+      u0 = m0 + s0 / k;  // the aggregate
+      u1 = m1 + s1 / k;
+      n0 = m0;
+      n1 = m1;
+    }
+  } else if constexpr (V == kSGDCG) {
+    if (a.has_wd) {  // d = g + wd p is what is stored too (quirk)
+      const Vec wd(a.wd);
+      g0 = g0 + wd * x0;
+      g1 = g1 + wd * x1;
+    }
+    n0 = g0;
     n1 = g1;
-  } else {
-    Vec o0, o1;
-    IO<T>::load(m, o0, o1);
-    m0 = lerp(o0, g0, a.lerp_w);
-    m1 = lerp(o1, g1, a.lerp_w);
-    const Vec k(a.k_before);
-    a0 = m0 + s0 / k;
-    a1 = m1 + s1 / k;
-    n0 = m0;
-    n1 = m1;
+    u0 = a.first ? g0 : g0 + s0 / k;
+    u1 = a.first ? g1 : g1 + s1 / k;
+  } else {  // kAdamCG
+    n0 = g0;
+    n1 = g1;
+    u0 = a.first ? g0 : g0 + s0 / k;
+    u1 = a.first ? g1 : g1 + s1 / k;
+    if (a.has_wd) {  // coupled L2, after the aggregate
+      const Vec wd(a.wd);
+      u0 = u0 + wd * x0;
+      u1 = u1 + wd * x1;
+    }
   }
+
   if (slot != nullptr) {  // S <- (S - B[j]) + round(new); B[j] <- round(new)
     Vec b0, b1;
     IO<TS>::load(slot, b0, b1);
@@ -150,72 +177,100 @@ inline void update_block(const UpdateArgs& a, T* p, const T* g, T* m, T* v, T* v
     IO<float>::store(sum, (s0 - b0) + n0, (s1 - b1) + n1);
   }
 
-  // v tracks the aggregate.
-  Vec v0, v1;
-  IO<T>::load(v, v0, v1);
-  const Vec b2(a.beta2), omb2(a.one_minus_beta2);
-  v0 = v0 * b2 + (omb2 * a0) * a0;
-  v1 = v1 * b2 + (omb2 * a1) * a1;
-  IO<T>::store(v, v0, v1);
-  if (v_max != nullptr) {
-    Vec w0, w1;
-    IO<T>::load(v_max, w0, w1);
-    v0 = at::vec::maximum(w0, v0);
-    v1 = at::vec::maximum(w1, v1);
-    IO<T>::store(v_max, v0, v1);
+  if constexpr (V == kAdamCM || V == kAdamCG) {
+    Vec num0, num1;  // what moves p: the aggregate (CM) or Adam's m (CG)
+    if constexpr (V == kAdamCG) {
+      Vec o0, o1;
+      IO<T>::load(mom, o0, o1);
+      m0 = lerp(o0, u0, a.one_minus_beta1);
+      m1 = lerp(o1, u1, a.one_minus_beta1);
+      num0 = m0;
+      num1 = m1;
+    } else {
+      num0 = u0;
+      num1 = u1;
+    }
+    Vec v0, v1;  // CM: v tracks the aggregate
+    IO<T>::load(sq, v0, v1);
+    const Vec b2(a.beta2), omb2(a.one_minus_beta2);
+    v0 = v0 * b2 + (omb2 * u0) * u0;
+    v1 = v1 * b2 + (omb2 * u1) * u1;
+    IO<T>::store(sq, v0, v1);
+    if (extra != nullptr) {  // amsgrad
+      Vec w0, w1;
+      IO<T>::load(extra, w0, w1);
+      v0 = at::vec::maximum(w0, v0);
+      v1 = at::vec::maximum(w1, v1);
+      IO<T>::store(extra, v0, v1);
+    }
+    IO<T>::store(mom, m0, m1);
+    if (V == kAdamCM && a.first) {  // no Adam update on CM's first step (eps 0: 0/0)
+      IO<T>::store(p, x0, x1);
+      return;
+    }
+    const Vec sqrt_bc2(a.sqrt_bc2), eps(a.eps), step_size(a.step_size);
+    const Vec d0 = v0.sqrt() / sqrt_bc2 + eps;
+    const Vec d1 = v1.sqrt() / sqrt_bc2 + eps;
+    IO<T>::store(p, x0 - (step_size * num0) / d0, x1 - (step_size * num1) / d1);
+  } else {  // kSGDCG
+    if (mom != nullptr) {  // the first momentum step copies d
+      if (!a.first) {
+        Vec o0, o1;
+        IO<T>::load(mom, o0, o1);
+        const Vec mu(a.beta1), omd(a.one_minus_dampening);
+        u0 = o0 * mu + omd * u0;
+        u1 = o1 * mu + omd * u1;
+      }
+      IO<T>::store(mom, u0, u1);
+    }
+    const Vec lr(a.lr);
+    IO<T>::store(p, x0 - lr * u0, x1 - lr * u1);
   }
-  IO<T>::store(m, m0, m1);
-
-  if (a.first) {  // SPEC: no Adam update on the first step (with eps == 0 it is 0/0)
-    IO<T>::store(p, x0, x1);
-    return;
-  }
-  const Vec sqrt_bc2(a.sqrt_bc2), eps(a.eps), step_size(a.step_size);
-  const Vec d0 = v0.sqrt() / sqrt_bc2 + eps;
-  const Vec d1 = v1.sqrt() / sqrt_bc2 + eps;
-  IO<T>::store(p, x0 - (step_size * a0) / d0, x1 - (step_size * a1) / d1);
 }
 
-template <typename T, typename TS>
+template <int V, typename T, typename TS>
 void update_kernel(const UpdateArgs& a, int64_t begin, int64_t end) {
   T* p = static_cast<T*>(a.p);
   const T* g = static_cast<const T*>(a.g);
-  T* m = static_cast<T*>(a.m);
-  T* v = static_cast<T*>(a.v);
-  T* v_max = static_cast<T*>(a.v_max);
+  T* mom = static_cast<T*>(a.mom);
+  T* sq = static_cast<T*>(a.sq);
+  T* extra = static_cast<T*>(a.extra);
   TS* slot = static_cast<TS*>(a.slot);
   float* sum = a.sum;
+  auto at = [](auto* ptr, int64_t i) { return ptr ? ptr + i : nullptr; };
   int64_t i = begin;
   for (; i + kW <= end; i += kW) {
-    update_block<T, TS>(a, p + i, g + i, m + i, v + i, v_max ? v_max + i : nullptr,
-                        slot ? slot + i : nullptr, sum + i);
+    update_block<V, T, TS>(a, p + i, g + i, at(mom, i), at(sq, i), at(extra, i), at(slot, i),
+                           sum + i);
   }
   if (i == end) return;
   // The tail of a tensor: the same block code on zero-padded copies, then copy back.
   const int64_t r = end - i;
-  T tp[kW], tg[kW], tm[kW], tv[kW], tvm[kW];
+  T tp[kW], tg[kW], tm[kW], tv[kW], te[kW];
   TS ts[kW];
   float tsum[kW];
   auto in = [r](void* dst, const void* src, size_t size) {
     std::memset(dst, 0, kW * size);
     if (src != nullptr) std::memcpy(dst, src, r * size);
   };
+  auto out = [r](void* dst, const void* src, size_t size) {
+    if (dst != nullptr) std::memcpy(dst, src, r * size);
+  };
   in(tp, p + i, sizeof(T));
   in(tg, g + i, sizeof(T));
-  in(tm, m + i, sizeof(T));
-  in(tv, v + i, sizeof(T));
-  in(tvm, v_max ? v_max + i : nullptr, sizeof(T));
-  in(ts, slot ? slot + i : nullptr, sizeof(TS));
+  in(tm, at(mom, i), sizeof(T));
+  in(tv, at(sq, i), sizeof(T));
+  in(te, at(extra, i), sizeof(T));
+  in(ts, at(slot, i), sizeof(TS));
   in(tsum, sum + i, sizeof(float));
-  update_block<T, TS>(a, tp, tg, tm, tv, v_max ? tvm : nullptr, slot ? ts : nullptr, tsum);
-  std::memcpy(static_cast<void*>(p + i), tp, r * sizeof(T));
-  std::memcpy(static_cast<void*>(m + i), tm, r * sizeof(T));
-  std::memcpy(static_cast<void*>(v + i), tv, r * sizeof(T));
-  if (v_max) std::memcpy(static_cast<void*>(v_max + i), tvm, r * sizeof(T));
-  if (slot) {
-    std::memcpy(static_cast<void*>(slot + i), ts, r * sizeof(TS));
-    std::memcpy(sum + i, tsum, r * sizeof(float));
-  }
+  update_block<V, T, TS>(a, tp, tg, mom ? tm : nullptr, sq ? tv : nullptr,
+                         extra ? te : nullptr, slot ? ts : nullptr, tsum);
+  out(p + i, tp, sizeof(T));
+  out(at(mom, i), tm, sizeof(T));
+  out(at(sq, i), tv, sizeof(T));
+  out(at(extra, i), te, sizeof(T));
+  out(at(slot, i), ts, sizeof(TS));
+  if (slot) std::memcpy(sum + i, tsum, r * sizeof(float));
 }
 
 }  // namespace
@@ -223,12 +278,15 @@ void update_kernel(const UpdateArgs& a, int64_t begin, int64_t end) {
 const KernelTable& kernel_table() {
   using c10::BFloat16;
   using c10::Half;
-#define CM_ROW(T) {&update_kernel<T, float>, &update_kernel<T, BFloat16>, &update_kernel<T, Half>}
+#define CM_ROW(V, T) \
+  {&update_kernel<V, T, float>, &update_kernel<V, T, BFloat16>, &update_kernel<V, T, Half>}
+#define CM_VARIANT(V) {CM_ROW(V, float), CM_ROW(V, BFloat16), CM_ROW(V, Half)}
   static const KernelTable table{
       C10_STRINGIZE(CPU_CAPABILITY),
       {&norm_kernel<float>, &norm_kernel<BFloat16>, &norm_kernel<Half>},
-      {CM_ROW(float), CM_ROW(BFloat16), CM_ROW(Half)},
+      {CM_VARIANT(kAdamCM), CM_VARIANT(kAdamCG), CM_VARIANT(kSGDCG)},
   };
+#undef CM_VARIANT
 #undef CM_ROW
   return table;
 }

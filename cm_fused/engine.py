@@ -1,0 +1,401 @@
+"""The step engine every optimizer of the package runs on: groups, validation, state,
+backend choice, dispatch, GradScaler and checkpoints.
+
+An optimizer (cm_fused/optimizers.py) is a thin subclass of :class:`CriticalOptimizer`
+that says four things about itself: its :class:`~cm_fused.contract.Variant`, its
+hyperparameters (the keywords of its ``__init__``), which state tensor plays which role
+of the step (:meth:`~CriticalOptimizer._roles`) and which scalars it passes
+(:meth:`~CriticalOptimizer._scalars`), plus torch's own code for ``kappa == 0``
+(:meth:`~CriticalOptimizer._torch_step`). Everything else is here, once.
+
+Per step and group: validate → allocate state (for every group, before any changes) →
+build one :class:`~cm_fused.contract.StepArgs` → the backend's ``step(args)``.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import warnings
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from . import registry, validation
+from .contract import StepArgs, Variant, sum_dtype
+from .reference import unscaled
+
+log = logging.getLogger("cm_fused")
+
+# State entries that keep their own dtype (torch's load_state_dict would cast them to the
+# param's dtype, which breaks bf16 slots, fp32 keys and sums, and the integer count).
+_OWN_DTYPE = {"cm_keys": torch.float32, "cm_count": torch.int64, "step": torch.float32}
+BUFFER_STATE = ("cm_buffer", "cm_keys", "cm_count", "cm_sum")
+# The per-tensor roles of the step whose state entries an optimizer names (_roles).
+ROLES = ("momenta", "second_moments", "extras", "steps")
+
+
+@dataclass
+class _Plan:
+    """What one group's step will do, decided before anything is changed."""
+    group: dict
+    params: list[Tensor]
+    device: torch.device | None
+    backend: str
+    module: ModuleType | None
+    states: list[dict] | None = None
+
+
+class CriticalOptimizer(torch.optim.Optimizer):
+    """Base class of the critical-momenta / critical-gradients optimizers.
+
+    ``backend``: ``"auto"`` (fastest available for the tensors' device, falling back to
+    ``"reference"`` with one warning), ``"reference"``, ``"cpu"`` or ``"triton"`` (these
+    raise if they cannot run). ``self.backends_in_use`` maps device type to the backend
+    that last ran there.
+    """
+
+    _step_supports_amp_scaling = True
+    variant: ClassVar[Variant]
+    # The hyperparameters and their defaults: the subclass's __init__ keywords.
+    HYPERPARAMETERS: ClassVar[dict[str, Any]] = {}
+    # torch's counterpart has a fused kernel (used at kappa == 0 by the fused backends);
+    # it takes GradScaler's grad_scale and found_inf.
+    TORCH_FUSED: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        sig = inspect.signature(cls.__init__)
+        cls.HYPERPARAMETERS = {name: p.default for name, p in sig.parameters.items()
+                               if name not in ("self", "params", "backend")}
+
+    def __init__(self, params, hyperparameters: dict, backend: str = "auto"):
+        if backend != "auto" and backend not in registry.NAMES:
+            raise ValueError(f"Invalid backend: {backend!r} (expected 'auto' or one of "
+                             f"{registry.NAMES})")
+        self.backend = backend
+        self.backends_in_use: dict[str, str] = {}
+        self._warned: set[str] = set()
+        self._backend_cache: dict = {}
+        defaults = {name: hyperparameters[name] for name in self.HYPERPARAMETERS}
+        if isinstance(defaults.get("betas"), list):
+            defaults["betas"] = tuple(defaults["betas"])
+        validation.validate(defaults, self.HYPERPARAMETERS)
+        lr = defaults["lr"]
+        if isinstance(lr, Tensor) and not lr.item() >= 0:  # once, at construction only
+            raise validation.bad("lr", lr, "must be >= 0")
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict) -> None:
+        """Also for checkpoints and pickles of an older version: a hyperparameter added
+        since gets its default (the behaviour of the version that did not have it)."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for name, default in self.HYPERPARAMETERS.items():
+                group.setdefault(name, default)
+        for attr, default in (("backend", "auto"), ("backends_in_use", {}), ("_warned", set()),
+                              ("_backend_cache", {})):
+            self.__dict__.setdefault(attr, default)
+
+    def add_param_group(self, param_group: dict) -> None:
+        validation.validate({**self.defaults, **param_group}, self.HYPERPARAMETERS)
+        super().add_param_group(param_group)
+
+    # ------------------------------------------------------ what a subclass says
+
+    def _roles(self, group: dict) -> dict[str, str | None]:
+        """The state key of each per-tensor role of the step (ROLES), None if unused."""
+        raise NotImplementedError
+
+    def _scalars(self, group: dict) -> dict[str, float]:
+        """beta1, beta2, eps, weight_decay, dampening, key_decay, critical_test."""
+        raise NotImplementedError
+
+    def _torch_step(self, group: dict, params: list[Tensor], grads: list[Tensor],
+                    states: list[dict], lr, **impl) -> None:
+        """kappa == 0: torch's own functional step, with ``impl`` (fused, foreach, ...)."""
+        raise NotImplementedError
+
+    def _check_state(self, state: dict, group: dict) -> None:
+        """Refuse a group change this optimizer cannot follow (a hook; nothing by default)."""
+
+    # ------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Every check runs before the first change, so a step that raises changes nothing;
+        # then all state is allocated (an out-of-memory stops before any group steps, and
+        # takes back what it allocated).
+        plans = [self._plan(group) for group in self.param_groups]
+        added: list[tuple[dict, list[str]]] = []
+        try:
+            for plan in plans:
+                plan.states = [self._state_for(p, plan.group, added) for p in plan.params]
+        except BaseException:
+            for st, keys in added:
+                for key in keys:
+                    del st[key]
+            raise
+        grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler
+        found_inf = getattr(self, "found_inf", None)
+        for plan in plans:
+            if plan.params:
+                self._run(plan, grad_scale, found_inf)
+        return loss
+
+    def _plan(self, group: dict) -> _Plan:
+        validation.validate(group, self.HYPERPARAMETERS)
+        name = type(self).__name__
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{name} does not support sparse gradients")
+            if p.is_complex() or p.grad.is_complex():
+                raise RuntimeError(f"{name} does not support complex parameters or gradients")
+            if p.grad.shape != p.shape or p.grad.dtype != p.dtype:
+                raise RuntimeError(f"gradient {tuple(p.grad.shape)} {p.grad.dtype} does not "
+                                   f"match parameter {tuple(p.shape)} {p.dtype}")
+        if not params:
+            return _Plan(group, [], None, "reference", None)
+        devices = {p.device for p in params} | {p.grad.device for p in params}
+        if len(devices) > 1:
+            raise RuntimeError(f"all parameters of a group and their gradients must be on one "
+                               f"device, got {sorted(map(str, devices))}")
+        device = devices.pop()
+        for p in params:
+            st = self.state.get(p)
+            if st:
+                self._check_buffer_state(st, p, group)
+                self._check_state(st, group)
+        backend, module = self._resolve(device, frozenset(p.dtype for p in params))
+        return _Plan(group, params, device, backend, module)
+
+    def _check_buffer_state(self, st: dict, p: Tensor, group: dict) -> None:
+        if group["kappa"] <= 0:
+            return
+        if "cm_buffer" not in st:
+            raise RuntimeError("this parameter has stepped with kappa=0; turning the "
+                               "critical buffer on afterwards is not supported")
+        buf = st["cm_buffer"]
+        if buf.shape[0] != group["topC"]:
+            raise RuntimeError(f"the group's topC is {group['topC']} but this parameter's "
+                               f"buffer holds {buf.shape[0]} slots; topC cannot change after "
+                               f"the first step")
+        want = group["buffer_dtype"] or p.dtype
+        if buf.dtype != want:
+            raise RuntimeError(f"the group's buffer_dtype resolves to {want} but this "
+                               f"parameter's buffer is {buf.dtype}; it cannot change after "
+                               f"the first step")
+
+    def _resolve(self, device: torch.device, dtypes: frozenset) -> tuple[str, ModuleType]:
+        """The backend for tensors of this device and dtypes: decided once, then cached."""
+        key = (self.backend, device, dtypes)
+        hit = self._backend_cache.get(key)
+        if hit is None:
+            hit = self._backend_cache[key] = self._choose(device, set(dtypes))
+        return hit
+
+    def _choose(self, device: torch.device, dtypes: set) -> tuple[str, ModuleType]:
+        if self.backend != "auto":
+            reason = registry.why_not(self.backend, device, dtypes)
+            if reason:
+                raise RuntimeError(f"backend={self.backend!r} cannot step "
+                                   f"{sorted(map(str, dtypes))} tensors on {device}: {reason}")
+            return self.backend, registry.module(self.backend)
+        name = registry.preferred(device)
+        reason = registry.why_not(name, device, dtypes)
+        if reason is None:
+            return name, registry.module(name)
+        message = f"cm_fused: backend 'auto' uses 'reference' on {device}: '{name}' {reason}"
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, stacklevel=5)
+        reason = registry.why_not("reference", device, dtypes)
+        if reason:
+            raise RuntimeError(f"no backend can step these parameters: {reason}")
+        return "reference", registry.module("reference")
+
+    def _state_for(self, p: Tensor, group: dict, added: list) -> dict:
+        """p's state, with every entry this step needs allocated (zeros); the keys added
+        are recorded in ``added`` so that a failed allocation can be taken back."""
+        st = self.state[p]
+        fresh = not st
+        new: dict[str, Tensor] = {}
+        for role, key in self._roles(group).items():
+            if key is not None and key not in st:
+                new[key] = (torch.zeros((), dtype=torch.float32, device=p.device)
+                            if role == "steps" else
+                            torch.zeros_like(p, memory_format=torch.contiguous_format))
+        if group["kappa"] > 0 and fresh:
+            slot = group["buffer_dtype"] or p.dtype
+            C = group["topC"]
+            new["cm_buffer"] = torch.zeros((C, *p.shape), dtype=slot, device=p.device)
+            new["cm_keys"] = torch.zeros(C, dtype=torch.float32, device=p.device)
+            new["cm_count"] = torch.zeros((), dtype=torch.int64, device=p.device)
+            new["cm_sum"] = torch.zeros(p.shape, dtype=sum_dtype(slot), device=p.device)
+        if new:
+            st.update(new)
+            added.append((st, list(new)))
+        return st
+
+    def _run(self, plan: _Plan, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        group, params, device, states = plan.group, plan.params, plan.device, plan.states
+        if self.backends_in_use.get(device.type) != plan.backend:
+            log.debug("cm_fused: %s steps parameters on %s", plan.backend, device)
+            self.backends_in_use[device.type] = plan.backend
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(device, non_blocking=True)
+        if found_inf is not None:
+            found_inf = found_inf.to(device, non_blocking=True)
+        lr = group["lr"]
+        if isinstance(lr, Tensor):  # once here, so no backend copies it on every use
+            lr = lr.to(device, non_blocking=True)
+        grads = [p.grad for p in params]
+        if group["kappa"] == 0:
+            self._run_torch(plan, grads, lr, grad_scale, found_inf)
+            return
+        fused = plan.backend != "reference"
+        write_back = None
+        if fused:
+            params, grads, write_back = _contiguous(params, grads)
+        roles = self._roles(group)
+
+        def gather(role: str) -> list[Tensor]:
+            key = roles[role]
+            return [s[key] for s in states] if key is not None else []
+
+        scalars = self._scalars(group)
+        rand = None
+        if scalars["critical_test"] > 0:
+            rand = torch.rand(len(params), device=device)
+        args = StepArgs(
+            params=params, grads=grads, momenta=gather("momenta"),
+            second_moments=gather("second_moments"), extras=gather("extras"),
+            buffers=[s["cm_buffer"] for s in states], keys=[s["cm_keys"] for s in states],
+            counts=[s["cm_count"] for s in states], sums=[s["cm_sum"] for s in states],
+            steps=gather("steps"), variant=int(self.variant),
+            lr=0.0 if isinstance(lr, Tensor) else float(lr),
+            lr_tensor=lr if isinstance(lr, Tensor) else None, **scalars,
+            synced=group["synced"], grad_scale=grad_scale, found_inf=found_inf, rand=rand)
+        plan.module.step(args)
+        if write_back is not None:
+            write_back()
+
+    def _run_torch(self, plan: _Plan, grads, lr, grad_scale, found_inf) -> None:
+        """kappa == 0: torch's own code, fused (or foreach) unless the reference is asked
+        for; torch paths without GradScaler inputs get unscaled gradients and are undone
+        on the device where found_inf is set."""
+        group, params, states = plan.group, plan.params, plan.states
+        if plan.backend != "reference" and self.TORCH_FUSED:
+            self._torch_step(group, params, grads, states, lr, fused=True,
+                             grad_scale=grad_scale, found_inf=found_inf)
+            return
+        impl = dict(foreach=plan.backend != "reference")
+        restore = _restore_if_found_inf(found_inf, [*params, *(
+            t for s in states for t in s.values() if isinstance(t, Tensor))])
+        if grad_scale is not None:
+            grads = [unscaled(g, grad_scale).to(g.dtype) for g in grads]
+        before = [set(s) for s in states]
+        self._torch_step(group, params, grads, states, lr, **impl)
+        restore()
+        created = [(s, set(s) - keys) for s, keys in zip(states, before) if set(s) - keys]
+        # State torch created in this step (SGD's momentum buffer, on a tensor's first
+        # momentum step) cannot be undone on the device: whether it stays takes a host
+        # sync, once per tensor, on that first step only.
+        if created and found_inf is not None and found_inf.item() != 0:
+            for s, keys in created:
+                for key in keys:
+                    del s[key]
+
+    # ------------------------------------------------------ checkpoints
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"checkpoint has {len(saved_groups)} param groups, this "
+                             f"optimizer has {len(self.param_groups)}")
+        pairs = []
+        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if "topC" not in saved:
+                raise ValueError(f"checkpoint param group {i} has no 'topC': it was not saved "
+                                 f"by a cm_fused optimizer (a torch.optim checkpoint?), so "
+                                 f"{type(self).__name__} cannot load it")
+            if saved["topC"] != group["topC"]:
+                raise ValueError(f"checkpoint param group {i} has topC={saved['topC']!r} "
+                                 f"but this optimizer's group {i} has topC={group['topC']!r}; "
+                                 f"critical buffers cannot be resized")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"checkpoint param group {i} has {len(saved['params'])} "
+                                 f"params, this optimizer's has {len(group['params'])}")
+            pairs += zip(saved["params"], group["params"])
+        saved_state = state_dict["state"]
+        for pid, p in pairs:
+            buf = saved_state.get(pid, {}).get("cm_buffer")
+            if buf is not None and tuple(buf.shape[1:]) != tuple(p.shape):
+                raise ValueError(f"checkpoint buffer of shape {tuple(buf.shape)} does not fit "
+                                 f"a parameter of shape {tuple(p.shape)}")
+        super().load_state_dict(state_dict)
+        # Rebuild each state from the checkpoint with our dtype rules, and copy so that the
+        # optimizer never shares storage with the dict it was given.
+        for pid, p in pairs:
+            if pid not in saved_state:
+                continue
+            self.state[p] = {key: _restore(key, value, p)
+                             for key, value in saved_state[pid].items()}
+
+
+def _restore_if_found_inf(found_inf: Tensor | None, tensors: list[Tensor]):
+    """Snapshot ``tensors``; the returned callable puts them back where found_inf is set.
+
+    torch's for-loop (and foreach) steps take no found_inf, so such a kappa=0 step is done
+    and then undone on the device, without a host sync (it costs one copy of the params
+    and their state while it runs).
+    """
+    if found_inf is None:
+        return lambda: None
+    skip = found_inf != 0
+    saved = [t.clone() for t in tensors]
+
+    def restore():
+        for t, old in zip(tensors, saved):
+            t.copy_(torch.where(skip, old, t))
+
+    return restore
+
+
+def _restore(key: str, value: Any, p: Tensor) -> Any:
+    if not isinstance(value, Tensor):
+        return value
+    if key in _OWN_DTYPE:
+        dtype = _OWN_DTYPE[key]
+    elif key in ("cm_buffer", "cm_sum"):
+        dtype = value.dtype
+    else:
+        dtype = p.dtype
+    return value.to(device=p.device, dtype=dtype, copy=True).contiguous()
+
+
+def _contiguous(params: list[Tensor], grads: list[Tensor]):
+    """Fused kernels take dense tensors: step contiguous copies of strided params/grads.
+
+    Returns the params and grads to step and a callable that copies stepped params back
+    (None when every tensor was dense already).
+    """
+    strided = [i for i, p in enumerate(params) if not p.is_contiguous()]
+    if not strided and all(g.is_contiguous() for g in grads):
+        return params, grads, None
+    dense = list(params)
+    for i in strided:
+        dense[i] = params[i].contiguous()
+
+    def write_back():
+        for i in strided:
+            params[i].copy_(dense[i])
+
+    return dense, [g.contiguous() for g in grads], write_back

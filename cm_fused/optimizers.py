@@ -1,0 +1,131 @@
+"""The optimizers users construct: each is a variant of the one step engine (engine.py).
+
+An optimizer here says only what makes it itself: its variant, its keywords (those of
+its torch counterpart and of the authors' class), which state entry plays which role of
+the step, the scalars it passes, and torch's own code for ``kappa == 0``. docs/SPEC.md
+has the math of each.
+
+Positional arguments go as far as the torch counterpart and the authors' class agree;
+the rest are keyword-only, so that a call written for either can never silently bind a
+value to the wrong name.
+"""
+from __future__ import annotations
+
+from torch.optim.adam import adam as _torch_adam
+from torch.optim.sgd import sgd as _torch_sgd
+
+from .contract import Variant
+from .engine import CriticalOptimizer
+
+
+class _AdamFamily(CriticalOptimizer):
+    """Adam's state (exp_avg, exp_avg_sq, max_exp_avg_sq with amsgrad, step) and, at
+    kappa == 0, torch's Adam code (``DECOUPLED``: AdamW's weight decay)."""
+
+    DECOUPLED = False
+
+    def _roles(self, group):
+        return dict(momenta="exp_avg", second_moments="exp_avg_sq",
+                    extras="max_exp_avg_sq" if group["amsgrad"] else None, steps="step")
+
+    def _scalars(self, group):
+        beta1, beta2 = group["betas"]
+        return dict(beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"], dampening=0.0,
+                    key_decay=group["decay"], critical_test=group["critical_test"])
+
+    def _torch_step(self, group, params, grads, states, lr, **impl):
+        beta1, beta2 = group["betas"]
+        amsgrad = group["amsgrad"]
+        if not impl.get("fused") and params[0].device.type != "cpu":
+            impl["capturable"] = True  # steps live on the device
+        _torch_adam(
+            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+            [s["step"] for s in states], amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr,
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+            decoupled_weight_decay=self.DECOUPLED, **impl)
+
+
+class AdamCM(_AdamFamily):
+    """Adam with Critical Momenta (Malviya et al., TMLR 2024); ``kappa=0`` is exactly
+    ``torch.optim.AdamW``.
+
+    Keeps, per tensor, up to ``topC`` past momenta chosen by gradient-norm priority
+    (keys fade by ``decay`` every step) and steps with ``m + mean(buffer)``. Weight decay
+    is decoupled (AdamW). Keyword names are those of ``torch.optim.AdamW`` and of the
+    authors' ``Adam_CM``; docs/SPEC.md has the exact update and its quirks.
+    """
+
+    variant = Variant.ADAM_CM
+    DECOUPLED = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, *, weight_decay=0.0,
+                 amsgrad=False, topC=5, decay=0.7, kappa=1.0, synced=True, critical_test=0.0,
+                 buffer_dtype=None, backend="auto"):
+        super().__init__(params, locals(), backend)
+
+
+class AdamCG(_AdamFamily):
+    """Adam with Critical Gradients (McRae et al. 2022; the authors' ``Adam_C``);
+    ``kappa=0`` is exactly ``torch.optim.Adam``.
+
+    Keeps, per tensor, up to ``topC`` past raw gradients chosen by norm priority and
+    feeds ``g + mean(buffer)`` to Adam. Weight decay is coupled L2 (Adam, not AdamW).
+    """
+
+    variant = Variant.ADAM_CG
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, *, weight_decay=0.0,
+                 amsgrad=False, topC=10, decay=0.7, kappa=1.0, synced=True, critical_test=0.0,
+                 buffer_dtype=None, backend="auto"):
+        super().__init__(params, locals(), backend)
+
+
+class SGDCG(CriticalOptimizer):
+    """SGD (with optional momentum) with Critical Gradients (the authors' ``SGD_C``);
+    ``kappa=0`` is exactly ``torch.optim.SGD``.
+
+    Keeps, per tensor, up to ``topC`` past ``g + weight_decay·p`` chosen by gradient-norm
+    priority and steps with ``d + mean(buffer)``. ``decay=0`` means keys never decay here
+    (the authors' quirk), unlike the other optimizers, where it zeroes them each step.
+    """
+
+    variant = Variant.SGD_CG
+    TORCH_FUSED = True
+
+    def __init__(self, params, lr=1e-3, *, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 topC=10, decay=0.7, kappa=1.0, synced=True, critical_test=0.0,
+                 buffer_dtype=None, backend="auto"):
+        super().__init__(params, locals(), backend)
+
+    def _roles(self, group):
+        buffered = group["kappa"] > 0  # at kappa == 0, torch's SGD keeps its own state
+        return dict(momenta="momentum_buffer" if buffered and group["momentum"] != 0 else None,
+                    second_moments=None, extras=None, steps="step" if buffered else None)
+
+    def _scalars(self, group):
+        return dict(beta1=group["momentum"], beta2=0.0, eps=0.0,
+                    weight_decay=group["weight_decay"], dampening=group["dampening"],
+                    key_decay=group["decay"] if group["decay"] != 0 else 1.0,
+                    critical_test=group["critical_test"])
+
+    def _check_state(self, state, group):
+        if group["kappa"] > 0 and group["momentum"] != 0 and "momentum_buffer" not in state:
+            raise RuntimeError("SGDCG: momentum cannot be turned on after a parameter's first "
+                               "step (with kappa > 0 the first momentum step, which copies "
+                               "d, is the parameter's first step)")
+
+    def _torch_step(self, group, params, grads, states, lr, **impl):
+        momentum = group["momentum"]
+        bufs = [s.get("momentum_buffer") for s in states]
+        _torch_sgd(params, grads, bufs, weight_decay=group["weight_decay"], momentum=momentum,
+                   lr=lr, dampening=group["dampening"], nesterov=False, maximize=False, **impl)
+        if momentum != 0:  # torch creates the buffers on a tensor's first step
+            for s, buf in zip(states, bufs):
+                s["momentum_buffer"] = buf
+
+
+Adam_CM = AdamCM  # the authors' class names, so switching is a one-line change
+Adam_C = AdamCG
+SGD_C = SGDCG

@@ -1,0 +1,93 @@
+"""Hyperparameter rules, one per name, shared by every optimizer of the package.
+
+Each optimizer validates the hyperparameters it has (its ``__init__`` keywords) with the
+rules below, at construction, in ``add_param_group`` and again at every step (a group
+edited in between is refused before anything changes).
+"""
+from __future__ import annotations
+
+from numbers import Real
+from typing import Any, Callable
+
+from torch import Tensor
+
+from . import registry
+
+
+def bad(name: str, value: Any, rule: str) -> ValueError:
+    return ValueError(f"Invalid {name}: {value!r} ({rule})")
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool)
+
+
+def _lr(name, lr, group):
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise bad(name, lr, "a tensor lr must hold one floating-point value")
+    elif not (_is_real(lr) and lr >= 0):
+        raise bad(name, lr, "must be a number >= 0 or a 0-dim tensor")
+
+
+def _nonnegative(name, x, group):
+    if not (_is_real(x) and x >= 0):
+        raise bad(name, x, "must be >= 0")
+
+
+def _unit_interval(name, x, group):
+    if not (_is_real(x) and 0 <= x <= 1):
+        raise bad(name, x, "must be in [0, 1]")
+
+
+def _real(name, x, group):
+    if not (_is_real(x) and x == x):
+        raise bad(name, x, "must be a number")
+
+
+def _flag(name, x, group):
+    if not isinstance(x, bool):
+        raise bad(name, x, "must be a bool")
+
+
+def _betas(name, betas, group):
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise bad(name, betas, "must be a pair (beta1, beta2)")
+    for i, b in enumerate(betas):
+        if not (_is_real(b) and 0 <= b < 1):
+            raise bad(f"beta{i + 1}", b, "must be in [0, 1)")
+
+
+def _kappa(name, x, group):
+    if not (_is_real(x) and x >= 0):
+        raise bad(name, x, "must be >= 0; 0 turns the buffer off")
+
+
+def _top_c(name, c, group):
+    if group["kappa"] > 0 and not (isinstance(c, int) and not isinstance(c, bool) and c >= 1):
+        raise bad(name, c, "must be an int >= 1 when kappa > 0")
+
+
+def _probability(name, x, group):
+    if not (_is_real(x) and 0 <= x <= 1):
+        raise bad(name, x, "must be a probability in [0, 1]")
+
+
+def _buffer_dtype(name, d, group):
+    if d is not None and d not in registry.FUSED_DTYPES:
+        raise bad(name, d, "must be None, torch.float32, torch.bfloat16 or torch.float16")
+
+
+RULES: dict[str, Callable[[str, Any, dict], None]] = {
+    "lr": _lr, "betas": _betas, "eps": _nonnegative, "weight_decay": _nonnegative,
+    "amsgrad": _flag, "momentum": _nonnegative, "dampening": _real, "alpha": _unit_interval,
+    "centered": _flag, "kappa": _kappa, "decay": _unit_interval, "topC": _top_c,
+    "synced": _flag, "critical_test": _probability, "buffer_dtype": _buffer_dtype,
+}
+
+
+def validate(group: dict, names) -> None:
+    """Raise ValueError naming the first invalid hyperparameter of a param group (in the
+    order of ``names``; kappa is checked before topC, which depends on it)."""
+    for name in sorted(names, key=lambda n: n == "topC"):
+        RULES[name](name, group[name], group)

@@ -1,0 +1,99 @@
+"""The axes of the test matrix: the optimizers (with their torch counterparts and SPEC
+models), the backends, and each optimizer's configurations.
+
+A new optimizer is one entry in FAMILY; every matrix test then covers it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import cm_fused
+from cm_fused import registry
+from spec_model import SpecAdamCG, SpecAdamCM, SpecSGDCG
+
+
+@dataclass(frozen=True)
+class Member:
+    cls: type
+    torch_cls: type          # what kappa=0 is, exactly
+    spec: type               # the independent float64 model (spec_model.py)
+    configs: dict = field(default_factory=dict)  # name -> keyword arguments
+    torch_fused: bool = True  # torch has a fused kernel (else foreach) for kappa=0
+
+
+# Configurations every optimizer runs (fill/replace both happen in each: the lock-step
+# gradients' scale rises and falls).
+COMMON = {
+    "defaults": dict(),
+    "unsynced": dict(synced=False),
+    "topC1": dict(topC=1),
+    "critical": dict(critical_test=0.3, topC=3),
+    "decay0": dict(decay=0.0),  # every key 0 (or, SGDCG, never decayed): exact ties
+    "tensor_lr": dict(lr=torch.tensor(2e-3), weight_decay=0.05),
+}
+
+FAMILY = {
+    "adamcm": Member(cm_fused.AdamCM, torch.optim.AdamW, SpecAdamCM, {
+        **COMMON,
+        "amsgrad_wd": dict(amsgrad=True, weight_decay=0.1),
+        "decay0.99": dict(decay=0.99),
+        "beta1_small": dict(betas=(0.3, 0.99)),  # the other branch of torch.lerp's formula
+        "eps0": dict(eps=0.0, weight_decay=0.1),  # the first step must not be 0 / (0 + 0)
+        "all": dict(synced=False, amsgrad=True, weight_decay=0.05, topC=3, decay=0.99,
+                    critical_test=0.1, lr=1e-2, eps=1e-6),
+    }),
+    "adamcg": Member(cm_fused.AdamCG, torch.optim.Adam, SpecAdamCG, {
+        **COMMON,
+        "amsgrad_wd": dict(amsgrad=True, weight_decay=0.1),
+        "beta1_small": dict(betas=(0.3, 0.99)),
+        "all": dict(synced=False, amsgrad=True, weight_decay=0.05, topC=3, decay=0.99,
+                    critical_test=0.1, lr=1e-2, eps=1e-6),
+    }),
+    "sgdcg": Member(cm_fused.SGDCG, torch.optim.SGD, SpecSGDCG, {
+        **COMMON,
+        "momentum": dict(momentum=0.9),
+        "momentum_damp_wd": dict(momentum=0.9, dampening=0.1, weight_decay=0.05),
+        "all": dict(synced=False, momentum=0.5, dampening=0.2, weight_decay=0.01, topC=3,
+                    decay=0.99, critical_test=0.1, lr=1e-2),
+    }),
+}
+
+FUSED_BACKENDS = ("cpu", "triton")
+BACKENDS = ("reference", *FUSED_BACKENDS)
+
+
+def cases(configs=None):
+    """(optimizer, config) pairs as pytest params, for ``@pytest.mark.parametrize``."""
+    return [pytest.param(name, cfg, id=f"{name}-{cfg}") for name, m in FAMILY.items()
+            for cfg in m.configs if configs is None or cfg in configs]
+
+
+def require(backend: str) -> None:
+    """Skip (with the reason) or fail when a backend cannot step CPU tensors here.
+
+    The C++ backend fails instead of skipping when CM_FUSED_REQUIRE_EXT=1 (CI), and the
+    Triton backend fails whenever Triton imports (its kernels must then load)."""
+    reason = registry.why_not(backend, torch.device("cpu"), {torch.float32})
+    if reason is None:
+        return
+    if backend == "cpu" and os.environ.get("CM_FUSED_REQUIRE_EXT") == "1":
+        pytest.fail(f"CM_FUSED_REQUIRE_EXT=1 but the cpu backend cannot run: {reason}",
+                    pytrace=False)
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            pytest.skip(f"triton is not importable: {reason}")
+        pytest.fail(f"triton is importable but the triton backend cannot run: {reason}",
+                    pytrace=False)
+    pytest.skip(f"backend {backend!r} cannot run on CPU tensors here: {reason}")
+
+
+def make(name: str, backend: str, **kw):
+    """A factory ``params -> optimizer`` for FAMILY[name] on ``backend``."""
+    cls = FAMILY[name].cls
+    return lambda params: cls(params, backend=backend, **kw)

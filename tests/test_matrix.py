@@ -1,0 +1,293 @@
+"""The lock-step matrix: optimizer × backend × dtype × config.
+
+Every fused backend runs in lock step with the reference, parameters AND full state
+compared after every step (tests/compare.py, tolerance by dtype; fill and step counts
+exact), over odd sizes (0-dim, 1, 4097, empty), gradients missing on some steps, every
+optimizer's configurations (tests/family.py), narrow dtypes, GradScaler with skipped
+steps, and save/load midway (bit-identical). ``kappa=0`` of every optimizer on every
+backend is its torch counterpart, bit for bit.
+
+The Triton backend runs under the interpreter without a GPU: fewer steps, smaller chunks.
+"""
+import inspect
+
+import pytest
+import torch
+
+from compare import (TOLERANCE, assert_bit_identical, assert_same_state,
+                     checkpoint_roundtrip, copy_params, make_params, run_lockstep,
+                     scaler_lockstep, set_grads, snapshot, assert_unchanged)
+from family import BACKENDS, FAMILY, FUSED_BACKENDS, cases, make, require
+
+# 0-dim, 1, 4097 (several Triton chunks, the last one element), empty, 2-d; the C++
+# backend also gets a tensor of several 16384-element chunks with a ragged tail.
+SHAPES = [(), (1,), (4097,), (3, 5), (0,), (2, 33)]
+CPU_SHAPES = SHAPES + [(40000,)]
+STEPS = {"cpu": 40, "triton": 10, "reference": 40}
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_thread):
+    yield
+
+
+def use(backend, request):
+    """Require the backend; the Triton one gets interpreter-sized chunks."""
+    require(backend)
+    if backend == "triton":
+        request.getfixturevalue("small_chunks")
+    return CPU_SHAPES if backend == "cpu" else SHAPES
+
+
+def some_missing(step):
+    """Gradients that are None on some steps (skipped entirely by both sides)."""
+    return {1, 4} if step % 4 == 1 else ({0, 2} if step % 7 == 3 else ())
+
+
+# ------------------------------------------------------------ fused vs reference
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("name,cfg", cases())
+def test_lockstep_with_reference(name, cfg, backend, request):
+    shapes = use(backend, request)
+    kw = FAMILY[name].configs[cfg]
+    (opt, _), _ = run_lockstep(make(name, backend, **kw), make(name, "reference", **kw),
+                               shapes, STEPS[backend], missing=some_missing)
+    assert opt.backends_in_use == {"cpu": backend}
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("dtype,slot", [
+    (torch.bfloat16, None), (torch.float16, None), (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+], ids=str)
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_narrow_params_and_slots_with_reference(name, dtype, slot, backend, request):
+    """bf16/fp16 storage, fp32 math; the tolerance of the narrowest dtype involved.
+
+    State comes out bit-identical in most steps; parameters can differ by an ulp (the
+    reference's fp32 sqrt is a vector library's, not always correctly rounded), and with
+    fp16 parameters at lr=1e-2 such an ulp can outgrow the fp16 tolerance: lr=1e-3."""
+    shapes = use(backend, request)
+    narrow = max((d for d in (dtype, slot) if d is not None), key=lambda d: TOLERANCE[d][1])
+    kw = {**FAMILY[name].configs["all"], "lr": 1e-3, "buffer_dtype": slot}
+    steps = STEPS[backend] // 2
+
+    def with_dtype(factory):
+        def f(params):
+            for p in params:
+                p.data = p.data.to(dtype)
+            return factory(params)
+        return f
+    (opt, params), _ = run_lockstep(with_dtype(make(name, backend, **kw)),
+                                    with_dtype(make(name, "reference", **kw)), shapes, steps,
+                                    dtype=narrow, missing=some_missing)
+    st = opt.state[params[2]]
+    assert params[2].dtype == dtype and st["cm_buffer"].dtype == (slot or dtype)
+    assert st["cm_sum"].dtype == (torch.float32 if (slot or dtype).itemsize < 4
+                                  else (slot or dtype))
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_grad_scaler_with_skipped_steps_matches_reference(name, backend, request):
+    """torch.amp.GradScaler hands the optimizer grad_scale and found_inf: gradients (and
+    keys) are unscaled in the kernel, and the overflowing steps change nothing."""
+    use(backend, request)
+    kw = dict(FAMILY[name].configs["all"])
+    runs = scaler_lockstep(lambda a, b: [make(name, backend, **kw)(a),
+                                         make(name, "reference", **kw)(b)],
+                           steps=12, overflow_at=(3, 8))
+    for t, (params_a, params_b), opts, scalers in runs:
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        assert_same_state(opts[0], params_a, opts[1], params_b, torch.float32, f"step {t}")
+    # two skipped steps: the step counts say so
+    assert all(s["step"].item() == 10 for s in opts[0].state.values())
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_grad_scale_and_found_inf_attributes_match_reference(name, backend, request):
+    """As GradScaler sets them, with scales that are not powers of two (the division must
+    round as the reference's) and found_inf set on some steps."""
+    shapes = use(backend, request)
+    params_a = make_params(shapes)
+    params_b = copy_params(params_a)
+    kw = FAMILY[name].configs["all"]
+    opt_a, opt_b = make(name, backend, **kw)(params_a), make(name, "reference", **kw)(params_b)
+    for t in range(STEPS[backend] // 2):
+        scale = 3.0 if t % 2 else 1024.0
+        inf = 1.0 if t in (3, 6) else 0.0
+        for params, opt in ((params_a, opt_a), (params_b, opt_b)):
+            set_grads(params, t, missing=some_missing(t))
+            for p in params:
+                if p.grad is not None:
+                    p.grad *= scale
+            opt.grad_scale, opt.found_inf = torch.tensor(scale), torch.tensor(inf)
+            torch.manual_seed(t)
+            opt.step()
+        assert_same_state(opt_a, params_a, opt_b, params_b, torch.float32, f"step {t}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_found_inf_changes_nothing_at_all(name, backend, request):
+    shapes = use(backend, request)
+    params = make_params(shapes)
+    opt = make(name, backend, **FAMILY[name].configs["all"])(params)
+    for t in range(4):
+        set_grads(params, t)
+        opt.step()
+    before = snapshot(opt, params)
+    set_grads(params, 4, missing=(1,))
+    opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
+    opt.step()
+    assert_unchanged(opt, params, before)
+    # a fresh tensor's first step is skipped as well: its next step is again a first step
+    fresh = torch.nn.Parameter(torch.ones(5))
+    opt.add_param_group({"params": [fresh]})
+    fresh.grad = torch.ones(5)
+    opt.step()
+    assert torch.equal(fresh.detach(), torch.ones(5))
+    assert opt.state[fresh]["cm_count"].item() == 0 and opt.state[fresh]["step"].item() == 0
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_several_groups_with_their_own_hyperparameters(name, backend, request):
+    shapes = use(backend, request)
+    extra = FAMILY[name].configs["all"]
+
+    def groups(backend):
+        def f(p):
+            return FAMILY[name].cls([
+                {"params": p[:2], "topC": 1, "decay": 0.99},
+                {"params": p[2:4], "topC": 5, "synced": False, "weight_decay": 0.1},
+                {"params": p[4:], **extra, "topC": 2, "lr": 1e-2}], backend=backend)
+        return f
+    (opt, params), _ = run_lockstep(groups(backend), groups("reference"), shapes,
+                                    STEPS[backend] // 2, missing=some_missing)
+    assert opt.state[params[0]]["cm_buffer"].shape[0] == 1
+    assert opt.state[params[5]]["cm_buffer"].shape[0] == 2
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_mixed_dtypes_in_one_group_share_the_synced_key(name, backend, request):
+    """fp32, bf16 and fp16 params in one group (Triton: three dtype buckets): one synced
+    key for the group, and the reference's trajectory."""
+    shapes = use(backend, request)
+    kinds = [torch.float32, torch.bfloat16, torch.float16] * 3
+
+    def mixed(factory):
+        def f(params):
+            for p, d in zip(params, kinds):
+                p.data = p.data.to(d)
+            return factory(params)
+        return f
+    (opt, params), _ = run_lockstep(mixed(make(name, backend, topC=2)),
+                                    mixed(make(name, "reference", topC=2)), shapes,
+                                    STEPS[backend] // 4, dtype=torch.bfloat16)
+    keys = [opt.state[p]["cm_keys"] for p in params]
+    assert all(torch.equal(k, keys[0]) for k in keys[1:])
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_non_contiguous_params_match_reference(name, backend, request):
+    """Fused kernels step a contiguous copy of a strided parameter and write it back."""
+    use(backend, request)
+    base = torch.randn(6, 5)
+    p_fused = torch.nn.Parameter(base.clone().t())
+    p_ref = torch.nn.Parameter(base.clone().t())
+    assert not p_fused.is_contiguous()
+    kw = dict(FAMILY[name].configs["all"], critical_test=0.0)
+    opt_f, opt_r = make(name, backend, **kw)([p_fused]), make(name, "reference", **kw)([p_ref])
+    for t in range(6):
+        g = torch.randn(5, 6, generator=torch.Generator().manual_seed(t))
+        p_fused.grad, p_ref.grad = g.clone(), g.clone()
+        opt_f.step()
+        opt_r.step()
+        assert_same_state(opt_f, [p_fused], opt_r, [p_ref], torch.float32, f"step {t}")
+    assert not p_fused.is_contiguous()
+
+
+# ------------------------------------------------------------ checkpoints
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_save_load_midway_continues_bit_identically(name, backend, dtype, request):
+    """Saved through bytes, loaded with weights_only=True into a fresh optimizer: the rest
+    of the run is bit-identical to an uninterrupted one (critical_test included: the
+    coin draws follow torch's seeded generator)."""
+    shapes = use(backend, request)
+    kw = {**FAMILY[name].configs["all"], "buffer_dtype": torch.bfloat16}
+    before, after = (3, 3) if backend == "triton" else (7, 8)
+    a, b = checkpoint_roundtrip(make(name, backend, **kw), shapes, before, after, dtype=dtype,
+                                map_location="cpu",
+                                missing=lambda t: {1} if t == before + 1 else ())
+    assert_bit_identical(*a, *b)
+    assert b[0].backends_in_use == {"cpu": backend}
+
+
+# ------------------------------------------------------------ kappa = 0 is torch's
+
+KAPPA0_CONFIGS = {
+    "adamcm": [dict(), dict(weight_decay=0.1, amsgrad=True),
+               dict(lr=torch.tensor(3e-3), betas=(0.8, 0.99), eps=1e-7)],
+    "adamcg": [dict(), dict(weight_decay=0.1, amsgrad=True),
+               dict(lr=torch.tensor(3e-3), betas=(0.8, 0.99), eps=1e-7)],
+    "sgdcg": [dict(lr=1e-2), dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.1),
+              dict(lr=torch.tensor(3e-3), momentum=0.5)],
+}
+
+
+def _torch_twin(name, backend, kw):
+    """torch's optimizer as kappa=0 runs it on this backend: the for-loop on the
+    reference; fused on the fused backends (foreach where torch has no fused kernel)."""
+    member = FAMILY[name]
+    # our defaults where torch's differ (AdamW's weight_decay is 0.01, AdamCM's 0)
+    known = inspect.signature(member.torch_cls.__init__).parameters
+    kw = {**{k: v for k, v in member.cls.HYPERPARAMETERS.items() if k in known}, **kw}
+    kw = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    if backend == "reference":
+        impl = dict(foreach=False)
+    else:
+        impl = dict(fused=True) if member.torch_fused else dict(foreach=True)
+    return lambda params: member.torch_cls(params, **impl, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,i", [(n, i) for n, cs in KAPPA0_CONFIGS.items()
+                                    for i in range(len(cs))])
+def test_kappa_zero_is_torch_bit_for_bit(name, i, backend, request):
+    """Params and full state bit-identical to torch's optimizer every step, 30 steps,
+    some gradients missing."""
+    shapes = use(backend, request)
+    kw = KAPPA0_CONFIGS[name][i]
+    params_a = make_params(shapes)
+    params_b = copy_params(params_a)
+    opt_a = make(name, backend, kappa=0.0, **kw)(params_a)
+    opt_b = _torch_twin(name, backend, kw)(params_b)
+    for t in range(30):
+        for params, opt in ((params_a, opt_a), (params_b, opt_b)):
+            set_grads(params, t, missing=some_missing(t))
+            opt.step()
+        assert_bit_identical(opt_a, params_a, opt_b, params_b)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("name", [n for n, m in FAMILY.items() if m.torch_fused])
+def test_kappa_zero_with_grad_scaler_is_torch_fused_bit_for_bit(name, backend, request):
+    """kappa=0 on a fused backend is torch's fused kernel, GradScaler inputs included: the
+    overflowing steps are skipped by both, the scale halving alike."""
+    use(backend, request)
+    kw = KAPPA0_CONFIGS[name][1]
+    runs = scaler_lockstep(lambda a, b: [make(name, backend, kappa=0.0, **kw)(a),
+                                         _torch_twin(name, backend, kw)(b)],
+                           steps=20, overflow_at=(3, 11))
+    for t, (params_a, params_b), opts, scalers in runs:
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        assert_bit_identical(opts[0], params_a, opts[1], params_b)
+

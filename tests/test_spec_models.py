@@ -1,0 +1,112 @@
+"""Each optimizer's reference backend against an independent float64 model of its SPEC
+section (tests/spec_model.py) over long runs, and the buffer invariants every optimizer
+keeps. (kappa=0 against torch is in test_matrix.py; the hand-computed quirk cases, run on
+every backend, in test_spec_cases.py.)"""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from compare import make_params, set_grads
+from family import FAMILY, make
+
+# Per optimizer: the SPEC model's keywords (the optimizer takes the same ones).
+SPEC_CONFIGS = {
+    "adamcm": [dict(synced=True), dict(synced=False), dict(amsgrad=True, weight_decay=0.05),
+               dict(topC=1, decay=0.99), dict(topC=5, decay=0.99, synced=False,
+                                              weight_decay=0.01),
+               dict(topC=5, decay=0.7, amsgrad=True, synced=False),
+               dict(topC=3, critical_test=0.3, decay=0.9)],
+    "adamcg": [dict(synced=True), dict(synced=False), dict(amsgrad=True, weight_decay=0.05),
+               dict(topC=1, decay=0.99), dict(topC=4, decay=0.0, synced=False),
+               dict(topC=3, critical_test=0.3, decay=0.9, weight_decay=0.01)],
+    "sgdcg": [dict(synced=True), dict(momentum=0.9), dict(synced=False, momentum=0.9,
+                                                          dampening=0.3, weight_decay=0.05),
+              dict(topC=3, decay=0.0), dict(topC=1, decay=0.99, weight_decay=0.01),
+              dict(topC=3, critical_test=0.3, momentum=0.5)],
+}
+
+
+def _ids(cfg):
+    return ",".join(f"{k}={v}" for k, v in cfg.items())
+
+
+@pytest.mark.parametrize("name,cfg", [pytest.param(n, c, id=f"{n}-{_ids(c)}")
+                                      for n, cs in SPEC_CONFIGS.items() for c in cs])
+def test_reference_matches_independent_spec_model_over_200_steps(name, cfg):
+    shapes = [(7,), (3, 4), (), (1,), (33,)]
+    params = make_params(shapes, seed=3)
+    lr = 1e-2
+    model = FAMILY[name].spec(params, lr=lr, **cfg)
+    opt = make(name, "reference", lr=lr, **cfg)(params)
+    missing = lambda step: {1} if step % 7 == 3 else ({3} if step % 11 == 5 else ())  # noqa
+    for step in range(200):
+        set_grads(params, step, seed=5, missing=missing(step))
+        live = sum(p.grad is not None for p in params)
+        torch.manual_seed(step)
+        opt.step()
+        torch.manual_seed(step)  # the optimizer's coin draws, one per tensor with a grad
+        xs = model.step(torch.rand(live) if cfg.get("critical_test") else None)
+    for i, (p, x) in enumerate(zip(params, xs)):
+        # fp32 against fp64: the fp32 run rounds each param once a step, so up to
+        # 200 steps x ulp(1) ~ 1.2e-5 absolute, whatever the magnitude of the param.
+        torch.testing.assert_close(p.detach().double(), x, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"param {i}: {m}")
+        s, buf = opt.state[p], model.state[i]["buf"]
+        k = len(buf.slots)
+        assert s["cm_count"].item() == k, f"param {i}: fill count"
+        assert s["step"].item() == model.steps[i], f"param {i}: step count"
+        torch.testing.assert_close(s["cm_keys"][:k].double(),
+                                   torch.tensor(buf.keys, dtype=torch.float64), rtol=1e-5, atol=0)
+        torch.testing.assert_close(s["cm_buffer"][:k].double(), torch.stack(buf.slots),
+                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(s["cm_sum"].double(), buf.total, rtol=1e-4, atol=1e-5)
+
+
+def test_the_spec_runs_replace_and_keep_slots():
+    """The comparisons above are not vacuous: in a 200-step run the buffer fills, then
+    slots are both replaced and kept."""
+    params = make_params([(7,)], seed=3)
+    opt = make("adamcg", "reference", topC=2, decay=0.9)(params)
+    sums = []
+    for step in range(40):
+        set_grads(params, step, seed=5)
+        opt.step()
+        sums.append(opt.state[params[0]]["cm_buffer"].clone())
+    changed = [not torch.equal(a, b) for a, b in zip(sums[2:], sums[3:])]
+    assert any(changed) and not all(changed)
+
+
+# ------------------------------------------------------------ properties
+
+@settings(max_examples=20, deadline=None, derandomize=True)  # same examples in every CI run
+@given(
+    name=st.sampled_from(list(FAMILY)),
+    scales=st.lists(st.floats(0.01, 100.0), min_size=1, max_size=25),
+    top_c=st.integers(1, 4),
+    decay=st.sampled_from([0.0, 0.5, 0.7, 0.99, 1.0]),
+    synced=st.booleans(),
+    critical=st.sampled_from([0.0, 0.5]),
+)
+def test_buffer_invariants(name, scales, top_c, decay, synced, critical):
+    params = make_params([(4,), (2, 3)], seed=11)
+    opt = make(name, "reference", topC=top_c, decay=decay, synced=synced,
+               critical_test=critical)(params)
+    key_decay = 1.0 if name == "sgdcg" and decay == 0 else decay  # SGDCG's quirk
+    gen = torch.Generator().manual_seed(0)
+    for t, scale in enumerate(scales):
+        before = [opt.state[p]["cm_keys"].clone() if p in opt.state else None for p in params]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * scale
+        opt.step()
+        for p, old in zip(params, before):
+            s = opt.state[p]
+            k = s["cm_count"].item()
+            assert 1 <= k <= top_c and k == min(t + 1, top_c)
+            # S is a running sum: one rounding per add and per subtract, each up to
+            # ulp(|S|) with |S| ~ topC * max scale, so the bound grows with steps and scale.
+            torch.testing.assert_close(s["cm_sum"], s["cm_buffer"][:k].sum(0), rtol=1e-5,
+                                       atol=1e-6 * max(scales[: t + 1]) * (t + 1))
+            assert torch.equal(s["cm_buffer"][k:], torch.zeros_like(s["cm_buffer"][k:]))
+            if old is not None:  # keys only decay, except the one slot written this step
+                changed = (s["cm_keys"] != old * key_decay).sum().item()
+                assert changed <= 1
