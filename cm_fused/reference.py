@@ -23,6 +23,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def sqrt(x: Tensor) -> Tensor:
+    """Correctly rounded square root, as the fused kernels' IEEE sqrt: torch's vectorised
+    fp32 sqrt on CPU can be an ulp off, which a momentum sum can amplify. (A float64 sqrt
+    rounded to fp32 is correctly rounded: 53 >= 2 * 24 + 2 bits.)"""
+    return x.double().sqrt().to(x.dtype) if x.dtype == torch.float32 else x.sqrt()
+
+
 def unscaled(grad: Tensor, grad_scale: Tensor | None) -> Tensor:
     g = grad.to(compute_dtype(grad.dtype))
     return g if grad_scale is None else g / grad_scale.to(g.dtype)
@@ -151,7 +158,7 @@ def _one_tensor(variant, a: StepArgs, lr, keep, first, j, replace, k_before, p, 
         # Bias corrections in fp64: in fp32, 1 - beta2**step loses ~1e-5 to cancellation.
         bc1 = 1 - a.beta1 ** step_new.double()
         bc2 = 1 - a.beta2 ** step_new.double()
-        denom = v_new.sqrt() / bc2.sqrt().to(cdt) + a.eps
+        denom = sqrt(v_new) / bc2.sqrt().to(cdt) + a.eps
         x_new = x - (lr / bc1).to(cdt) * num / denom
         if variant == Variant.ADAM_CM:
             # The first step's update is zero by definition (m = 0), also when eps = 0

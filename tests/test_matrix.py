@@ -83,6 +83,7 @@ def test_narrow_params_and_slots_with_reference(name, dtype, slot, backend, requ
                                     with_dtype(make(name, "reference", **kw)), shapes, steps,
                                     dtype=narrow, missing=some_missing)
     st = opt.state[params[2]]
+    assert all(p.isfinite().float().mean() > 0.99 for p in params if p.numel())  # not vacuous
     assert params[2].dtype == dtype and st["cm_buffer"].dtype == (slot or dtype)
     assert st["cm_sum"].dtype == (torch.float32 if (slot or dtype).itemsize < 4
                                   else (slot or dtype))
@@ -201,7 +202,7 @@ def test_non_contiguous_params_match_reference(name, backend, request):
     p_fused = torch.nn.Parameter(base.clone().t())
     p_ref = torch.nn.Parameter(base.clone().t())
     assert not p_fused.is_contiguous()
-    kw = dict(FAMILY[name].configs["all"], critical_test=0.0)
+    kw = {k: v for k, v in FAMILY[name].configs["all"].items() if k != "critical_test"}
     opt_f, opt_r = make(name, backend, **kw)([p_fused]), make(name, "reference", **kw)([p_ref])
     for t in range(6):
         g = torch.randn(5, 6, generator=torch.Generator().manual_seed(t))
