@@ -1,13 +1,15 @@
 """cm_fused: critical-momenta and critical-gradients optimizers for PyTorch, fused.
 
 ``AdamCM`` (Adam with Critical Momenta) and the critical-gradients family ``AdamCG``,
-``SGDCG``, also importable under the authors' names (``Adam_CM``, ``Adam_C``,
-``SGD_C``). Importing never fails for lack of the C++
+``SGDCG``, ``RMSpropCG``, also importable under the authors' names (``Adam_CM``,
+``Adam_C``, ``SGD_C``, ``RMSprop_C``). Importing never fails for lack of the C++
 extension or of Triton: those backends report why they are unavailable through
 :func:`backends`, and ``backend="auto"`` falls back.
 """
 from .registry import backends
-from .optimizers import AdamCG, AdamCM, Adam_C, Adam_CM, SGD_C, SGDCG
+from .optimizers import (AdamCG, AdamCM, Adam_C, Adam_CM, RMSprop_C, RMSpropCG, SGD_C,
+                         SGDCG)
 
-__all__ = ["AdamCM", "AdamCG", "SGDCG", "Adam_CM", "Adam_C", "SGD_C", "backends"]
+__all__ = ["AdamCM", "AdamCG", "SGDCG", "RMSpropCG", "Adam_CM", "Adam_C", "SGD_C",
+           "RMSprop_C", "backends"]
 __version__ = "0.2.0"

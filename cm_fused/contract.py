@@ -31,6 +31,7 @@ class Variant(enum.IntEnum):
     ADAM_CM = 0     # Adam + critical momenta: the momentum is inserted, a = m + S/k
     ADAM_CG = 1     # Adam + critical gradients: g is inserted, u = g + S/k
     SGD_CG = 2      # SGD + critical gradients: d = g + wd·p is inserted, u = d + S/k
+    RMSPROP_CG = 3  # RMSprop + critical gradients: g is inserted, u = S/k
 
 
 # Field metadata: the op mutates this list (schema alias annotation "(aN!)").
@@ -43,17 +44,17 @@ class StepArgs:
 
     Per-tensor lists hold one entry per parameter stepped (those with a gradient), all in
     the same order; a role the variant or the configuration does not use is an empty
-    list (``momenta`` without momentum, ``extras`` without amsgrad,
+    list (``momenta`` without momentum, ``extras`` without amsgrad or centered,
     ``second_moments`` for SGD). The kernels tell what is in use from that.
     """
 
     params: list[Tensor] = dataclasses.field(metadata=_MUTATED)
     grads: list[Tensor]
-    # Adam's exp_avg; SGD's momentum_buffer.
+    # Adam's exp_avg; SGD's and RMSprop's momentum_buffer.
     momenta: list[Tensor] = dataclasses.field(metadata=_MUTATED)
-    # Adam's exp_avg_sq.
+    # Adam's exp_avg_sq; RMSprop's square_avg.
     second_moments: list[Tensor] = dataclasses.field(metadata=_MUTATED)
-    # Adam's max_exp_avg_sq (amsgrad).
+    # Adam's max_exp_avg_sq (amsgrad); RMSprop's grad_avg (centered).
     extras: list[Tensor] = dataclasses.field(metadata=_MUTATED)
     buffers: list[Tensor] = dataclasses.field(metadata=_MUTATED)  # [topC, *shape] slots
     keys: list[Tensor] = dataclasses.field(metadata=_MUTATED)     # [topC] fp32
@@ -63,8 +64,8 @@ class StepArgs:
     variant: int
     lr: float                   # ignored when lr_tensor is given
     lr_tensor: Optional[Tensor]  # a 0-dim tensor lr, on the params' device
-    beta1: float                # Adam's beta1; SGD's momentum
-    beta2: float                # Adam's beta2
+    beta1: float                # Adam's beta1; SGD's and RMSprop's momentum
+    beta2: float                # Adam's beta2; RMSprop's alpha
     eps: float
     weight_decay: float         # decoupled for ADAM_CM, coupled (L2) for the others
     dampening: float            # SGD only

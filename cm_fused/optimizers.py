@@ -12,6 +12,7 @@ value to the wrong name.
 from __future__ import annotations
 
 from torch.optim.adam import adam as _torch_adam
+from torch.optim.rmsprop import rmsprop as _torch_rmsprop
 from torch.optim.sgd import sgd as _torch_sgd
 
 from .contract import Variant
@@ -126,6 +127,45 @@ class SGDCG(CriticalOptimizer):
                 s["momentum_buffer"] = buf
 
 
+class RMSpropCG(CriticalOptimizer):
+    """RMSprop with Critical Gradients (the authors' ``RMSprop_C``); ``kappa=0`` is exactly
+    ``torch.optim.RMSprop``.
+
+    Keeps, per tensor, up to ``topC`` past raw gradients chosen by norm priority and
+    feeds RMSprop the buffer's mean alone (the current gradient enters only through the
+    buffer: the authors' quirk). There is no ``critical_test``: replacement is always by
+    priority.
+    """
+
+    variant = Variant.RMSPROP_CG
+    TORCH_FUSED = False  # torch's RMSprop has foreach, no fused kernel
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                 centered=False, *, topC=10, decay=0.7, kappa=1.0, synced=True,
+                 buffer_dtype=None, backend="auto"):
+        super().__init__(params, locals(), backend)
+
+    def _roles(self, group):
+        return dict(momenta="momentum_buffer" if group["momentum"] > 0 else None,
+                    second_moments="square_avg",
+                    extras="grad_avg" if group["centered"] else None, steps="step")
+
+    def _scalars(self, group):
+        return dict(beta1=group["momentum"], beta2=group["alpha"], eps=group["eps"],
+                    weight_decay=group["weight_decay"], dampening=0.0,
+                    key_decay=group["decay"], critical_test=0.0)
+
+    def _torch_step(self, group, params, grads, states, lr, **impl):
+        roles = self._roles(group)
+        gather = lambda key: [s[key] for s in states] if key else []  # noqa: E731
+        _torch_rmsprop(params, grads, gather("square_avg"), gather(roles["extras"]),
+                       gather(roles["momenta"]), gather("step"), maximize=False,
+                       capturable=params[0].device.type != "cpu", lr=lr, alpha=group["alpha"],
+                       eps=group["eps"], weight_decay=group["weight_decay"],
+                       momentum=group["momentum"], centered=group["centered"], **impl)
+
+
 Adam_CM = AdamCM  # the authors' class names, so switching is a one-line change
 Adam_C = AdamCG
 SGD_C = SGDCG
+RMSprop_C = RMSpropCG

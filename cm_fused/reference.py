@@ -132,8 +132,11 @@ def _one_tensor(variant, a: StepArgs, lr, keep, first, j, replace, k_before, p, 
         d = g + wd * x if wd != 0 else g  # the stored value includes weight decay (quirk)
         u = torch.where(first, d, d + mean)
         new = d
-    else:  # ADAM_CG
-        u = torch.where(first, g, g + mean)
+    else:
+        if variant == Variant.ADAM_CG:
+            u = torch.where(first, g, g + mean)
+        else:  # RMSPROP_CG: the buffer mean alone (quirk)
+            u = torch.where(first, g, mean)
         if wd != 0:  # coupled L2, after the aggregate
             u = u + wd * x
         new = g
@@ -164,10 +167,25 @@ def _one_tensor(variant, a: StepArgs, lr, keep, first, j, replace, k_before, p, 
             # The first step's update is zero by definition (m = 0), also when eps = 0
             # makes it 0/0.
             x_new = torch.where(first, x, x_new)
-    else:  # SGD_CG
+    elif variant == Variant.SGD_CG:
         if mom is not None:  # the first momentum step copies d
             buf = torch.where(first, u, mom.to(cdt) * a.beta1 + (1 - a.dampening) * u)
             _commit(mom, buf, keep)
             u = buf
         x_new = x - lr * u
+    else:  # RMSPROP_CG
+        sq_new = sq.to(cdt) * a.beta2 + (1 - a.beta2) * u * u
+        _commit(sq, sq_new, keep)
+        if extra is not None:  # centered
+            ga = extra.to(cdt).lerp(u, 1 - a.beta2)
+            _commit(extra, ga, keep)
+            avg = sqrt(sq_new - ga * ga) + a.eps
+        else:
+            avg = sqrt(sq_new) + a.eps
+        if mom is not None:
+            buf = mom.to(cdt) * a.beta1 + u / avg
+            _commit(mom, buf, keep)
+            x_new = x - lr * buf
+        else:
+            x_new = x - lr * (u / avg)
     _commit(p, x_new, keep)

@@ -181,10 +181,10 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
   const bool adam = variant == kAdamCM || variant == kAdamCG;
   check_list(grads, "grads", T);
   const bool has_mom = check_role(momenta, "momenta", T, adam);
-  const bool has_sq = check_role(second_moments, "second_moments", T, adam);
+  const bool has_sq = check_role(second_moments, "second_moments", T, variant != kSGDCG);
   const bool has_extra = check_role(extras, "extras", T, false);
-  TORCH_CHECK(adam || (!has_sq && !has_extra), "cm_fused::step_: variant ", variant,
-              " takes no second_moments or extras");
+  TORCH_CHECK(variant != kSGDCG || (!has_sq && !has_extra), "cm_fused::step_: variant ",
+              variant, " takes no second_moments or extras");
   check_list(buffers, "buffers", T);
   check_list(keys, "keys", T);
   check_list(counts, "counts", T);

@@ -11,7 +11,7 @@
 namespace cm_fused {
 
 // The optimizer a step computes: cm_fused.contract.Variant, same numbers.
-enum Variant : int { kAdamCM = 0, kAdamCG = 1, kSGDCG = 2, kNumVariants = 3 };
+enum Variant : int { kAdamCM = 0, kAdamCG = 1, kSGDCG = 2, kRMSpropCG = 3, kNumVariants = 4 };
 
 // Storage dtypes the kernels take (parameters, gradients and their state: one of them;
 // buffer slots: one of them, possibly another). Arithmetic is always fp32.
@@ -22,9 +22,9 @@ enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kNumDTypes = 3 };
 struct UpdateArgs {
   void* p = nullptr;
   const void* g = nullptr;
-  void* mom = nullptr;    // momenta: Adam's m; SGD's momentum buffer
-  void* sq = nullptr;     // second moments: Adam's v
-  void* extra = nullptr;  // extras: Adam's v_max (amsgrad)
+  void* mom = nullptr;    // momenta: Adam's m; SGD's and RMSprop's momentum buffer
+  void* sq = nullptr;     // second moments: Adam's v; RMSprop's square average
+  void* extra = nullptr;  // extras: Adam's v_max (amsgrad); RMSprop's grad average
   void* slot = nullptr;   // B[j] when this step replaces/fills a slot, else nullptr
   float* sum = nullptr;   // S (always fp32)
   bool first = false;     // count was 0: the tensor's first step
@@ -34,9 +34,9 @@ struct UpdateArgs {
   float wd = 0.f;         // weight decay (coupled variants)
   float wd_factor = 1.f;  // 1 - lr * weight_decay (decoupled: AdamCM)
   float lr = 0.f;
-  float beta1 = 0.f;      // Adam's beta1; SGD's momentum
+  float beta1 = 0.f;      // Adam's beta1; SGD's and RMSprop's momentum
   float one_minus_beta1 = 1.f;
-  float beta2 = 0.f;
+  float beta2 = 0.f;      // Adam's beta2; RMSprop's alpha
   float one_minus_beta2 = 1.f;
   float one_minus_dampening = 1.f;
   float k_before = 1.f;   // max(count before the insert, 1)

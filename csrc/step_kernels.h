@@ -158,11 +158,16 @@ inline void update_block(const UpdateArgs& a, T* p, const T* g, T* mom, T* sq, T
     n1 = g1;
     u0 = a.first ? g0 : g0 + s0 / k;
     u1 = a.first ? g1 : g1 + s1 / k;
-  } else {  // kAdamCG
+  } else {  // kAdamCG, kRMSpropCG
     n0 = g0;
     n1 = g1;
-    u0 = a.first ? g0 : g0 + s0 / k;
-    u1 = a.first ? g1 : g1 + s1 / k;
+    if constexpr (V == kRMSpropCG) {  // the buffer mean alone (quirk)
+      u0 = a.first ? g0 : s0 / k;
+      u1 = a.first ? g1 : s1 / k;
+    } else {
+      u0 = a.first ? g0 : g0 + s0 / k;
+      u1 = a.first ? g1 : g1 + s1 / k;
+    }
     if (a.has_wd) {  // coupled L2, after the aggregate
       const Vec wd(a.wd);
       u0 = u0 + wd * x0;
@@ -212,6 +217,37 @@ inline void update_block(const UpdateArgs& a, T* p, const T* g, T* mom, T* sq, T
     const Vec d0 = v0.sqrt() / sqrt_bc2 + eps;
     const Vec d1 = v1.sqrt() / sqrt_bc2 + eps;
     IO<T>::store(p, x0 - (step_size * num0) / d0, x1 - (step_size * num1) / d1);
+  } else if constexpr (V == kRMSpropCG) {
+    Vec q0, q1, d0, d1;
+    IO<T>::load(sq, q0, q1);
+    const Vec alpha(a.beta2), oma(a.one_minus_beta2), eps(a.eps);
+    q0 = q0 * alpha + (oma * u0) * u0;
+    q1 = q1 * alpha + (oma * u1) * u1;
+    IO<T>::store(sq, q0, q1);
+    if (extra != nullptr) {  // centered
+      Vec c0, c1;
+      IO<T>::load(extra, c0, c1);
+      c0 = lerp(c0, u0, a.one_minus_beta2);
+      c1 = lerp(c1, u1, a.one_minus_beta2);
+      IO<T>::store(extra, c0, c1);
+      d0 = (q0 - c0 * c0).sqrt() + eps;
+      d1 = (q1 - c1 * c1).sqrt() + eps;
+    } else {
+      d0 = q0.sqrt() + eps;
+      d1 = q1.sqrt() + eps;
+    }
+    const Vec lr(a.lr);
+    if (mom != nullptr) {
+      Vec b0, b1;
+      IO<T>::load(mom, b0, b1);
+      const Vec mu(a.beta1);
+      b0 = b0 * mu + u0 / d0;
+      b1 = b1 * mu + u1 / d1;
+      IO<T>::store(mom, b0, b1);
+      IO<T>::store(p, x0 - lr * b0, x1 - lr * b1);
+    } else {
+      IO<T>::store(p, x0 - lr * (u0 / d0), x1 - lr * (u1 / d1));
+    }
   } else {  // kSGDCG
     if (mom != nullptr) {  // the first momentum step copies d
       if (!a.first) {
@@ -284,7 +320,7 @@ const KernelTable& kernel_table() {
   static const KernelTable table{
       C10_STRINGIZE(CPU_CAPABILITY),
       {&norm_kernel<float>, &norm_kernel<BFloat16>, &norm_kernel<Half>},
-      {CM_VARIANT(kAdamCM), CM_VARIANT(kAdamCG), CM_VARIANT(kSGDCG)},
+      {CM_VARIANT(kAdamCM), CM_VARIANT(kAdamCG), CM_VARIANT(kSGDCG), CM_VARIANT(kRMSpropCG)},
   };
 #undef CM_VARIANT
 #undef CM_ROW

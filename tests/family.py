@@ -13,7 +13,7 @@ import torch
 
 import cm_fused
 from cm_fused import registry
-from spec_model import SpecAdamCG, SpecAdamCM, SpecSGDCG
+from spec_model import SpecAdamCG, SpecAdamCM, SpecRMSpropCG, SpecSGDCG
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,13 @@ FAMILY = {
         "all": dict(synced=False, momentum=0.5, dampening=0.2, weight_decay=0.01, topC=3,
                     decay=0.99, critical_test=0.1, lr=1e-2),
     }),
+    "rmspropcg": Member(cm_fused.RMSpropCG, torch.optim.RMSprop, SpecRMSpropCG, {
+        **{k: v for k, v in COMMON.items() if k != "critical"},  # it has no critical_test
+        "momentum": dict(momentum=0.9),
+        "centered_wd": dict(centered=True, weight_decay=0.05),
+        "all": dict(synced=False, momentum=0.5, centered=True, weight_decay=0.01, topC=3,
+                    decay=0.99, lr=1e-3, alpha=0.9, eps=1e-6),
+    }, torch_fused=False),
 }
 
 FUSED_BACKENDS = ("cpu", "triton")

@@ -138,6 +138,43 @@ class SpecAdamCG(_Model):
         x.sub_((h["lr"] / bc1) * st["m"] / (denom_v.sqrt() / math.sqrt(bc2) + h["eps"]))
 
 
+class SpecRMSpropCG(_Model):
+    """SPEC-CG.md, RMSpropCG (no critical_test: replacement by priority only)."""
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                 centered=False, topC=10, decay=0.7, synced=True):
+        super().__init__(params, topC, decay, synced)
+        self.h = dict(lr=lr, alpha=alpha, eps=eps, wd=weight_decay, mu=momentum,
+                      centered=centered)
+
+    def _one(self, i, g, n, lucky):
+        h = self.h
+        x = self.x[i]
+        st = self.state[i]
+        if st is None:
+            z = torch.zeros_like(x)
+            st = self.state[i] = dict(sq=z.clone(), ga=z.clone(), mom=z.clone(),
+                                      buf=Buffer(self.C))
+            u = g
+        else:
+            u = st["buf"].mean()  # the buffer mean alone, before the insert
+        st["buf"].insert(n, g)
+        if h["wd"] != 0:
+            u = u + h["wd"] * x
+        st["sq"] = h["alpha"] * st["sq"] + (1 - h["alpha"]) * u * u
+        if h["centered"]:
+            st["ga"] = h["alpha"] * st["ga"] + (1 - h["alpha"]) * u
+            avg = (st["sq"] - st["ga"] ** 2).sqrt() + h["eps"]
+        else:
+            avg = st["sq"].sqrt() + h["eps"]
+        st["buf"].decay(self.lam)
+        if h["mu"] > 0:
+            st["mom"] = h["mu"] * st["mom"] + u / avg
+            x.sub_(h["lr"] * st["mom"])
+        else:
+            x.sub_(h["lr"] * u / avg)
+
+
 class SpecSGDCG(_Model):
     """SPEC-CG.md, SGDCG."""
 

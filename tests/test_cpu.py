@@ -71,10 +71,11 @@ def _op_args(variant=Variant.ADAM_CM, extras=True, slot=torch.float32, dtype=tor
     g = torch.Generator().manual_seed(0)
     rnd = lambda s, dt=dtype: torch.randn(s, generator=g).to(dt)  # noqa: E731
     state = lambda: [rnd(s).abs() for s in shapes]  # noqa: E731
-    adam = variant in (Variant.ADAM_CM, Variant.ADAM_CG)
+    moments = variant != Variant.SGD_CG  # second moments (and extras) in use
     return StepArgs(
         params=[rnd(s) for s in shapes], grads=[rnd(s) for s in shapes], momenta=state(),
-        second_moments=state() if adam else [], extras=state() if adam and extras else [],
+        second_moments=state() if moments else [],
+        extras=state() if moments and extras else [],
         buffers=[rnd((C, *s), slot) for s in shapes],
         keys=[rnd((C,), torch.float32).abs() for _ in shapes],
         counts=[torch.tensor(k) for k in (0, 2, 3)], sums=[rnd(s, torch.float32) for s in shapes],

@@ -241,6 +241,8 @@ KAPPA0_CONFIGS = {
                dict(lr=torch.tensor(3e-3), betas=(0.8, 0.99), eps=1e-7)],
     "sgdcg": [dict(lr=1e-2), dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.1),
               dict(lr=torch.tensor(3e-3), momentum=0.5)],
+    "rmspropcg": [dict(), dict(momentum=0.9, centered=True, weight_decay=0.1, alpha=0.9),
+                  dict(lr=torch.tensor(3e-3), momentum=0.5, eps=1e-6)],
 }
 
 

@@ -319,7 +319,7 @@ def test_narrow_params_track_an_fp32_run(family_ref, dtype):
     shapes = [(64,), (8, 8), ()]
     narrow = make_params(shapes, dtype=dtype)
     wide = [torch.nn.Parameter(p.detach().float()) for p in narrow]
-    lr = 1e-2 if family_ref(narrow[:1]).defaults.get("betas") else 0.2  # SGD: move as far
+    lr = 0.2 if "dampening" in family_ref(narrow[:1]).defaults else 1e-2  # SGD: as far
     opt_n, opt_w = family_ref(narrow, lr=lr), family_ref(wide, lr=lr)
     for t in range(20):
         set_grads(wide, t)
@@ -381,11 +381,16 @@ AUTHORS_KEYWORDS = {
                    buffer_dtype=None),
     "SGD_C": dict(lr=1e-3, kappa=1.0, dampening=0.0, weight_decay=0.0, momentum=0.0,
                   decay=0.7, topC=10, critical_test=0.0, synced=True, buffer_dtype=None),
+    "RMSprop_C": dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                      centered=False, decay=0.7, kappa=1.0, topC=10, synced=True,
+                      buffer_dtype=None),
 }
 TORCH_KEYWORDS = {
     "AdamCM": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, amsgrad=False),
     "AdamCG": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False),
     "SGDCG": dict(lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0),
+    "RMSpropCG": dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                      centered=False),
 }
 
 
@@ -414,6 +419,9 @@ def test_positional_arguments_stop_where_torch_and_the_authors_disagree():
     AdamCM([p], 1e-3, (0.9, 0.99), 1e-8)
     cm_fused.AdamCG([p], 1e-3, (0.9, 0.99), 1e-8)
     cm_fused.SGDCG([p], 1e-3)
+    cm_fused.RMSpropCG([p], 1e-2, 0.99, 1e-8, 0.0, 0.0, False)
+    with pytest.raises(TypeError):
+        cm_fused.RMSpropCG([p], 1e-2, 0.99, 1e-8, 0.0, 0.0, False, 0.7)
     with pytest.raises(TypeError):
         AdamCM([p], 1e-3, (0.9, 0.99), 1e-8, 0.01)
     with pytest.raises(TypeError):
@@ -440,10 +448,10 @@ def test_a_checkpoint_without_a_newer_hyperparameter_loads_with_its_default(fami
         opt.step()
     sd = opt.state_dict()
     for group in sd["param_groups"]:
-        del group["critical_test"], group["synced"]
-    fresh = family_ref(copy_params(params), lr=1e-2, critical_test=0.5, synced=False)
+        del group["buffer_dtype"], group["synced"]
+    fresh = family_ref(copy_params(params), lr=1e-2, buffer_dtype=torch.float32, synced=False)
     fresh.load_state_dict(sd)
-    assert fresh.param_groups[0]["critical_test"] == 0.0
+    assert fresh.param_groups[0]["buffer_dtype"] is None
     assert fresh.param_groups[0]["synced"] is True
     set_grads(fresh.param_groups[0]["params"], 3)
     fresh.step()

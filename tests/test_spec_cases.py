@@ -148,6 +148,10 @@ def test_tie_on_min_key_replaces_first_index(make_any):
 
 def test_critical_test_one_always_replaces_the_min_slot(make_any):
     p = param([0.0, 0.0])
+    if "critical_test" not in make_any([p]).HYPERPARAMETERS:  # RMSpropCG: priority only
+        with pytest.raises(TypeError, match="critical_test"):
+            make_any([p], critical_test=1.0)
+        return
     opt = make_any([p], topC=2, decay=1.0, critical_test=1.0)
     _drive(opt, p, [[4.0, 0.0], [3.0, 0.0], [0.0, 1.0]])  # key 1 < min key 3
     assert opt.state[p]["cm_keys"].tolist() == [4.0, 1.0]

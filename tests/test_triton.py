@@ -152,7 +152,10 @@ def _specialisations(launch, opt, params, lrs):
             if "betas" in group:
                 group["betas"] = (0.9 - 0.01 * t, 0.999 - 0.0001 * t)
             else:
-                group["momentum"], group["dampening"] = 0.9 - 0.01 * t, 0.1 * t
+                group["momentum"] = 0.9 - 0.01 * t
+                for key, value in (("dampening", 0.1 * t), ("alpha", 0.99 - 0.01 * t)):
+                    if key in group:
+                        group[key] = value
             set_grads(params, t, 1)
             opt.step()
             out.append([(name, spec, const) for name, grid, spec, const in launch.launch_log])
@@ -169,8 +172,9 @@ def test_changing_hyperparameters_does_not_respecialise_kernels(small_chunks, te
     each launch would be specialised on; the gpu test below counts real compilations."""
     params = make_params(SHAPES, device=DEVICE)
     lr = torch.tensor(1e-3, device=DEVICE) if tensor_lr else 1e-3
-    extra = dict(momentum=0.9) if name == "sgdcg" else {}
-    opt = make(name, "triton", lr=lr, critical_test=0.2, decay=0.9, **extra)(params)
+    extra = {"sgdcg": dict(momentum=0.9, critical_test=0.2),
+             "rmspropcg": dict(momentum=0.9, centered=True)}.get(name, dict(critical_test=0.2))
+    opt = make(name, "triton", lr=lr, decay=0.9, **extra)(params)
     specs = _specialisations(small_chunks, opt, params, [1e-3, 5e-4, 0.0, 3e-2])
     assert len(specs[0]) == 4  # norm, reduce, decide, update: one dtype bucket
     assert all(s == specs[1] for s in specs[1:])

@@ -53,7 +53,7 @@ ROW_KEYS, ROW_COUNT, ROW_STEP, ROW_POFF, ROW_PCNT = (
 # correction 2, rounded to fp32 as the reference does).
 FLAG_REPLACE, FLAG_FIRST = tl.constexpr(1), tl.constexpr(2)
 # cm_fused.contract.Variant
-ADAM_CM, ADAM_CG, SGD_CG = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+ADAM_CM, ADAM_CG, SGD_CG, RMSPROP_CG = (tl.constexpr(i) for i in range(4))
 
 
 @triton.jit
@@ -266,8 +266,11 @@ def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, s_ptr,
         u = tl.where(first, g, g + mean)
         new = g
         m_new = u  # not used
-    else:  # ADAM_CG
-        u = tl.where(first, g, g + mean)
+    else:  # ADAM_CG, RMSPROP_CG
+        if VARIANT == RMSPROP_CG:
+            u = tl.where(first, g, mean)  # the buffer mean alone (quirk)
+        else:
+            u = tl.where(first, g, g + mean)
         u = tl.where(weight_decay != 0.0, u + weight_decay * x, u)  # coupled, after
         new = g
         m_new = u  # not used
@@ -286,6 +289,21 @@ def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, s_ptr,
             u = tl.where(first, u, buf * beta1 + one_minus_dampening * u)
             _st(m_ptr + idx, _narrow(u, M_DT), mask)
         p_new = x - lr * u
+    elif VARIANT == RMSPROP_CG:
+        sq = _ld(v_ptr + idx, mask).to(tl.float32) * beta2 + (one_minus_beta2 * u) * u
+        _st(v_ptr + idx, _narrow(sq, V_DT), mask)
+        if HAS_X:  # centered
+            ga = _lerp(_ld(x_ptr + idx, mask).to(tl.float32), u, one_minus_beta2)
+            _st(x_ptr + idx, _narrow(ga, X_DT), mask)
+            avg = tl.sqrt_rn(sq - ga * ga) + eps
+        else:
+            avg = tl.sqrt_rn(sq) + eps
+        if HAS_MOM:
+            buf = _ld(m_ptr + idx, mask).to(tl.float32) * beta1 + tl.div_rn(u, avg)
+            _st(m_ptr + idx, _narrow(buf, M_DT), mask)
+            p_new = x - lr * buf
+        else:
+            p_new = x - lr * tl.div_rn(u, avg)
     else:  # Adam: CM's v tracks the aggregate, CG's the aggregated gradient
         if VARIANT == ADAM_CG:
             m_new = _lerp(_ld(m_ptr + idx, mask).to(tl.float32), u, one_minus_beta1)
