@@ -303,3 +303,30 @@ def test_sgdcg_without_momentum_steps_by_the_aggregate(backend):
     # step 1: p -= 0.5 * g1; step 2: p -= 0.5 * (g2 + g1)
     assert torch.equal(p.detach(), torch.tensor([1.0 - 1.0 - 1.0, 1.0 - 2.0]))
     assert "momentum_buffer" not in opt.state[p]
+
+
+# ------------------------------------------------------------ RMSpropCG
+
+def test_rmspropcg_steps_with_the_buffer_mean_alone(backend):
+    """RMSpropCG's quirk: after the first step, u = S/k (the buffer before this step's
+    insert), so this step's gradient moves nothing until it is in the buffer: below, the
+    second element has g = 0 on step 1 and stays put on step 2 although g2 = 3 there."""
+    lr, alpha, eps = 0.1, 0.9, 1e-8
+    x0 = torch.tensor([1.0, -1.0])
+    g1, g2 = torch.tensor([2.0, 0.0]), torch.tensor([-5.0, 3.0])
+    p = torch.nn.Parameter(x0.clone())
+    opt = FAMILY["rmspropcg"].cls([p], lr=lr, alpha=alpha, eps=eps, topC=3, backend=backend)
+    p.grad = g1.clone()
+    opt.step()
+    sq1 = (1 - alpha) * g1 * g1
+    x1 = x0 - lr * g1 / (sq1.sqrt() + eps)  # the first step is an ordinary RMSprop step
+    torch.testing.assert_close(p.detach(), x1, rtol=1e-6, atol=1e-7)
+    p.grad = g2.clone()
+    opt.step()
+    sq2 = alpha * sq1 + (1 - alpha) * g1 * g1  # u = S/k = g1, not g2
+    x2 = x1 - lr * g1 / (sq2.sqrt() + eps)
+    s = opt.state[p]
+    torch.testing.assert_close(p.detach(), x2, rtol=1e-6, atol=1e-7)
+    assert p.detach()[1].item() == x0[1].item()
+    torch.testing.assert_close(s["square_avg"], sq2, rtol=1e-6, atol=0)
+    assert torch.equal(s["cm_buffer"][1], g2) and torch.equal(s["cm_sum"], g1 + g2)
