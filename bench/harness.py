@@ -27,44 +27,83 @@ from cm_fused.contract import sum_dtype
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
-# Same hyperparameters for every provider. weight_decay is non-zero so the decoupled decay
-# is part of every step; kappa=1 keeps the critical-momenta buffer on.
-HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-CM_HYPER = dict(decay=0.7, kappa=1.0, synced=True, critical_test=0.0)
 GRAD_STD = 1e-2
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """One optimizer of the package and its torch counterpart, as the benchmark runs them.
+
+    ``hyper``: the shared hyperparameters (torch's names; weight_decay non-zero so that it
+    is part of every step); ``cm_hyper``: the buffer's (kappa 1: on). ``accesses``: the
+    per-element reads + writes of torch's step with these hyperparameters (the byte
+    model's base); ``moments``: its per-element state tensors; ``fused``: torch has a
+    fused kernel (the baseline), else foreach is the baseline.
+    """
+    name: str
+    cm: type
+    torch: type
+    hyper: dict
+    cm_hyper: dict
+    accesses: int
+    moments: int
+    fused: bool = True
+
+    @property
+    def baseline(self) -> str:
+        return "torch_fused" if self.fused else "torch_foreach"
+
+
+_CM = dict(decay=0.7, kappa=1.0, synced=True)
+_ADAM = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+OPTIMIZERS = {o.name: o for o in [
+    # Adam: read p, g, m, v; write p, m, v. SGD with momentum, RMSprop: read p, g, and one
+    # state tensor; write p and it.
+    Optimizer("adamcm", cm_fused.AdamCM, torch.optim.AdamW, _ADAM,
+              dict(_CM, critical_test=0.0), 7, 2),
+    Optimizer("adamcg", cm_fused.AdamCG, torch.optim.Adam, _ADAM,
+              dict(_CM, critical_test=0.0), 7, 2),
+    Optimizer("sgdcg", cm_fused.SGDCG, torch.optim.SGD,
+              dict(lr=1e-3, momentum=0.9, weight_decay=0.01), dict(_CM, critical_test=0.0), 5, 1),
+    Optimizer("rmspropcg", cm_fused.RMSpropCG, torch.optim.RMSprop,
+              dict(lr=1e-3, alpha=0.99, eps=1e-8, weight_decay=0.01), _CM, 5, 1, fused=False),
+]}
 
 
 # ------------------------------------------------------------------------ byte model
 
 def bytes_per_step(kind: str, numel: int, param_dtype: torch.dtype,
-                   buffer_dtype: torch.dtype | None = None, replaced: bool = True) -> int:
+                   buffer_dtype: torch.dtype | None = None, replaced: bool = True,
+                   optimizer: str = "adamcm") -> int:
     """Fewest bytes one optimizer step must move through memory (each read once, each write once).
 
-    kind "adamw" (torch.optim.AdamW, any implementation): read p, g, m, v and write p, m,
-    v. m and v have the parameter's dtype (torch keeps them so), so 7 x itemsize per
-    element: 28 B fp32, 14 B bf16.
+    kind "torch" (the torch counterpart, any implementation): its ``accesses`` per element
+    (OPTIMIZERS), each of the parameter's dtype (torch keeps the state so). AdamW: read p,
+    g, m, v and write p, m, v: 7 x itemsize, 28 B fp32, 14 B bf16. SGD with momentum and
+    RMSprop: 5 x itemsize, 20 B fp32.
 
-    kind "cm" (Adam+CM, the straightforward fused step of DESIGN.md): AdamW's 7 accesses,
-    plus a second read of g for the norm (the key must be known before any slot is chosen),
-    a read of S (the sum of the filled slots), and, when a slot is replaced, a read of the
-    old B[j] and writes of B[j] and S:
-        7*P + P + 2*Ssz + 2*Bsz        (P = param itemsize, B = slot, S = sum itemsize)
-    fp32 everything: 28 + 4 + 8 + 8 = 48 B/elem. bf16 params (bf16 slots, fp32 S):
-    14 + 2 + 8 + 4 = 28 B. fp32 params, bf16 slots: 28 + 4 + 8 + 4 = 44 B. topC does not
-    enter: a step touches one slot whatever C is. With replaced=False (the new key lost) the
-    slot read/write and the S write drop out: 7*P + P + Ssz. The harness's gradients keep
-    their norm nearly constant, so with decay 0.7 a slot is replaced on every step and the
-    rows use replaced=True. Per-tensor keys, counts and step counters (a few bytes per
-    tensor) are left out.
+    kind "cm" (the package's straightforward fused step): the counterpart's accesses, plus
+    a second read of g for the norm (the key must be known before any slot is chosen), a
+    read of S (the sum of the filled slots), and, when a slot is replaced, a read of the old
+    B[j] and writes of B[j] and S:
+        A*P + P + 2*Ssz + 2*Bsz        (P = param itemsize, B = slot, S = sum itemsize)
+    AdamCM/AdamCG fp32 everything: 28 + 4 + 8 + 8 = 48 B/elem (SGDCG, RMSpropCG: 40 B).
+    bf16 params (bf16 slots, fp32 S): 14 + 2 + 8 + 4 = 28 B. fp32 params, bf16 slots:
+    28 + 4 + 8 + 4 = 44 B. topC does not enter: a step touches one slot whatever C is. With
+    replaced=False (the new key lost) the slot read/write and the S write drop out:
+    A*P + P + Ssz. The harness's gradients keep their norm nearly constant, so with decay
+    0.7 a slot is replaced on every step and the rows use replaced=True. Per-tensor keys,
+    counts and step counters (a few bytes per tensor) are left out.
     """
     p = param_dtype.itemsize
-    if kind == "adamw":
-        return numel * 7 * p
+    accesses = OPTIMIZERS[optimizer].accesses
+    if kind == "torch":
+        return numel * accesses * p
     if kind != "cm":
         raise ValueError(f"unknown kind {kind!r}")
     slot_dtype = buffer_dtype or param_dtype
     slot, s = slot_dtype.itemsize, sum_dtype(slot_dtype).itemsize
-    per = 8 * p + s + ((s + 2 * slot) if replaced else 0)
+    per = (accesses + 1) * p + s + ((s + 2 * slot) if replaced else 0)
     return numel * per
 
 
@@ -73,35 +112,44 @@ def bytes_per_step(kind: str, numel: int, param_dtype: torch.dtype,
 @dataclass(frozen=True)
 class Provider:
     name: str
-    kind: str            # "adamw" or "cm"
-    option: str          # adamw: forloop/foreach/fused; cm: backend name
+    kind: str            # "torch" or "cm"
+    option: str          # torch: forloop/foreach/fused; cm: backend name
     compiled: bool = False
     doc: str = ""
 
+    def label(self, opt: Optimizer) -> str:
+        """The row's name: torch_<class>_<option> (torch_adamw_fused, ...) or cm_<backend>."""
+        if self.kind == "torch":
+            return f"torch_{opt.torch.__name__.lower()}_{self.option}"
+        return self.name
+
 
 PROVIDERS = {p.name: p for p in [
-    Provider("torch_adamw_forloop", "adamw", "forloop", doc="torch.optim.AdamW(foreach=False)"),
-    Provider("torch_adamw_foreach", "adamw", "foreach", doc="torch.optim.AdamW(foreach=True)"),
-    Provider("torch_adamw_fused", "adamw", "fused", doc="torch.optim.AdamW(fused=True): the baseline"),
-    Provider("cm_reference", "cm", "reference", doc='cm_fused.AdamCM(backend="reference")'),
-    Provider("cm_cpu", "cm", "cpu", doc='cm_fused.AdamCM(backend="cpu"), C++'),
-    Provider("cm_triton", "cm", "triton", doc='cm_fused.AdamCM(backend="triton")'),
+    Provider("torch_forloop", "torch", "forloop", doc="the torch counterpart, foreach=False"),
+    Provider("torch_foreach", "torch", "foreach", doc="the torch counterpart, foreach=True"),
+    Provider("torch_fused", "torch", "fused",
+             doc="the torch counterpart, fused=True: the baseline where torch has it"),
+    Provider("cm_reference", "cm", "reference", doc='the cm_fused class, backend="reference"'),
+    Provider("cm_cpu", "cm", "cpu", doc='the cm_fused class, backend="cpu" (C++)'),
+    Provider("cm_triton", "cm", "triton", doc='the cm_fused class, backend="triton"'),
     Provider("cm_reference_compiled", "cm", "reference", compiled=True,
-             doc='torch.compile(AdamCM(backend="reference").step), only with --compile'),
+             doc='torch.compile(<class>(backend="reference").step), only with --compile'),
 ]}
-BASELINE = "torch_adamw_fused"
 
 
-def make_optimizer(prov: Provider, params, topC: int | None, buffer_dtype):
-    if prov.kind == "adamw":
+def make_optimizer(prov: Provider, params, topC: int | None, buffer_dtype,
+                   optimizer: str = "adamcm"):
+    opt = OPTIMIZERS[optimizer]
+    if prov.kind == "torch":
         flags = {"forloop": dict(foreach=False), "foreach": dict(foreach=True),
                  "fused": dict(fused=True)}[prov.option]
-        return torch.optim.AdamW(params, **HYPER, **flags)
-    return cm_fused.AdamCM(params, **HYPER, **CM_HYPER, topC=topC,
-                           buffer_dtype=buffer_dtype, backend=prov.option)
+        return opt.torch(params, **opt.hyper, **flags)
+    return opt.cm(params, **opt.hyper, **opt.cm_hyper, topC=topC, buffer_dtype=buffer_dtype,
+                  backend=prov.option)
 
 
-def why_not(prov: Provider, device: torch.device, dtype: torch.dtype) -> str | None:
+def why_not(prov: Provider, device: torch.device, dtype: torch.dtype,
+            optimizer: str = "adamcm") -> str | None:
     """Why this provider cannot step tensors of this dtype on this device, or None."""
     if prov.kind == "cm":
         reason = registry.why_not(prov.option, device, {dtype})
@@ -115,7 +163,7 @@ def why_not(prov: Provider, device: torch.device, dtype: torch.dtype) -> str | N
     try:
         p = torch.nn.Parameter(torch.ones(4, device=device, dtype=dtype))
         p.grad = torch.ones_like(p)
-        make_optimizer(prov, [p], None, None).step()
+        make_optimizer(prov, [p], None, None, optimizer).step()
     except Exception as e:  # noqa: BLE001 - shown in the table as the reason
         return f"torch refuses: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
     return None
@@ -260,13 +308,15 @@ def free_bytes(device: torch.device) -> int | None:
     return None
 
 
-def state_bytes(kind: str, numel: int, dtype: torch.dtype, buffer_dtype, topC: int | None) -> int:
+def state_bytes(kind: str, numel: int, dtype: torch.dtype, buffer_dtype, topC: int | None,
+                optimizer: str = "adamcm") -> int:
     """Bytes a provider allocates for its own copy of the params and its optimizer state."""
     p = dtype.itemsize
-    if kind == "adamw":
-        return numel * 3 * p
+    base = numel * (1 + OPTIMIZERS[optimizer].moments) * p
+    if kind == "torch":
+        return base
     slot_dtype = buffer_dtype or dtype
-    return numel * (3 * p + sum_dtype(slot_dtype).itemsize + topC * slot_dtype.itemsize)
+    return base + numel * (sum_dtype(slot_dtype).itemsize + topC * slot_dtype.itemsize)
 
 
 def copy_bandwidth(device: torch.device, reps: int = 20) -> float:
@@ -306,37 +356,62 @@ COPY_CPU_SHARE = [None]  # cpu share of the last CPU copy_bandwidth measurement
 # ------------------------------------------------------------------------ one measurement
 
 def measure(prov: Provider, shapes_params, grads, device: torch.device, *, topC, buffer_dtype,
-            reps: int, warmup: int) -> dict:
-    """Warm up, time `reps` steps, then measure one step's peak extra memory."""
-    params = [torch.nn.Parameter(t.clone()) for t in shapes_params]
-    opt = make_optimizer(prov, params, topC, buffer_dtype)
-    step = opt.step
-    if prov.compiled:
-        torch._dynamo.reset()  # each compiled provider compiles from scratch
-        step = torch.compile(opt.step)
+            reps: int, warmup: int, optimizer: str = "adamcm",
+            baseline: Provider | None = None) -> dict:
+    """Warm up, time `reps` steps, then measure one step's peak extra memory.
+
+    With a ``baseline`` provider, both step their own copy of the parameters in
+    alternation (ABBA: provider, baseline, baseline, provider, ...), one step each per
+    round on the same gradients, and the ratio comes from the paired samples (median and
+    20/80 quantiles of provider/baseline per round), so that drift of the machine over
+    the run cancels out of it.
+    """
+    runs = [(prov, topC, buffer_dtype)] + ([(baseline, None, None)] if baseline else [])
+    made = []
     try:
+        for p_, c_, b_ in runs:
+            params = [torch.nn.Parameter(t.clone()) for t in shapes_params]
+            opt = make_optimizer(p_, params, c_, b_, optimizer)
+            step = opt.step
+            if p_.compiled:
+                torch._dynamo.reset()  # each compiled provider compiles from scratch
+                step = torch.compile(opt.step)
+            made.append((opt, step, params))
         # Warm-up: compilation, JIT builds and allocator growth, and (cm) enough steps to
         # fill all topC slots, so that the timed steps replace slots as in steady state.
         n_warm = max(warmup, (topC or 0) + 3)
         t0 = time.perf_counter()
-        time_steps(step, params, grads, device, n_warm)
+        for _, step, params in made:
+            time_steps(step, params, grads, device, n_warm)
         warm_s = time.perf_counter() - t0
+        times: list[list[float]] = [[] for _ in made]
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        times = time_steps(step, params, grads, device, reps, start=n_warm)
+        for i in range(reps):
+            order = range(len(made)) if i % 2 == 0 else reversed(range(len(made)))
+            for k in order:
+                _, step, params = made[k]
+                times[k] += time_steps(step, params, grads, device, 1, start=n_warm + i)
         cpu1, wall1 = time.process_time(), time.perf_counter()
         # Share of the torch threads' time this process got while timing: near 1 on an idle
         # machine (memory stalls count as busy), well under 1 when others compete for cores.
         cpu_share = (cpu1 - cpu0) / max(1e-9, (wall1 - wall0) * torch.get_num_threads())
+        opt, step, params = made[0]
         set_grads(params, grads[(n_warm + reps) % len(grads)])
         peak = peak_extra_bytes(step, device)
-        for p in params:  # a benchmark of garbage is no benchmark
-            if not torch.isfinite(p).all():
+        for _, _, ps in made:  # a benchmark of garbage is no benchmark
+            if not all(torch.isfinite(p).all() for p in ps):
                 raise FloatingPointError("non-finite parameter after the timed steps")
-        return dict(**quantiles(times), peak_extra_bytes=peak, warmup_steps=n_warm,
-                    cpu_share=round(cpu_share, 3) if device.type == "cpu" else None,
-                    warmup_s=round(warm_s, 3), reps=reps)
+        out = dict(**quantiles(times[0]), peak_extra_bytes=peak, warmup_steps=n_warm,
+                   cpu_share=round(cpu_share, 3) if device.type == "cpu" else None,
+                   warmup_s=round(warm_s, 3), reps=reps)
+        if baseline is not None:
+            ratios = quantiles([a / b for a, b in zip(times[0], times[1])])
+            base = quantiles(times[1])
+            out.update(paired_ratio=ratios["median_ms"], paired_ratio_p20=ratios["p20_ms"],
+                       paired_ratio_p80=ratios["p80_ms"], paired_baseline_ms=base["median_ms"])
+        return out
     finally:
-        del opt, step, params
+        del made
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

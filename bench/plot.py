@@ -58,40 +58,47 @@ def main(argv=None) -> int:
         return 2
 
     rows = load(args.results, args.run)
-    sets = list(dict.fromkeys(r["param_set"] for r in rows))
+    for r in rows:  # rows of runs before --optimizer existed are AdamCM's
+        r.setdefault("optimizer", "adamcm")
+    sets = list(dict.fromkeys((r["optimizer"], r["param_set"]) for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     colors = {p: plt.cm.tab10(i % 10) for i, p in enumerate(providers)}
 
     def cfg(r):
         return (r["param_dtype"], r["buffer_dtype"] or "-", r["topC"])
 
-    fig, axes = plt.subplots(len(sets), 1, figsize=(max(8, 1.2 * len(providers) + 4),
+    widest = max(len({r["provider"] for r in rows if (r["optimizer"], r["param_set"]) == k})
+                 for k in sets)
+    fig, axes = plt.subplots(len(sets), 1, figsize=(max(8, 1.2 * widest + 4),
                                                     3.6 * len(sets)), squeeze=False)
-    for ax, sname in zip(axes[:, 0], sets):
-        mine = [r for r in rows if r["param_set"] == sname]
+    for ax, (oname, sname) in zip(axes[:, 0], sets):
+        mine = [r for r in rows if (r["optimizer"], r["param_set"]) == (oname, sname)]
         ok = [r for r in mine if r["status"] == "ok"]
         # Configurations are those of the CM rows; AdamW rows (topC None) join each of their dtype.
         configs = sorted({cfg(r) for r in mine if r["topC"] is not None},
                          key=lambda c: (c[0], c[1], c[2])) or sorted({cfg(r) for r in mine},
                                                                       key=str)
-        width = 0.8 / max(1, len(providers))
-        for pi, prov in enumerate(providers):
-            xs, ys, lo, hi = [], [], [], []
+        here = [p for p in providers if any(r["provider"] == p for r in mine)]
+        width = 0.8 / max(1, len(here))
+        for pi, prov in enumerate(here):
+            xs, ys, lo, hi, ratios = [], [], [], [], []
             for ci, c in enumerate(configs):
                 for r in ok:
                     if r["provider"] != prov or r["param_dtype"] != c[0]:
                         continue
                     if r["topC"] is not None and cfg(r) != c:
                         continue
-                    xs.append(ci + (pi - (len(providers) - 1) / 2) * width)
+                    xs.append(ci + (pi - (len(here) - 1) / 2) * width)
                     ys.append(r["median_ms"])
                     lo.append(r["median_ms"] - r["p20_ms"])
                     hi.append(r["p80_ms"] - r["median_ms"])
+                    ratios.append(r.get("ratio"))
                     break
             if xs:
                 ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=prov, color=colors[prov])
-                for x, y in zip(xs, ys):
-                    ax.annotate(f"{y:.3g}", (x, y), ha="center", va="bottom", fontsize=7,
+                for x, y, q in zip(xs, ys, ratios):
+                    text = f"{y:.3g}" + (f"\nx{q:.2f}" if q is not None else "")
+                    ax.annotate(text, (x, y), ha="center", va="bottom", fontsize=7,
                                 xytext=(0, 2), textcoords="offset points")
         ax.set_xticks(range(len(configs)))
         ax.set_xticklabels([f"{d}, buf {b}, C={c if c is not None else '-'}"
@@ -102,8 +109,8 @@ def main(argv=None) -> int:
             ax.set_yscale("log")
             ax.set_ylabel("step time, ms (median, log)")
         first = mine[0]
-        ax.set_title(f"{sname}: {first['numel'] / 1e6:.1f}M params in {first['tensors']} tensors",
-                     fontsize=10)
+        ax.set_title(f"{oname}, {sname}: {first['numel'] / 1e6:.1f}M params in "
+                     f"{first['tensors']} tensors", fontsize=10)
         missing = sorted({f"{r['provider']}: {r['status']}" for r in mine if r["status"] != "ok"})
         if missing:
             ax.text(0.0, -0.22, "not measured: " + "; ".join(missing), transform=ax.transAxes,

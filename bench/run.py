@@ -1,13 +1,18 @@
 #!/usr/bin/env python
-"""Time optimizer.step() of torch's AdamW and cm_fused.AdamCM's backends, side by side.
+"""Time optimizer.step() of the package's optimizers and their torch counterparts, side by side.
 
-    python bench/run.py                      # quick: GPT-2 ~11M and ResNet-18 sets, fp32, topC 5
+    python bench/run.py                      # quick: AdamCM vs AdamW, GPT-2 ~11M and ResNet-18
+                                             # sets, fp32, topC 5
+    python bench/run.py --optimizer adamcg   # AdamCG vs torch.optim.Adam (also sgdcg,
+                                             # rmspropcg, or a comma list, or all)
     python bench/run.py --full               # every set for the device, topC 1/5/20, fp32/bf16,
                                              # buffer_dtype None/bf16
-    python bench/run.py --sets gpt2-124m --providers torch_adamw_fused,cm_reference --topc 1,20
+    python bench/run.py --sets gpt2-124m --providers torch_fused,cm_reference --topc 1,20
 
 Every provider steps the same parameter values with the same gradient sets and the same
-hyperparameters, in one process. The table goes to stdout, progress to stderr, and one JSON
+hyperparameters, in one process. Each row other than the baseline (torch's fused step, or
+foreach where torch has no fused one) is timed in alternation with the baseline, and its
+ratio to it is the median of the paired per-round ratios, so machine drift cancels. The table goes to stdout, progress to stderr, and one JSON
 line per row is appended to bench/results/results.jsonl (see --out). Plot with
 `python bench/plot.py`. Providers that cannot run here are listed with the reason.
 """
@@ -40,9 +45,12 @@ def parse_args(argv=None):
                     help="the full sweep: all sets for the device, --topc 1,5,20, --dtype fp32,bf16, "
                          "--buffer-dtype none,bf16 (explicit flags still win)")
     ap.add_argument("--sets", help=f"comma list of parameter sets: {', '.join(param_sets.SETS)}")
+    ap.add_argument("--optimizer", default="adamcm",
+                    help=f"comma list of {', '.join(H.OPTIMIZERS)}, or all (default adamcm); "
+                         f"each is timed against its torch counterpart")
     ap.add_argument("--providers", help=f"comma list (default: all but the compiled one): "
-                                        f"{', '.join(H.PROVIDERS)}; {H.BASELINE} is always run "
-                                        f"as the ratio's baseline")
+                                        f"{', '.join(H.PROVIDERS)}; the baseline (torch_fused, "
+                                        f"or torch_foreach for RMSprop) is always run")
     ap.add_argument("--topc", help="comma list of topC values (default 5)")
     ap.add_argument("--dtype", help="param dtypes, comma list of fp32,bf16,fp16 (default fp32)")
     ap.add_argument("--buffer-dtype", help="slot dtypes, comma list of none,fp32,bf16,fp16 "
@@ -70,7 +78,12 @@ def _csv(text):
 
 
 def plan(args, device):
+    """The rows to measure: (optimizer, set, dtype, buffer dtype, topC, provider)."""
     kind = "cuda" if device.type == "cuda" else "cpu"
+    optimizers = list(H.OPTIMIZERS) if args.optimizer == "all" else _csv(args.optimizer)
+    for o in optimizers:
+        if o not in H.OPTIMIZERS:
+            sys.exit(f"unknown optimizer {o!r}; known: {', '.join(H.OPTIMIZERS)}, all")
     sets = _csv(args.sets) if args.sets else (param_sets.FULL[kind] if args.full
                                               else param_sets.QUICK[kind])
     for s in sets:
@@ -85,8 +98,6 @@ def plan(args, device):
         provs = [p for p, v in H.PROVIDERS.items() if not v.compiled]
     if args.compile and "cm_reference_compiled" not in provs:
         provs.append("cm_reference_compiled")
-    if H.BASELINE not in provs:
-        provs.insert(0, H.BASELINE)
     topcs = [int(c) for c in _csv(args.topc)] if args.topc else ([1, 5, 20] if args.full else [5])
     dt = _csv(args.dtype) if args.dtype else (["fp32", "bf16"] if args.full else ["fp32"])
     bd = _csv(args.buffer_dtype) if args.buffer_dtype else (
@@ -94,17 +105,21 @@ def plan(args, device):
     for d in dt + [b for b in bd if b != "none"]:
         if d not in H.DTYPES:
             sys.exit(f"unknown dtype {d!r}; use {', '.join(H.DTYPES)}")
-    jobs = []  # (set, dtype, buffer, topC, provider); AdamW rows do not depend on C or buffer
-    for s in sets:
-        for d in dt:
-            for p in provs:
-                if H.PROVIDERS[p].kind == "adamw":
-                    jobs.append((s, d, None, None, p))
-            for b in bd:
-                for c in topcs:
-                    for p in provs:
-                        if H.PROVIDERS[p].kind == "cm":
-                            jobs.append((s, d, None if b == "none" else b, c, p))
+    jobs = []  # torch rows do not depend on C or buffer; the baseline comes first
+    for o in optimizers:
+        base = H.OPTIMIZERS[o].baseline
+        mine = [base] + [p for p in provs if p != base and not (
+            H.PROVIDERS[p].option == "fused" and not H.OPTIMIZERS[o].fused)]
+        for s in sets:
+            for d in dt:
+                for p in mine:
+                    if H.PROVIDERS[p].kind == "torch":
+                        jobs.append((o, s, d, None, None, p))
+                for b in bd:
+                    for c in topcs:
+                        for p in mine:
+                            if H.PROVIDERS[p].kind == "cm":
+                                jobs.append((o, s, d, None if b == "none" else b, c, p))
     return jobs
 
 
@@ -123,20 +138,24 @@ def short(text, n=110):
 def fmt_row(r):
     c = "-" if r["topC"] is None else str(r["topC"])
     b = r["buffer_dtype"] or "-"
-    head = (f"{r['param_set']:<11} {r['param_dtype']:<5} {b:<4} {c:>2}  {r['provider']:<22}")
+    head = (f"{r['optimizer']:<9} {r['param_set']:<11} {r['param_dtype']:<5} {b:<4} {c:>2}  "
+            f"{r['provider']:<22}")
     if r["status"] != "ok":
-        return f"{head} {'-':>9} {'-':>17} {'-':>7} {'-':>8} {'-':>6} {'-':>8} {'-':>4}  {r['status']}: {short(r['reason'])}"
+        return (f"{head} {'-':>9} {'-':>17} {'-':>17} {'-':>8} {'-':>6} {'-':>8} {'-':>4}  "
+                f"{r['status']}: {short(r['reason'])}")
     q = f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}"
-    ratio = "-" if r["ratio_to_torch_fused"] is None else f"{r['ratio_to_torch_fused']:.2f}"
+    ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+    if r.get("paired_ratio_p20") is not None:
+        ratio += f" ({r['paired_ratio_p20']:.2f}-{r['paired_ratio_p80']:.2f})"
     peak = "-" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / 2**20:.1f}"
     share = "-" if r.get("cpu_share") is None else f"{100 * r['cpu_share']:.0f}"
-    return (f"{head} {r['median_ms']:>9.2f} {q:>17} {ratio:>7} "
+    return (f"{head} {r['median_ms']:>9.2f} {q:>17} {ratio:>17} "
             f"{r['bytes_per_step'] / 1e6:>8.1f} {r['gbps']:>6.1f} {peak:>8} {share:>4}")
 
 
-TABLE_HEAD = (f"{'set':<11} {'dtype':<5} {'buf':<4} {'C':>2}  {'provider':<22} "
-              f"{'median ms':>9} {'p20-p80 ms':>17} {'x fused':>7} {'MB/step':>8} "
-              f"{'GB/s':>6} {'peak+MiB':>8} {'cpu%':>4}")
+TABLE_HEAD = (f"{'optimizer':<9} {'set':<11} {'dtype':<5} {'buf':<4} {'C':>2}  "
+              f"{'provider':<22} {'median ms':>9} {'p20-p80 ms':>17} {'x base (p20-p80)':>17} "
+              f"{'MB/step':>8} {'GB/s':>6} {'peak+MiB':>8} {'cpu%':>4}")
 
 
 def main(argv=None):
@@ -146,6 +165,8 @@ def main(argv=None):
             print(param_sets.describe(n))
         for p in H.PROVIDERS.values():
             print(f"{p.name}: {p.doc}")
+        for o in H.OPTIMIZERS.values():
+            print(f"{o.name}: cm_fused.{o.cm.__name__} vs torch.optim.{o.torch.__name__}")
         return 0
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -173,22 +194,24 @@ def main(argv=None):
         meta["device_copy_cpu_share"] = round(H.COPY_CPU_SHARE[0], 3)
 
     rows, baseline, data, why = [], {}, {}, {}
-    for i, (sname, dname, bname, topC, pname) in enumerate(jobs, 1):
-        prov = H.PROVIDERS[pname]
+    for i, (oname, sname, dname, bname, topC, pname) in enumerate(jobs, 1):
+        prov, opt = H.PROVIDERS[pname], H.OPTIMIZERS[oname]
+        base_prov = H.PROVIDERS[opt.baseline]
         dtype, bdtype = H.DTYPES[dname], (H.DTYPES[bname] if bname else None)
         shapes = param_sets.SETS[sname]
         numel = param_sets.numel(sname)
-        nbytes = H.bytes_per_step(prov.kind, numel, dtype, bdtype)
+        nbytes = H.bytes_per_step(prov.kind, numel, dtype, bdtype, optimizer=oname)
         row = dict(meta, timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(
                        timespec="seconds"),
-                   provider=pname, param_set=sname, param_dtype=dname, buffer_dtype=bname,
-                   topC=topC, numel=numel, tensors=len(shapes), status="ok", reason=None,
-                   median_ms=None, p20_ms=None, p80_ms=None, min_ms=None, mean_ms=None,
-                   ratio_to_torch_fused=None, bytes_per_step=nbytes, gbps=None,
-                   peak_extra_bytes=None, peak_extra_method=H.PEAK_METHOD[device.type],
-                   loadavg_1m=H.loadavg(), hyper=dict(H.HYPER, **(H.CM_HYPER if prov.kind == "cm"
-                                                               else {})))
-        label = f"[{i}/{len(jobs)}] {sname} {dname} buf={bname or '-'} C={topC or '-'} {pname}"
+                   optimizer=oname, provider=prov.label(opt), baseline=base_prov.label(opt),
+                   param_set=sname, param_dtype=dname, buffer_dtype=bname, topC=topC,
+                   numel=numel, tensors=len(shapes), status="ok", reason=None, median_ms=None,
+                   p20_ms=None, p80_ms=None, min_ms=None, mean_ms=None, ratio=None,
+                   bytes_per_step=nbytes, gbps=None, peak_extra_bytes=None,
+                   peak_extra_method=H.PEAK_METHOD[device.type], loadavg_1m=H.loadavg(),
+                   hyper=dict(opt.hyper, **(opt.cm_hyper if prov.kind == "cm" else {})))
+        label = (f"[{i}/{len(jobs)}] {oname} {sname} {dname} buf={bname or '-'} "
+                 f"C={topC or '-'} {row['provider']}")
         # The tensors of one (set, dtype) are made once and shared by its rows.
         if (sname, dname) not in data:
             tensors = None  # drop the previous set's tensors before making the next
@@ -205,13 +228,16 @@ def main(argv=None):
                 progress(f"making {param_sets.describe(sname)} in {dname} ...")
                 data[(sname, dname)] = H.make_tensors(shapes, dtype, device, args.grad_sets)
         tensors = data[(sname, dname)]
-        key = (pname, dname)
-        if key not in why:
-            why[key] = H.why_not(prov, device, dtype)
-        reason = tensors if isinstance(tensors, str) else why[key]
+        for p in {prov, base_prov}:
+            if (oname, p.name, dname) not in why:
+                why[(oname, p.name, dname)] = H.why_not(p, device, dtype, oname)
+        reason = tensors if isinstance(tensors, str) else why[(oname, pname, dname)]
+        paired = pname != opt.baseline and why[(oname, base_prov.name, dname)] is None
         if reason is None:
-            need = H.state_bytes(prov.kind, numel, dtype, bdtype, topC) + \
+            need = H.state_bytes(prov.kind, numel, dtype, bdtype, topC, oname) + \
                 8 * max(math.prod(s) for s in shapes) * 4
+            if paired:
+                need += H.state_bytes("torch", numel, dtype, None, None, oname)
             free = H.free_bytes(device)
             if free is not None and need > 0.8 * free:
                 reason = f"needs ~{need / 1e9:.1f} GB of state, {free / 1e9:.1f} GB free"
@@ -219,10 +245,12 @@ def main(argv=None):
             row.update(status="skipped", reason=reason)
             progress(f"{label}: skipped ({short(reason, 300)})")
         else:
-            progress(f"{label} ...")
+            progress(f"{label} ..." + (f" (in alternation with {row['baseline']})"
+                                       if paired else ""))
             try:
                 res = H.measure(prov, tensors[0], tensors[1], device, topC=topC,
-                                buffer_dtype=bdtype, reps=reps, warmup=args.warmup)
+                                buffer_dtype=bdtype, reps=reps, warmup=args.warmup,
+                                optimizer=oname, baseline=base_prov if paired else None)
             except Exception as e:  # noqa: BLE001 - the row says what broke, nothing is hidden
                 msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
                 row.update(status="error", reason=msg)
@@ -232,17 +260,17 @@ def main(argv=None):
             else:
                 row.update(res)
                 row["gbps"] = nbytes / (res["median_ms"] / 1e3) / 1e9
-                if pname == H.BASELINE:
-                    baseline[(sname, dname)] = res["median_ms"]
+                if pname == opt.baseline:
+                    baseline[(oname, sname, dname)] = res["median_ms"]
+                    row["ratio"] = 1.0
+                elif paired:
+                    row["ratio"] = res["paired_ratio"]
                 progress(f"{label}: median {res['median_ms']:.2f} ms "
-                         f"(p20 {res['p20_ms']:.2f}, p80 {res['p80_ms']:.2f})")
+                         f"(p20 {res['p20_ms']:.2f}, p80 {res['p80_ms']:.2f})"
+                         + (f", x{row['ratio']:.2f} paired" if paired else ""))
         rows.append(row)
     data.clear()
 
-    for r in rows:
-        base = baseline.get((r["param_set"], r["param_dtype"]))
-        if r["status"] == "ok" and base:
-            r["ratio_to_torch_fused"] = r["median_ms"] / base
     elapsed = time.perf_counter() - t_start
 
     print(f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
@@ -251,8 +279,11 @@ def main(argv=None):
     print(f"copy_ bandwidth (read+write): {copy_gbps:.1f} GB/s"
           f"{'' if share is None else f' (cpu% {100 * share:.0f})'} | {reps} timed steps per row "
           f"after >= topC+3 warm-up steps | load avg at start {rows[0]['loadavg_1m'] if rows else '-'}")
-    print("x fused = median / torch_adamw_fused median (same set and dtype, same run); "
-          "MB/step = byte model (bench/harness.py:bytes_per_step); GB/s = MB/step / median;")
+    print("x base = median over timed rounds of (step time / baseline step time), the two "
+          "stepped in alternation (ABBA) on the same gradients; p20-p80 of those ratios. The "
+          "baseline is torch's fused step (torch_adam*_fused, torch_sgd_fused), or foreach for "
+          "RMSprop, on the same set and dtype;")
+    print("MB/step = byte model (bench/harness.py:bytes_per_step); GB/s = MB/step / median;")
     print(f"peak+MiB = extra memory of one step ({'CUDA max_memory_allocated' if device.type == 'cuda' else 'torch CPU allocator, via torch.profiler'})"
           + ("; cpu% = CPU time this process got while timing / (wall x torch threads): "
              "under ~90 means other processes took cores and the row is slowed"
@@ -261,7 +292,7 @@ def main(argv=None):
     print(TABLE_HEAD)
     last = None
     for r in rows:
-        grp = (r["param_set"], r["param_dtype"])
+        grp = (r["optimizer"], r["param_set"], r["param_dtype"])
         if last is not None and grp != last:
             print()
         last = grp

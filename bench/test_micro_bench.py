@@ -38,13 +38,26 @@ except ImportError:  # the harness checks still run; the benchmarks say why they
 
 def test_byte_model_matches_the_design_numbers():
     f32, bf16 = torch.float32, torch.bfloat16
-    assert H.bytes_per_step("adamw", 1, f32) == 28
-    assert H.bytes_per_step("adamw", 1, bf16) == 14
+    assert H.bytes_per_step("torch", 1, f32) == 28
+    assert H.bytes_per_step("torch", 1, bf16) == 14
     assert H.bytes_per_step("cm", 1, f32) == 48
     assert H.bytes_per_step("cm", 1, f32, bf16) == 44          # bf16 slots save 4 B
     assert H.bytes_per_step("cm", 1, bf16) == 28               # bf16 params, slots, fp32 S
     assert H.bytes_per_step("cm", 1, f32, replaced=False) == 36
     assert H.bytes_per_step("cm", 1000, f32) == 48_000
+    assert H.bytes_per_step("cm", 1, f32, optimizer="adamcg") == 48
+    for o in ("sgdcg", "rmspropcg"):  # momentum SGD / RMSprop: 20 B; + g, S, slot, S
+        assert H.bytes_per_step("torch", 1, f32, optimizer=o) == 20
+        assert H.bytes_per_step("cm", 1, f32, optimizer=o) == 40
+
+
+def test_paired_measurement_alternates_with_the_baseline():
+    params, grads = H.make_tensors(SHAPES[:6], torch.float32, torch.device("cpu"), 3)
+    res = H.measure(H.PROVIDERS["cm_reference"], params, grads, torch.device("cpu"), topC=2,
+                    buffer_dtype=None, reps=4, warmup=1, optimizer="sgdcg",
+                    baseline=H.PROVIDERS["torch_fused"])
+    assert res["reps"] == 4 and res["paired_ratio_p20"] <= res["paired_ratio"]
+    assert res["paired_ratio"] <= res["paired_ratio_p80"] and res["paired_baseline_ms"] > 0
 
 
 def test_quantiles_interpolate():
@@ -72,14 +85,14 @@ def test_a_slot_is_replaced_every_timed_step():
     """The byte model assumes a replacement per step: check the keys say so."""
     params, grads = H.make_tensors(SHAPES, torch.float32, torch.device("cpu"), 3)
     ps = [torch.nn.Parameter(p) for p in params]
-    opt = H.make_optimizer(H.PROVIDERS["cm_reference"], ps, TOPC, None)
+    opt = H.make_optimizer(H.PROVIDERS["cm_reference"], ps, TOPC, None, "adamcm")
     for i in range(TOPC + 6):
         H.set_grads(ps, grads[i % 3])
         before = opt.state[ps[0]]["cm_keys"].clone() if i >= TOPC else None
         opt.step()
         if before is not None:  # full buffer: exactly one key is new, the rest decayed
             after = opt.state[ps[0]]["cm_keys"]
-            changed = (after != before * H.CM_HYPER["decay"]).sum().item()
+            changed = (after != before * H.OPTIMIZERS["adamcm"].cm_hyper["decay"]).sum().item()
             assert changed == 1, (i, before, after)
 
 
