@@ -65,7 +65,7 @@ class _Model:
 
 
 class SpecAdamCM(_Model):
-    """SPEC.md, AdamCM."""
+    """docs/SPEC.md §2, AdamCM."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, topC=5, decay=0.7, synced=True, critical_test=0.0):
@@ -102,7 +102,7 @@ class SpecAdamCM(_Model):
 
 
 class SpecAdamCG(_Model):
-    """SPEC-CG.md, AdamCG."""
+    """docs/SPEC.md §3, AdamCG."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, topC=10, decay=0.7, synced=True, critical_test=0.0):
@@ -139,7 +139,7 @@ class SpecAdamCG(_Model):
 
 
 class SpecRMSpropCG(_Model):
-    """SPEC-CG.md, RMSpropCG (no critical_test: replacement by priority only)."""
+    """docs/SPEC.md §3, RMSpropCG (no critical_test: replacement by priority only)."""
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False, topC=10, decay=0.7, synced=True):
@@ -176,7 +176,7 @@ class SpecRMSpropCG(_Model):
 
 
 class SpecSGDCG(_Model):
-    """SPEC-CG.md, SGDCG."""
+    """docs/SPEC.md §3, SGDCG."""
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  topC=10, decay=0.7, synced=True, critical_test=0.0):
