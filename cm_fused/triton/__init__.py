@@ -82,4 +82,4 @@ def step(args: StepArgs) -> None:
         # Eager: the op's kernel, called directly. Through the dispatcher, a custom op
         # with nine mutated tensor lists costs tens of microseconds per tensor of host
         # time (alias checks, version counters), ~0.5 s a step for 10,000 tensors.
-        op.eager_step(args)
+        op.launch.step(args)

@@ -17,12 +17,6 @@ NAME = "cm_fused_triton::step_"
 INTERPRETED = type(kernels._update_kernel).__name__ == "InterpretedFunction"
 
 
-def eager_step(args: StepArgs) -> None:
-    """The op's kernel, also called directly in eager mode (no dispatcher: a custom op
-    with nine mutated tensor lists costs tens of microseconds per tensor of host time)."""
-    launch.step(args)
-
-
 def _kernel(*args) -> None:
     launch.step(StepArgs.from_op_args(args))
 
