@@ -182,7 +182,8 @@ def step(args: StepArgs) -> None:
     strided ones)."""
     if not args.params:
         return
-    reason = load()
+    # load() takes a lock, which torch.compile cannot trace: only call it until it is done.
+    reason = _status["reason"] if _status["done"] else load()
     if reason:
         raise RuntimeError(reason)
     torch.ops.cm_fused.step_(*args.op_args())

@@ -102,6 +102,16 @@ class CriticalOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         validation.validate({**self.defaults, **param_group}, self.HYPERPARAMETERS)
         super().add_param_group(param_group)
+        # Choose the group's backend now (it may load or build the C++ extension, and
+        # warns if 'auto' falls back), so that steps only look it up: torch.compile can
+        # trace a lookup, not a build. A choice that fails raises at the first step.
+        params = self.param_groups[-1]["params"]
+        devices = {p.device for p in params}
+        if len(devices) == 1:
+            try:
+                self._resolve(devices.pop(), frozenset(p.dtype for p in params))
+            except RuntimeError:
+                pass
 
     # ------------------------------------------------------ what a subclass says
 
@@ -173,7 +183,9 @@ class CriticalOptimizer(torch.optim.Optimizer):
             if st:
                 self._check_buffer_state(st, p, group)
                 self._check_state(st, group)
-        backend, module = self._resolve(device, frozenset(p.dtype for p in params))
+        # The dtypes of the whole group, not only of this step's tensors: one choice per
+        # group, whichever of its tensors have gradients.
+        backend, module = self._resolve(device, frozenset(p.dtype for p in group["params"]))
         return _Plan(group, params, device, backend, module)
 
     def _check_buffer_state(self, st: dict, p: Tensor, group: dict) -> None:
@@ -199,6 +211,8 @@ class CriticalOptimizer(torch.optim.Optimizer):
         hit = self._backend_cache.get(key)
         if hit is None:
             hit = self._backend_cache[key] = self._choose(device, set(dtypes))
+            log.debug("cm_fused: %s steps %s parameters on %s", hit[0],
+                      sorted(map(str, dtypes)), device)
         return hit
 
     def _choose(self, device: torch.device, dtypes: set) -> tuple[str, ModuleType]:
@@ -246,9 +260,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
 
     def _run(self, plan: _Plan, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         group, params, device, states = plan.group, plan.params, plan.device, plan.states
-        if self.backends_in_use.get(device.type) != plan.backend:
-            log.debug("cm_fused: %s steps parameters on %s", plan.backend, device)
-            self.backends_in_use[device.type] = plan.backend
+        self.backends_in_use[device.type] = plan.backend
         if grad_scale is not None:
             grad_scale = grad_scale.to(device, non_blocking=True)
         if found_inf is not None:
@@ -292,11 +304,14 @@ class CriticalOptimizer(torch.optim.Optimizer):
         for; torch paths without GradScaler inputs get unscaled gradients and are undone
         on the device where found_inf is set."""
         group, params, states = plan.group, plan.params, plan.states
-        if plan.backend != "reference" and self.TORCH_FUSED:
+        # Under torch.compile the for-loop code runs: torch marks its fused kernels not
+        # traceable, and its foreach code does not trace on CPU.
+        fast = plan.backend != "reference" and not torch.compiler.is_compiling()
+        if fast and self.TORCH_FUSED:
             self._torch_step(group, params, grads, states, lr, fused=True,
                              grad_scale=grad_scale, found_inf=found_inf)
             return
-        impl = dict(foreach=plan.backend != "reference")
+        impl = dict(foreach=fast)
         restore = _restore_if_found_inf(found_inf, [*params, *(
             t for s in states for t in s.values() if isinstance(t, Tensor))])
         if grad_scale is not None:

@@ -91,7 +91,7 @@ def decide(K: Tensor, k: Tensor, n: Tensor, lucky: Tensor | None, keep: Tensor |
     full = k >= C
     j_min = torch.argmin(K)  # first index on ties
     j = torch.where(full, j_min, k.clamp(max=C - 1)).view(1)
-    replace = ~full | (n > K[j_min])
+    replace = ~full | (n > K.min())  # K[argmin K], NaN included
     if lucky is not None:
         replace = replace | lucky
     if keep is not None:

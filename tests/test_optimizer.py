@@ -157,10 +157,13 @@ def test_explicit_backend_that_cannot_run_raises_with_reason():
 
 
 def test_auto_falls_back_to_reference_with_one_warning():
+    """The group's backend is chosen when the group is added: the warning comes then,
+    once, and not again at any step."""
     p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))  # no fused backend takes fp64
-    opt = AdamCM([p])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        opt = AdamCM([p])
+        assert sum("uses 'reference'" in str(w.message) for w in caught) == 1
         for t in range(3):
             p.grad = torch.full((3,), 0.5 + t, dtype=torch.float64)
             opt.step()
