@@ -72,6 +72,7 @@ class StepArgs:
     key_decay: float            # every key is multiplied by it once per step
     critical_test: float        # probability of an unconditional replacement (with rand)
     synced: bool                # one key for the group: the sum of per-tensor norms
+    maximize: bool              # step along +g: the gradient is negated after unscaling
     grad_scale: Optional[Tensor]  # divide gradients by it (GradScaler)
     found_inf: Optional[Tensor]   # nonzero: the step changes nothing at all
     rand: Optional[Tensor]        # fp32 [len(params)] coin draws for critical_test

@@ -100,18 +100,34 @@ class CriticalOptimizer(torch.optim.Optimizer):
             self.__dict__.setdefault(attr, default)
 
     def add_param_group(self, param_group: dict) -> None:
-        validation.validate({**self.defaults, **param_group}, self.HYPERPARAMETERS)
+        full = {**self.defaults, **param_group}
+        validation.validate(full, self.HYPERPARAMETERS)
+        self._check_backend_flags(full)
         super().add_param_group(param_group)
         # Choose the group's backend now (it may load or build the C++ extension, and
         # warns if 'auto' falls back), so that steps only look it up: torch.compile can
-        # trace a lookup, not a build. A choice that fails raises at the first step.
-        params = self.param_groups[-1]["params"]
-        devices = {p.device for p in params}
+        # trace a lookup, not a build. A choice that fails raises at the first step, or
+        # here with fused=True (as torch's fused optimizers refuse at construction).
+        group = self.param_groups[-1]
+        devices = {p.device for p in group["params"]}
         if len(devices) == 1:
             try:
-                self._resolve(devices.pop(), frozenset(p.dtype for p in params))
+                self._resolve(devices.pop(), frozenset(p.dtype for p in group["params"]),
+                              group.get("fused"))
             except RuntimeError:
-                pass
+                if group.get("fused"):
+                    self.param_groups.pop()
+                    raise
+
+    def _check_backend_flags(self, group: dict) -> None:
+        """torch's fused=True/False against an explicitly named backend."""
+        fused = group.get("fused")
+        if fused and self.backend == "reference":
+            raise ValueError("fused=True asks for a fused backend, but backend='reference' "
+                             "was named")
+        if fused is False and self.backend not in ("auto", "reference"):
+            raise ValueError(f"fused=False asks for the reference backend, but "
+                             f"backend={self.backend!r} was named")
 
     # ------------------------------------------------------ what a subclass says
 
@@ -185,7 +201,8 @@ class CriticalOptimizer(torch.optim.Optimizer):
                 self._check_state(st, group)
         # The dtypes of the whole group, not only of this step's tensors: one choice per
         # group, whichever of its tensors have gradients.
-        backend, module = self._resolve(device, frozenset(p.dtype for p in group["params"]))
+        backend, module = self._resolve(device, frozenset(p.dtype for p in group["params"]),
+                                        group.get("fused"))
         return _Plan(group, params, device, backend, module)
 
     def _check_buffer_state(self, st: dict, p: Tensor, group: dict) -> None:
@@ -205,17 +222,31 @@ class CriticalOptimizer(torch.optim.Optimizer):
                                f"parameter's buffer is {buf.dtype}; it cannot change after "
                                f"the first step")
 
-    def _resolve(self, device: torch.device, dtypes: frozenset) -> tuple[str, ModuleType]:
-        """The backend for tensors of this device and dtypes: decided once, then cached."""
-        key = (self.backend, device, dtypes)
+    def _resolve(self, device: torch.device, dtypes: frozenset,
+                 fused: bool | None = None) -> tuple[str, ModuleType]:
+        """The backend for tensors of this device and dtypes (and torch's ``fused`` flag:
+        True requires a fused backend, False means the reference): decided once, then
+        cached."""
+        key = (self.backend, device, dtypes, fused)
         hit = self._backend_cache.get(key)
         if hit is None:
-            hit = self._backend_cache[key] = self._choose(device, set(dtypes))
+            hit = self._backend_cache[key] = self._choose(device, set(dtypes), fused)
             log.debug("cm_fused: %s steps %s parameters on %s", hit[0],
                       sorted(map(str, dtypes)), device)
         return hit
 
-    def _choose(self, device: torch.device, dtypes: set) -> tuple[str, ModuleType]:
+    def _choose(self, device: torch.device, dtypes: set,
+                fused: bool | None) -> tuple[str, ModuleType]:
+        if fused is False and self.backend == "auto":
+            return "reference", registry.module("reference")
+        if fused and self.backend == "auto":
+            name = registry.preferred(device)
+            reason = registry.why_not(name, device, dtypes) if name != "reference" else \
+                f"no fused backend runs on {device.type} tensors"
+            if reason:
+                raise RuntimeError(f"fused=True, but no fused backend can step "
+                                   f"{sorted(map(str, dtypes))} tensors on {device}: {reason}")
+            return name, registry.module(name)
         if self.backend != "auto":
             reason = registry.why_not(self.backend, device, dtypes)
             if reason:
@@ -294,7 +325,8 @@ class CriticalOptimizer(torch.optim.Optimizer):
             steps=gather("steps"), variant=int(self.variant),
             lr=0.0 if isinstance(lr, Tensor) else float(lr),
             lr_tensor=lr if isinstance(lr, Tensor) else None, **scalars,
-            synced=group["synced"], grad_scale=grad_scale, found_inf=found_inf, rand=rand)
+            synced=group["synced"], maximize=group["maximize"], grad_scale=grad_scale,
+            found_inf=found_inf, rand=rand)
         plan.module.step(args)
         if write_back is not None:
             write_back()
@@ -304,14 +336,19 @@ class CriticalOptimizer(torch.optim.Optimizer):
         for; torch paths without GradScaler inputs get unscaled gradients and are undone
         on the device where found_inf is set."""
         group, params, states = plan.group, plan.params, plan.states
-        # Under torch.compile the for-loop code runs: torch marks its fused kernels not
-        # traceable, and its foreach code does not trace on CPU.
-        fast = plan.backend != "reference" and not torch.compiler.is_compiling()
-        if fast and self.TORCH_FUSED:
+        # torch's implementation: as the group's foreach/fused flags ask, else fused (or
+        # foreach) on the fused backends and the for-loop on the reference. Under
+        # torch.compile the for-loop: torch marks its fused kernels not traceable, and its
+        # foreach code does not trace on CPU.
+        compiling = torch.compiler.is_compiling()
+        fast = plan.backend != "reference" and not compiling
+        foreach = group.get("foreach")
+        if (group.get("fused") or (fast and foreach is None)) and self.TORCH_FUSED \
+                and not compiling:
             self._torch_step(group, params, grads, states, lr, fused=True,
                              grad_scale=grad_scale, found_inf=found_inf)
             return
-        impl = dict(foreach=fast)
+        impl = dict(foreach=(fast if foreach is None else foreach) and not compiling)
         restore = _restore_if_found_inf(found_inf, [*params, *(
             t for s in states for t in s.values() if isinstance(t, Tensor))])
         if grad_scale is not None:

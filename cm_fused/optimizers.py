@@ -44,8 +44,9 @@ class _AdamFamily(CriticalOptimizer):
             params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
             [s["step"] for s in states], amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr,
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
-            decoupled_weight_decay=self.DECOUPLED, **impl)
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+            decoupled_weight_decay=self.DECOUPLED or group.get("decoupled_weight_decay", False),
+            **impl)
 
 
 class AdamCM(_AdamFamily):
@@ -63,7 +64,8 @@ class AdamCM(_AdamFamily):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, *, weight_decay=0.0,
                  amsgrad=False, topC=5, decay=0.7, kappa=1.0, synced=True, critical_test=0.0,
-                 buffer_dtype=None, backend="auto"):
+                 buffer_dtype=None, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None, backend="auto"):
         super().__init__(params, locals(), backend)
 
 
@@ -79,7 +81,9 @@ class AdamCG(_AdamFamily):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, *, weight_decay=0.0,
                  amsgrad=False, topC=10, decay=0.7, kappa=1.0, synced=True, critical_test=0.0,
-                 buffer_dtype=None, backend="auto"):
+                 buffer_dtype=None, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False,
+                 backend="auto"):
         super().__init__(params, locals(), backend)
 
 
@@ -97,7 +101,8 @@ class SGDCG(CriticalOptimizer):
 
     def __init__(self, params, lr=1e-3, *, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  topC=10, decay=0.7, kappa=1.0, synced=True, critical_test=0.0,
-                 buffer_dtype=None, backend="auto"):
+                 buffer_dtype=None, nesterov=False, maximize=False, foreach=None,
+                 differentiable=False, fused=None, backend="auto"):
         super().__init__(params, locals(), backend)
 
     def _roles(self, group):
@@ -121,7 +126,8 @@ class SGDCG(CriticalOptimizer):
         momentum = group["momentum"]
         bufs = [s.get("momentum_buffer") for s in states]
         _torch_sgd(params, grads, bufs, weight_decay=group["weight_decay"], momentum=momentum,
-                   lr=lr, dampening=group["dampening"], nesterov=False, maximize=False, **impl)
+                   lr=lr, dampening=group["dampening"], nesterov=group["nesterov"],
+                   maximize=group["maximize"], **impl)
         if momentum != 0:  # torch creates the buffers on a tensor's first step
             for s, buf in zip(states, bufs):
                 s["momentum_buffer"] = buf
@@ -142,7 +148,8 @@ class RMSpropCG(CriticalOptimizer):
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False, *, topC=10, decay=0.7, kappa=1.0, synced=True,
-                 buffer_dtype=None, backend="auto"):
+                 buffer_dtype=None, capturable=False, foreach=None, maximize=False,
+                 differentiable=False, backend="auto"):
         super().__init__(params, locals(), backend)
 
     def _roles(self, group):
@@ -159,7 +166,7 @@ class RMSpropCG(CriticalOptimizer):
         roles = self._roles(group)
         gather = lambda key: [s[key] for s in states] if key else []  # noqa: E731
         _torch_rmsprop(params, grads, gather("square_avg"), gather(roles["extras"]),
-                       gather(roles["momenta"]), gather("step"), maximize=False,
+                       gather(roles["momenta"]), gather("step"), maximize=group["maximize"],
                        capturable=params[0].device.type != "cpu", lr=lr, alpha=group["alpha"],
                        eps=group["eps"], weight_decay=group["weight_decay"],
                        momentum=group["momentum"], centered=group["centered"], **impl)

@@ -59,6 +59,8 @@ def step(args: StepArgs) -> None:
     # found_inf set: the step is computed, and every write keeps the old value instead.
     keep = None if args.found_inf is None else args.found_inf.to(args.params[0].device) != 0
     grads = [unscaled(g, args.grad_scale) for g in args.grads]
+    if args.maximize:  # the key is the same; everything else sees -g
+        grads = [-g for g in grads]
     norms = gradient_keys(grads, args.synced)
     lr = args.lr if args.lr_tensor is None else args.lr_tensor
 

@@ -50,6 +50,35 @@ def _flag(name, x, group):
         raise bad(name, x, "must be a bool")
 
 
+def _optional_flag(name, x, group):
+    if x is not None and not isinstance(x, bool):
+        raise bad(name, x, "must be None or a bool")
+    if name == "fused" and x and group.get("foreach"):
+        raise bad(name, x, "fused=True and foreach=True cannot be asked for together")
+
+
+def _differentiable(name, x, group):
+    if x is not False:
+        raise bad(name, x, "differentiable=True is not supported: the steps are in-place "
+                           "kernels outside autograd (torch.optim's own optimizers offer it)")
+
+
+def _kappa_zero_only(what):
+    def rule(name, x, group):
+        _flag(name, x, group)
+        if x and group["kappa"] > 0:
+            raise bad(name, x, f"{what} is not defined with the critical buffer; {name}=True "
+                               f"is torch's behaviour, available with kappa=0")
+    return rule
+
+
+def _nesterov(name, x, group):
+    _flag(name, x, group)
+    if x and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise bad(name, x, "Nesterov momentum requires a momentum and zero dampening")
+    _kappa_zero_only("Nesterov momentum")(name, x, group)
+
+
 def _betas(name, betas, group):
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise bad(name, betas, "must be a pair (beta1, beta2)")
@@ -83,11 +112,17 @@ RULES: dict[str, Callable[[str, Any, dict], None]] = {
     "amsgrad": _flag, "momentum": _nonnegative, "dampening": _real, "alpha": _unit_interval,
     "centered": _flag, "kappa": _kappa, "decay": _unit_interval, "topC": _top_c,
     "synced": _flag, "critical_test": _probability, "buffer_dtype": _buffer_dtype,
+    # torch.optim's implementation keywords
+    "maximize": _flag, "foreach": _optional_flag, "fused": _optional_flag,
+    "capturable": _flag, "differentiable": _differentiable, "nesterov": _nesterov,
+    # AdamCG's weight decay is coupled, as the authors' (AdamCM is the decoupled one)
+    "decoupled_weight_decay": _kappa_zero_only("decoupled weight decay in AdamCG (AdamCM "
+                                               "is the decoupled one)"),
 }
 
 
 def validate(group: dict, names) -> None:
     """Raise ValueError naming the first invalid hyperparameter of a param group (in the
-    order of ``names``; kappa is checked before topC, which depends on it)."""
-    for name in sorted(names, key=lambda n: n == "topC"):
+    order of ``names``; the rules that read other hyperparameters, after those)."""
+    for name in sorted(names, key=lambda n: n in ("topC", "nesterov", "decoupled_weight_decay")):
         RULES[name](name, group[name], group)

@@ -171,7 +171,8 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
               at::TensorList steps, int64_t variant, double lr,
               const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
               double eps, double weight_decay, double dampening, double key_decay,
-              double critical_test, bool synced, const std::optional<at::Tensor>& grad_scale,
+              double critical_test, bool synced, bool maximize,
+              const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf,
               const std::optional<at::Tensor>& rand) {
   const size_t T = params.size();
@@ -229,7 +230,10 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
   if (T == 0 || skip) return;  // found_inf: the step changes nothing at all
 
   const KernelTable& table = kernels();
-  const float scale_f = static_cast<float>(scale_value);
+  // maximize: dividing by -scale is IEEE negation of g / scale (zeros included), and the
+  // sum of squares of the norm pass does not see the sign.
+  const bool divide = scaled || maximize;
+  const float scale_f = static_cast<float>(maximize ? -scale_value : scale_value);
 
   std::vector<Chunk> chunks;
   int64_t total = 0;
@@ -247,7 +251,7 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
   std::vector<double> partial(chunks.size());
   for_each_chunk(chunks, total, [&](int64_t c) {
     const Chunk& ch = chunks[c];
-    partial[c] = table.norm[pdt[ch.tensor]](gptr[ch.tensor], ch.begin, ch.end, scaled, scale_f);
+    partial[c] = table.norm[pdt[ch.tensor]](gptr[ch.tensor], ch.begin, ch.end, divide, scale_f);
   });
 
   // ------------------------------------------------------------ 3. decide
@@ -300,7 +304,7 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
     a.sum = sums[i].data_ptr<float>();
     a.first = d.first;
     a.has_wd = weight_decay != 0.0;
-    a.scaled = scaled;
+    a.scaled = divide;
     a.grad_scale = scale_f;
     a.wd = static_cast<float>(weight_decay);
     a.wd_factor = wd_factor;

@@ -34,6 +34,7 @@ COMMON = {
     "critical": dict(critical_test=0.3, topC=3),
     "decay0": dict(decay=0.0),  # every key 0 (or, SGDCG, never decayed): exact ties
     "tensor_lr": dict(lr=torch.tensor(2e-3), weight_decay=0.05),
+    "maximize": dict(maximize=True, weight_decay=0.05),
 }
 
 FAMILY = {

@@ -82,6 +82,7 @@ def _op_args(variant=Variant.ADAM_CM, extras=True, slot=torch.float32, dtype=tor
         steps=[torch.tensor(float(k)) for k in (0, 2, 3)], variant=int(variant), lr=1e-3,
         lr_tensor=torch.tensor(2e-3) if optional else None, beta1=0.9, beta2=0.999, eps=1e-8,
         weight_decay=0.01, dampening=0.1, key_decay=0.7, critical_test=0.3, synced=False,
+        maximize=variant == Variant.ADAM_CG,
         grad_scale=torch.tensor(2.0) if optional else None,
         found_inf=torch.tensor(0.0) if optional else None,
         rand=torch.rand(len(shapes), generator=g) if optional else None)

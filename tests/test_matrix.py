@@ -235,13 +235,17 @@ def test_save_load_midway_continues_bit_identically(name, backend, dtype, reques
 # ------------------------------------------------------------ kappa = 0 is torch's
 
 KAPPA0_CONFIGS = {
-    "adamcm": [dict(), dict(weight_decay=0.1, amsgrad=True),
+    "adamcm": [dict(), dict(weight_decay=0.1, amsgrad=True, maximize=True),
                dict(lr=torch.tensor(3e-3), betas=(0.8, 0.99), eps=1e-7)],
-    "adamcg": [dict(), dict(weight_decay=0.1, amsgrad=True),
-               dict(lr=torch.tensor(3e-3), betas=(0.8, 0.99), eps=1e-7)],
-    "sgdcg": [dict(lr=1e-2), dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.1),
-              dict(lr=torch.tensor(3e-3), momentum=0.5)],
-    "rmspropcg": [dict(), dict(momentum=0.9, centered=True, weight_decay=0.1, alpha=0.9),
+    "adamcg": [dict(), dict(weight_decay=0.1, amsgrad=True, maximize=True),
+               dict(lr=torch.tensor(3e-3), betas=(0.8, 0.99), eps=1e-7),
+               dict(weight_decay=0.1, decoupled_weight_decay=True)],
+    "sgdcg": [dict(lr=1e-2), dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.1,
+                                  maximize=True),
+              dict(lr=torch.tensor(3e-3), momentum=0.5),
+              dict(lr=1e-2, momentum=0.9, nesterov=True)],
+    "rmspropcg": [dict(), dict(momentum=0.9, centered=True, weight_decay=0.1, alpha=0.9,
+                               maximize=True),
                   dict(lr=torch.tensor(3e-3), momentum=0.5, eps=1e-6)],
 }
 
@@ -252,7 +256,8 @@ def _torch_twin(name, backend, kw):
     member = FAMILY[name]
     # our defaults where torch's differ (AdamW's weight_decay is 0.01, AdamCM's 0)
     known = inspect.signature(member.torch_cls.__init__).parameters
-    kw = {**{k: v for k, v in member.cls.HYPERPARAMETERS.items() if k in known}, **kw}
+    kw = {**{k: v for k, v in member.cls.HYPERPARAMETERS.items()
+             if k in known and k not in ("foreach", "fused")}, **kw}
     kw = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
     if backend == "reference":
         impl = dict(foreach=False)

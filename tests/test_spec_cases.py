@@ -34,6 +34,22 @@ def param(values):
     return torch.nn.Parameter(torch.tensor(values, dtype=torch.float32))
 
 
+def test_maximize_is_minimizing_the_negated_gradient(make_any):
+    """maximize=True with g steps exactly as maximize=False with -g (keys included: a
+    norm does not see the sign), on every backend and optimizer."""
+    a, b = param([1.0, -2.0, 0.5]), param([1.0, -2.0, 0.5])
+    opt_a = make_any([a], lr=0.1, weight_decay=0.1, maximize=True)
+    opt_b = make_any([b], lr=0.1, weight_decay=0.1)
+    for g in ([3.0, 0.0, -1.0], [0.5, 2.0, 1.0], [-1.0, 1.0, 4.0]):
+        a.grad, b.grad = torch.tensor(g), -torch.tensor(g)
+        opt_a.step()
+        opt_b.step()
+    assert torch.equal(a.detach(), b.detach()) and not torch.equal(a.detach(),
+                                                                    torch.tensor([1.0, -2.0, 0.5]))
+    for key, value in opt_a.state[a].items():
+        assert torch.equal(value, opt_b.state[b][key]), key
+
+
 # ------------------------------------------------------------ AdamCM
 
 def test_first_step_moves_only_by_weight_decay_and_seeds_buffer_with_raw_gradient(make):

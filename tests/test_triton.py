@@ -134,7 +134,8 @@ def test_many_chunks_per_tensor_and_short_last_chunks(small_chunks, monkeypatch)
 # scheduler or a user changes between steps.
 STRUCTURAL_CONSTEXPRS = {"G_DT", "HAS_SCALE", "BLOCK", "RBLOCK", "SYNCED", "HAS_RAND",
                          "HAS_FOUND_INF", "CP", "TB", "VARIANT", "P_DT", "M_DT", "V_DT",
-                         "X_DT", "B_DT", "S_DT", "LR_IS_PTR", "HAS_MOM", "HAS_X", "ALIGNED"}
+                         "X_DT", "B_DT", "S_DT", "LR_IS_PTR", "HAS_MOM", "HAS_X", "MAXIMIZE",
+                         "ALIGNED"}
 
 
 def _specialisations(launch, opt, params, lrs):
@@ -242,6 +243,7 @@ def _op_args(device, variant=Variant.ADAM_CM):
         sums=zeros(), steps=[torch.zeros((), device=device) for p in params],
         variant=int(variant), lr=1e-2, lr_tensor=None, beta1=0.9, beta2=0.999, eps=1e-8,
         weight_decay=0.1, dampening=0.0, key_decay=0.7, critical_test=0.0, synced=True,
+        maximize=False,
         grad_scale=None, found_inf=None, rand=None)
 
 

@@ -245,12 +245,14 @@ def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, s_ptr,
                   VARIANT: tl.constexpr, P_DT: tl.constexpr, M_DT: tl.constexpr,
                   V_DT: tl.constexpr, X_DT: tl.constexpr, B_DT: tl.constexpr,
                   S_DT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MOM: tl.constexpr,
-                  HAS_X: tl.constexpr):
+                  HAS_X: tl.constexpr, MAXIMIZE: tl.constexpr):
     """One block of the update of variant VARIANT: the direction u and the value
     inserted (what the variants differ in), the insert (shared), the base rule."""
     g = _ld(g_ptr + idx, mask).to(tl.float32)
     if HAS_SCALE:
         g = tl.div_rn(g, scale)
+    if MAXIMIZE:
+        g = -g
     x = _ld(p_ptr + idx, mask).to(tl.float32)
     S = _ld(s_ptr + idx, mask).to(tl.float32)
     mean = tl.div_rn(S, k_before)  # the buffer as it was before this step's insert
@@ -334,7 +336,7 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
                    X_DT: tl.constexpr, B_DT: tl.constexpr, S_DT: tl.constexpr,
                    LR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
                    HAS_FOUND_INF: tl.constexpr, HAS_MOM: tl.constexpr, HAS_X: tl.constexpr,
-                   ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                   MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     beta1 = tl.cast(beta1, tl.float32)
     one_minus_beta1 = tl.cast(one_minus_beta1, tl.float32)
     beta2 = tl.cast(beta2, tl.float32)
@@ -406,11 +408,11 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
                       slot_ptr, s_ptr, replace, first, k_before, scale, lr, beta1,
                       one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
                       decay_factor, one_minus_dampening, step_size, sqrt_bc2, VARIANT, P_DT,
-                      M_DT, V_DT, X_DT, B_DT, S_DT, HAS_SCALE, HAS_MOM, HAS_X)
+                      M_DT, V_DT, X_DT, B_DT, S_DT, HAS_SCALE, HAS_MOM, HAS_X, MAXIMIZE)
     for off in range(full_end, end, BLOCK):  # the tensor's last, short block (0 or 1)
         idx = off + tl.arange(0, BLOCK)
         _update_block(idx, idx < end, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, s_ptr,
                       replace, first, k_before, scale, lr, beta1, one_minus_beta1, beta2,
                       one_minus_beta2, eps, weight_decay, decay_factor, one_minus_dampening,
                       step_size, sqrt_bc2, VARIANT, P_DT, M_DT, V_DT, X_DT, B_DT, S_DT,
-                      HAS_SCALE, HAS_MOM, HAS_X)
+                      HAS_SCALE, HAS_MOM, HAS_X, MAXIMIZE)

@@ -302,4 +302,5 @@ def step(args: StepArgs) -> None:
                          LR_IS_PTR=lr_tensor is not None,
                          HAS_SCALE=grad_scale is not None,
                          HAS_FOUND_INF=found_inf is not None, HAS_MOM=bool(args.momenta),
-                         HAS_X=bool(args.extras), ALIGNED=b.aligned, BLOCK=block), NUM_WARPS)
+                         HAS_X=bool(args.extras), MAXIMIZE=bool(args.maximize),
+                         ALIGNED=b.aligned, BLOCK=block), NUM_WARPS)
