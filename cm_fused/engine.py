@@ -64,6 +64,9 @@ class CriticalOptimizer(torch.optim.Optimizer):
     # torch's counterpart has a fused kernel (used at kappa == 0 by the fused backends);
     # it takes GradScaler's grad_scale and found_inf.
     TORCH_FUSED: ClassVar[bool] = True
+    # Every state entry this optimizer may keep besides the buffer's (torch's names):
+    # a checkpoint with others was written by another optimizer.
+    STATE_KEYS: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -272,9 +275,13 @@ class CriticalOptimizer(torch.optim.Optimizer):
         st = self.state[p]
         fresh = not st
         new: dict[str, Tensor] = {}
+        # The step counter lives on the param's device (read there by every kernel), but
+        # at kappa=0 on meta, where torch's optimizers have neither a fused nor a
+        # capturable path, on the CPU as torch keeps it.
+        step_device = "cpu" if group["kappa"] == 0 and p.device.type == "meta" else p.device
         for role, key in self._roles(group).items():
             if key is not None and key not in st:
-                new[key] = (torch.zeros((), dtype=torch.float32, device=p.device)
+                new[key] = (torch.zeros((), dtype=torch.float32, device=step_device)
                             if role == "steps" else
                             torch.zeros_like(p, memory_format=torch.contiguous_format))
         if group["kappa"] > 0 and fresh:
@@ -387,7 +394,13 @@ class CriticalOptimizer(torch.optim.Optimizer):
                                  f"params, this optimizer's has {len(group['params'])}")
             pairs += zip(saved["params"], group["params"])
         saved_state = state_dict["state"]
+        known = {*self.STATE_KEYS, *BUFFER_STATE}
         for pid, p in pairs:
+            foreign = sorted(set(saved_state.get(pid, {})) - known)
+            if foreign:
+                raise ValueError(f"checkpoint state has {foreign}, which "
+                                 f"{type(self).__name__} does not keep: it was saved by "
+                                 f"another optimizer")
             buf = saved_state.get(pid, {}).get("cm_buffer")
             if buf is not None and tuple(buf.shape[1:]) != tuple(p.shape):
                 raise ValueError(f"checkpoint buffer of shape {tuple(buf.shape)} does not fit "

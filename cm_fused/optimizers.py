@@ -19,11 +19,18 @@ from .contract import Variant
 from .engine import CriticalOptimizer
 
 
+def _steps_on_device(states) -> bool:
+    """torch's non-fused code must run capturable when the step counters live on an
+    accelerator (ours do, so that no step reads them on the host)."""
+    return bool(states) and states[0]["step"].device.type not in ("cpu", "meta")
+
+
 class _AdamFamily(CriticalOptimizer):
     """Adam's state (exp_avg, exp_avg_sq, max_exp_avg_sq with amsgrad, step) and, at
     kappa == 0, torch's Adam code (``DECOUPLED``: AdamW's weight decay)."""
 
     DECOUPLED = False
+    STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def _roles(self, group):
         return dict(momenta="exp_avg", second_moments="exp_avg_sq",
@@ -38,8 +45,8 @@ class _AdamFamily(CriticalOptimizer):
     def _torch_step(self, group, params, grads, states, lr, **impl):
         beta1, beta2 = group["betas"]
         amsgrad = group["amsgrad"]
-        if not impl.get("fused") and params[0].device.type != "cpu":
-            impl["capturable"] = True  # steps live on the device
+        if not impl.get("fused"):
+            impl["capturable"] = _steps_on_device(states)
         _torch_adam(
             params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
@@ -97,7 +104,7 @@ class SGDCG(CriticalOptimizer):
     """
 
     variant = Variant.SGD_CG
-    TORCH_FUSED = True
+    STATE_KEYS = ("step", "momentum_buffer")
 
     def __init__(self, params, lr=1e-3, *, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  topC=10, decay=0.7, kappa=1.0, synced=True, critical_test=0.0,
@@ -145,6 +152,7 @@ class RMSpropCG(CriticalOptimizer):
 
     variant = Variant.RMSPROP_CG
     TORCH_FUSED = False  # torch's RMSprop has foreach, no fused kernel
+    STATE_KEYS = ("step", "square_avg", "momentum_buffer", "grad_avg")
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False, *, topC=10, decay=0.7, kappa=1.0, synced=True,
@@ -167,7 +175,7 @@ class RMSpropCG(CriticalOptimizer):
         gather = lambda key: [s[key] for s in states] if key else []  # noqa: E731
         _torch_rmsprop(params, grads, gather("square_avg"), gather(roles["extras"]),
                        gather(roles["momenta"]), gather("step"), maximize=group["maximize"],
-                       capturable=params[0].device.type != "cpu", lr=lr, alpha=group["alpha"],
+                       capturable=_steps_on_device(states), lr=lr, alpha=group["alpha"],
                        eps=group["eps"], weight_decay=group["weight_decay"],
                        momentum=group["momentum"], centered=group["centered"], **impl)
 

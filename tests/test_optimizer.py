@@ -558,6 +558,17 @@ def test_an_optimizer_pickled_by_an_older_version_unpickles_with_new_attributes(
     clone.step()
 
 
+def test_a_checkpoint_of_another_cm_fused_optimizer_is_named_as_such():
+    params = make_params([(3,)])
+    adam = AdamCM(params, backend="reference", topC=10)
+    set_grads(params, 0)
+    adam.step()
+    sgd = cm_fused.SGDCG(copy_params(params), backend="reference", momentum=0.9)
+    with pytest.raises(ValueError, match="saved by another optimizer"):
+        sgd.load_state_dict(adam.state_dict())
+    assert not sgd.state
+
+
 def test_a_torch_checkpoint_is_named_as_such_and_changes_nothing():
     params = make_params([(3,)])
     adamw = torch.optim.AdamW(params)
@@ -635,3 +646,30 @@ def test_kappa_zero_sgd_skipped_first_momentum_step_leaves_no_buffer():
         opt.step()
         sgd.step()
     assert_bit_identical(opt, params, sgd, twin)
+
+
+@pytest.mark.parametrize("kappa", [1.0, 0.0])
+def test_meta_parameters_step_like_torchs(family_ref, kappa):
+    """Parameters on the meta device (deferred initialisation): the step runs and the
+    state has the shapes a real step would give; at kappa=0 as torch's own optimizer
+    on meta (its step counter on the CPU)."""
+    p = torch.nn.Parameter(torch.empty(4, 3, device="meta"))
+    kw = {"momentum": 0.9} if "dampening" in family_ref([p]).defaults else {}
+    opt = family_ref([p], kappa=kappa, **kw)
+    for _ in range(2):
+        p.grad = torch.empty(4, 3, device="meta")
+        opt.step()
+    st = opt.state[p]
+    if kappa > 0:
+        assert st["cm_buffer"].shape == (opt.defaults["topC"], 4, 3)
+        assert all(v.device.type == "meta" for v in st.values())
+    else:
+        twin = torch.nn.Parameter(torch.empty(4, 3, device="meta"))
+        torch_opt = FAMILY[next(n for n, m in FAMILY.items()
+                                if m.cls is type(opt))].torch_cls([twin], **kw)
+        for _ in range(2):
+            twin.grad = torch.empty(4, 3, device="meta")
+            torch_opt.step()
+        ts = torch_opt.state[twin]
+        assert st.keys() == ts.keys()
+        assert all(st[k].device == ts[k].device and st[k].shape == ts[k].shape for k in st)
