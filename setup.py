@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -75,15 +75,8 @@ def extension():
 
 ext_modules, cmdclass = extension()
 
+# Metadata, dependencies and extras are in pyproject.toml; this file adds the C++ build.
 setup(
-    name="cm_fused",
-    version="0.1.0",
-    description="Adam with Critical Momenta for PyTorch: fused C++ CPU and Triton CUDA steps",
-    packages=find_packages(include=["cm_fused", "cm_fused.*"]),
-    python_requires=">=3.9",
-    # 2.7: torch.optim.adam(decoupled_weight_decay=...), which kappa=0 steps call
-    install_requires=["torch>=2.7"],
-    extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "hypothesis"]},
     ext_modules=ext_modules,
     cmdclass={"build_py": build_py_with_csrc, **cmdclass},
     zip_safe=False,

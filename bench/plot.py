@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Bar chart of optimizer step time per provider, one panel per parameter set.
 
-    python bench/plot.py                                   # latest run in bench/results/results.jsonl
+    python bench/plot.py                                   # latest run in bench/runs/results.jsonl
     python bench/plot.py bench/results/results.jsonl --run 20261122T160919Z --out step.png
     python bench/plot.py --run all --log
 
@@ -18,7 +18,7 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_IN = os.path.join(HERE, "results", "results.jsonl")
+DEFAULT_IN = os.path.join(HERE, "runs", "results.jsonl")  # run.py's default --out
 
 
 def load(path: str, run: str) -> list[dict]:
@@ -33,6 +33,16 @@ def load(path: str, run: str) -> list[dict]:
         if not rows:
             sys.exit(f"no rows with run_id {run!r} in {path}")
     return rows
+
+
+def _ms(y: float) -> str:
+    """Milliseconds without exponents: 3020 ms, 15.2 ms, 0.981 ms."""
+    return f"{y:.0f} ms" if y >= 100 else f"{y:.3g} ms"
+
+
+def _short(text, n=70) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= n else text[:n - 3] + "..."
 
 
 def main(argv=None) -> int:
@@ -69,7 +79,7 @@ def main(argv=None) -> int:
 
     widest = max(len({r["provider"] for r in rows if (r["optimizer"], r["param_set"]) == k})
                  for k in sets)
-    fig, axes = plt.subplots(len(sets), 1, figsize=(max(8, 1.2 * widest + 4),
+    fig, axes = plt.subplots(len(sets), 1, figsize=(max(8, 1.2 * widest + 6),
                                                     3.6 * len(sets)), squeeze=False)
     for ax, (oname, sname) in zip(axes[:, 0], sets):
         mine = [r for r in rows if (r["optimizer"], r["param_set"]) == (oname, sname)]
@@ -78,7 +88,7 @@ def main(argv=None) -> int:
         configs = sorted({cfg(r) for r in mine if r["topC"] is not None},
                          key=lambda c: (c[0], c[1], c[2])) or sorted({cfg(r) for r in mine},
                                                                       key=str)
-        here = [p for p in providers if any(r["provider"] == p for r in mine)]
+        here = list(dict.fromkeys(r["provider"] for r in mine))  # run order: baseline first
         width = 0.8 / max(1, len(here))
         for pi, prov in enumerate(here):
             xs, ys, lo, hi, ratios = [], [], [], [], []
@@ -96,10 +106,12 @@ def main(argv=None) -> int:
                     break
             if xs:
                 ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=prov, color=colors[prov])
-                for x, y, q in zip(xs, ys, ratios):
-                    text = f"{y:.3g}" + (f"\nx{q:.2f}" if q is not None else "")
-                    ax.annotate(text, (x, y), ha="center", va="bottom", fontsize=7,
-                                xytext=(0, 2), textcoords="offset points")
+                for x, y, top, q in zip(xs, ys, hi, ratios):
+                    # above the whisker's cap, so the cap never strikes the label through
+                    text = _ms(y) + (f"\nx{q:.2f}" if q is not None else "")
+                    ax.annotate(text, (x, y + top), ha="center", va="bottom", fontsize=7,
+                                xytext=(0, 3), textcoords="offset points")
+        ax.margins(y=0.18)
         ax.set_xticks(range(len(configs)))
         ax.set_xticklabels([f"{d}, buf {b}, C={c if c is not None else '-'}"
                             for d, b, c in configs], fontsize=8)
@@ -111,11 +123,12 @@ def main(argv=None) -> int:
         first = mine[0]
         ax.set_title(f"{oname}, {sname}: {first['numel'] / 1e6:.1f}M params in "
                      f"{first['tensors']} tensors", fontsize=10)
-        missing = sorted({f"{r['provider']}: {r['status']}" for r in mine if r["status"] != "ok"})
+        missing = sorted({f"{r['provider']}: {r['status']} ({_short(r.get('reason'))})"
+                          for r in mine if r["status"] != "ok"})
         if missing:
             ax.text(0.0, -0.22, "not measured: " + "; ".join(missing), transform=ax.transAxes,
                     fontsize=7, va="top")
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # off the bars
     meta = rows[0]
     fig.suptitle(f"optimizer.step() on {meta['device']} | torch {meta['torch']} | "
                  f"commit {meta['commit']} | run {meta['run_id'] if args.run != 'all' else 'all'}",

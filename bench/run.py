@@ -13,7 +13,8 @@ Every provider steps the same parameter values with the same gradient sets and t
 hyperparameters, in one process. Each row other than the baseline (torch's fused step, or
 foreach where torch has no fused one) is timed in alternation with the baseline, and its
 ratio to it is the median of the paired per-round ratios, so machine drift cancels. The table goes to stdout, progress to stderr, and one JSON
-line per row is appended to bench/results/results.jsonl (see --out). Plot with
+line per row is appended to bench/runs/results.jsonl (untracked: your runs; the project's
+committed runs are in bench/results/, written with --out). Plot with
 `python bench/plot.py`. Providers that cannot run here are listed with the reason.
 """
 from __future__ import annotations
@@ -35,7 +36,9 @@ import torch  # noqa: E402
 import harness as H  # noqa: E402
 import param_sets  # noqa: E402
 
-DEFAULT_OUT = os.path.join(HERE, "results", "results.jsonl")
+# Untracked (.gitignore): a user's runs never dirty the checkout; the committed runs the
+# README quotes are in bench/results/, written there with --out.
+DEFAULT_OUT = os.path.join(HERE, "runs", "results.jsonl")
 
 
 def parse_args(argv=None):

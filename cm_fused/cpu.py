@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import torch
 from .contract import StepArgs, define_op
 from .registry import FUSED_DTYPES
 
+log = logging.getLogger("cm_fused")
 OP = "cm_fused::step_"
 _TAG = b"CM_FUSED_BUILT_WITH_TORCH="
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -90,8 +93,9 @@ def _load_prebuilt() -> str | None:
     return None if _registered() else f"{spec.origin} loaded but does not define {OP}"
 
 
-def _jit_build() -> str | None:
-    """Compile and load the shipped sources; None if that worked, else why not."""
+def _jit_build(why_not_prebuilt: str = "") -> str | None:
+    """Compile and load the shipped sources; None if that worked, else why not. Says so,
+    in one line, before it starts: it takes a while, once."""
     if os.environ.get("CM_FUSED_NO_JIT") == "1":
         return "JIT build disabled by CM_FUSED_NO_JIT=1"
     csrc = source_dir()
@@ -100,6 +104,11 @@ def _jit_build() -> str | None:
     try:
         from torch.utils import cpp_extension
         cflags, ldflags = build_flags(csrc)
+        log.warning("cm_fused: compiling the C++ CPU kernel for torch %s (%s); this takes "
+                    "about 15 s on 2 cores, once: it is cached in %s",
+                    torch.__version__, why_not_prebuilt or "no prebuilt kernel",
+                    os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions"))
+        start = time.perf_counter()
         cpp_extension.load(
             name="cm_fused_cpu",
             sources=sorted(str(p) for p in csrc.glob("*.cpp")),
@@ -111,6 +120,7 @@ def _jit_build() -> str | None:
         detail = _summary(str(e)) or type(e).__name__
         return (f"the JIT build of the C++ extension failed ({type(e).__name__}: {detail}); "
                 f"set CM_FUSED_VERBOSE_BUILD=1 to see the compiler output")
+    log.info("cm_fused: the C++ CPU kernel is ready (%.1f s)", time.perf_counter() - start)
     return None if _registered() else f"the JIT-built extension does not define {OP}"
 
 
@@ -131,7 +141,8 @@ def load() -> str | None:
             if _registered():
                 _status["source"] = "already registered"
             else:
-                for source, attempt in (("prebuilt", _load_prebuilt), ("jit", _jit_build)):
+                for source, attempt in (("prebuilt", _load_prebuilt),
+                                        ("jit", lambda: _jit_build(reasons[0]))):
                     known = set(torch.ops.loaded_libraries)
                     why = attempt()
                     if why is None:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 
 import pytest
@@ -258,8 +259,13 @@ def test_without_a_prebuilt_extension_the_first_use_jit_builds_it(tmp_path):
         opt = AdamCM([p], backend="cpu"); opt.step(); opt.step()
         print("LOADED:", c.loaded_from()[0], c.build_tag(c.loaded_from()[1]))
     """))
+    started = time.perf_counter()
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"LOADED: jit {torch.__version__}" in out.stdout
+    # one line says what is happening before the wait (and the README says how long)
+    said = [ln for ln in out.stderr.splitlines() if "compiling the C++ CPU kernel" in ln]
+    assert len(said) == 1 and "no prebuilt extension" in said[0], out.stderr[-2000:]
+    print(f"JIT build and two steps: {time.perf_counter() - started:.1f} s")
