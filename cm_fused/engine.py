@@ -86,25 +86,30 @@ class CriticalOptimizer(torch.optim.Optimizer):
         if isinstance(defaults.get("betas"), list):
             defaults["betas"] = tuple(defaults["betas"])
         validation.validate(defaults, self.HYPERPARAMETERS)
-        lr = defaults["lr"]
-        if isinstance(lr, Tensor) and not lr.item() >= 0:  # once, at construction only
-            raise validation.bad("lr", lr, "must be >= 0")
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict) -> None:
         """Also for checkpoints and pickles of an older version: a hyperparameter added
         since gets its default (the behaviour of the version that did not have it)."""
         super().__setstate__(state)
-        for group in self.param_groups:
+        for group in [self.defaults, *self.param_groups]:
             for name, default in self.HYPERPARAMETERS.items():
                 group.setdefault(name, default)
         for attr, default in (("backend", "auto"), ("backends_in_use", {}), ("_warned", set()),
                               ("_backend_cache", {})):
             self.__dict__.setdefault(attr, default)
 
+    def __getstate__(self) -> dict:
+        # torch's keeps defaults, state and groups only; the backend asked for is part of
+        # the optimizer too (the caches and warnings are not: they are rebuilt).
+        return {**super().__getstate__(), "backend": self.backend}
+
     def add_param_group(self, param_group: dict) -> None:
         full = {**self.defaults, **param_group}
         validation.validate(full, self.HYPERPARAMETERS)
+        lr = full["lr"]
+        if isinstance(lr, Tensor) and not lr.item() >= 0:  # here only: a step never reads it
+            raise validation.bad("lr", lr, "must be >= 0")
         self._check_backend_flags(full)
         super().add_param_group(param_group)
         # Choose the group's backend now (it may load or build the C++ extension, and
@@ -149,6 +154,10 @@ class CriticalOptimizer(torch.optim.Optimizer):
 
     def _check_state(self, state: dict, group: dict) -> None:
         """Refuse a group change this optimizer cannot follow (a hook; nothing by default)."""
+
+    def _torch_fused_ok(self, group: dict, states: list[dict]) -> bool:
+        """Whether torch's fused kernel can take this kappa == 0 step (a hook)."""
+        return self.TORCH_FUSED
 
     # ------------------------------------------------------ step
 
@@ -197,10 +206,12 @@ class CriticalOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"all parameters of a group and their gradients must be on one "
                                f"device, got {sorted(map(str, devices))}")
         device = devices.pop()
+        roles = self._roles(group)
+        moment = roles["second_moments"] or roles["momenta"]  # stored in the param's dtype
         for p in params:
             st = self.state.get(p)
             if st:
-                self._check_buffer_state(st, p, group)
+                self._check_buffer_state(st, p, group, moment)
                 self._check_state(st, group)
         # The dtypes of the whole group, not only of this step's tensors: one choice per
         # group, whichever of its tensors have gradients.
@@ -208,7 +219,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
                                         group.get("fused"))
         return _Plan(group, params, device, backend, module)
 
-    def _check_buffer_state(self, st: dict, p: Tensor, group: dict) -> None:
+    def _check_buffer_state(self, st: dict, p: Tensor, group: dict, moment: str | None) -> None:
         if group["kappa"] <= 0:
             return
         if "cm_buffer" not in st:
@@ -219,6 +230,11 @@ class CriticalOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"the group's topC is {group['topC']} but this parameter's "
                                f"buffer holds {buf.shape[0]} slots; topC cannot change after "
                                f"the first step")
+        m = st.get(moment) if moment else None
+        if m is not None and m.dtype != p.dtype:
+            raise RuntimeError(f"this parameter is {p.dtype} but its optimizer state is "
+                               f"{m.dtype}: a parameter's dtype cannot change after its "
+                               f"first step")
         want = group["buffer_dtype"] or p.dtype
         if buf.dtype != want:
             raise RuntimeError(f"the group's buffer_dtype resolves to {want} but this "
@@ -310,6 +326,10 @@ class CriticalOptimizer(torch.optim.Optimizer):
         if group["kappa"] == 0:
             self._run_torch(plan, grads, lr, grad_scale, found_inf)
             return
+        if isinstance(lr, Tensor):
+            # Every backend reads a 0-dim fp32 lr (a bf16 lr would round 1 - lr·wd to bf16
+            # in the reference only; a [1]-shaped one would broadcast 0-dim params).
+            lr = lr.to(torch.float32).reshape(())
         fused = plan.backend != "reference"
         write_back = None
         if fused:
@@ -350,8 +370,8 @@ class CriticalOptimizer(torch.optim.Optimizer):
         compiling = torch.compiler.is_compiling()
         fast = plan.backend != "reference" and not compiling
         foreach = group.get("foreach")
-        if (group.get("fused") or (fast and foreach is None)) and self.TORCH_FUSED \
-                and not compiling:
+        if (group.get("fused") or (fast and foreach is None)) and not compiling \
+                and self._torch_fused_ok(group, states):
             self._torch_step(group, params, grads, states, lr, fused=True,
                              grad_scale=grad_scale, found_inf=found_inf)
             return
@@ -385,6 +405,11 @@ class CriticalOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"checkpoint param group {i} has no 'topC': it was not saved "
                                  f"by a cm_fused optimizer (a torch.optim checkpoint?), so "
                                  f"{type(self).__name__} cannot load it")
+            foreign = sorted(set(saved) - {*self.HYPERPARAMETERS, "params", "param_names"})
+            if foreign:
+                raise ValueError(f"checkpoint param group {i} has {foreign}, which "
+                                 f"{type(self).__name__} does not take: it was saved by "
+                                 f"another optimizer")
             if saved["topC"] != group["topC"]:
                 raise ValueError(f"checkpoint param group {i} has topC={saved['topC']!r} "
                                  f"but this optimizer's group {i} has topC={group['topC']!r}; "

@@ -123,6 +123,13 @@ class SGDCG(CriticalOptimizer):
                     key_decay=group["decay"] if group["decay"] != 0 else 1.0,
                     critical_test=group["critical_test"])
 
+    def _torch_fused_ok(self, group, states):
+        # torch's fused SGD treats a first momentum step as all-or-nothing and creates the
+        # buffers uninitialised, so a step skipped by found_inf would leave garbage, and a
+        # tensor's first step beside others' later ones fails: the for-loop code takes any
+        # step where a buffer is still to be created (its first step copies d, as fused).
+        return group["momentum"] == 0 or all("momentum_buffer" in s for s in states)
+
     def _check_state(self, state, group):
         if group["kappa"] > 0 and group["momentum"] != 0 and "momentum_buffer" not in state:
             raise RuntimeError("SGDCG: momentum cannot be turned on after a parameter's first "

@@ -10,8 +10,8 @@ import torch
 
 import cm_fused
 from cm_fused import AdamCM, registry
-from compare import (ODD_SHAPES, assert_bit_identical, assert_unchanged, checkpoint_roundtrip,
-                     copy_params, make_params, run_lockstep, set_grads, snapshot)
+from compare import (ODD_SHAPES, assert_bit_identical, assert_same_state, assert_unchanged,
+                     checkpoint_roundtrip, copy_params, make_params, run_lockstep, set_grads, snapshot)
 from family import FAMILY, require
 
 
@@ -673,3 +673,90 @@ def test_meta_parameters_step_like_torchs(family_ref, kappa):
         ts = torch_opt.state[twin]
         assert st.keys() == ts.keys()
         assert all(st[k].device == ts[k].device and st[k].shape == ts[k].shape for k in st)
+
+
+# ------------------------------------------------------------ found in review
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_kappa_zero_sgd_skipped_or_partial_first_momentum_steps(backend):
+    """torch's fused SGD creates momentum buffers uninitialised and all at once: the
+    cpu backend must not keep garbage after a skipped first step, nor fail when one
+    tensor takes its first step beside another's later one. Both step like
+    torch.optim.SGD(foreach=False), which GradScaler skips on overflow: bit for bit on
+    the reference; the cpu backend's later steps are torch's fused kernel, which rounds
+    differently."""
+    require(backend)
+    params = make_params([(5,), (3,)])
+    twin = copy_params(params)
+    opt = cm_fused.SGDCG(params, lr=0.1, momentum=0.9, kappa=0.0, backend=backend)
+    sgd = torch.optim.SGD(twin, lr=0.1, momentum=0.9, foreach=False)
+    set_grads(params, 0)
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)
+    opt.step()  # skipped: no buffer may remain
+    assert not opt.state.get(params[0])
+    del opt.grad_scale, opt.found_inf
+    for t, missing in ((1, {1}), (2, ()), (3, ())):  # params[1] starts a step later
+        set_grads(params, t, missing=missing)
+        set_grads(twin, t, missing=missing)
+        opt.step()
+        sgd.step()
+    if backend == "reference":
+        assert_bit_identical(opt, params, sgd, twin)
+    else:
+        assert_same_state(opt, params, sgd, twin, torch.float32)
+
+
+@pytest.mark.parametrize("lr", [torch.tensor(0.01, dtype=torch.bfloat16),
+                                torch.tensor([0.01])], ids=["bf16", "shape1"])
+def test_any_single_value_tensor_lr_steps_every_backend_alike(lr):
+    """A bf16 or [1]-shaped tensor lr is read as a 0-dim fp32 lr by every backend (the
+    reference would otherwise round 1 - lr*wd to bf16, or broadcast a 0-dim param)."""
+    require("cpu")
+    kw = dict(lr=lr, weight_decay=0.5)
+    (oa, pa), (ob, pb) = run_lockstep(lambda ps: AdamCM(ps, backend="cpu", **kw),
+                                      lambda ps: ref(ps, **kw), [(), (5,)], steps=4)
+    fp32 = lr.float().reshape(())
+    run_lockstep(lambda ps: ref(ps, **kw), lambda ps: ref(ps, lr=fp32, weight_decay=0.5),
+                 [(), (5,)], steps=4)
+
+
+def test_a_parameter_whose_dtype_changed_is_refused_before_any_group_steps():
+    params = make_params([(4,), (3,)])
+    opt = ref([{"params": params[:1]}, {"params": params[1:]}], buffer_dtype=torch.float32)
+    set_grads(params, 0)
+    opt.step()
+    snap = snapshot(opt, params[:1])
+    params[1].data = params[1].data.to(torch.bfloat16)
+    set_grads(params, 1)
+    with pytest.raises(RuntimeError, match="dtype cannot change"):
+        opt.step()
+    assert_unchanged(opt, params[:1], snap)
+
+
+def test_a_negative_tensor_lr_is_refused_in_add_param_group_too():
+    opt = ref(make_params([(2,)]))
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": make_params([(3,)]), "lr": torch.tensor(-1.0)})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("src,dst", [("rmspropcg", "adamcm"), ("sgdcg", "rmspropcg"),
+                                     ("adamcg", "adamcm")])
+def test_a_checkpoint_of_another_optimizer_before_any_step_is_named_too(src, dst):
+    params = make_params([(3,)])
+    saved = FAMILY[src].cls(params, backend="reference", topC=5).state_dict()
+    opt = FAMILY[dst].cls(copy_params(params), backend="reference", topC=5)
+    with pytest.raises(ValueError, match="saved by another optimizer"):
+        opt.load_state_dict(saved)
+
+
+def test_pickling_keeps_the_backend_and_an_old_pickle_can_add_groups():
+    import copy
+    opt = ref(make_params([(4,)]))
+    assert copy.deepcopy(opt).backend == "reference"
+    del opt.defaults["critical_test"]  # as a version without it pickled it
+    for group in opt.param_groups:
+        del group["critical_test"]
+    clone = pickle.loads(pickle.dumps(opt))
+    clone.add_param_group({"params": make_params([(3,)])})
+    assert clone.param_groups[1]["critical_test"] == 0.0 and clone.backend == "reference"
