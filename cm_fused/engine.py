@@ -33,8 +33,6 @@ log = logging.getLogger("cm_fused")
 # param's dtype, which breaks bf16 slots, fp32 keys and sums, and the integer count).
 _OWN_DTYPE = {"cm_keys": torch.float32, "cm_count": torch.int64, "step": torch.float32}
 BUFFER_STATE = ("cm_buffer", "cm_keys", "cm_count", "cm_sum")
-# The per-tensor roles of the step whose state entries an optimizer names (_roles).
-ROLES = ("momenta", "second_moments", "extras", "steps")
 
 
 @dataclass
@@ -45,6 +43,7 @@ class _Plan:
     device: torch.device | None
     backend: str
     module: ModuleType | None
+    roles: dict | None = None  # the optimizer's _roles(group), once per group and step
     states: list[dict] | None = None
 
 
@@ -140,7 +139,8 @@ class CriticalOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------ what a subclass says
 
     def _roles(self, group: dict) -> dict[str, str | None]:
-        """The state key of each per-tensor role of the step (ROLES), None if unused."""
+        """The state key of each per-tensor role of the step (momenta, second_moments,
+        extras, steps), None where unused."""
         raise NotImplementedError
 
     def _scalars(self, group: dict) -> dict[str, float]:
@@ -174,7 +174,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         added: list[tuple[dict, list[str]]] = []
         try:
             for plan in plans:
-                plan.states = [self._state_for(p, plan.group, added) for p in plan.params]
+                plan.states = [self._state_for(p, plan, added) for p in plan.params]
         except BaseException:
             for st, keys in added:
                 for key in keys:
@@ -201,12 +201,12 @@ class CriticalOptimizer(torch.optim.Optimizer):
                                    f"match parameter {tuple(p.shape)} {p.dtype}")
         if not params:
             return _Plan(group, [], None, "reference", None)
+        roles = self._roles(group)
         devices = {p.device for p in params} | {p.grad.device for p in params}
         if len(devices) > 1:
             raise RuntimeError(f"all parameters of a group and their gradients must be on one "
                                f"device, got {sorted(map(str, devices))}")
         device = devices.pop()
-        roles = self._roles(group)
         moment = roles["second_moments"] or roles["momenta"]  # stored in the param's dtype
         for p in params:
             st = self.state.get(p)
@@ -217,7 +217,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         # group, whichever of its tensors have gradients.
         backend, module = self._resolve(device, frozenset(p.dtype for p in group["params"]),
                                         group.get("fused"))
-        return _Plan(group, params, device, backend, module)
+        return _Plan(group, params, device, backend, module, roles)
 
     def _check_buffer_state(self, st: dict, p: Tensor, group: dict, moment: str | None) -> None:
         if group["kappa"] <= 0:
@@ -256,26 +256,21 @@ class CriticalOptimizer(torch.optim.Optimizer):
 
     def _choose(self, device: torch.device, dtypes: set,
                 fused: bool | None) -> tuple[str, ModuleType]:
-        if fused is False and self.backend == "auto":
-            return "reference", registry.module("reference")
-        if fused and self.backend == "auto":
-            name = registry.preferred(device)
-            reason = registry.why_not(name, device, dtypes) if name != "reference" else \
-                f"no fused backend runs on {device.type} tensors"
-            if reason:
-                raise RuntimeError(f"fused=True, but no fused backend can step "
-                                   f"{sorted(map(str, dtypes))} tensors on {device}: {reason}")
-            return name, registry.module(name)
-        if self.backend != "auto":
-            reason = registry.why_not(self.backend, device, dtypes)
-            if reason:
-                raise RuntimeError(f"backend={self.backend!r} cannot step "
-                                   f"{sorted(map(str, dtypes))} tensors on {device}: {reason}")
-            return self.backend, registry.module(self.backend)
-        name = registry.preferred(device)
+        name, must_run = self.backend, self.backend != "auto"
+        if name == "auto":
+            if fused is False:  # torch's "not the fused kernel"
+                return "reference", registry.module("reference")
+            name, must_run = registry.preferred(device), bool(fused)
         reason = registry.why_not(name, device, dtypes)
+        if fused and name == "reference":
+            reason = f"no fused backend runs on {device.type} tensors"
         if reason is None:
             return name, registry.module(name)
+        if must_run:
+            asked = "fused=True, but no fused backend can" if fused else \
+                f"backend={name!r} cannot"
+            raise RuntimeError(f"{asked} step {sorted(map(str, dtypes))} tensors on {device}: "
+                               f"{reason}")
         message = f"cm_fused: backend 'auto' uses 'reference' on {device}: '{name}' {reason}"
         if message not in self._warned:
             self._warned.add(message)
@@ -285,21 +280,24 @@ class CriticalOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"no backend can step these parameters: {reason}")
         return "reference", registry.module("reference")
 
-    def _state_for(self, p: Tensor, group: dict, added: list) -> dict:
+    def _state_for(self, p: Tensor, plan: _Plan, added: list) -> dict:
         """p's state, with every entry this step needs allocated (zeros); the keys added
         are recorded in ``added`` so that a failed allocation can be taken back."""
+        group = plan.group
         st = self.state[p]
         fresh = not st
         new: dict[str, Tensor] = {}
-        # The step counter lives on the param's device (read there by every kernel), but
-        # at kappa=0 on meta, where torch's optimizers have neither a fused nor a
-        # capturable path, on the CPU as torch keeps it.
-        step_device = "cpu" if group["kappa"] == 0 and p.device.type == "meta" else p.device
-        for role, key in self._roles(group).items():
+        for role, key in plan.roles.items():
             if key is not None and key not in st:
-                new[key] = (torch.zeros((), dtype=torch.float32, device=step_device)
-                            if role == "steps" else
-                            torch.zeros_like(p, memory_format=torch.contiguous_format))
+                if role != "steps":
+                    new[key] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    continue
+                # The step counter lives on the param's device (read there by every
+                # kernel), but at kappa=0 on meta, where torch's optimizers have neither a
+                # fused nor a capturable path, on the CPU as torch keeps it.
+                meta0 = group["kappa"] == 0 and p.device.type == "meta"
+                new[key] = torch.zeros((), dtype=torch.float32,
+                                       device="cpu" if meta0 else p.device)
         if group["kappa"] > 0 and fresh:
             slot = group["buffer_dtype"] or p.dtype
             C = group["topC"]
@@ -320,21 +318,22 @@ class CriticalOptimizer(torch.optim.Optimizer):
         if found_inf is not None:
             found_inf = found_inf.to(device, non_blocking=True)
         lr = group["lr"]
-        if isinstance(lr, Tensor):  # once here, so no backend copies it on every use
-            lr = lr.to(device, non_blocking=True)
         grads = [p.grad for p in params]
         if group["kappa"] == 0:
+            if isinstance(lr, Tensor):  # torch's code takes the tensor as it is
+                lr = lr.to(device, non_blocking=True)
             self._run_torch(plan, grads, lr, grad_scale, found_inf)
             return
         if isinstance(lr, Tensor):
-            # Every backend reads a 0-dim fp32 lr (a bf16 lr would round 1 - lr·wd to bf16
-            # in the reference only; a [1]-shaped one would broadcast 0-dim params).
-            lr = lr.to(torch.float32).reshape(())
+            # Once here, so no backend copies it: every backend reads a 0-dim fp32 lr on
+            # the device (a bf16 lr would round 1 - lr·wd to bf16 in the reference only;
+            # a [1]-shaped one would broadcast 0-dim params).
+            lr = lr.to(device, torch.float32, non_blocking=True).reshape(())
         fused = plan.backend != "reference"
         write_back = None
         if fused:
             params, grads, write_back = _contiguous(params, grads)
-        roles = self._roles(group)
+        roles = plan.roles
 
         def gather(role: str) -> list[Tensor]:
             key = roles[role]
@@ -376,10 +375,13 @@ class CriticalOptimizer(torch.optim.Optimizer):
                              grad_scale=grad_scale, found_inf=found_inf)
             return
         impl = dict(foreach=(fast if foreach is None else foreach) and not compiling)
-        restore = _restore_if_found_inf(found_inf, [*params, *(
-            t for s in states for t in s.values() if isinstance(t, Tensor))])
         if grad_scale is not None:
             grads = [unscaled(g, grad_scale).to(g.dtype) for g in grads]
+        if found_inf is None:
+            self._torch_step(group, params, grads, states, lr, **impl)
+            return
+        restore = _restore_if_found_inf(found_inf, [*params, *(
+            t for s in states for t in s.values() if isinstance(t, Tensor))])
         before = [set(s) for s in states]
         self._torch_step(group, params, grads, states, lr, **impl)
         restore()
@@ -387,7 +389,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         # State torch created in this step (SGD's momentum buffer, on a tensor's first
         # momentum step) cannot be undone on the device: whether it stays takes a host
         # sync, once per tensor, on that first step only.
-        if created and found_inf is not None and found_inf.item() != 0:
+        if created and found_inf.item() != 0:
             for s, keys in created:
                 for key in keys:
                     del s[key]
@@ -440,15 +442,13 @@ class CriticalOptimizer(torch.optim.Optimizer):
                              for key, value in saved_state[pid].items()}
 
 
-def _restore_if_found_inf(found_inf: Tensor | None, tensors: list[Tensor]):
+def _restore_if_found_inf(found_inf: Tensor, tensors: list[Tensor]):
     """Snapshot ``tensors``; the returned callable puts them back where found_inf is set.
 
     torch's for-loop (and foreach) steps take no found_inf, so such a kappa=0 step is done
     and then undone on the device, without a host sync (it costs one copy of the params
     and their state while it runs).
     """
-    if found_inf is None:
-        return lambda: None
     skip = found_inf != 0
     saved = [t.clone() for t in tensors]
 
