@@ -81,6 +81,13 @@ def _commit(dst: Tensor, new: Tensor, keep: Tensor | None) -> None:
     dst.copy_(new if keep is None else torch.where(keep, dst, new))
 
 
+def _second_moment(sq: Tensor, u: Tensor, beta: float, keep: Tensor | None) -> Tensor:
+    """``sq ← β·sq + (1−β)·u²`` (Adam's v, RMSprop's square average), written back."""
+    new = sq.to(u.dtype) * beta + (1 - beta) * u * u
+    _commit(sq, new, keep)
+    return new
+
+
 def decide(K: Tensor, k: Tensor, n: Tensor, lucky: Tensor | None, keep: Tensor | None,
            key_decay: float):
     """The insert rule, shared by every variant: fill while ``k < C``; then replace the
@@ -150,13 +157,12 @@ def _one_tensor(variant, a: StepArgs, lr, keep, first, j, replace, k_before, p, 
     # ---- the base rule
     if variant in (Variant.ADAM_CM, Variant.ADAM_CG):
         if variant == Variant.ADAM_CM:
-            m_new, num = m_new, u  # m stays the plain momentum; the aggregate moves p
+            num = u  # m stays the plain momentum; the aggregate moves p
         else:
             m_new = mom.to(cdt).lerp(u, 1 - a.beta1)
             num = m_new
         _commit(mom, m_new, keep)
-        v_new = sq.to(cdt) * a.beta2 + (1 - a.beta2) * u * u  # CM: v tracks the aggregate
-        _commit(sq, v_new, keep)
+        v_new = _second_moment(sq, u, a.beta2, keep)  # CM: v tracks the aggregate
         if extra is not None:  # amsgrad
             v_new = torch.maximum(extra.to(cdt), v_new)
             _commit(extra, v_new, keep)
@@ -176,8 +182,7 @@ def _one_tensor(variant, a: StepArgs, lr, keep, first, j, replace, k_before, p, 
             u = buf
         x_new = x - lr * u
     else:  # RMSPROP_CG
-        sq_new = sq.to(cdt) * a.beta2 + (1 - a.beta2) * u * u
-        _commit(sq, sq_new, keep)
+        sq_new = _second_moment(sq, u, a.beta2, keep)
         if extra is not None:  # centered
             ga = extra.to(cdt).lerp(u, 1 - a.beta2)
             _commit(extra, ga, keep)

@@ -109,6 +109,18 @@ double norm_kernel(const void* g_, int64_t begin, int64_t end, bool scaled, floa
 
 // ---------------------------------------------------------------- update pass
 
+// sq <- beta2 * sq + (1 - beta2) * u^2 (Adam's v, RMSprop's square average), stored; the
+// new values are returned in q0, q1.
+template <typename T>
+inline void second_moment(const UpdateArgs& a, T* sq, const Vec& u0, const Vec& u1, Vec& q0,
+                          Vec& q1) {
+  IO<T>::load(sq, q0, q1);
+  const Vec b2(a.beta2), omb2(a.one_minus_beta2);
+  q0 = q0 * b2 + (omb2 * u0) * u0;
+  q1 = q1 * b2 + (omb2 * u1) * u1;
+  IO<T>::store(sq, q0, q1);
+}
+
 // One block of kW elements of one tensor: docs/SPEC.md's update of variant V. The
 // direction u the base rule takes and the value inserted into the buffer come first
 // (they are what the variants differ in), then the insert (shared), then the base rule.
@@ -196,11 +208,7 @@ inline void update_block(const UpdateArgs& a, T* p, const T* g, T* mom, T* sq, T
       num1 = u1;
     }
     Vec v0, v1;  // CM: v tracks the aggregate
-    IO<T>::load(sq, v0, v1);
-    const Vec b2(a.beta2), omb2(a.one_minus_beta2);
-    v0 = v0 * b2 + (omb2 * u0) * u0;
-    v1 = v1 * b2 + (omb2 * u1) * u1;
-    IO<T>::store(sq, v0, v1);
+    second_moment<T>(a, sq, u0, u1, v0, v1);
     if (extra != nullptr) {  // amsgrad
       Vec w0, w1;
       IO<T>::load(extra, w0, w1);
@@ -219,11 +227,8 @@ inline void update_block(const UpdateArgs& a, T* p, const T* g, T* mom, T* sq, T
     IO<T>::store(p, x0 - (step_size * num0) / d0, x1 - (step_size * num1) / d1);
   } else if constexpr (V == kRMSpropCG) {
     Vec q0, q1, d0, d1;
-    IO<T>::load(sq, q0, q1);
-    const Vec alpha(a.beta2), oma(a.one_minus_beta2), eps(a.eps);
-    q0 = q0 * alpha + (oma * u0) * u0;
-    q1 = q1 * alpha + (oma * u1) * u1;
-    IO<T>::store(sq, q0, q1);
+    second_moment<T>(a, sq, u0, u1, q0, q1);
+    const Vec eps(a.eps);
     if (extra != nullptr) {  // centered
       Vec c0, c1;
       IO<T>::load(extra, c0, c1);

@@ -239,6 +239,14 @@ def _lerp(start, end, w):
 
 
 @triton.jit
+def _second_moment(ptr, mask, u, beta, one_minus_beta, DT: tl.constexpr):
+    """sq <- beta * sq + (1 - beta) * u^2 (Adam's v, RMSprop's square average), stored."""
+    new = _ld(ptr, mask).to(tl.float32) * beta + (one_minus_beta * u) * u
+    _st(ptr, _narrow(new, DT), mask)
+    return new
+
+
+@triton.jit
 def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, s_ptr, replace,
                   first, k_before, scale, lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
                   eps, weight_decay, decay_factor, one_minus_dampening, step_size, sqrt_bc2,
@@ -292,8 +300,7 @@ def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, s_ptr,
             _st(m_ptr + idx, _narrow(u, M_DT), mask)
         p_new = x - lr * u
     elif VARIANT == RMSPROP_CG:
-        sq = _ld(v_ptr + idx, mask).to(tl.float32) * beta2 + (one_minus_beta2 * u) * u
-        _st(v_ptr + idx, _narrow(sq, V_DT), mask)
+        sq = _second_moment(v_ptr + idx, mask, u, beta2, one_minus_beta2, V_DT)
         if HAS_X:  # centered
             ga = _lerp(_ld(x_ptr + idx, mask).to(tl.float32), u, one_minus_beta2)
             _st(x_ptr + idx, _narrow(ga, X_DT), mask)
@@ -312,8 +319,7 @@ def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, s_ptr,
             num = m_new
         else:
             num = u
-        v_new = _ld(v_ptr + idx, mask).to(tl.float32) * beta2 + (one_minus_beta2 * u) * u
-        _st(v_ptr + idx, _narrow(v_new, V_DT), mask)
+        v_new = _second_moment(v_ptr + idx, mask, u, beta2, one_minus_beta2, V_DT)
         if HAS_X:  # amsgrad
             vm = _ld(x_ptr + idx, mask).to(tl.float32)
             v_new = tl.maximum(vm, v_new, propagate_nan=tl.PropagateNan.ALL)
