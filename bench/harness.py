@@ -38,7 +38,9 @@ class Optimizer:
     is part of every step); ``cm_hyper``: the buffer's (kappa 1: on). ``accesses``: the
     per-element reads + writes of torch's step with these hyperparameters (the byte
     model's base); ``moments``: its per-element state tensors; ``fused``: torch has a
-    fused kernel (the baseline), else foreach is the baseline.
+    fused kernel (the baseline), else foreach is the baseline. Adaptive memory (no
+    buffer): ``torch_hyper`` is the counterpart's own (SGD's momentum), and
+    ``reduce_reads`` the per-element reads of the pass that forms the inner products.
     """
     name: str
     cm: type
@@ -48,10 +50,16 @@ class Optimizer:
     accesses: int
     moments: int
     fused: bool = True
+    torch_hyper: dict = None
+    reduce_reads: int = 0
 
     @property
     def baseline(self) -> str:
         return "torch_fused" if self.fused else "torch_foreach"
+
+    @property
+    def buffered(self) -> bool:
+        return self.cm.variant.buffered
 
 
 _CM = dict(decay=0.7, kappa=1.0, synced=True)
@@ -67,6 +75,13 @@ OPTIMIZERS = {o.name: o for o in [
               dict(lr=1e-3, momentum=0.9, weight_decay=0.01), dict(_CM, critical_test=0.0), 5, 1),
     Optimizer("rmspropcg", cm_fused.RMSpropCG, torch.optim.RMSprop,
               dict(lr=1e-3, alpha=0.99, eps=1e-8, weight_decay=0.01), _CM, 5, 1, fused=False),
+    # Adaptive memory: the reduce pass reads g, d, v, p (AdamAM); g, d and p with weight
+    # decay (SGDAM); the update is the counterpart's accesses.
+    Optimizer("adamam", cm_fused.AdamAM, torch.optim.AdamW, _ADAM, dict(lam=0.1), 7, 2,
+              reduce_reads=4),
+    Optimizer("sgdam", cm_fused.SGDAM, torch.optim.SGD, dict(lr=1e-3, weight_decay=0.01),
+              dict(lam=0.1, beta_max=0.9), 5, 1, torch_hyper=dict(momentum=0.9),
+              reduce_reads=3),
 ]}
 
 
@@ -96,11 +111,14 @@ def bytes_per_step(kind: str, numel: int, param_dtype: torch.dtype,
     counts and step counters (a few bytes per tensor) are left out.
     """
     p = param_dtype.itemsize
-    accesses = OPTIMIZERS[optimizer].accesses
+    opt = OPTIMIZERS[optimizer]
+    accesses = opt.accesses
     if kind == "torch":
         return numel * accesses * p
     if kind != "cm":
         raise ValueError(f"unknown kind {kind!r}")
+    if not opt.buffered:  # adaptive memory: the reduce pass's reads, then the update
+        return numel * (accesses + opt.reduce_reads) * p
     slot_dtype = buffer_dtype or param_dtype
     slot, s = slot_dtype.itemsize, sum_dtype(slot_dtype).itemsize
     per = (accesses + 1) * p + s + ((s + 2 * slot) if replaced else 0)
@@ -143,9 +161,9 @@ def make_optimizer(prov: Provider, params, topC: int | None, buffer_dtype,
     if prov.kind == "torch":
         flags = {"forloop": dict(foreach=False), "foreach": dict(foreach=True),
                  "fused": dict(fused=True)}[prov.option]
-        return opt.torch(params, **opt.hyper, **flags)
-    return opt.cm(params, **opt.hyper, **opt.cm_hyper, topC=topC, buffer_dtype=buffer_dtype,
-                  backend=prov.option)
+        return opt.torch(params, **opt.hyper, **(opt.torch_hyper or {}), **flags)
+    buffer = dict(topC=topC, buffer_dtype=buffer_dtype) if opt.buffered else {}
+    return opt.cm(params, **opt.hyper, **opt.cm_hyper, **buffer, backend=prov.option)
 
 
 def why_not(prov: Provider, device: torch.device, dtype: torch.dtype,
@@ -313,7 +331,7 @@ def state_bytes(kind: str, numel: int, dtype: torch.dtype, buffer_dtype, topC: i
     """Bytes a provider allocates for its own copy of the params and its optimizer state."""
     p = dtype.itemsize
     base = numel * (1 + OPTIMIZERS[optimizer].moments) * p
-    if kind == "torch":
+    if kind == "torch" or not OPTIMIZERS[optimizer].buffered:
         return base
     slot_dtype = buffer_dtype or dtype
     return base + numel * (sum_dtype(slot_dtype).itemsize + topC * slot_dtype.itemsize)

@@ -4,7 +4,7 @@
     python bench/run.py                      # quick: AdamCM vs AdamW, GPT-2 ~11M and ResNet-18
                                              # sets, fp32, topC 5
     python bench/run.py --optimizer adamcg   # AdamCG vs torch.optim.Adam (also sgdcg,
-                                             # rmspropcg, or a comma list, or all)
+                                             # rmspropcg, adamam, sgdam, a comma list, all)
     python bench/run.py --full               # every set for the device, topC 1/5/20, fp32/bf16,
                                              # buffer_dtype None/bf16
     python bench/run.py --sets gpt2-124m --providers torch_fused,cm_reference --topc 1,20
@@ -118,6 +118,10 @@ def plan(args, device):
                 for p in mine:
                     if H.PROVIDERS[p].kind == "torch":
                         jobs.append((o, s, d, None, None, p))
+                if not H.OPTIMIZERS[o].buffered:  # no buffer: no topC, no slot dtype
+                    jobs += [(o, s, d, None, None, p) for p in mine
+                             if H.PROVIDERS[p].kind == "cm"]
+                    continue
                 for b in bd:
                     for c in topcs:
                         for p in mine:

@@ -49,6 +49,10 @@ def test_byte_model_matches_the_design_numbers():
     for o in ("sgdcg", "rmspropcg"):  # momentum SGD / RMSprop: 20 B; + g, S, slot, S
         assert H.bytes_per_step("torch", 1, f32, optimizer=o) == 20
         assert H.bytes_per_step("cm", 1, f32, optimizer=o) == 40
+    # adaptive memory: a reduce pass over g, d, v, p (AdamAM); g, d, p (SGDAM, with wd)
+    assert H.bytes_per_step("cm", 1, f32, optimizer="adamam") == 44
+    assert H.bytes_per_step("cm", 1, f32, optimizer="sgdam") == 32
+    assert H.bytes_per_step("torch", 1, f32, optimizer="sgdam") == 20
 
 
 def test_paired_measurement_alternates_with_the_baseline():

@@ -8,10 +8,13 @@ generated from this class (:data:`SCHEMA`), so the C++ kernel's signature
 (csrc/step.cpp) is the only other place the argument list is written.
 
 Every optimizer of the package is one :class:`Variant` of the same step:
-**reduce** (per-tensor sums of squares of the unscaled gradients) → **decide** (the
-priority key, the insert slot, keys decayed, counts and step counts: one rule for all)
-→ **update** (one elementwise pass whose arithmetic the variant selects). docs/SPEC.md
-is the math.
+**reduce** (per-tensor sums over the elements) → **decide** (per-tensor scalars) →
+**update** (one elementwise pass whose arithmetic the variant selects). For the
+critical-buffer variants the sums are of the squared unscaled gradient and the decide is
+the insert rule (priority key, slot, keys decayed, counts, step counts: one rule for
+all); for the adaptive-memory variants (``*_AM``) the sums are the inner products of the
+two-plane model and the decide picks the momentum coefficient beta. docs/SPEC.md is the
+math.
 """
 from __future__ import annotations
 
@@ -32,6 +35,23 @@ class Variant(enum.IntEnum):
     ADAM_CG = 1     # Adam + critical gradients: g is inserted, u = g + S/k
     SGD_CG = 2      # SGD + critical gradients: d = g + wd·p is inserted, u = d + S/k
     RMSPROP_CG = 3  # RMSprop + critical gradients: g is inserted, u = S/k
+    ADAM_AM = 4     # AdamW with adaptive memory momentum: one beta per tensor
+    SGD_AM = 5      # SGD with adaptive memory momentum: one beta for the whole optimizer
+
+    @property
+    def buffered(self) -> bool:
+        """Whether the variant keeps a critical buffer (keys, counts, slots, sums)."""
+        return self < Variant.ADAM_AM
+
+
+class Phase(enum.IntEnum):
+    """Which part of the step an op call does. Only SGD_AM, whose beta comes from sums
+    over every group, splits its step: REDUCE for every group (each adds its sums into
+    ``memory[0]``), then UPDATE for every group (decide from those sums, then update)."""
+
+    ALL = 0
+    REDUCE = 1
+    UPDATE = 2
 
 
 # Field metadata: the op mutates this list (schema alias annotation "(aN!)").
@@ -40,12 +60,15 @@ _MUTATED = {"mutated": True}
 
 @dataclasses.dataclass
 class StepArgs:
-    """The inputs of one step of one param group, kappa > 0.
+    """The inputs of one step of one param group (kappa > 0 for the buffered variants).
 
     Per-tensor lists hold one entry per parameter stepped (those with a gradient), all in
     the same order; a role the variant or the configuration does not use is an empty
     list (``momenta`` without momentum, ``extras`` without amsgrad or centered,
-    ``second_moments`` for SGD). The kernels tell what is in use from that.
+    ``second_moments`` for SGD, the buffer's four lists for ``*_AM``, ``memory`` for the
+    buffered variants). The kernels tell what is in use from that. For ADAM_AM,
+    ``momenta`` is d, ``second_moments`` v and ``beta1`` is beta1max; for SGD_AM,
+    ``momenta`` is d and ``beta1`` is beta_max.
     """
 
     params: list[Tensor] = dataclasses.field(metadata=_MUTATED)
@@ -61,6 +84,10 @@ class StepArgs:
     counts: list[Tensor] = dataclasses.field(metadata=_MUTATED)   # 0-dim int64: filled slots
     sums: list[Tensor] = dataclasses.field(metadata=_MUTATED)     # like p: sum of the slots
     steps: list[Tensor] = dataclasses.field(metadata=_MUTATED)    # 0-dim fp32
+    # The adaptive-memory scalars, fp32 [3]: ADAM_AM one per tensor (prod of the past
+    # betas, the previous lr, the last beta); SGD_AM one for the whole optimizer
+    # (D, N: the sums of this step; the last beta).
+    memory: list[Tensor] = dataclasses.field(metadata=_MUTATED)
     variant: int
     lr: float                   # ignored when lr_tensor is given
     lr_tensor: Optional[Tensor]  # a 0-dim tensor lr, on the params' device
@@ -71,6 +98,8 @@ class StepArgs:
     dampening: float            # SGD only
     key_decay: float            # every key is multiplied by it once per step
     critical_test: float        # probability of an unconditional replacement (with rand)
+    lam: float                  # *_AM: the proximal weight of the memory plane
+    phase: int                  # a Phase: SGD_AM's step split over several groups
     synced: bool                # one key for the group: the sum of per-tensor norms
     maximize: bool              # step along +g: the gradient is negated after unscaling
     grad_scale: Optional[Tensor]  # divide gradients by it (GradScaler)

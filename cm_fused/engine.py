@@ -24,14 +24,15 @@ import torch
 from torch import Tensor
 
 from . import registry, validation
-from .contract import StepArgs, Variant, sum_dtype
+from .contract import Phase, StepArgs, Variant, sum_dtype
 from .reference import unscaled
 
 log = logging.getLogger("cm_fused")
 
 # State entries that keep their own dtype (torch's load_state_dict would cast them to the
 # param's dtype, which breaks bf16 slots, fp32 keys and sums, and the integer count).
-_OWN_DTYPE = {"cm_keys": torch.float32, "cm_count": torch.int64, "step": torch.float32}
+_OWN_DTYPE = {"cm_keys": torch.float32, "cm_count": torch.int64, "step": torch.float32,
+              "memory": torch.float32}
 BUFFER_STATE = ("cm_buffer", "cm_keys", "cm_count", "cm_sum")
 
 
@@ -48,7 +49,8 @@ class _Plan:
 
 
 class CriticalOptimizer(torch.optim.Optimizer):
-    """Base class of the critical-momenta / critical-gradients optimizers.
+    """Base class of every optimizer of the package: critical momenta and gradients
+    (variants with a buffer) and adaptive memory (``*_AM``: no buffer, no kappa).
 
     ``backend``: ``"auto"`` (fastest available for the tensors' device, falling back to
     ``"reference"`` with one warning), ``"reference"``, ``"cpu"`` or ``"triton"`` (these
@@ -66,6 +68,9 @@ class CriticalOptimizer(torch.optim.Optimizer):
     # Every state entry this optimizer may keep besides the buffer's (torch's names):
     # a checkpoint with others was written by another optimizer.
     STATE_KEYS: ClassVar[tuple[str, ...]] = ()
+    # The step's decision reads sums over every group (SGDAM): the engine splits the step
+    # into Phase.REDUCE over all groups, then Phase.UPDATE over all groups.
+    SPLIT_ACROSS_GROUPS: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -182,10 +187,22 @@ class CriticalOptimizer(torch.optim.Optimizer):
             raise
         grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler
         found_inf = getattr(self, "found_inf", None)
-        for plan in plans:
-            if plan.params:
+        active = [plan for plan in plans if plan.params]
+        if self.SPLIT_ACROSS_GROUPS and len(active) > 1:
+            # One decision from sums over every group: all reduce, then all update.
+            self._begin_split(active)
+            for phase in (Phase.REDUCE, Phase.UPDATE):
+                for plan in active:
+                    self._run(plan, grad_scale, found_inf, phase)
+        else:
+            for plan in active:
                 self._run(plan, grad_scale, found_inf)
         return loss
+
+    def _begin_split(self, plans: list[_Plan]) -> None:
+        """Before a step split into phases (SPLIT_ACROSS_GROUPS): reset the sums the
+        REDUCE phase adds into (a hook)."""
+        raise NotImplementedError
 
     def _plan(self, group: dict) -> _Plan:
         validation.validate(group, self.HYPERPARAMETERS)
@@ -211,7 +228,13 @@ class CriticalOptimizer(torch.optim.Optimizer):
         for p in params:
             st = self.state.get(p)
             if st:
-                self._check_buffer_state(st, p, group, moment)
+                m = st.get(moment) if moment else None
+                if m is not None and m.dtype != p.dtype:
+                    raise RuntimeError(f"this parameter is {p.dtype} but its optimizer state "
+                                       f"is {m.dtype}: a parameter's dtype cannot change "
+                                       f"after its first step")
+                if self.variant.buffered:
+                    self._check_buffer_state(st, p, group)
                 self._check_state(st, group)
         # The dtypes of the whole group, not only of this step's tensors: one choice per
         # group, whichever of its tensors have gradients.
@@ -219,7 +242,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
                                         group.get("fused"))
         return _Plan(group, params, device, backend, module, roles)
 
-    def _check_buffer_state(self, st: dict, p: Tensor, group: dict, moment: str | None) -> None:
+    def _check_buffer_state(self, st: dict, p: Tensor, group: dict) -> None:
         if group["kappa"] <= 0:
             return
         if "cm_buffer" not in st:
@@ -230,11 +253,6 @@ class CriticalOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"the group's topC is {group['topC']} but this parameter's "
                                f"buffer holds {buf.shape[0]} slots; topC cannot change after "
                                f"the first step")
-        m = st.get(moment) if moment else None
-        if m is not None and m.dtype != p.dtype:
-            raise RuntimeError(f"this parameter is {p.dtype} but its optimizer state is "
-                               f"{m.dtype}: a parameter's dtype cannot change after its "
-                               f"first step")
         want = group["buffer_dtype"] or p.dtype
         if buf.dtype != want:
             raise RuntimeError(f"the group's buffer_dtype resolves to {want} but this "
@@ -295,22 +313,34 @@ class CriticalOptimizer(torch.optim.Optimizer):
                 # The step counter lives on the param's device (read there by every
                 # kernel), but at kappa=0 on meta, where torch's optimizers have neither a
                 # fused nor a capturable path, on the CPU as torch keeps it.
-                meta0 = group["kappa"] == 0 and p.device.type == "meta"
+                meta0 = group.get("kappa") == 0 and p.device.type == "meta"
                 new[key] = torch.zeros((), dtype=torch.float32,
                                        device="cpu" if meta0 else p.device)
-        if group["kappa"] > 0 and fresh:
-            slot = group["buffer_dtype"] or p.dtype
-            C = group["topC"]
-            new["cm_buffer"] = torch.zeros((C, *p.shape), dtype=slot, device=p.device)
-            new["cm_keys"] = torch.zeros(C, dtype=torch.float32, device=p.device)
-            new["cm_count"] = torch.zeros((), dtype=torch.int64, device=p.device)
-            new["cm_sum"] = torch.zeros(p.shape, dtype=sum_dtype(slot), device=p.device)
+        if fresh:
+            new.update(self._new_state(p, group))
         if new:
             st.update(new)
             added.append((st, list(new)))
         return st
 
-    def _run(self, plan: _Plan, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    def _new_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
+        """The entries of a fresh state besides the roles' (the critical buffer, when
+        kappa > 0; a hook)."""
+        if group["kappa"] <= 0:
+            return {}
+        slot = group["buffer_dtype"] or p.dtype
+        C = group["topC"]
+        return {"cm_buffer": torch.zeros((C, *p.shape), dtype=slot, device=p.device),
+                "cm_keys": torch.zeros(C, dtype=torch.float32, device=p.device),
+                "cm_count": torch.zeros((), dtype=torch.int64, device=p.device),
+                "cm_sum": torch.zeros(p.shape, dtype=sum_dtype(slot), device=p.device)}
+
+    def _memory(self, plan: _Plan) -> list[Tensor]:
+        """StepArgs.memory of the group (the adaptive-memory scalars; a hook)."""
+        return []
+
+    def _run(self, plan: _Plan, grad_scale: Tensor | None, found_inf: Tensor | None,
+             phase: Phase = Phase.ALL) -> None:
         group, params, device, states = plan.group, plan.params, plan.device, plan.states
         self.backends_in_use[device.type] = plan.backend
         if grad_scale is not None:
@@ -319,7 +349,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
             found_inf = found_inf.to(device, non_blocking=True)
         lr = group["lr"]
         grads = [p.grad for p in params]
-        if group["kappa"] == 0:
+        if group.get("kappa") == 0:
             if isinstance(lr, Tensor):  # torch's code takes the tensor as it is
                 lr = lr.to(device, non_blocking=True)
             self._run_torch(plan, grads, lr, grad_scale, found_inf)
@@ -339,6 +369,9 @@ class CriticalOptimizer(torch.optim.Optimizer):
             key = roles[role]
             return [s[key] for s in states] if key is not None else []
 
+        def buffer(key: str) -> list[Tensor]:
+            return [s[key] for s in states] if self.variant.buffered else []
+
         scalars = self._scalars(group)
         rand = None
         if scalars["critical_test"] > 0:
@@ -346,13 +379,13 @@ class CriticalOptimizer(torch.optim.Optimizer):
         args = StepArgs(
             params=params, grads=grads, momenta=gather("momenta"),
             second_moments=gather("second_moments"), extras=gather("extras"),
-            buffers=[s["cm_buffer"] for s in states], keys=[s["cm_keys"] for s in states],
-            counts=[s["cm_count"] for s in states], sums=[s["cm_sum"] for s in states],
-            steps=gather("steps"), variant=int(self.variant),
-            lr=0.0 if isinstance(lr, Tensor) else float(lr),
+            buffers=buffer("cm_buffer"), keys=buffer("cm_keys"), counts=buffer("cm_count"),
+            sums=buffer("cm_sum"), steps=gather("steps"), memory=self._memory(plan),
+            variant=int(self.variant), lr=0.0 if isinstance(lr, Tensor) else float(lr),
             lr_tensor=lr if isinstance(lr, Tensor) else None, **scalars,
-            synced=group["synced"], maximize=group["maximize"], grad_scale=grad_scale,
-            found_inf=found_inf, rand=rand)
+            lam=group.get("lam", 0.0), synced=group.get("synced", False),
+            maximize=group["maximize"],
+            grad_scale=grad_scale, found_inf=found_inf, rand=rand, phase=int(phase))
         plan.module.step(args)
         if write_back is not None:
             write_back()
@@ -402,17 +435,18 @@ class CriticalOptimizer(torch.optim.Optimizer):
             raise ValueError(f"checkpoint has {len(saved_groups)} param groups, this "
                              f"optimizer has {len(self.param_groups)}")
         pairs = []
+        buffered = self.variant.buffered
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if "topC" not in saved:
-                raise ValueError(f"checkpoint param group {i} has no 'topC': it was not saved "
-                                 f"by a cm_fused optimizer (a torch.optim checkpoint?), so "
-                                 f"{type(self).__name__} cannot load it")
+            if not {"topC", "lam"} & set(saved):  # no cm_fused optimizer's mark
+                raise ValueError(f"checkpoint param group {i} has neither 'topC' nor 'lam': it was not "
+                                 f"saved by a cm_fused optimizer (a torch.optim checkpoint?), "
+                                 f"so {type(self).__name__} cannot load it")
             foreign = sorted(set(saved) - {*self.HYPERPARAMETERS, "params", "param_names"})
             if foreign:
                 raise ValueError(f"checkpoint param group {i} has {foreign}, which "
                                  f"{type(self).__name__} does not take: it was saved by "
                                  f"another optimizer")
-            if saved["topC"] != group["topC"]:
+            if buffered and saved["topC"] != group["topC"]:
                 raise ValueError(f"checkpoint param group {i} has topC={saved['topC']!r} "
                                  f"but this optimizer's group {i} has topC={group['topC']!r}; "
                                  f"critical buffers cannot be resized")
@@ -421,7 +455,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
                                  f"params, this optimizer's has {len(group['params'])}")
             pairs += zip(saved["params"], group["params"])
         saved_state = state_dict["state"]
-        known = {*self.STATE_KEYS, *BUFFER_STATE}
+        known = {*self.STATE_KEYS, *(BUFFER_STATE if buffered else ())}
         for pid, p in pairs:
             foreign = sorted(set(saved_state.get(pid, {})) - known)
             if foreign:

@@ -15,8 +15,11 @@ from torch.optim.adam import adam as _torch_adam
 from torch.optim.rmsprop import rmsprop as _torch_rmsprop
 from torch.optim.sgd import sgd as _torch_sgd
 
+import torch
+from torch import Tensor
+
 from .contract import Variant
-from .engine import CriticalOptimizer
+from .engine import CriticalOptimizer, _Plan
 
 
 def _steps_on_device(states) -> bool:
@@ -185,6 +188,117 @@ class RMSpropCG(CriticalOptimizer):
                        capturable=_steps_on_device(states), lr=lr, alpha=group["alpha"],
                        eps=group["eps"], weight_decay=group["weight_decay"],
                        momentum=group["momentum"], centered=group["centered"], **impl)
+
+
+class _AdaptiveMemory(CriticalOptimizer):
+    """Adaptive Memory momentum (Topollai & Choromanska, AISTATS 2026): beta is chosen
+    every step from a two-plane model of the loss (docs/SPEC.md). No buffer, no kappa;
+    the last beta is :meth:`last_beta`."""
+
+    def last_beta(self) -> dict[str, Tensor]:
+        """The beta of the last step, as device tensors (no host sync): ``mean``,
+        ``min`` and ``max`` over the tensors (AdamAM: each tensor's most recent beta;
+        SGDAM: the one beta of the optimizer). Empty before the first step."""
+        betas = self._betas()
+        if betas is None:
+            return {}
+        return {"mean": betas.mean(), "min": betas.min(), "max": betas.max()}
+
+    def _betas(self) -> Tensor | None:
+        raise NotImplementedError
+
+
+class AdamAM(_AdaptiveMemory):
+    """AdamW with Adaptive Memory momentum (AM-AdamW, Topollai & Choromanska 2026): one
+    momentum coefficient beta per tensor and step, in [0, beta1max], from a two-plane
+    model of the loss with proximal weight ``lam``; ``betas = (beta1max, beta2)``.
+    Weight decay is decoupled (AdamW). With ``lam = 0`` and beta pinned at beta1max it
+    is AdamW with beta1 = beta1max. docs/SPEC.md has the exact update.
+    """
+
+    variant = Variant.ADAM_AM
+    STATE_KEYS = ("step", "d", "v", "memory")
+
+    def __init__(self, params, lr=1e-3, betas=(0.89, 0.999), eps=1e-8, *, weight_decay=0.0,
+                 lam=0.1, maximize=False, fused=None, backend="auto"):
+        super().__init__(params, locals(), backend)
+
+    def _roles(self, group):
+        return dict(momenta="d", second_moments="v", extras=None, steps="step")
+
+    def _scalars(self, group):
+        beta1, beta2 = group["betas"]
+        return dict(beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"], dampening=0.0, key_decay=1.0,
+                    critical_test=0.0)
+
+    def _new_state(self, p, group):
+        # (prod of the past betas, previous lr, last beta)
+        return {"memory": torch.tensor([1.0, 0.0, 0.0], device=p.device)}
+
+    def _memory(self, plan: _Plan) -> list[Tensor]:
+        return [s["memory"] for s in plan.states]
+
+    def _betas(self):
+        betas = [st["memory"][2] for st in self.state.values() if "memory" in st]
+        return torch.stack(betas) if betas else None
+
+
+class SGDAM(_AdaptiveMemory):
+    """SGD with Adaptive Memory momentum (AM-MSGD, Topollai & Choromanska 2026): one
+    momentum coefficient beta for the whole optimizer per step, in [0, beta_max], from
+    sums over every tensor of every group. Weight decay is coupled (L2). All groups share
+    ``lam`` and ``beta_max``, and one device. docs/SPEC.md has the exact update.
+    """
+
+    variant = Variant.SGD_AM
+    STATE_KEYS = ("step", "d")
+    SPLIT_ACROSS_GROUPS = True
+
+    def __init__(self, params, lr=0.1, *, beta_max=0.9, lam=0.1, weight_decay=0.0,
+                 maximize=False, fused=None, backend="auto"):
+        self._totals: Tensor | None = None
+        super().__init__(params, locals(), backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_totals", None)
+
+    def _roles(self, group):
+        return dict(momenta="d", second_moments=None, extras=None, steps="step")
+
+    def _scalars(self, group):
+        return dict(beta1=group["beta_max"], beta2=0.0, eps=0.0,
+                    weight_decay=group["weight_decay"], dampening=0.0, key_decay=1.0,
+                    critical_test=0.0)
+
+    def _new_state(self, p, group):
+        return {}
+
+    def _plan(self, group):
+        shared = {(g["lam"], g["beta_max"]) for g in self.param_groups}
+        if len(shared) > 1:
+            raise ValueError(f"SGDAM: every param group must have the same lam and beta_max "
+                             f"(one beta for the whole optimizer), got {sorted(shared)}")
+        return super()._plan(group)
+
+    def _totals_on(self, device) -> Tensor:
+        if self._totals is None or self._totals.device != device:
+            self._totals = torch.zeros(3, device=device)  # D, N, last beta
+        return self._totals
+
+    def _memory(self, plan: _Plan) -> list[Tensor]:
+        return [self._totals_on(plan.device)]
+
+    def _begin_split(self, plans):
+        devices = {plan.device for plan in plans}
+        if len(devices) > 1:
+            raise RuntimeError(f"SGDAM: all parameters must be on one device (one beta for "
+                               f"the whole optimizer), got {sorted(map(str, devices))}")
+        self._totals_on(plans[0].device)[:2].zero_()
+
+    def _betas(self):
+        return None if self._totals is None else self._totals[2:]
 
 
 Adam_CM = AdamCM  # the authors' class names, so switching is a one-line change

@@ -6,16 +6,21 @@ Python branch on a device value (device-side conditions go through ``torch.where
 step never waits on the host. Python branches on the variant and on hyperparameters are
 fine: those are host values.
 
-One step is the same three parts for every variant: the keys (:func:`gradient_keys`),
-the insert decision (:func:`decide` and :func:`insert`, shared), and the variant's
-update (:func:`_one_tensor`).
+One step is the same three parts for every variant. Buffered variants: the keys
+(:func:`gradient_keys`), the insert decision (:func:`decide` and :func:`insert`,
+shared), and the variant's update (:func:`_one_tensor`). Adaptive memory: the inner
+products (:func:`adam_am_sums`, :func:`sgd_am_sums`), beta (:func:`adam_am_beta`,
+:func:`sgd_am_beta`), the update (:func:`_adam_am_tensor`, :func:`_sgd_am_tensor`).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .contract import StepArgs, Variant
+from .contract import Phase, StepArgs, Variant
+
+# The floor of AdamAM's 1 - beta1max * prod (docs/SPEC.md): fp32's smallest normal.
+TINY = torch.finfo(torch.float32).tiny
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,6 +66,9 @@ def step(args: StepArgs) -> None:
     grads = [unscaled(g, args.grad_scale) for g in args.grads]
     if args.maximize:  # the key is the same; everything else sees -g
         grads = [-g for g in grads]
+    if not Variant(args.variant).buffered:
+        _adaptive_memory(args, grads, keep)
+        return
     norms = gradient_keys(grads, args.synced)
     lr = args.lr if args.lr_tensor is None else args.lr_tensor
 
@@ -196,3 +204,107 @@ def _one_tensor(variant, a: StepArgs, lr, keep, first, j, replace, k_before, p, 
         else:
             x_new = x - lr * (u / avg)
     _commit(p, x_new, keep)
+
+
+# ---------------------------------------------------------------- adaptive memory
+
+def _lr(a: StepArgs):
+    return a.lr if a.lr_tensor is None else a.lr_tensor
+
+
+def _decayed(x: Tensor, a: StepArgs, lr) -> Tensor:
+    """``x·(1 − lr·wd)`` (decoupled weight decay), rounded as AdamCM's."""
+    return x * (1 - lr * a.weight_decay) if a.weight_decay != 0 else x
+
+
+def _adaptive_memory(a: StepArgs, grads: list[Tensor], keep: Tensor | None) -> None:
+    lr = _lr(a)
+    if a.variant == Variant.ADAM_AM:
+        for i, p in enumerate(a.params):
+            _adam_am_tensor(a, lr, keep, p, grads[i], a.momenta[i], a.second_moments[i],
+                            a.steps[i], a.memory[i])
+        return
+    totals = a.memory[0]
+    gs = [g + a.weight_decay * p.to(g.dtype) if a.weight_decay != 0 else g
+          for p, g in zip(a.params, grads)]
+    if a.phase != Phase.UPDATE:
+        sums = torch.zeros(2, dtype=torch.float64, device=totals.device)
+        for g, d, step in zip(gs, a.momenta, a.steps):
+            sums += torch.where(step == 0, 0.0, sgd_am_sums(g, d.to(g.dtype), a.lam))
+        if a.phase == Phase.REDUCE:
+            totals[:2] += sums.float()
+            return
+        totals[:2] = sums.float()
+    beta = sgd_am_beta(totals[0], totals[1], a.beta1)
+    _commit(totals[2], beta, keep)
+    coef_d = (beta + a.lam) / (1 + a.lam)
+    coef_g = (1 - beta) / (1 + a.lam)
+    for p, g, d, step in zip(a.params, gs, a.momenta, a.steps):
+        d_new = torch.where(step == 0, g, coef_d * d.to(g.dtype) + coef_g * g)
+        _commit(d, d_new, keep)
+        _commit(p, p.to(g.dtype) - lr * d_new, keep)
+        _commit(step, step + 1, keep)
+
+
+def sgd_am_sums(g: Tensor, d: Tensor, lam: float) -> Tensor:
+    """fp64 [2]: D = Σ‖d − g‖², N = Σ (1+λ)·g·d − (d − g)·(g + λ·d), for one tensor."""
+    delta = d - g
+    n = (1 + lam) * g * d - delta * (g + lam * d)
+    return torch.stack([torch.sum(delta * delta, dtype=torch.float64),
+                        torch.sum(n, dtype=torch.float64)])
+
+
+def _clip_ratio(num: Tensor, den: Tensor, beta_max: float) -> Tensor:
+    """β = min(num/den, beta_max) where den > 0 and the ratio is > 0, else 0 (a NaN
+    ratio too): fp64 in, fp32 out."""
+    r = num / den
+    ok = (den > 0) & (r > 0)
+    return torch.where(ok, r.clamp(max=beta_max), 0.0).float()
+
+
+def sgd_am_beta(D: Tensor, N: Tensor, beta_max: float) -> Tensor:
+    return _clip_ratio(N.double(), D.double(), beta_max)
+
+
+def _adam_am_p(a: StepArgs, v_new: Tensor, step_new: Tensor, prod: Tensor) -> Tensor:
+    """P = max(1 − β1max·prod, tiny) · (√v_new / √(1 − β2^step) + eps)."""
+    bc2 = 1 - a.beta2 ** step_new.double()
+    c = (1 - a.beta1 * prod).clamp(min=TINY)
+    return c * (sqrt(v_new) / bc2.sqrt().to(v_new.dtype) + a.eps)
+
+
+def adam_am_sums(a: StepArgs, g: Tensor, x: Tensor, d: Tensor, P: Tensor) -> Tensor:
+    """fp64 [4] for one tensor: D = Σ δ²W, M = Σ δ(g + λPd)W, X = Σ x·δ and
+    Y = Σ g·(d/P + μx), with δ = d − g and W = 1/(P(1 + λP))."""
+    delta = d - g
+    w = 1 / (P * (1 + a.lam * P))
+    y = d / P + a.weight_decay * x if a.weight_decay != 0 else d / P
+    terms = (delta * delta * w, delta * (g + a.lam * P * d) * w, x * delta, g * y)
+    return torch.stack([torch.sum(t, dtype=torch.float64) for t in terms])
+
+
+def adam_am_beta(a: StepArgs, sums: Tensor, first: Tensor, prev_lr: Tensor, lr) -> Tensor:
+    """AdamAM's β for one tensor (fp64 from the sums, fp32 out): β1max on its first step,
+    else clip((G − M − μX)/D, 0, β1max) with G = (1 + μη)·prev_lr·Y/η (0 when η = 0)."""
+    D, M, X, Y = sums.unbind()
+    eta = torch.as_tensor(lr, dtype=torch.float64, device=sums.device)
+    G = torch.where(eta > 0, (1 + a.weight_decay * eta) * prev_lr.double() * Y / eta, 0.0)
+    beta = _clip_ratio(G - M - a.weight_decay * X, D, a.beta1)
+    return torch.where(first, a.beta1, beta)
+
+
+def _adam_am_tensor(a: StepArgs, lr, keep, p, g, d_state, v_state, step, memory) -> None:
+    x = p.to(g.dtype)
+    d = d_state.to(g.dtype)
+    prod, prev_lr = memory[0], memory[1]
+    step_new = step + 1
+    v_new = _second_moment(v_state, g, a.beta2, keep)
+    P = _adam_am_p(a, v_new, step_new, prod)
+    beta = adam_am_beta(a, adam_am_sums(a, g, x, d, P), step == 0, prev_lr, lr)
+    R = 1 + a.lam * P
+    d_new = ((1 - beta) * g + (a.lam * P + beta) * d) / R
+    _commit(d_state, d_new, keep)
+    _commit(p, _decayed(x, a, lr) - lr * d_new / P, keep)
+    _commit(step, step_new, keep)
+    eta = torch.as_tensor(lr, dtype=torch.float32, device=memory.device)
+    _commit(memory, torch.stack([prod * beta, eta, beta]), keep)

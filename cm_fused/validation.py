@@ -87,6 +87,11 @@ def _betas(name, betas, group):
             raise bad(f"beta{i + 1}", b, "must be in [0, 1)")
 
 
+def _below_one(name, x, group):
+    if not (_is_real(x) and 0 <= x < 1):
+        raise bad(name, x, "must be in [0, 1)")
+
+
 def _kappa(name, x, group):
     if not (_is_real(x) and x >= 0):
         raise bad(name, x, "must be >= 0; 0 turns the buffer off")
@@ -112,6 +117,8 @@ RULES: dict[str, Callable[[str, Any, dict], None]] = {
     "amsgrad": _flag, "momentum": _nonnegative, "dampening": _real, "alpha": _unit_interval,
     "centered": _flag, "kappa": _kappa, "decay": _unit_interval, "topC": _top_c,
     "synced": _flag, "critical_test": _probability, "buffer_dtype": _buffer_dtype,
+    # adaptive memory
+    "lam": _nonnegative, "beta_max": _below_one,
     # torch.optim's implementation keywords
     "maximize": _flag, "foreach": _optional_flag, "fused": _optional_flag,
     "capturable": _flag, "differentiable": _differentiable, "nesterov": _nesterov,

@@ -1,5 +1,6 @@
-// cm_fused::step_ for CPU tensors: the kappa > 0 step of docs/SPEC.md over all tensors
-// of one param group, in place, for every variant (cm_fused.contract.Variant). The op's
+// cm_fused::step_ for CPU tensors: the step of docs/SPEC.md (kappa > 0 for the buffered
+// variants) over all tensors of one param group, in place, for every variant
+// (cm_fused.contract.Variant). The op's
 // schema is defined in Python from cm_fused.contract.StepArgs (the one declaration of
 // the step's inputs); this file only implements it for the CPU dispatch key.
 //
@@ -9,6 +10,10 @@
 //      (synced: sum of all norms), the insert rule (decide(), shared by every variant),
 //      step count, bias corrections
 //   4. update pass (parallel): one pass over the tensor's elements (step_kernels.h)
+//
+// The adaptive-memory variants (am_step) have the same shape: a reduce pass of the
+// two-plane model's sums, a serial decision of beta (per tensor for ADAM_AM, one for
+// SGD_AM), an update pass.
 //
 // Chunk boundaries are fixed (kChunk elements from the start of each tensor) and each
 // chunk's partial sum is computed by one thread with the same code, so the norms, the
@@ -20,6 +25,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <cfloat>
 #include <cmath>
 #include <optional>
 #include <string>
@@ -76,6 +83,20 @@ struct Chunk {
   int64_t begin;
   int64_t end;
 };
+
+// Every tensor cut into kChunk-element chunks from its start; *total: all elements.
+std::vector<Chunk> make_chunks(at::TensorList params, int64_t* total) {
+  std::vector<Chunk> chunks;
+  *total = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t n = params[i].numel();
+    for (int64_t b = 0; b < n; b += kChunk) {
+      chunks.push_back({static_cast<int64_t>(i), b, std::min(n, b + kChunk)});
+    }
+    *total += n;
+  }
+  return chunks;
+}
 
 // Run body(chunk_index) over all chunks, split into contiguous runs of about equal element
 // counts, one per thread. Which thread runs a chunk never changes what it computes.
@@ -165,13 +186,150 @@ Decision decide(float* K, int64_t C, int64_t* count, float key, bool lucky, floa
   return {j, replace, k == 0, std::max<int64_t>(k, 1)};
 }
 
+// The scalars of an adaptive-memory step, validated.
+struct AMScalars {
+  int64_t variant;
+  double lr;         // lr_tensor's value when given
+  bool lr_is_f32;    // lr came as an fp32 tensor: 1 - lr * wd rounds in fp32
+  double beta1;      // beta1max (ADAM_AM), beta_max (SGD_AM)
+  double beta2;
+  double eps;
+  double weight_decay;
+  double lam;
+  int64_t phase;
+  bool divide;       // divide gradients by scale (GradScaler and/or maximize)
+  float scale;
+};
+
+// r = num / den, beta = min(r, beta_max) where den > 0 and r > 0, else 0 (NaN too), in
+// fp64 and rounded to fp32: the reference's _clip_ratio.
+float clip_ratio(double num, double den, double beta_max) {
+  const double r = num / den;
+  return (den > 0.0 && r > 0.0) ? static_cast<float>(std::min(r, beta_max)) : 0.f;
+}
+
+// ADAM_AM and SGD_AM (cm_fused/reference.py: _adaptive_memory), after validation.
+void am_step(const KernelTable& table, const AMScalars& s, const std::vector<int>& pdt,
+             at::TensorList params, at::TensorList grads, at::TensorList momenta,
+             at::TensorList second_moments, at::TensorList steps, at::TensorList memory) {
+  const size_t T = params.size();
+  const bool adam = s.variant == kAdamAM;
+  const int vi = static_cast<int>(s.variant) - kAdamAM;
+  const float lr_f = static_cast<float>(s.lr);
+  const float wd_f = static_cast<float>(s.weight_decay);
+  const float wd_factor = s.lr_is_f32 ? 1.f - lr_f * wd_f
+                                      : static_cast<float>(1.0 - s.lr * s.weight_decay);
+  std::vector<UpdateArgs> args(T);
+  std::vector<float*> step(T);
+  for (size_t i = 0; i < T; ++i) {
+    UpdateArgs& a = args[i];
+    step[i] = steps[i].data_ptr<float>();
+    a.p = params[i].data_ptr();
+    a.g = grads[i].data_ptr();
+    a.mom = momenta[i].data_ptr();
+    a.sq = adam ? second_moments[i].data_ptr() : nullptr;
+    a.first = *step[i] == 0.f;
+    a.has_wd = s.weight_decay != 0.0;
+    a.scaled = s.divide;
+    a.grad_scale = s.scale;
+    a.wd = wd_f;
+    a.wd_factor = wd_factor;
+    a.lr = lr_f;
+    a.beta2 = static_cast<float>(s.beta2);
+    a.one_minus_beta2 = static_cast<float>(1.0 - s.beta2);
+    a.eps = static_cast<float>(s.eps);
+    a.lam = static_cast<float>(s.lam);
+    a.one_plus_lam = static_cast<float>(1.0 + s.lam);
+    if (adam) {
+      const float step_new = *step[i] + 1.f;
+      const double bc2 = 1.0 - std::pow(s.beta2, static_cast<double>(step_new));
+      a.sqrt_bc2 = static_cast<float>(std::sqrt(bc2));
+      const float c = 1.f - static_cast<float>(s.beta1) * memory[i].data_ptr<float>()[0];
+      a.am_c = c < FLT_MIN ? FLT_MIN : c;  // clamp(min=tiny); NaN stays NaN
+    }
+  }
+  int64_t total = 0;
+  const std::vector<Chunk> chunks = make_chunks(params, &total);
+
+  // ------------------------------------------------------------ reduce pass
+  std::vector<std::array<double, kAMSums>> sums(T);  // per tensor, in chunk order
+  float* totals = adam ? nullptr : memory[0].data_ptr<float>();
+  if (adam || s.phase != kPhaseUpdate) {
+    std::vector<std::array<double, kAMSums>> partial(chunks.size());
+    for_each_chunk(chunks, total, [&](int64_t c) {
+      const Chunk& ch = chunks[c];
+      const UpdateArgs& a = args[ch.tensor];
+      if (!adam && a.first) return;  // SGD_AM: a fresh tensor adds nothing
+      table.am_reduce[vi][pdt[ch.tensor]](a, ch.begin, ch.end, partial[c].data());
+    });
+    for (auto& t : sums) t.fill(0.0);
+    for (size_t c = 0; c < chunks.size(); ++c) {
+      if (!adam && args[chunks[c].tensor].first) continue;
+      for (int k = 0; k < kAMSums; ++k) sums[chunks[c].tensor][k] += partial[c][k];
+    }
+  }
+
+  // ------------------------------------------------------------ decide
+  if (adam) {
+    const double eta = s.lr;
+    for (size_t i = 0; i < T; ++i) {
+      UpdateArgs& a = args[i];
+      float* mem = memory[i].data_ptr<float>();
+      const double D = sums[i][0], M = sums[i][1], X = sums[i][2], Y = sums[i][3];
+      const double G = eta > 0.0
+          ? (1.0 + s.weight_decay * eta) * static_cast<double>(mem[1]) * Y / eta
+          : 0.0;
+      a.beta = a.first ? static_cast<float>(s.beta1)
+                       : clip_ratio(G - M - s.weight_decay * X, D, s.beta1);
+      a.one_minus_beta = 1.f - a.beta;
+      // Nothing of the update pass reads these.
+      mem[0] = mem[0] * a.beta;
+      mem[1] = lr_f;
+      mem[2] = a.beta;
+      *step[i] = *step[i] + 1.f;
+    }
+  } else {
+    if (s.phase != kPhaseUpdate) {
+      double D = 0.0, N = 0.0;  // over tensors in order, as the reference's fp64 sums
+      for (size_t i = 0; i < T; ++i) {
+        D += sums[i][0];
+        N += sums[i][1];
+      }
+      if (s.phase == kPhaseReduce) {
+        totals[0] = totals[0] + static_cast<float>(D);
+        totals[1] = totals[1] + static_cast<float>(N);
+        return;
+      }
+      totals[0] = static_cast<float>(D);
+      totals[1] = static_cast<float>(N);
+    }
+    // From the fp32 totals, as the reference reads them back.
+    const float beta = clip_ratio(static_cast<double>(totals[1]),
+                                  static_cast<double>(totals[0]), s.beta1);
+    totals[2] = beta;
+    const float lam_f = static_cast<float>(s.lam), opl = static_cast<float>(1.0 + s.lam);
+    const float coef_d = (beta + lam_f) / opl, coef_g = (1.f - beta) / opl;
+    for (size_t i = 0; i < T; ++i) {
+      args[i].coef_d = coef_d;
+      args[i].coef_g = coef_g;
+      *step[i] = *step[i] + 1.f;
+    }
+  }
+
+  // ------------------------------------------------------------ update pass
+  for_each_chunk(chunks, total, [&](int64_t c) {
+    const Chunk& ch = chunks[c];
+    table.am_update[vi][pdt[ch.tensor]](args[ch.tensor], ch.begin, ch.end);
+  });
+}
+
 void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momenta,
               at::TensorList second_moments, at::TensorList extras, at::TensorList buffers,
               at::TensorList keys, at::TensorList counts, at::TensorList sums,
-              at::TensorList steps, int64_t variant, double lr,
+              at::TensorList steps, at::TensorList memory, int64_t variant, double lr,
               const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
               double eps, double weight_decay, double dampening, double key_decay,
-              double critical_test, bool synced, bool maximize,
+              double critical_test, double lam, int64_t phase, bool synced, bool maximize,
               const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf,
               const std::optional<at::Tensor>& rand) {
@@ -179,17 +337,36 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
   // ------------------------------------------------------------ 1. validate
   TORCH_CHECK(variant >= 0 && variant < kNumVariants, "cm_fused::step_: unknown variant ",
               variant);
-  const bool adam = variant == kAdamCM || variant == kAdamCG;
+  const bool am = variant >= kNumBuffered;  // adaptive memory: no buffer
+  const bool adam = variant == kAdamCM || variant == kAdamCG || variant == kAdamAM;
+  const bool sgd = variant == kSGDCG || variant == kSGDAM;
+  TORCH_CHECK(phase == kPhaseAll || (variant == kSGDAM && phase >= 0 && phase <= kPhaseUpdate),
+              "cm_fused::step_: phase ", phase, " is not valid for variant ", variant);
   check_list(grads, "grads", T);
-  const bool has_mom = check_role(momenta, "momenta", T, adam);
-  const bool has_sq = check_role(second_moments, "second_moments", T, variant != kSGDCG);
+  const bool has_mom = check_role(momenta, "momenta", T, adam || am);
+  const bool has_sq = check_role(second_moments, "second_moments", T, !sgd);
   const bool has_extra = check_role(extras, "extras", T, false);
-  TORCH_CHECK(variant != kSGDCG || (!has_sq && !has_extra), "cm_fused::step_: variant ",
-              variant, " takes no second_moments or extras");
-  check_list(buffers, "buffers", T);
-  check_list(keys, "keys", T);
-  check_list(counts, "counts", T);
-  check_list(sums, "sums", T);
+  TORCH_CHECK(!sgd || (!has_sq && !has_extra), "cm_fused::step_: variant ", variant,
+              " takes no second_moments or extras");
+  TORCH_CHECK(!am || !has_extra, "cm_fused::step_: variant ", variant, " takes no extras");
+  if (am) {
+    TORCH_CHECK(buffers.empty() && keys.empty() && counts.empty() && sums.empty(),
+                "cm_fused::step_: variant ", variant,
+                " keeps no buffer: buffers, keys, counts and sums must be empty lists");
+    TORCH_CHECK(memory.size() == (variant == kAdamAM ? T : 1), "cm_fused::step_: memory has ",
+                memory.size(), " tensors, expected ",
+                variant == kAdamAM ? "one per parameter" : "exactly one");
+    for (size_t i = 0; i < memory.size(); ++i) {
+      check_tensor(memory[i], "memory", i, 3, at::kFloat);
+    }
+  } else {
+    check_list(buffers, "buffers", T);
+    check_list(keys, "keys", T);
+    check_list(counts, "counts", T);
+    check_list(sums, "sums", T);
+    TORCH_CHECK(memory.empty(), "cm_fused::step_: variant ", variant,
+                " takes no memory (an empty list)");
+  }
   check_list(steps, "steps", T);
   std::vector<int> pdt(T), sdt(T);
   for (size_t i = 0; i < T; ++i) {
@@ -203,6 +380,8 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
     if (has_mom) check_tensor(momenta[i], "momenta", i, n, p.scalar_type());
     if (has_sq) check_tensor(second_moments[i], "second_moments", i, n, p.scalar_type());
     if (has_extra) check_tensor(extras[i], "extras", i, n, p.scalar_type());
+    check_tensor(steps[i], "steps", i, 1, at::kFloat);
+    if (am) continue;
     const int64_t C = keys[i].numel();
     TORCH_CHECK(C >= 1, "cm_fused::step_: keys[", i, "] is empty");
     check_tensor(keys[i], "keys", i, C, at::kFloat);
@@ -215,7 +394,6 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
     check_tensor(B, "buffers", i, C * n, std::nullopt);
     check_tensor(sums[i], "sums", i, n, at::kFloat);
     check_tensor(counts[i], "counts", i, 1, at::kLong);
-    check_tensor(steps[i], "steps", i, 1, at::kFloat);
   }
   if (rand) {
     TORCH_CHECK(rand->device().is_cpu() && rand->scalar_type() == at::kFloat &&
@@ -234,16 +412,15 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
   // sum of squares of the norm pass does not see the sign.
   const bool divide = scaled || maximize;
   const float scale_f = static_cast<float>(maximize ? -scale_value : scale_value);
-
-  std::vector<Chunk> chunks;
-  int64_t total = 0;
-  for (size_t i = 0; i < T; ++i) {
-    const int64_t n = params[i].numel();
-    for (int64_t b = 0; b < n; b += kChunk) {
-      chunks.push_back({static_cast<int64_t>(i), b, std::min(n, b + kChunk)});
-    }
-    total += n;
+  if (am) {
+    const AMScalars s{variant, lr_value, lr_tensor && lr_tensor->scalar_type() == at::kFloat,
+                      beta1, beta2, eps, weight_decay, lam, phase, divide, scale_f};
+    am_step(table, s, pdt, params, grads, momenta, second_moments, steps, memory);
+    return;
   }
+
+  int64_t total = 0;
+  const std::vector<Chunk> chunks = make_chunks(params, &total);
 
   // ------------------------------------------------------------ 2. reduce pass
   std::vector<const void*> gptr(T);

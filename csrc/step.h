@@ -1,9 +1,10 @@
-// Shared declarations of the fused CPU step (docs/SPEC.md, kappa > 0).
+// Shared declarations of the fused CPU step (docs/SPEC.md; kappa > 0 for the buffered
+// variants).
 //
 // step.cpp validates the op's arguments, computes the per-tensor decisions (keys,
-// insert slot, counts, steps, bias corrections) and drives the two parallel passes; the
-// vectorised per-chunk kernels live in step_kernels.h, compiled once per CPU capability
-// (kernels_default.cpp, kernels_avx2.cpp) and picked at run time.
+// insert slot, counts, steps, bias corrections; adaptive memory: beta) and drives the
+// parallel passes; the vectorised per-chunk kernels live in step_kernels.h, compiled once
+// per CPU capability (kernels_default.cpp, kernels_avx2.cpp) and picked at run time.
 #pragma once
 
 #include <cstdint>
@@ -11,7 +12,25 @@
 namespace cm_fused {
 
 // The optimizer a step computes: cm_fused.contract.Variant, same numbers.
-enum Variant : int { kAdamCM = 0, kAdamCG = 1, kSGDCG = 2, kRMSpropCG = 3, kNumVariants = 4 };
+// The buffered ones come first (kNumBuffered of them), then the adaptive-memory ones.
+enum Variant : int {
+  kAdamCM = 0,
+  kAdamCG = 1,
+  kSGDCG = 2,
+  kRMSpropCG = 3,
+  kAdamAM = 4,
+  kSGDAM = 5,
+  kNumBuffered = 4,
+  kNumVariants = 6,
+  kNumAM = kNumVariants - kNumBuffered,
+};
+
+// Phase of an SGD_AM step split over param groups: cm_fused.contract.Phase.
+enum Phase : int { kPhaseAll = 0, kPhaseReduce = 1, kPhaseUpdate = 2 };
+
+// Sums the adaptive-memory reduce pass returns per chunk: ADAM_AM's D, M, X, Y; SGD_AM's
+// D, N (the rest zero).
+constexpr int kAMSums = 4;
 
 // Storage dtypes the kernels take (parameters, gradients and their state: one of them;
 // buffer slots: one of them, possibly another). Arithmetic is always fp32.
@@ -43,6 +62,14 @@ struct UpdateArgs {
   float step_size = 0.f;  // lr / bc1
   float sqrt_bc2 = 1.f;
   float eps = 0.f;
+  // Adaptive memory (mom: d, sq: v; first: the tensor's step was 0).
+  float lam = 0.f;
+  float one_plus_lam = 1.f;
+  float am_c = 1.f;           // ADAM_AM: P's factor max(1 - beta1max * prod, FLT_MIN)
+  float beta = 0.f;           // ADAM_AM: this step's beta
+  float one_minus_beta = 1.f;
+  float coef_d = 0.f;         // SGD_AM: (beta + lam) / (1 + lam)
+  float coef_g = 0.f;         // SGD_AM: (1 - beta) / (1 + lam)
 };
 
 // Sum of squares of (g / grad_scale) over [begin, end): fp32 lanes, combined in a fixed
@@ -51,11 +78,16 @@ using NormFn = double (*)(const void* g, int64_t begin, int64_t end, bool scaled
                           float grad_scale);
 // The update of elements [begin, end) of one tensor.
 using UpdateFn = void (*)(const UpdateArgs& a, int64_t begin, int64_t end);
+// Adaptive memory's sums over elements [begin, end) of one tensor, into sums[kAMSums]:
+// fp32 terms added into fp64 lanes, combined in a fixed order (same bits on any thread).
+using AMReduceFn = void (*)(const UpdateArgs& a, int64_t begin, int64_t end, double* sums);
 
 struct KernelTable {
   const char* name;
   NormFn norm[kNumDTypes];                                // by gradient dtype
-  UpdateFn update[kNumVariants][kNumDTypes][kNumDTypes];  // [variant][param][slot dtype]
+  UpdateFn update[kNumBuffered][kNumDTypes][kNumDTypes];  // [variant][param][slot dtype]
+  AMReduceFn am_reduce[kNumAM][kNumDTypes];               // [variant - kAdamAM][param]
+  UpdateFn am_update[kNumAM][kNumDTypes];
 };
 
 namespace DEFAULT {

@@ -111,13 +111,20 @@ double norm_kernel(const void* g_, int64_t begin, int64_t end, bool scaled, floa
 
 // sq <- beta2 * sq + (1 - beta2) * u^2 (Adam's v, RMSprop's square average), stored; the
 // new values are returned in q0, q1.
+// second_moment without the store (adaptive memory's reduce pass must not write v).
 template <typename T>
-inline void second_moment(const UpdateArgs& a, T* sq, const Vec& u0, const Vec& u1, Vec& q0,
-                          Vec& q1) {
+inline void second_moment_value(const UpdateArgs& a, const T* sq, const Vec& u0,
+                                const Vec& u1, Vec& q0, Vec& q1) {
   IO<T>::load(sq, q0, q1);
   const Vec b2(a.beta2), omb2(a.one_minus_beta2);
   q0 = q0 * b2 + (omb2 * u0) * u0;
   q1 = q1 * b2 + (omb2 * u1) * u1;
+}
+
+template <typename T>
+inline void second_moment(const UpdateArgs& a, T* sq, const Vec& u0, const Vec& u1, Vec& q0,
+                          Vec& q1) {
+  second_moment_value<T>(a, sq, u0, u1, q0, q1);
   IO<T>::store(sq, q0, q1);
 }
 
@@ -314,6 +321,147 @@ void update_kernel(const UpdateArgs& a, int64_t begin, int64_t end) {
   if (slot) std::memcpy(sum + i, tsum, r * sizeof(float));
 }
 
+// ---------------------------------------------------------------- adaptive memory
+
+// Add the first `valid` of kW fp32 terms into fp64 lanes (the reference sums fp32 terms
+// with torch.sum(dtype=float64); fp32 lanes would drift from it over a chunk). Padding
+// lanes are left out: there P = c * eps, possibly 0, would make NaN terms.
+inline void accumulate(double* acc, const Vec& lo, const Vec& hi, int64_t valid) {
+  float t[kW];
+  lo.store(t);
+  hi.store(t + kV);
+  if (valid == kW) {  // a fixed trip count: vectorised
+    for (int64_t l = 0; l < kW; ++l) acc[l] += static_cast<double>(t[l]);
+  } else {
+    for (int64_t l = 0; l < valid; ++l) acc[l] += static_cast<double>(t[l]);
+  }
+}
+
+// One block of kW elements of variant V (kAdamAM, kSGDAM). REDUCE: add the block's terms
+// to acc (kAMSums rows of kW lanes), write nothing; else: the update, with beta decided.
+// One body for both passes, so g, v and P are the same bits in each.
+template <int V, typename T, bool REDUCE>
+inline void am_block(const UpdateArgs& a, T* p, const T* g, T* d, T* v, double* acc,
+                     int64_t valid) {
+  Vec g0, g1, x0, x1, d0, d1;
+  IO<T>::load(g, g0, g1);
+  if (a.scaled) {
+    const Vec scale(a.grad_scale);
+    g0 = g0 / scale;
+    g1 = g1 / scale;
+  }
+  IO<T>::load(p, x0, x1);
+  IO<T>::load(d, d0, d1);
+  const Vec one(1.f), lam(a.lam);
+  if constexpr (V == kSGDAM) {
+    if (a.has_wd) {  // coupled L2
+      const Vec wd(a.wd);
+      g0 = g0 + wd * x0;
+      g1 = g1 + wd * x1;
+    }
+    if constexpr (REDUCE) {
+      const Vec opl(a.one_plus_lam);
+      const Vec e0 = d0 - g0, e1 = d1 - g1;  // delta
+      accumulate(acc, e0 * e0, e1 * e1, valid);
+      accumulate(acc + kW, (opl * g0) * d0 - e0 * (g0 + lam * d0),
+                 (opl * g1) * d1 - e1 * (g1 + lam * d1), valid);
+    } else {
+      if (!a.first) {
+        const Vec cd(a.coef_d), cg(a.coef_g);
+        g0 = cd * d0 + cg * g0;
+        g1 = cd * d1 + cg * g1;
+      }
+      IO<T>::store(d, g0, g1);
+      const Vec lr(a.lr);
+      IO<T>::store(p, x0 - lr * g0, x1 - lr * g1);
+    }
+  } else {  // kAdamAM
+    Vec q0, q1;
+    second_moment_value<T>(a, v, g0, g1, q0, q1);
+    const Vec c(a.am_c), sqrt_bc2(a.sqrt_bc2), eps(a.eps);
+    const Vec P0 = c * (q0.sqrt() / sqrt_bc2 + eps);
+    const Vec P1 = c * (q1.sqrt() / sqrt_bc2 + eps);
+    const Vec lP0 = lam * P0, lP1 = lam * P1;
+    if constexpr (REDUCE) {
+      const Vec e0 = d0 - g0, e1 = d1 - g1;  // delta
+      const Vec w0 = one / (P0 * (one + lP0)), w1 = one / (P1 * (one + lP1));
+      accumulate(acc, (e0 * e0) * w0, (e1 * e1) * w1, valid);
+      accumulate(acc + kW, (e0 * (g0 + lP0 * d0)) * w0, (e1 * (g1 + lP1 * d1)) * w1, valid);
+      accumulate(acc + 2 * kW, x0 * e0, x1 * e1, valid);
+      Vec y0 = d0 / P0, y1 = d1 / P1;
+      if (a.has_wd) {
+        const Vec wd(a.wd);
+        y0 = y0 + wd * x0;
+        y1 = y1 + wd * x1;
+      }
+      accumulate(acc + 3 * kW, g0 * y0, g1 * y1, valid);
+    } else {
+      IO<T>::store(v, q0, q1);
+      const Vec omb(a.one_minus_beta), beta(a.beta);
+      const Vec n0 = (omb * g0 + (lP0 + beta) * d0) / (one + lP0);
+      const Vec n1 = (omb * g1 + (lP1 + beta) * d1) / (one + lP1);
+      IO<T>::store(d, n0, n1);
+      if (a.has_wd) {  // decoupled (AdamW)
+        const Vec f(a.wd_factor);
+        x0 = x0 * f;
+        x1 = x1 * f;
+      }
+      const Vec lr(a.lr);
+      IO<T>::store(p, x0 - (lr * n0) / P0, x1 - (lr * n1) / P1);
+    }
+  }
+}
+
+template <int V, typename T>
+void am_reduce_kernel(const UpdateArgs& a, int64_t begin, int64_t end, double* sums) {
+  T* p = static_cast<T*>(a.p);
+  const T* g = static_cast<const T*>(a.g);
+  T* d = static_cast<T*>(a.mom);
+  T* v = static_cast<T*>(a.sq);
+  double acc[kAMSums * kW] = {};
+  int64_t i = begin;
+  for (; i + kW <= end; i += kW) {
+    am_block<V, T, true>(a, p + i, g + i, d + i, v ? v + i : nullptr, acc, kW);
+  }
+  if (i < end) {  // the tail: zero-padded copies, the padding left out of the sums
+    const int64_t r = end - i;
+    T tp[kW] = {}, tg[kW] = {}, td[kW] = {}, tv[kW] = {};
+    std::memcpy(static_cast<void*>(tp), p + i, r * sizeof(T));
+    std::memcpy(static_cast<void*>(tg), g + i, r * sizeof(T));
+    std::memcpy(static_cast<void*>(td), d + i, r * sizeof(T));
+    if (v) std::memcpy(static_cast<void*>(tv), v + i, r * sizeof(T));
+    am_block<V, T, true>(a, tp, tg, td, v ? tv : nullptr, acc, r);
+  }
+  for (int s = 0; s < kAMSums; ++s) {
+    double sum = 0.0;
+    for (int64_t l = 0; l < kW; ++l) sum += acc[s * kW + l];
+    sums[s] = sum;
+  }
+}
+
+template <int V, typename T>
+void am_update_kernel(const UpdateArgs& a, int64_t begin, int64_t end) {
+  T* p = static_cast<T*>(a.p);
+  const T* g = static_cast<const T*>(a.g);
+  T* d = static_cast<T*>(a.mom);
+  T* v = static_cast<T*>(a.sq);
+  int64_t i = begin;
+  for (; i + kW <= end; i += kW) {
+    am_block<V, T, false>(a, p + i, g + i, d + i, v ? v + i : nullptr, nullptr, kW);
+  }
+  if (i == end) return;
+  const int64_t r = end - i;  // the tail: zero-padded copies, then copy back
+  T tp[kW] = {}, tg[kW] = {}, td[kW] = {}, tv[kW] = {};
+  std::memcpy(static_cast<void*>(tp), p + i, r * sizeof(T));
+  std::memcpy(static_cast<void*>(tg), g + i, r * sizeof(T));
+  std::memcpy(static_cast<void*>(td), d + i, r * sizeof(T));
+  if (v) std::memcpy(static_cast<void*>(tv), v + i, r * sizeof(T));
+  am_block<V, T, false>(a, tp, tg, td, v ? tv : nullptr, nullptr, r);
+  std::memcpy(static_cast<void*>(p + i), tp, r * sizeof(T));
+  std::memcpy(static_cast<void*>(d + i), td, r * sizeof(T));
+  if (v) std::memcpy(static_cast<void*>(v + i), tv, r * sizeof(T));
+}
+
 }  // namespace
 
 const KernelTable& kernel_table() {
@@ -322,11 +470,15 @@ const KernelTable& kernel_table() {
 #define CM_ROW(V, T) \
   {&update_kernel<V, T, float>, &update_kernel<V, T, BFloat16>, &update_kernel<V, T, Half>}
 #define CM_VARIANT(V) {CM_ROW(V, float), CM_ROW(V, BFloat16), CM_ROW(V, Half)}
+#define CM_AM(F, V) {&F<V, float>, &F<V, BFloat16>, &F<V, Half>}
   static const KernelTable table{
       C10_STRINGIZE(CPU_CAPABILITY),
       {&norm_kernel<float>, &norm_kernel<BFloat16>, &norm_kernel<Half>},
       {CM_VARIANT(kAdamCM), CM_VARIANT(kAdamCG), CM_VARIANT(kSGDCG), CM_VARIANT(kRMSpropCG)},
+      {CM_AM(am_reduce_kernel, kAdamAM), CM_AM(am_reduce_kernel, kSGDAM)},
+      {CM_AM(am_update_kernel, kAdamAM), CM_AM(am_update_kernel, kSGDAM)},
   };
+#undef CM_AM
 #undef CM_VARIANT
 #undef CM_ROW
   return table;

@@ -164,3 +164,40 @@ def scaler_lockstep(make_opts, steps, overflow_at, device="cpu"):
             scaler.step(opt)
             scaler.update()
         yield t, tuple(params), opts, scalers
+
+
+def op_args(variant=None, extras=True, slot=torch.float32, dtype=torch.float32,
+            optional=True, device="cpu"):
+    """StepArgs for calling a step op directly, on three small tensors (some buffers
+    full), for any variant: what the op tests of each backend feed it."""
+    from cm_fused.contract import StepArgs, Variant
+    variant = Variant.ADAM_CM if variant is None else Variant(variant)
+    shapes = [(5,), (2, 3), ()]
+    C = 3
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda s, dt=dtype: torch.randn(s, generator=g).to(dt).to(device)  # noqa: E731
+    state = lambda: [rnd(s).abs() for s in shapes]  # noqa: E731
+    on = lambda t: t.to(device)  # noqa: E731
+    moments = variant not in (Variant.SGD_CG, Variant.SGD_AM)
+    buffered = variant.buffered
+    args = StepArgs(
+        params=[rnd(s) for s in shapes], grads=[rnd(s) for s in shapes], momenta=state(),
+        second_moments=state() if moments else [],
+        extras=state() if moments and extras and buffered else [],
+        buffers=[rnd((C, *s), slot) for s in shapes] if buffered else [],
+        keys=[rnd((C,), torch.float32).abs() for _ in shapes] if buffered else [],
+        counts=[on(torch.tensor(k)) for k in (0, 2, 3)] if buffered else [],
+        sums=[rnd(s, torch.float32) for s in shapes] if buffered else [],
+        steps=[on(torch.tensor(float(k))) for k in (0, 2, 3)],
+        memory=[] if buffered else (
+            [on(torch.tensor([0.5, 1e-3, 0.3])) for _ in shapes] if variant == Variant.ADAM_AM
+            else [on(torch.tensor([0.0, 0.0, 0.2]))]),
+        variant=int(variant), lr=1e-3,
+        lr_tensor=on(torch.tensor(2e-3)) if optional else None, beta1=0.9, beta2=0.999,
+        eps=1e-8, weight_decay=0.01, dampening=0.1, key_decay=0.7, critical_test=0.3,
+        lam=0.0 if buffered else 0.1, phase=0, synced=False,
+        maximize=variant == Variant.ADAM_CG,
+        grad_scale=on(torch.tensor(2.0)) if optional else None,
+        found_inf=on(torch.tensor(0.0)) if optional else None,
+        rand=on(torch.rand(len(shapes), generator=g)) if optional else None)
+    return args

@@ -1,7 +1,10 @@
 """The axes of the test matrix: the optimizers (with their torch counterparts and SPEC
 models), the backends, and each optimizer's configurations.
 
-A new optimizer is one entry in FAMILY; every matrix test then covers it.
+A new optimizer is one entry in FAMILY (critical buffer) or ADAPTIVE (adaptive memory);
+every matrix test then covers it. EVERY is both: the tests that hold for any optimizer
+of the package (lock step, dtypes, GradScaler, groups, checkpoints, torch.compile) run
+over it, those about the buffer or kappa=0 over FAMILY.
 """
 from __future__ import annotations
 
@@ -13,16 +16,20 @@ import torch
 
 import cm_fused
 from cm_fused import registry
-from spec_model import SpecAdamCG, SpecAdamCM, SpecRMSpropCG, SpecSGDCG
+from spec_model import SpecAdamAM, SpecAdamCG, SpecAdamCM, SpecRMSpropCG, SpecSGDAM, SpecSGDCG
 
 
 @dataclass(frozen=True)
 class Member:
     cls: type
-    torch_cls: type          # what kappa=0 is, exactly
+    torch_cls: type | None   # what kappa=0 is, exactly (None: no kappa)
     spec: type               # the independent float64 model (spec_model.py)
     configs: dict = field(default_factory=dict)  # name -> keyword arguments
     torch_fused: bool = True  # torch has a fused kernel (else foreach) for kappa=0
+
+    @property
+    def buffered(self) -> bool:
+        return self.cls.variant.buffered
 
 
 # Configurations every optimizer runs (fill/replace both happen in each: the lock-step
@@ -70,13 +77,36 @@ FAMILY = {
     }, torch_fused=False),
 }
 
+# Adaptive memory: no buffer, no kappa.
+ADAPTIVE = {
+    "adamam": Member(cm_fused.AdamAM, None, SpecAdamAM, {
+        "defaults": dict(),
+        "lam0_wd": dict(lam=0.0, weight_decay=0.05),
+        "tensor_lr": dict(lr=torch.tensor(2e-3), weight_decay=0.05),
+        "maximize": dict(maximize=True, weight_decay=0.05),
+        "lr0": dict(lr=0.0, weight_decay=0.1),
+        "all": dict(lam=0.3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05, lr=1e-2),
+    }),
+    "sgdam": Member(cm_fused.SGDAM, None, SpecSGDAM, {
+        "defaults": dict(lr=1e-2),
+        "wd": dict(lr=1e-2, weight_decay=0.05),
+        "tensor_lr": dict(lr=torch.tensor(2e-3), weight_decay=0.05),
+        "maximize": dict(lr=1e-2, maximize=True, lam=0.0),
+        "lr0": dict(lr=0.0, weight_decay=0.1),
+        "all": dict(lr=1e-2, lam=0.3, beta_max=0.8, weight_decay=0.05),
+    }),
+}
+EVERY = {**FAMILY, **ADAPTIVE}
+
 FUSED_BACKENDS = ("cpu", "triton")
 BACKENDS = ("reference", *FUSED_BACKENDS)
 
 
-def cases(configs=None):
-    """(optimizer, config) pairs as pytest params, for ``@pytest.mark.parametrize``."""
-    return [pytest.param(name, cfg, id=f"{name}-{cfg}") for name, m in FAMILY.items()
+def cases(configs=None, members=None):
+    """(optimizer, config) pairs as pytest params, for ``@pytest.mark.parametrize``
+    (``members``: FAMILY by default)."""
+    return [pytest.param(name, cfg, id=f"{name}-{cfg}")
+            for name, m in (FAMILY if members is None else members).items()
             for cfg in m.configs if configs is None or cfg in configs]
 
 
@@ -103,5 +133,5 @@ def require(backend: str) -> None:
 
 def make(name: str, backend: str, **kw):
     """A factory ``params -> optimizer`` for FAMILY[name] on ``backend``."""
-    cls = FAMILY[name].cls
+    cls = EVERY[name].cls
     return lambda params: cls(params, backend=backend, **kw)

@@ -204,3 +204,83 @@ class SpecSGDCG(_Model):
                 st["mom"] = h["mu"] * st["mom"] + (1 - h["damp"]) * d
             d = st["mom"]
         x.sub_(h["lr"] * d)
+
+
+# ---------------------------------------------------------------- adaptive memory
+
+def _dot(a, b):
+    return float((a * b).sum())
+
+
+class SpecSGDAM:
+    """docs/SPEC.md §4, SGDAM: one beta for the whole optimizer, from the two planes."""
+
+    def __init__(self, params, lr=0.1, beta_max=0.9, lam=0.1, weight_decay=0.0):
+        self.params = params
+        self.h = dict(lr=lr, bmax=beta_max, lam=lam, wd=weight_decay)
+        self.x = [p.detach().double().clone() for p in params]
+        self.d = [None] * len(params)
+        self.beta = None
+
+    def step(self, rand=None):
+        h, lam = self.h, self.h["lam"]
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        g = {i: self.params[i].grad.double() + h["wd"] * self.x[i] for i in live}
+        old = [i for i in live if self.d[i] is not None]
+        D = sum(_dot(self.d[i] - g[i], self.d[i] - g[i]) for i in old)
+        N = sum((1 + lam) * _dot(g[i], self.d[i]) - _dot(self.d[i] - g[i], g[i] + lam * self.d[i])
+                for i in old)
+        beta = min(max(N / D, 0.0), h["bmax"]) if D > 0 else 0.0
+        self.beta = beta
+        for i in live:
+            if self.d[i] is None:
+                self.d[i] = g[i].clone()
+            else:
+                self.d[i] = (beta + lam) / (1 + lam) * self.d[i] + (1 - beta) / (1 + lam) * g[i]
+            self.x[i] = self.x[i] - h["lr"] * self.d[i]
+        return self.x
+
+
+class SpecAdamAM:
+    """docs/SPEC.md §4, AdamAM: one beta per tensor, from the two planes."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.89, 0.999), eps=1e-8, weight_decay=0.0,
+                 lam=0.1):
+        self.params = params
+        self.h = dict(lr=lr, b1=betas[0], b2=betas[1], eps=eps, wd=weight_decay, lam=lam)
+        self.x = [p.detach().double().clone() for p in params]
+        self.state = [None] * len(params)
+
+    def step(self, rand=None):
+        h, lam, mu, eta = self.h, self.h["lam"], self.h["wd"], self.h["lr"]
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            g, x = p.grad.double(), self.x[i]
+            st = self.state[i]
+            if st is None:
+                st = self.state[i] = dict(step=0, d=torch.zeros_like(x), v=torch.zeros_like(x),
+                                          prod=1.0, prev_lr=0.0)
+            st["step"] += 1
+            st["v"] = h["b2"] * st["v"] + (1 - h["b2"]) * g * g
+            vhat = st["v"] / (1 - h["b2"] ** st["step"])
+            P = max(1 - h["b1"] * st["prod"], 1.1754943508222875e-38) * (vhat.sqrt() + h["eps"])
+            d = st["d"]
+            if st["step"] == 1:
+                beta = h["b1"]
+            else:
+                delta, R = d - g, 1 + lam * P
+                W = 1 / (P * R)
+                D = _dot(delta * delta, W)
+                M = _dot(delta * (g + lam * P * d), W)
+                Z = mu * _dot(x, delta)
+                G = (1 + mu * eta) * st["prev_lr"] * _dot(g, d / P + mu * x) / eta if eta > 0 else 0
+                beta = min(max((G - M - Z) / D, 0.0), h["b1"]) if D > 0 else 0.0
+            st["d"] = ((1 - beta) * g + (lam * P + beta) * d) / (1 + lam * P)
+            if mu != 0:
+                x = x * (1 - eta * mu)
+            self.x[i] = x - eta * st["d"] / P
+            st["prod"] *= beta
+            st["prev_lr"] = eta
+            st["beta"] = beta
+        return self.x

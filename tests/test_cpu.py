@@ -13,9 +13,9 @@ import torch
 
 import cm_fused.cpu as cpu_backend
 from cm_fused import AdamCM
-from cm_fused.contract import StepArgs, Variant
-from compare import assert_bit_identical, make_params, set_grads
-from family import FAMILY, make
+from cm_fused.contract import Variant
+from compare import assert_bit_identical, make_params, op_args, set_grads
+from family import EVERY, make
 
 _REASON = cpu_backend.unavailable_reason()  # loads the prebuilt extension, or JIT-builds it
 if _REASON is not None:
@@ -51,12 +51,12 @@ def _run_with_threads(threads, shapes, name, **kw):
 
 
 @pytest.mark.parametrize("cfg", ["defaults", "all"])
-@pytest.mark.parametrize("name", list(FAMILY))
+@pytest.mark.parametrize("name", list(EVERY))
 def test_bit_identical_whatever_the_thread_count(name, cfg):
     # Over 65536 elements in all (csrc/step.cpp kSerialBelow) and many 16384-element
     # chunks: with 2 threads the chunks are split between threads, with 1 they are not.
     shapes = [(300001,), (70000,), (17,), (), (0,), (40000,)]
-    kw = FAMILY[name].configs[cfg]
+    kw = EVERY[name].configs[cfg]
     a = _run_with_threads(1, shapes, name, **kw)
     b = _run_with_threads(2, shapes, name, **kw)
     assert_bit_identical(*a, *b)
@@ -64,29 +64,6 @@ def test_bit_identical_whatever_the_thread_count(name, cfg):
 
 # ------------------------------------------------------------ the op itself
 
-def _op_args(variant=Variant.ADAM_CM, extras=True, slot=torch.float32, dtype=torch.float32,
-             optional=True):
-    """StepArgs for the op on three small tensors (some with a full buffer)."""
-    shapes = [(5,), (2, 3), ()]
-    C = 3
-    g = torch.Generator().manual_seed(0)
-    rnd = lambda s, dt=dtype: torch.randn(s, generator=g).to(dt)  # noqa: E731
-    state = lambda: [rnd(s).abs() for s in shapes]  # noqa: E731
-    moments = variant != Variant.SGD_CG  # second moments (and extras) in use
-    return StepArgs(
-        params=[rnd(s) for s in shapes], grads=[rnd(s) for s in shapes], momenta=state(),
-        second_moments=state() if moments else [],
-        extras=state() if moments and extras else [],
-        buffers=[rnd((C, *s), slot) for s in shapes],
-        keys=[rnd((C,), torch.float32).abs() for _ in shapes],
-        counts=[torch.tensor(k) for k in (0, 2, 3)], sums=[rnd(s, torch.float32) for s in shapes],
-        steps=[torch.tensor(float(k)) for k in (0, 2, 3)], variant=int(variant), lr=1e-3,
-        lr_tensor=torch.tensor(2e-3) if optional else None, beta1=0.9, beta2=0.999, eps=1e-8,
-        weight_decay=0.01, dampening=0.1, key_decay=0.7, critical_test=0.3, synced=False,
-        maximize=variant == Variant.ADAM_CG,
-        grad_scale=torch.tensor(2.0) if optional else None,
-        found_inf=torch.tensor(0.0) if optional else None,
-        rand=torch.rand(len(shapes), generator=g) if optional else None)
 
 
 @pytest.mark.parametrize("variant", list(Variant), ids=lambda v: v.name)
@@ -95,11 +72,11 @@ def _op_args(variant=Variant.ADAM_CM, extras=True, slot=torch.float32, dtype=tor
     (True, torch.float16, torch.bfloat16, True)])
 def test_opcheck(variant, extras, slot, dtype, optional):
     torch.library.opcheck(torch.ops.cm_fused.step_.default,
-                          _op_args(variant, extras, slot, dtype, optional).op_args())
+                          op_args(variant, extras, slot, dtype, optional).op_args())
 
 
 def test_op_refuses_bad_arguments_and_changes_nothing():
-    args = _op_args()
+    args = op_args()
     args.keys = [k.double() for k in args.keys]  # keys must be fp32
     before = [[t.clone() for t in a] if isinstance(a, list) else a for a in args.op_args()]
     with pytest.raises(RuntimeError, match=r"keys\[0\] has dtype"):
@@ -107,11 +84,11 @@ def test_op_refuses_bad_arguments_and_changes_nothing():
     for a, b in zip(args.op_args(), before):
         if isinstance(a, list):
             assert all(torch.equal(x, y) for x, y in zip(a, b))
-    for change, match in [(dict(grads=_op_args().grads[:2]), "grads has 2 tensors"),
+    for change, match in [(dict(grads=op_args().grads[:2]), "grads has 2 tensors"),
                           (dict(momenta=[]), "momenta has 0 tensors"),
                           (dict(variant=7), "unknown variant 7"),
                           (dict(variant=int(Variant.SGD_CG)), "takes no second_moments")]:
-        args = _op_args()
+        args = op_args()
         for key, value in change.items():
             setattr(args, key, value)
         with pytest.raises(RuntimeError, match=match):
@@ -133,15 +110,16 @@ def test_default_kernels_match_reference_too():
         torch.set_num_threads(1)
         sys.path.insert(0, sys.argv[1])
         from compare import run_lockstep, ODD_SHAPES
-        from family import FAMILY, make
+        from family import EVERY, make
         import cm_fused.cpu
         print("KERNEL:", cm_fused.cpu.kernel_name())
-        for name, member in FAMILY.items():
+        for name, member in EVERY.items():
             kw = member.configs["all"]
             for dt, slot in [(torch.float32, None), (torch.bfloat16, torch.float16),
                              (torch.float16, torch.bfloat16)]:
-                run_lockstep(make(name, "cpu", buffer_dtype=slot, **kw),
-                             make(name, "reference", buffer_dtype=slot, **kw),
+                slots = dict(buffer_dtype=slot) if member.buffered else {}
+                run_lockstep(make(name, "cpu", **slots, **kw),
+                             make(name, "reference", **slots, **kw),
                              ODD_SHAPES + [(40000,)], 20, dtype=dt)
         print("OK")
     """)

@@ -17,7 +17,7 @@ import torch
 from compare import (TOLERANCE, assert_bit_identical, assert_same_state,
                      checkpoint_roundtrip, copy_params, make_params, run_lockstep,
                      scaler_lockstep, set_grads, snapshot, assert_unchanged)
-from family import BACKENDS, FAMILY, FUSED_BACKENDS, cases, make, require
+from family import BACKENDS, EVERY, FAMILY, FUSED_BACKENDS, cases, make, require
 
 # 0-dim, 1, 4097 (several Triton chunks, the last one element), empty, 2-d; the C++
 # backend also gets a tensor of several 16384-element chunks with a ragged tail.
@@ -40,28 +40,33 @@ def use(backend, request):
 
 
 def some_missing(step):
-    """Gradients that are None on some steps (skipped entirely by both sides)."""
+    """Gradients that are None on some steps (skipped entirely by both sides); tensor 3's
+    first step comes after the others' (a fresh tensor beside stepped ones)."""
+    if step == 0:
+        return {3}
     return {1, 4} if step % 4 == 1 else ({0, 2} if step % 7 == 3 else ())
 
 
 # ------------------------------------------------------------ fused vs reference
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-@pytest.mark.parametrize("name,cfg", cases())
+@pytest.mark.parametrize("name,cfg", cases(members=EVERY))
 def test_lockstep_with_reference(name, cfg, backend, request):
     shapes = use(backend, request)
-    kw = FAMILY[name].configs[cfg]
+    kw = EVERY[name].configs[cfg]
     (opt, _), _ = run_lockstep(make(name, backend, **kw), make(name, "reference", **kw),
                                shapes, STEPS[backend], missing=some_missing)
     assert opt.backends_in_use == {"cpu": backend}
 
 
+NARROW = [(torch.bfloat16, None), (torch.float16, None), (torch.float32, torch.bfloat16),
+          (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)]
+
+
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-@pytest.mark.parametrize("dtype,slot", [
-    (torch.bfloat16, None), (torch.float16, None), (torch.float32, torch.bfloat16),
-    (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
-], ids=str)
-@pytest.mark.parametrize("name", list(FAMILY))
+@pytest.mark.parametrize("name,dtype,slot", [
+    pytest.param(n, d, s, id=f"{n}-{d}-{s}") for n, m in EVERY.items() for d, s in NARROW
+    if m.buffered or s is None])  # adaptive memory has no slots
 def test_narrow_params_and_slots_with_reference(name, dtype, slot, backend, request):
     """bf16/fp16 storage, fp32 math; the tolerance of the narrowest dtype involved.
 
@@ -69,8 +74,11 @@ def test_narrow_params_and_slots_with_reference(name, dtype, slot, backend, requ
     reference's fp32 sqrt is a vector library's, not always correctly rounded), and with
     fp16 parameters at lr=1e-2 such an ulp can outgrow the fp16 tolerance: lr=1e-3."""
     shapes = use(backend, request)
+    buffered = EVERY[name].buffered
     narrow = max((d for d in (dtype, slot) if d is not None), key=lambda d: TOLERANCE[d][1])
-    kw = {**FAMILY[name].configs["all"], "lr": 1e-3, "buffer_dtype": slot}
+    kw = {**EVERY[name].configs["all"], "lr": 1e-3}
+    if buffered:
+        kw["buffer_dtype"] = slot
     steps = STEPS[backend] // 2
 
     def with_dtype(factory):
@@ -84,18 +92,22 @@ def test_narrow_params_and_slots_with_reference(name, dtype, slot, backend, requ
                                     dtype=narrow, missing=some_missing)
     st = opt.state[params[2]]
     assert all(p.isfinite().float().mean() > 0.99 for p in params if p.numel())  # not vacuous
-    assert params[2].dtype == dtype and st["cm_buffer"].dtype == (slot or dtype)
+    assert params[2].dtype == dtype
+    if not buffered:
+        assert st["d"].dtype == dtype
+        return
+    assert st["cm_buffer"].dtype == (slot or dtype)
     assert st["cm_sum"].dtype == (torch.float32 if (slot or dtype).itemsize < 4
                                   else (slot or dtype))
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-@pytest.mark.parametrize("name", list(FAMILY))
+@pytest.mark.parametrize("name", list(EVERY))
 def test_grad_scaler_with_skipped_steps_matches_reference(name, backend, request):
     """torch.amp.GradScaler hands the optimizer grad_scale and found_inf: gradients (and
     keys) are unscaled in the kernel, and the overflowing steps change nothing."""
     use(backend, request)
-    kw = dict(FAMILY[name].configs["all"])
+    kw = dict(EVERY[name].configs["all"])
     runs = scaler_lockstep(lambda a, b: [make(name, backend, **kw)(a),
                                          make(name, "reference", **kw)(b)],
                            steps=12, overflow_at=(3, 8))
@@ -107,14 +119,14 @@ def test_grad_scaler_with_skipped_steps_matches_reference(name, backend, request
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-@pytest.mark.parametrize("name", list(FAMILY))
+@pytest.mark.parametrize("name", list(EVERY))
 def test_grad_scale_and_found_inf_attributes_match_reference(name, backend, request):
     """As GradScaler sets them, with scales that are not powers of two (the division must
     round as the reference's) and found_inf set on some steps."""
     shapes = use(backend, request)
     params_a = make_params(shapes)
     params_b = copy_params(params_a)
-    kw = FAMILY[name].configs["all"]
+    kw = EVERY[name].configs["all"]
     opt_a, opt_b = make(name, backend, **kw)(params_a), make(name, "reference", **kw)(params_b)
     for t in range(STEPS[backend] // 2):
         scale = 3.0 if t % 2 else 1024.0
@@ -131,11 +143,11 @@ def test_grad_scale_and_found_inf_attributes_match_reference(name, backend, requ
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(FAMILY))
+@pytest.mark.parametrize("name", list(EVERY))
 def test_found_inf_changes_nothing_at_all(name, backend, request):
     shapes = use(backend, request)
     params = make_params(shapes)
-    opt = make(name, backend, **FAMILY[name].configs["all"])(params)
+    opt = make(name, backend, **EVERY[name].configs["all"])(params)
     for t in range(4):
         set_grads(params, t)
         opt.step()
@@ -150,34 +162,46 @@ def test_found_inf_changes_nothing_at_all(name, backend, request):
     fresh.grad = torch.ones(5)
     opt.step()
     assert torch.equal(fresh.detach(), torch.ones(5))
-    assert opt.state[fresh]["cm_count"].item() == 0 and opt.state[fresh]["step"].item() == 0
+    assert opt.state[fresh]["step"].item() == 0
+    if EVERY[name].buffered:
+        assert opt.state[fresh]["cm_count"].item() == 0
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-@pytest.mark.parametrize("name", list(FAMILY))
+@pytest.mark.parametrize("name", list(EVERY))
 def test_several_groups_with_their_own_hyperparameters(name, backend, request):
     shapes = use(backend, request)
-    extra = FAMILY[name].configs["all"]
+    extra = EVERY[name].configs["all"]
+
+    buffered = EVERY[name].buffered
+    if buffered:
+        own = [dict(topC=1, decay=0.99), dict(topC=5, synced=False, weight_decay=0.1),
+               dict(topC=2, lr=1e-2)]
+    else:  # SGDAM: one beta from every group's sums (lam and beta_max shared)
+        own = [dict(lr=3e-3), dict(weight_decay=0.1), dict(lr=1e-2)]
+    shared = {k: extra[k] for k in ("lam", "beta_max") if k in extra and name == "sgdam"}
+    extra = {k: v for k, v in extra.items() if k not in shared}
 
     def groups(backend):
         def f(p):
-            return FAMILY[name].cls([
-                {"params": p[:2], "topC": 1, "decay": 0.99},
-                {"params": p[2:4], "topC": 5, "synced": False, "weight_decay": 0.1},
-                {"params": p[4:], **extra, "topC": 2, "lr": 1e-2}], backend=backend)
+            return EVERY[name].cls([
+                {"params": p[:2], **own[0]}, {"params": p[2:4], **own[1]},
+                {"params": p[4:], **extra, **own[2]}], backend=backend, **shared)
         return f
     (opt, params), _ = run_lockstep(groups(backend), groups("reference"), shapes,
                                     STEPS[backend] // 2, missing=some_missing)
-    assert opt.state[params[0]]["cm_buffer"].shape[0] == 1
-    assert opt.state[params[5]]["cm_buffer"].shape[0] == 2
+    if buffered:
+        assert opt.state[params[0]]["cm_buffer"].shape[0] == 1
+        assert opt.state[params[5]]["cm_buffer"].shape[0] == 2
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-@pytest.mark.parametrize("name", list(FAMILY))
+@pytest.mark.parametrize("name", list(EVERY))
 def test_mixed_dtypes_in_one_group_share_the_synced_key(name, backend, request):
     """fp32, bf16 and fp16 params in one group (Triton: three dtype buckets): one synced
-    key for the group, and the reference's trajectory."""
+    key for the group (SGDAM: one beta), and the reference's trajectory."""
     shapes = use(backend, request)
+    kw = dict(topC=2) if EVERY[name].buffered else {}
     kinds = [torch.float32, torch.bfloat16, torch.float16] * 3
 
     def mixed(factory):
@@ -186,15 +210,17 @@ def test_mixed_dtypes_in_one_group_share_the_synced_key(name, backend, request):
                 p.data = p.data.to(d)
             return factory(params)
         return f
-    (opt, params), _ = run_lockstep(mixed(make(name, backend, topC=2)),
-                                    mixed(make(name, "reference", topC=2)), shapes,
+    (opt, params), _ = run_lockstep(mixed(make(name, backend, **kw)),
+                                    mixed(make(name, "reference", **kw)), shapes,
                                     STEPS[backend] // 4, dtype=torch.bfloat16)
+    if not EVERY[name].buffered:
+        return
     keys = [opt.state[p]["cm_keys"] for p in params]
     assert all(torch.equal(k, keys[0]) for k in keys[1:])
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-@pytest.mark.parametrize("name", list(FAMILY))
+@pytest.mark.parametrize("name", list(EVERY))
 def test_non_contiguous_params_match_reference(name, backend, request):
     """Fused kernels step a contiguous copy of a strided parameter and write it back."""
     use(backend, request)
@@ -202,7 +228,7 @@ def test_non_contiguous_params_match_reference(name, backend, request):
     p_fused = torch.nn.Parameter(base.clone().t())
     p_ref = torch.nn.Parameter(base.clone().t())
     assert not p_fused.is_contiguous()
-    kw = {k: v for k, v in FAMILY[name].configs["all"].items() if k != "critical_test"}
+    kw = {k: v for k, v in EVERY[name].configs["all"].items() if k != "critical_test"}
     opt_f, opt_r = make(name, backend, **kw)([p_fused]), make(name, "reference", **kw)([p_ref])
     for t in range(6):
         g = torch.randn(5, 6, generator=torch.Generator().manual_seed(t))
@@ -217,13 +243,15 @@ def test_non_contiguous_params_match_reference(name, backend, request):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(FAMILY))
+@pytest.mark.parametrize("name", list(EVERY))
 def test_save_load_midway_continues_bit_identically(name, backend, dtype, request):
     """Saved through bytes, loaded with weights_only=True into a fresh optimizer: the rest
     of the run is bit-identical to an uninterrupted one (critical_test included: the
     coin draws follow torch's seeded generator)."""
     shapes = use(backend, request)
-    kw = {**FAMILY[name].configs["all"], "buffer_dtype": torch.bfloat16}
+    kw = dict(EVERY[name].configs["all"])
+    if EVERY[name].buffered:
+        kw["buffer_dtype"] = torch.bfloat16
     before, after = (3, 3) if backend == "triton" else (7, 8)
     a, b = checkpoint_roundtrip(make(name, backend, **kw), shapes, before, after, dtype=dtype,
                                 map_location="cpu",
@@ -305,7 +333,7 @@ def test_kappa_zero_with_grad_scaler_is_torch_fused_bit_for_bit(name, backend, r
 
 # Inductor compiles the reference for ~15 s per optimizer on 2 cores: AdamCM stands for
 # the family there; aot_eager traces every optimizer on both backends.
-COMPILE_CASES = [pytest.param(n, b, c, id=f"{n}-{b}-{c}") for n in FAMILY
+COMPILE_CASES = [pytest.param(n, b, c, id=f"{n}-{b}-{c}") for n in EVERY
                  for b in ("reference", "cpu") for c in ("inductor", "aot_eager")
                  if not (c == "inductor" and b == "reference" and n != "adamcm")]
 
@@ -318,19 +346,20 @@ def test_compiled_step_traces_whole_and_matches_eager(name, backend, compiler, r
     kappa=0 too (torch's for-loop code, traced)."""
     use(backend, request)
     shapes = [(5,), (3, 4), ()]
-    kw = {k: v for k, v in FAMILY[name].configs["all"].items() if k != "critical_test"}
-    for kappa in (1.0, 0.0):
+    kw = {k: v for k, v in EVERY[name].configs["all"].items() if k != "critical_test"}
+    for kappa in (1.0, 0.0) if EVERY[name].buffered else (None,):
         torch._dynamo.reset()
         params_e, params_c = make_params(shapes), make_params(shapes)
-        opt_e = make(name, backend, kappa=kappa, **kw)(params_e)
-        opt_c = make(name, backend, kappa=kappa, **kw)(params_c)
+        with_kappa = {} if kappa is None else dict(kappa=kappa)
+        opt_e = make(name, backend, **with_kappa, **kw)(params_e)
+        opt_c = make(name, backend, **with_kappa, **kw)(params_c)
         compiled = torch.compile(opt_c.step, fullgraph=True, backend=compiler)
         for t in range(4):
             set_grads(params_e, t)
             set_grads(params_c, t)
             opt_e.step()
             compiled()
-        if backend == "cpu" and kappa > 0:
+        if backend == "cpu" and kappa != 0:
             assert_bit_identical(opt_e, params_e, opt_c, params_c)
         else:
             assert_same_state(opt_e, params_e, opt_c, params_c, torch.float32, f"kappa {kappa}")

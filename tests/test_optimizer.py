@@ -12,7 +12,7 @@ import cm_fused
 from cm_fused import AdamCM, registry
 from compare import (ODD_SHAPES, assert_bit_identical, assert_same_state, assert_unchanged,
                      checkpoint_roundtrip, copy_params, make_params, run_lockstep, set_grads, snapshot)
-from family import FAMILY, require
+from family import ADAPTIVE, EVERY, FAMILY, require
 
 
 def ref(params, **kw):
@@ -35,9 +35,10 @@ BAD_ARGS = [
     ("critical_test", 1.5), ("critical_test", -0.1), ("buffer_dtype", torch.float64),
     ("buffer_dtype", torch.int8), ("buffer_dtype", "bf16"), ("amsgrad", 1), ("synced", "yes"),
     ("momentum", -0.5), ("dampening", float("nan")), ("dampening", "0.1"),
+    ("lam", -0.1), ("lam", float("nan")), ("beta_max", 1.0), ("beta_max", -0.1),
 ]
 BAD_CASES = [pytest.param(opt, arg, value, id=f"{opt}-{arg}={value!r}")
-             for opt, member in FAMILY.items() for arg, value in BAD_ARGS
+             for opt, member in EVERY.items() for arg, value in BAD_ARGS
              if arg in member.cls.HYPERPARAMETERS]
 
 
@@ -49,12 +50,12 @@ def _match(arg):
 def test_invalid_hyperparameter_is_refused_at_construction(opt_name, arg, value):
     p = torch.nn.Parameter(torch.ones(2))
     with pytest.raises(ValueError, match=_match(arg)):
-        FAMILY[opt_name].cls([p], backend="reference", **{arg: value})
+        EVERY[opt_name].cls([p], backend="reference", **{arg: value})
 
 
 @pytest.mark.parametrize("opt_name,arg,value", BAD_CASES)
 def test_invalid_hyperparameter_in_a_group_changes_nothing(opt_name, arg, value):
-    cls = FAMILY[opt_name].cls
+    cls = EVERY[opt_name].cls
     params = make_params([(3,), (2, 2)])
     opt = cls(params[:1], lr=1e-2, backend="reference")
     with pytest.raises(ValueError):
@@ -760,3 +761,66 @@ def test_pickling_keeps_the_backend_and_an_old_pickle_can_add_groups():
     clone = pickle.loads(pickle.dumps(opt))
     clone.add_param_group({"params": make_params([(3,)])})
     assert clone.param_groups[1]["critical_test"] == 0.0 and clone.backend == "reference"
+
+
+# ------------------------------------------------------------ adaptive memory
+
+@pytest.fixture(params=list(ADAPTIVE))
+def adaptive_ref(request):
+    cls = ADAPTIVE[request.param].cls
+    return lambda params, **kw: cls(params, backend="reference", **kw)
+
+
+def test_last_beta_is_device_tensors_and_empty_before_a_step(adaptive_ref):
+    params = make_params([(3,), (2, 2)])
+    opt = adaptive_ref(params, lr=1e-2)
+    assert opt.last_beta() == {}
+    for t in range(3):
+        set_grads(params, t)
+        opt.step()
+    beta = opt.last_beta()
+    assert set(beta) == {"mean", "min", "max"}
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype == torch.float32
+               for v in beta.values())
+    assert beta["min"] <= beta["mean"] <= beta["max"]
+
+
+def test_sgdam_groups_must_share_lam_and_beta_max_and_nothing_changes():
+    params = make_params([(3,), (2, 2)])
+    opt = cm_fused.SGDAM([{"params": params[:1]}, {"params": params[1:]}], lr=1e-2,
+                         backend="reference")
+    set_grads(params, 0)
+    opt.step()
+    snap = snapshot(opt, params)
+    opt.param_groups[1]["lam"] = 0.5
+    set_grads(params, 1)
+    with pytest.raises(ValueError, match="same lam and beta_max"):
+        opt.step()
+    assert_unchanged(opt, params, snap)
+
+
+def test_adaptive_checkpoints_of_torch_or_another_optimizer_are_refused(adaptive_ref):
+    params = make_params([(3,)])
+    set_grads(params, 0)
+    torch_opt = torch.optim.AdamW(copy_params(params))
+    cm_opt = AdamCM(copy_params(params), backend="reference")
+    for other in (torch_opt, cm_opt):
+        other.param_groups[0]["params"][0].grad = params[0].grad.clone()
+        other.step()
+        opt = adaptive_ref(params)
+        with pytest.raises(ValueError, match="cm_fused optimizer|another optimizer"):
+            opt.load_state_dict(other.state_dict())
+        assert not opt.state
+
+
+def test_adaptive_state_names_the_spec_entries():
+    params = make_params([(3,)])
+    set_grads(params, 0)
+    adam = cm_fused.AdamAM(params, backend="reference")
+    adam.step()
+    st = adam.state_dict()["state"][0]
+    assert set(st) == {"step", "d", "v", "memory"} and st["memory"].shape == (3,)
+    sgd = cm_fused.SGDAM(copy_params(params), backend="reference")
+    sgd.param_groups[0]["params"][0].grad = params[0].grad.clone()
+    sgd.step()
+    assert set(sgd.state_dict()["state"][0]) == {"step", "d"}

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from family import BACKENDS, FAMILY, require
+import cm_fused
+from family import ADAPTIVE, BACKENDS, FAMILY, require
 
 
 @pytest.fixture(params=BACKENDS)
@@ -346,3 +347,100 @@ def test_rmspropcg_steps_with_the_buffer_mean_alone(backend):
     assert p.detach()[1].item() == x0[1].item()
     torch.testing.assert_close(s["square_avg"], sq2, rtol=1e-6, atol=0)
     assert torch.equal(s["cm_buffer"][1], g2) and torch.equal(s["cm_sum"], g1 + g2)
+
+
+# ------------------------------------------------------------ adaptive memory
+
+def _adam_am_p(v, step, b1, b2, eps, prod):
+    return max(1 - b1 * prod, 1.1754943508222875e-38) * ((v / (1 - b2 ** step)).sqrt() + eps)
+
+
+def test_adamam_first_two_steps_by_hand(backend):
+    """Step 1: beta = beta1max, d = (1-beta)g/(1+lam P). Step 2: beta from the two planes,
+    with prev_lr, decoupled weight decay and the product of past betas in P."""
+    lr, b1, b2, eps, wd, lam = 0.05, 0.8, 0.99, 1e-8, 0.1, 0.3
+    x0 = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    g1 = torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64)
+    g2 = torch.tensor([-1.0, -1.0, 0.25], dtype=torch.float64)  # beta ~0.61: interior
+    p = torch.nn.Parameter(x0.float())
+    opt = cm_fused.AdamAM([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, lam=lam,
+                          backend=backend)
+    p.grad = g1.float()
+    opt.step()
+    v1 = (1 - b2) * g1 * g1
+    P1 = _adam_am_p(v1, 1, b1, b2, eps, 1.0)
+    d1 = (1 - b1) * g1 / (1 + lam * P1)
+    x1 = x0 * (1 - lr * wd) - lr * d1 / P1
+    s = opt.state[p]
+    torch.testing.assert_close(p.detach().double(), x1, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(s["d"].double(), d1, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(s["memory"].double(), torch.tensor([b1, lr, b1], dtype=torch.float64),
+                               rtol=1e-7, atol=0)
+    p.grad = g2.float()
+    opt.step()
+    v2 = b2 * v1 + (1 - b2) * g2 * g2
+    P2 = _adam_am_p(v2, 2, b1, b2, eps, b1)
+    delta, R = d1 - g2, 1 + lam * P2
+    W = 1 / (P2 * R)
+    D = float((delta * delta * W).sum())
+    M = float((delta * (g2 + lam * P2 * d1) * W).sum())
+    Z = wd * float((x1 * delta).sum())
+    G = (1 + wd * lr) * lr * float((g2 * (d1 / P2 + wd * x1)).sum()) / lr
+    beta = min(max((G - M - Z) / D, 0.0), b1)
+    assert 0 < beta < b1, beta  # an interior beta: the case is not a clip
+    d2 = ((1 - beta) * g2 + (lam * P2 + beta) * d1) / R
+    x2 = x1 * (1 - lr * wd) - lr * d2 / P2
+    torch.testing.assert_close(s["memory"][2].double(), torch.tensor(beta, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s["d"].double(), d2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p.detach().double(), x2, rtol=1e-6, atol=1e-6)
+    assert s["step"].item() == 2
+
+
+def test_sgdam_first_two_steps_by_hand_with_one_beta_over_two_groups(backend):
+    """Step 1: no direction yet, d = g, beta 0. Step 2: one beta from the sums over both
+    groups (each with its own lr and weight decay), D = sum |d-g|^2,
+    N = sum (1+lam)<g,d> - <d-g, g+lam d>."""
+    lam, bmax = 0.2, 0.9
+    xa0, xb0 = torch.tensor([1.0, -2.0], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
+    ga = [torch.tensor([0.5, 1.0]), torch.tensor([1.5, 0.0])]  # beta ~0.54: interior
+    gb = [torch.tensor([2.0]), torch.tensor([0.5])]
+    a, b = torch.nn.Parameter(xa0.float()), torch.nn.Parameter(xb0.float())
+    opt = cm_fused.SGDAM([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.05,
+                                                        "weight_decay": 0.5}],
+                         lam=lam, beta_max=bmax, backend=backend)
+    a.grad, b.grad = ga[0].clone(), gb[0].clone()
+    opt.step()
+    da, db = ga[0].double(), gb[0].double() + 0.5 * xb0
+    xa1, xb1 = xa0 - 0.1 * da, xb0 - 0.05 * db
+    torch.testing.assert_close(a.detach().double(), xa1, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b.detach().double(), xb1, rtol=1e-6, atol=1e-7)
+    assert opt.last_beta()["mean"].item() == 0.0
+    a.grad, b.grad = ga[1].clone(), gb[1].clone()
+    opt.step()
+    g2a, g2b = ga[1].double(), gb[1].double() + 0.5 * xb1
+    D = sum(float(((d - g) ** 2).sum()) for d, g in ((da, g2a), (db, g2b)))
+    N = sum((1 + lam) * float((g * d).sum()) - float(((d - g) * (g + lam * d)).sum())
+            for d, g in ((da, g2a), (db, g2b)))
+    beta = min(max(N / D, 0.0), bmax)
+    assert 0 < beta < bmax, beta
+    torch.testing.assert_close(opt.last_beta()["mean"].double(),
+                               torch.tensor(beta, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    for p, x1, d, g, lr in ((a, xa1, da, g2a, 0.1), (b, xb1, db, g2b, 0.05)):
+        d2 = (beta + lam) / (1 + lam) * d + (1 - beta) / (1 + lam) * g
+        torch.testing.assert_close(opt.state[p]["d"].double(), d2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p.detach().double(), x1 - lr * d2, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["adamam", "sgdam"])
+def test_adaptive_lr_zero_moves_nothing_but_keeps_memory(name, backend):
+    """lr = 0 (a scheduler's warm-up start): params stay, d and v still learn, and
+    AdamAM's G term is 0 (not 0/0)."""
+    p = param([1.0, -2.0, 0.5])
+    opt = ADAPTIVE[name].cls([p], lr=0.0, weight_decay=0.1, backend=backend)
+    for g in ([3.0, 0.0, -1.0], [0.5, 2.0, 1.0], [-1.0, 1.0, 4.0]):
+        p.grad = torch.tensor(g)
+        opt.step()
+    assert torch.equal(p.detach(), torch.tensor([1.0, -2.0, 0.5]))
+    assert opt.state[p]["d"].abs().sum() > 0
+    assert all(v.isfinite() for v in opt.last_beta().values())

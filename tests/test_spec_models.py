@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from compare import make_params, set_grads
-from family import FAMILY, make
+from family import ADAPTIVE, FAMILY, make
 
 # Per optimizer: the SPEC model's keywords (the optimizer takes the same ones).
 SPEC_CONFIGS = {
@@ -115,3 +115,78 @@ def test_buffer_invariants(name, scales, top_c, decay, synced, critical):
             if old is not None:  # keys only decay, except the one slot written this step
                 changed = (s["cm_keys"] != old * key_decay).sum().item()
                 assert changed <= 1
+
+
+# ------------------------------------------------------------ adaptive memory
+
+AM_SPEC_CONFIGS = {
+    "adamam": [dict(), dict(lam=0.0), dict(lam=0.5, weight_decay=0.05),
+               dict(betas=(0.8, 0.99), eps=1e-6, lam=0.2, weight_decay=0.01)],
+    "sgdam": [dict(), dict(lam=0.0), dict(lam=0.5, weight_decay=0.05, beta_max=0.8)],
+}
+
+
+@pytest.mark.parametrize("name,cfg", [pytest.param(n, c, id=f"{n}-{_ids(c)}")
+                                      for n, cs in AM_SPEC_CONFIGS.items() for c in cs])
+def test_adaptive_reference_matches_independent_spec_model(name, cfg):
+    """100 steps, gradients missing on some: params, d and the last beta. The model
+    computes P from v/(1 - beta2^t) under one square root and the sums in float64: the
+    two agree only if the reference computes what the SPEC says."""
+    shapes = [(7,), (3, 4), (), (1,), (33,)]
+    params = make_params(shapes, seed=3)
+    lr = 1e-2
+    model = ADAPTIVE[name].spec(params, lr=lr, **cfg)
+    opt = make(name, "reference", lr=lr, **cfg)(params)
+    # tensor 2 first steps late: a fresh tensor beside stepped ones (SGDAM leaves it out
+    # of the sums)
+    missing = lambda step: {2} if step < 3 else (  # noqa: E731
+        {1} if step % 7 == 3 else ({3} if step % 11 == 5 else ()))
+    betas = []
+    for step in range(100):
+        set_grads(params, step, seed=5, missing=missing(step))
+        opt.step()
+        xs = model.step()
+        if name == "sgdam":
+            torch.testing.assert_close(opt.last_beta()["mean"].double(),
+                                       torch.tensor(model.beta, dtype=torch.float64),
+                                       rtol=1e-4, atol=1e-5, msg=lambda m: f"step {step}: {m}")
+            betas.append(model.beta)
+        else:
+            betas += [st["beta"] for st in model.state if st is not None]
+    for i, (p, x) in enumerate(zip(params, xs)):
+        torch.testing.assert_close(p.detach().double(), x, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"param {i}: {m}")
+        s = opt.state[p]
+        torch.testing.assert_close(s["d"].double(), model.d[i] if name == "sgdam"
+                                   else model.state[i]["d"], rtol=1e-4, atol=1e-5)
+        if name == "adamam":
+            torch.testing.assert_close(s["memory"][2].double(),
+                                       torch.tensor(model.state[i]["beta"], dtype=torch.float64),
+                                       rtol=1e-4, atol=1e-5)
+    bmax = cfg.get("beta_max", cfg.get("betas", (0.89,))[0])
+    # not vacuous: beta is interior on some steps, clipped on others
+    assert any(0 < b < bmax for b in betas) and any(b in (0.0, bmax) for b in betas)
+
+
+def test_adamam_with_lam_0_and_beta_pinned_is_adamw(monkeypatch):
+    """docs/SPEC.md: with lam = 0 and beta fixed at beta1max, prod = beta1max^(t-1), so
+    P = (1 - beta1max^t)(sqrt(v_hat) + eps) and d is Adam's m: AdamW with beta1 = beta1max.
+    The test hook pins beta in the reference's decide."""
+    import cm_fused.reference as reference
+    monkeypatch.setattr(reference, "adam_am_beta",
+                        lambda a, sums, first, prev_lr, lr: torch.tensor(a.beta1))
+    params = make_params([(7,), (3, 4), ()], seed=3)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    kw = dict(lr=1e-2, betas=(0.85, 0.99), eps=1e-8, weight_decay=0.05)
+    opt = make("adamam", "reference", lam=0.0, **kw)(params)
+    adamw = torch.optim.AdamW(twins, foreach=False, **kw)
+    for step in range(50):
+        set_grads(params, step, seed=5)
+        set_grads(twins, step, seed=5)
+        opt.step()
+        adamw.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opt.state[p]["d"], adamw.state[q]["exp_avg"], rtol=1e-5,
+                                   atol=1e-7)
+    assert not torch.equal(params[0].detach(), make_params([(7,)], seed=3)[0].detach())

@@ -14,9 +14,9 @@ import torch
 import cm_fused
 from cm_fused import AdamCM
 from cm_fused.contract import StepArgs, Variant
-from compare import (TOLERANCE, assert_bit_identical, copy_params, make_params, run_lockstep,
-                     set_grads)
-from family import FAMILY, make
+from compare import (TOLERANCE, assert_bit_identical, copy_params, make_params, op_args,
+                     run_lockstep, set_grads)
+from family import EVERY, FAMILY, make
 
 try:
     import triton  # noqa: F401
@@ -135,7 +135,7 @@ def test_many_chunks_per_tensor_and_short_last_chunks(small_chunks, monkeypatch)
 STRUCTURAL_CONSTEXPRS = {"G_DT", "HAS_SCALE", "BLOCK", "RBLOCK", "SYNCED", "HAS_RAND",
                          "HAS_FOUND_INF", "CP", "TB", "VARIANT", "P_DT", "M_DT", "V_DT",
                          "X_DT", "B_DT", "S_DT", "LR_IS_PTR", "HAS_MOM", "HAS_X", "MAXIMIZE",
-                         "ALIGNED"}
+                         "ALIGNED", "NS", "REDUCE", "PHASE"}
 
 
 def _specialisations(launch, opt, params, lrs):
@@ -150,7 +150,11 @@ def _specialisations(launch, opt, params, lrs):
                 opt.param_groups[0]["lr"] = lr
             group = opt.param_groups[0]
             group["weight_decay"] = 0.1 * t
-            if "betas" in group:
+            if "lam" in group:  # adaptive memory
+                group["lam"] = 0.1 + 0.05 * t
+            if "beta_max" in group:
+                group["beta_max"] = 0.9 - 0.01 * t
+            elif "betas" in group:
                 group["betas"] = (0.9 - 0.01 * t, 0.999 - 0.0001 * t)
             else:
                 group["momentum"] = 0.9 - 0.01 * t
@@ -166,7 +170,7 @@ def _specialisations(launch, opt, params, lrs):
 
 
 @pytest.mark.parametrize("tensor_lr", [False, True])
-@pytest.mark.parametrize("name", list(FAMILY))
+@pytest.mark.parametrize("name", list(EVERY))
 def test_changing_hyperparameters_does_not_respecialise_kernels(small_chunks, tensor_lr, name):
     """Triton compiles one kernel per specialisation: constexpr values and argument types
     (not float values). Under the interpreter nothing is compiled, so this compares what
@@ -174,10 +178,13 @@ def test_changing_hyperparameters_does_not_respecialise_kernels(small_chunks, te
     params = make_params(SHAPES, device=DEVICE)
     lr = torch.tensor(1e-3, device=DEVICE) if tensor_lr else 1e-3
     extra = {"sgdcg": dict(momentum=0.9, critical_test=0.2),
-             "rmspropcg": dict(momentum=0.9, centered=True)}.get(name, dict(critical_test=0.2))
-    opt = make(name, "triton", lr=lr, decay=0.9, **extra)(params)
+             "rmspropcg": dict(momentum=0.9, centered=True), "adamam": {}, "sgdam": {}
+             }.get(name, dict(critical_test=0.2))
+    if EVERY[name].buffered:
+        extra["decay"] = 0.9
+    opt = make(name, "triton", lr=lr, **extra)(params)
     specs = _specialisations(small_chunks, opt, params, [1e-3, 5e-4, 0.0, 3e-2])
-    assert len(specs[0]) == 4  # norm, reduce, decide, update: one dtype bucket
+    assert len(specs[0]) == 4  # norm (AM: sums), reduce, decide, update: one dtype bucket
     assert all(s == specs[1] for s in specs[1:])
     # the first step differs from later ones only by... nothing: same launches
     assert specs[0] == specs[1]
@@ -228,35 +235,16 @@ def test_tables_are_cached_on_data_pointers(small_chunks):
 
 # ------------------------------------------------------------ the custom op
 
-def _op_args(device, variant=Variant.ADAM_CM):
-    params = make_params([(5,), (), (2, 3)], device=device)
-    set_grads(params, 0, 1)
-    C = 2
-    zeros = lambda: [torch.zeros_like(p) for p in params]  # noqa: E731
-    adam = variant != Variant.SGD_CG
-    return StepArgs(
-        params=[p.detach() for p in params], grads=[p.grad for p in params], momenta=zeros(),
-        second_moments=zeros() if adam else [], extras=[],
-        buffers=[torch.zeros((C, *p.shape), device=device) for p in params],
-        keys=[torch.zeros(C, device=device) for p in params],
-        counts=[torch.zeros((), dtype=torch.int64, device=device) for p in params],
-        sums=zeros(), steps=[torch.zeros((), device=device) for p in params],
-        variant=int(variant), lr=1e-2, lr_tensor=None, beta1=0.9, beta2=0.999, eps=1e-8,
-        weight_decay=0.1, dampening=0.0, key_decay=0.7, critical_test=0.0, synced=True,
-        maximize=False,
-        grad_scale=None, found_inf=None, rand=None)
-
-
 @pytest.mark.parametrize("variant", list(Variant), ids=lambda v: v.name)
 def test_custom_op_opcheck(variant):
     op = torch.ops.cm_fused_triton.step_.default
-    torch.library.opcheck(op, _op_args(DEVICE, variant).op_args())  # schema, fake, aot
+    torch.library.opcheck(op, op_args(variant, device=DEVICE).op_args())  # schema, fake, aot
 
 
 def test_compiled_step_goes_through_the_op_and_matches_eager():
     """Eager steps call the launcher directly; under torch.compile the backend calls the
     custom op, which traces with fullgraph=True and steps bit-identically."""
-    eager = _op_args(DEVICE)
+    eager = op_args(device=DEVICE)
     traced = StepArgs(*[[t.clone() for t in x] if isinstance(x, list) else x
                         for x in eager.op_args()])
     compiled = torch.compile(triton_backend.step, fullgraph=True, backend="aot_eager")
@@ -276,7 +264,7 @@ def test_compiled_step_goes_through_the_op_and_matches_eager():
 def test_gpu_opcheck_with_aot_dispatch():
     for variant in Variant:
         torch.library.opcheck(torch.ops.cm_fused_triton.step_.default,
-                              _op_args("cuda", variant).op_args())
+                              op_args(variant, device="cuda").op_args())
 
 
 @pytest.mark.gpu

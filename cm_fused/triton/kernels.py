@@ -45,15 +45,16 @@ ROW_P, ROW_G, ROW_M, ROW_V, ROW_X, ROW_B, ROW_S, ROW_NUMEL, ROW_GIDX = (
     tl.constexpr(i) for i in range(len(BUCKET_ROWS)))
 # Rows of a group's table (int64 [len(GROUP_ROWS), T]), indexed by the tensor's position in
 # the group (the order of the params list).
-GROUP_ROWS = ("keys", "count", "step", "partial_offset", "partial_count")
-ROW_KEYS, ROW_COUNT, ROW_STEP, ROW_POFF, ROW_PCNT = (
+# (memory: the adaptive-memory scalars of StepArgs.memory; 0 where unused.)
+GROUP_ROWS = ("keys", "count", "step", "partial_offset", "partial_count", "memory")
+ROW_KEYS, ROW_COUNT, ROW_STEP, ROW_POFF, ROW_PCNT, ROW_MEM = (
     tl.constexpr(i) for i in range(len(GROUP_ROWS)))
 # Decision arrays, per tensor of the group: int32 [T, 2] = (slot j, flags) and
 # fp64 [T, 3] = (k before the insert, at least 1; bias correction 1; sqrt of bias
 # correction 2, rounded to fp32 as the reference does).
 FLAG_REPLACE, FLAG_FIRST = tl.constexpr(1), tl.constexpr(2)
 # cm_fused.contract.Variant
-ADAM_CM, ADAM_CG, SGD_CG, RMSPROP_CG = (tl.constexpr(i) for i in range(4))
+ADAM_CM, ADAM_CG, SGD_CG, RMSPROP_CG, ADAM_AM, SGD_AM = (tl.constexpr(i) for i in range(6))
 
 
 @triton.jit
@@ -109,15 +110,31 @@ def _norm_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, partial_ptr, scale_pt
 
 
 @triton.jit(do_not_specialize=["T"])
-def _reduce_kernel(gtab_ptr, T, partial_ptr, sumsq_ptr, RBLOCK: tl.constexpr):
+def _reduce_kernel(gtab_ptr, T, partial_ptr, sumsq_ptr, NS: tl.constexpr,
+                   RBLOCK: tl.constexpr):
+    """Per tensor, each of the NS sums of its chunks' partials ([chunk, NS] -> [T, NS])."""
     i = tl.program_id(0).to(tl.int64)
     first = tl.load(gtab_ptr + ROW_POFF * T + i)
     count = tl.load(gtab_ptr + ROW_PCNT * T + i)
-    acc = tl.zeros([RBLOCK], dtype=tl.float32)
-    for r in range(0, count, RBLOCK):
-        idx = r + tl.arange(0, RBLOCK)
-        acc += tl.load(partial_ptr + first + idx, mask=idx < count, other=0.0)
-    tl.store(sumsq_ptr + i, tl.sum(acc, axis=0))
+    for s in tl.static_range(NS):
+        acc = tl.zeros([RBLOCK], dtype=tl.float32)
+        for r in range(0, count, RBLOCK):
+            idx = r + tl.arange(0, RBLOCK)
+            acc += tl.load(partial_ptr + (first + idx) * NS + s, mask=idx < count, other=0.0)
+        tl.store(sumsq_ptr + i * NS + s, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _pow64(base, e):
+    """base ** e elementwise in fp64 for integer e >= 0, by binary powering (no
+    transcendental needed; the bias corrections need fp64)."""
+    acc = tl.full(e.shape, 1.0, dtype=tl.float64)
+    b = tl.zeros(e.shape, dtype=tl.float64) + base
+    while tl.max(e, axis=0) > 0:
+        acc = tl.where((e & 1) != 0, acc * b, acc)
+        b = b * b
+        e = e >> 1
+    return acc
 
 
 @triton.jit(do_not_specialize=["T", "C"])
@@ -179,21 +196,10 @@ def _decide_kernel(gtab_ptr, T, sumsq_ptr, rand_ptr, found_inf_ptr, dec_i_ptr, d
     step_new = step + 1.0
 
     # Bias corrections 1 - beta^step in fp64 (in fp32, 1 - beta2^step loses ~1e-5 to
-    # cancellation): beta^step by binary powering, no transcendental needed.
+    # cancellation).
     e = step_new.to(tl.int64)
-    b1 = tl.zeros([TB], dtype=tl.float64) + _f64(beta1_hi, beta1_lo)
-    b2 = tl.zeros([TB], dtype=tl.float64) + _f64(beta2_hi, beta2_lo)
-    p1 = tl.full([TB], 1.0, dtype=tl.float64)
-    p2 = tl.full([TB], 1.0, dtype=tl.float64)
-    while tl.max(e, axis=0) > 0:
-        odd = (e & 1) != 0
-        p1 = tl.where(odd, p1 * b1, p1)
-        p2 = tl.where(odd, p2 * b2, p2)
-        b1 = b1 * b1
-        b2 = b2 * b2
-        e = e >> 1
-    bc1 = 1.0 - p1
-    bc2 = 1.0 - p2
+    bc1 = 1.0 - _pow64(_f64(beta1_hi, beta1_lo), e)
+    bc2 = 1.0 - _pow64(_f64(beta2_hi, beta2_lo), e)
 
     wmask = rmask
     if HAS_FOUND_INF:

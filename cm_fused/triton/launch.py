@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import StepArgs
+from ..contract import Phase, StepArgs, Variant
+from . import adaptive as A
 from . import kernels as K
 
 # Elements per program of the norm and update passes. 8192 elements x 48 bytes (fp32,
@@ -83,10 +84,10 @@ class _Bucket:
 @dataclass
 class _Plan:
     T: int
-    gtab: torch.Tensor  # int64 [5, T] (kernels.GROUP_ROWS)
+    gtab: torch.Tensor  # int64 [6, T] (kernels.GROUP_ROWS)
     buckets: list
-    partials: torch.Tensor
-    sumsq: torch.Tensor  # fp32 [T]
+    partials: torch.Tensor  # fp32 [chunks, NS]
+    sumsq: torch.Tensor  # fp32 [T, NS]: the reduce pass's sums (NS per tensor)
     dec_i: torch.Tensor  # int32 [T, 2]
     dec_f: torch.Tensor  # fp64 [T, 3]
     keepalive: list = field(default_factory=list)
@@ -107,16 +108,16 @@ def _ptrs(ts):
 
 # The StepArgs lists a table depends on, and the rows of a bucket table they give.
 _LISTS = ("params", "grads", "momenta", "second_moments", "extras", "buffers", "sums",
-          "keys", "counts", "steps")
+          "keys", "counts", "steps", "memory")
 _BUCKET_LISTS = ("params", "grads", "momenta", "second_moments", "extras", "buffers", "sums")
 _DTYPE_NAMES = ("p", "g", "m", "v", "x", "b", "s")  # kernels.BUCKET_ROWS, in that order
 
 
-def _key(args: StepArgs, C: int, chunk: int, block: int):
+def _key(args: StepArgs, ns: int, chunk: int, block: int):
     """Everything a table depends on: pointers, numels, dtypes (computed every step, so
     kept to C-level loops: ~10 attribute reads per tensor)."""
     params = args.params
-    parts = [params[0].device, C, chunk, block, tuple(map(_numel, params))]
+    parts = [params[0].device, ns, chunk, block, tuple(map(_numel, params))]
     for name in _LISTS:
         ts = getattr(args, name)
         parts.append(_ptrs(ts))
@@ -129,7 +130,7 @@ def _pad2(x: list) -> list:
     return x + [0] * (len(x) % 2)
 
 
-def _build(args: StepArgs, C: int, chunk: int, block: int) -> _Plan:
+def _build(args: StepArgs, ns: int, chunk: int, block: int) -> _Plan:
     params = args.params
     T = len(params)
     device = params[0].device
@@ -156,7 +157,8 @@ def _build(args: StepArgs, C: int, chunk: int, block: int) -> _Plan:
         rows = [_ptrs(ts[i] for i in idx) if ts else (0,) * len(idx) for ts in lists]
         rows += [tuple(numels[i] for i in idx), tuple(idx)]
         put([v for row in rows for v in row])
-        slot_bytes = args.buffers[idx[0]].element_size()
+        # (no buffer: no slot offsets to keep aligned)
+        slot_bytes = args.buffers[idx[0]].element_size() if args.buffers else 16
         aligned = (chunk % block == 0
                    and all(ptr % 16 == 0 for row in rows[:7] for ptr in row)
                    and all(numels[i] * slot_bytes % 16 == 0 for i in idx))
@@ -169,8 +171,11 @@ def _build(args: StepArgs, C: int, chunk: int, block: int) -> _Plan:
         put(chunk_s)
         bucket_specs.append((dts, len(idx), len(chunk_t), base, aligned))
         base += len(chunk_t)
-    put([*_ptrs(args.keys), *_ptrs(args.counts), *_ptrs(args.steps), *partial_offset,
-         *n_chunks])
+    def row(ts):  # a group-table row; zeros where the role is unused
+        return _ptrs(ts) if len(ts) == T else (0,) * T
+
+    put([*row(args.keys), *row(args.counts), *row(args.steps), *partial_offset, *n_chunks,
+         *row(args.memory)])
 
     host = torch.tensor(blob, dtype=torch.int64)
     keepalive = []
@@ -185,30 +190,31 @@ def _build(args: StepArgs, C: int, chunk: int, block: int) -> _Plan:
         off, length = spans[k]
         return dev[off:off + length]
 
-    partials = torch.empty(max(base, 1), dtype=torch.float32, device=device)
+    partials = torch.empty(max(base, 1) * ns, dtype=torch.float32, device=device)
     buckets = []
     for b, (dts, n, nch, pbase, aligned) in enumerate(bucket_specs):
         buckets.append(_Bucket(
             n=n, n_chunks=nch, tab=view(3 * b), chunk_t=view(3 * b + 1),
-            chunk_s=view(3 * b + 2), partials=partials[pbase:pbase + max(nch, 1)],
+            chunk_s=view(3 * b + 2), partials=partials[pbase * ns:(pbase + max(nch, 1)) * ns],
             dtypes={k: (_tl_dtype(d) if d is not None else tl.float32)
                     for k, d in zip(_DTYPE_NAMES, dts)}, aligned=aligned))
     return _Plan(
         T=T, gtab=view(3 * len(bucket_specs)), buckets=buckets, partials=partials,
-        sumsq=torch.empty(T, dtype=torch.float32, device=device),
+        sumsq=torch.empty(T * ns, dtype=torch.float32, device=device),
         dec_i=torch.empty(T, 2, dtype=torch.int32, device=device),
         dec_f=torch.empty(T, 3, dtype=torch.float64, device=device),
         keepalive=[*keepalive, dev])
 
 
-def plan_for(args: StepArgs, C: int, chunk: int, block: int) -> _Plan:
-    key = _key(args, C, chunk, block)
+def plan_for(args: StepArgs, ns: int, chunk: int, block: int) -> _Plan:
+    """The tables of this group's tensors (``ns`` sums per tensor in the reduce pass)."""
+    key = _key(args, ns, chunk, block)
     plan = _cache.get(key)
     if plan is not None:
         _cache.move_to_end(key)
         stats["hits"] += 1
         return plan
-    plan = _build(args, C, chunk, block)
+    plan = _build(args, ns, chunk, block)
     stats["builds"] += 1
     _cache[key] = plan
     while len(_cache) > CACHE_SIZE:
@@ -258,10 +264,13 @@ def step(args: StepArgs) -> None:
     """One step of one param group (see kernels.py for the four launches)."""
     if not args.params:
         return
+    if not Variant(args.variant).buffered:
+        _step_adaptive(args)
+        return
     C = int(args.buffers[0].shape[0])
     block = int(BLOCK)
     chunk = int(CHUNK)
-    plan = plan_for(args, C, chunk, block)
+    plan = plan_for(args, 1, chunk, block)
     T = plan.T
     dummy = plan.sumsq
     grad_scale, found_inf, lr_tensor = args.grad_scale, args.found_inf, args.lr_tensor
@@ -274,7 +283,7 @@ def step(args: StepArgs) -> None:
                     dict(G_DT=b.dtypes["g"], HAS_SCALE=grad_scale is not None,
                          ALIGNED=b.aligned, BLOCK=block), NUM_WARPS)
     _launch(K._reduce_kernel, (T,), (plan.gtab, T, plan.partials, plan.sumsq),
-            dict(RBLOCK=RBLOCK), 4)
+            dict(NS=1, RBLOCK=RBLOCK), 4)
     CP = max(2, triton.next_power_of_2(C))
     TB = min(DECIDE_TB, max(16, 2048 // CP))  # a [TB, CP] tile of keys: <= 2048 or 16 rows
     _launch(K._decide_kernel, (triton.cdiv(T, TB),),
@@ -304,3 +313,53 @@ def step(args: StepArgs) -> None:
                          HAS_FOUND_INF=found_inf is not None, HAS_MOM=bool(args.momenta),
                          HAS_X=bool(args.extras), MAXIMIZE=bool(args.maximize),
                          ALIGNED=b.aligned, BLOCK=block), NUM_WARPS)
+
+
+def _step_adaptive(args: StepArgs) -> None:
+    """One step (or one phase of a split step) of an adaptive-memory group: reduce,
+    decide, update (adaptive.py)."""
+    adam = args.variant == Variant.ADAM_AM
+    ns = 4 if adam else 2
+    block, chunk = int(BLOCK), int(CHUNK)
+    plan = plan_for(args, ns, chunk, block)
+    T = plan.T
+    dummy = plan.sumsq
+    grad_scale, found_inf, lr_tensor = args.grad_scale, args.found_inf, args.lr_tensor
+    lr = float(args.lr)
+    lr_hi, lr_lo = _split(lr)
+    beta2_hi, beta2_lo = _split(args.beta2)
+
+    def am_kernel(reduce: bool) -> None:
+        for b in plan.buckets:
+            if b.n_chunks:
+                _launch(A._am_kernel, (b.n_chunks,),
+                        (b.tab, b.n, b.chunk_t, b.chunk_s, plan.gtab, T, b.partials,
+                         plan.dec_i, plan.dec_f, lr_hi, 1.0 - lr * float(args.weight_decay),
+                         dummy if lr_tensor is None else lr_tensor,
+                         dummy if grad_scale is None else grad_scale,
+                         dummy if found_inf is None else found_inf, chunk,
+                         float(args.beta1), beta2_hi, beta2_lo, float(args.beta2),
+                         1.0 - float(args.beta2), float(args.eps), float(args.weight_decay),
+                         float(args.lam), 1.0 + float(args.lam)),
+                        dict(VARIANT=int(args.variant), P_DT=b.dtypes["p"], G_DT=b.dtypes["g"],
+                             LR_IS_PTR=lr_tensor is not None,
+                             HAS_SCALE=grad_scale is not None,
+                             HAS_FOUND_INF=found_inf is not None,
+                             MAXIMIZE=bool(args.maximize), REDUCE=reduce, NS=ns,
+                             ALIGNED=b.aligned, BLOCK=block), NUM_WARPS)
+
+    if args.phase != Phase.UPDATE:
+        am_kernel(reduce=True)
+        _launch(K._reduce_kernel, (T,), (plan.gtab, T, plan.partials, plan.sumsq),
+                dict(NS=ns, RBLOCK=RBLOCK), 4)
+    tb = DECIDE_TB
+    _launch(A._am_decide_kernel, (triton.cdiv(T, tb) if adam else 1,),
+            (plan.gtab, T, plan.sumsq, args.memory[0], dummy if found_inf is None else
+             found_inf, plan.dec_i, plan.dec_f, lr_hi, lr_lo,
+             dummy if lr_tensor is None else lr_tensor, *_split(args.beta1), beta2_hi,
+             beta2_lo, *_split(args.weight_decay)),
+            dict(VARIANT=int(args.variant), PHASE=int(args.phase),
+                 LR_IS_PTR=lr_tensor is not None, HAS_FOUND_INF=found_inf is not None,
+                 TB=tb), 4)
+    if args.phase != Phase.REDUCE:
+        am_kernel(reduce=False)
