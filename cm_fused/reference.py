@@ -266,20 +266,27 @@ def sgd_am_beta(D: Tensor, N: Tensor, beta_max: float) -> Tensor:
     return _clip_ratio(N.double(), D.double(), beta_max)
 
 
-def _adam_am_p(a: StepArgs, v_new: Tensor, step_new: Tensor, prod: Tensor) -> Tensor:
-    """P = max(1 − β1max·prod, tiny) · (√v_new / √(1 − β2^step) + eps)."""
-    bc2 = 1 - a.beta2 ** step_new.double()
+def adam_am_planes(a: StepArgs, v_new: Tensor, step_new: Tensor, prod: Tensor):
+    """(P, R, W): P = max(1 − β1max·prod, tiny) · (√v_new · k + eps) with
+    k = 1/√(1 − β2^step) (fp64, rounded to fp32), R = 1 + λP and W = 1/(P·R). Every
+    backend computes 1/P as R·W and 1/R as P·W: one division per element and pass (the
+    fused kernels are bound by divider throughput, not memory, with three)."""
+    k = (1 / (1 - a.beta2 ** step_new.double()).sqrt()).to(v_new.dtype)
     c = (1 - a.beta1 * prod).clamp(min=TINY)
-    return c * (sqrt(v_new) / bc2.sqrt().to(v_new.dtype) + a.eps)
+    P = c * (sqrt(v_new) * k + a.eps)
+    R = 1 + a.lam * P
+    return P, R, 1 / (P * R)
 
 
-def adam_am_sums(a: StepArgs, g: Tensor, x: Tensor, d: Tensor, P: Tensor) -> Tensor:
+def adam_am_sums(a: StepArgs, g: Tensor, x: Tensor, d: Tensor, P: Tensor, R: Tensor,
+                 W: Tensor) -> Tensor:
     """fp64 [4] for one tensor: D = Σ δ²W, M = Σ δ(g + λPd)W, X = Σ x·δ and
-    Y = Σ g·(d/P + μx), with δ = d − g and W = 1/(P(1 + λP))."""
+    Y = Σ g·(d/P + μx), with δ = d − g (and d/P as d·(R·W))."""
     delta = d - g
-    w = 1 / (P * (1 + a.lam * P))
-    y = d / P + a.weight_decay * x if a.weight_decay != 0 else d / P
-    terms = (delta * delta * w, delta * (g + a.lam * P * d) * w, x * delta, g * y)
+    y = d * (R * W)
+    if a.weight_decay != 0:
+        y = y + a.weight_decay * x
+    terms = (delta * delta * W, delta * (g + a.lam * P * d) * W, x * delta, g * y)
     return torch.stack([torch.sum(t, dtype=torch.float64) for t in terms])
 
 
@@ -299,12 +306,11 @@ def _adam_am_tensor(a: StepArgs, lr, keep, p, g, d_state, v_state, step, memory)
     prod, prev_lr = memory[0], memory[1]
     step_new = step + 1
     v_new = _second_moment(v_state, g, a.beta2, keep)
-    P = _adam_am_p(a, v_new, step_new, prod)
-    beta = adam_am_beta(a, adam_am_sums(a, g, x, d, P), step == 0, prev_lr, lr)
-    R = 1 + a.lam * P
-    d_new = ((1 - beta) * g + (a.lam * P + beta) * d) / R
+    P, R, W = adam_am_planes(a, v_new, step_new, prod)
+    beta = adam_am_beta(a, adam_am_sums(a, g, x, d, P, R, W), step == 0, prev_lr, lr)
+    d_new = ((1 - beta) * g + (a.lam * P + beta) * d) * (P * W)  # ... / R
     _commit(d_state, d_new, keep)
-    _commit(p, _decayed(x, a, lr) - lr * d_new / P, keep)
+    _commit(p, _decayed(x, a, lr) - lr * d_new * (R * W), keep)  # ... − lr·d/P
     _commit(step, step_new, keep)
     eta = torch.as_tensor(lr, dtype=torch.float32, device=memory.device)
     _commit(memory, torch.stack([prod * beta, eta, beta]), keep)

@@ -243,7 +243,7 @@ void am_step(const KernelTable& table, const AMScalars& s, const std::vector<int
     if (adam) {
       const float step_new = *step[i] + 1.f;
       const double bc2 = 1.0 - std::pow(s.beta2, static_cast<double>(step_new));
-      a.sqrt_bc2 = static_cast<float>(std::sqrt(bc2));
+      a.inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(bc2));
       const float c = 1.f - static_cast<float>(s.beta1) * memory[i].data_ptr<float>()[0];
       a.am_c = c < FLT_MIN ? FLT_MIN : c;  // clamp(min=tiny); NaN stays NaN
     }

@@ -66,6 +66,7 @@ struct UpdateArgs {
   float lam = 0.f;
   float one_plus_lam = 1.f;
   float am_c = 1.f;           // ADAM_AM: P's factor max(1 - beta1max * prod, FLT_MIN)
+  float inv_sqrt_bc2 = 1.f;   // ADAM_AM: 1 / sqrt(1 - beta2^step), fp64 rounded to fp32
   float beta = 0.f;           // ADAM_AM: this step's beta
   float one_minus_beta = 1.f;
   float coef_d = 0.f;         // SGD_AM: (beta + lam) / (1 + lam)

@@ -31,15 +31,15 @@ PHASE_ALL, PHASE_REDUCE, PHASE_UPDATE = (tl.constexpr(i) for i in range(3))
 
 @triton.jit
 def _adam_am_scalars(step, prod, beta1, beta2_hi, beta2_lo):
-    """Per tensor: c = max(1 - beta1max * prod, tiny) and sqrt(1 - beta2^(step + 1))
+    """Per tensor: c = max(1 - beta1max * prod, tiny) and 1/sqrt(1 - beta2^(step + 1))
     (fp64, rounded to fp32), from the state before this step."""
     c = tl.maximum(1.0 - beta1 * prod, TINY)
     bc2 = 1.0 - _pow64(_f64(beta2_hi, beta2_lo), (step + 1.0).to(tl.int64))
-    return c, tl.sqrt(bc2).to(tl.float32)
+    return c, (1.0 / tl.sqrt(bc2)).to(tl.float32)
 
 
 @triton.jit
-def _am_block(idx, mask, p_ptr, g_ptr, d_ptr, v_ptr, scale, first, c, sqrt_bc2, beta,
+def _am_block(idx, mask, p_ptr, g_ptr, d_ptr, v_ptr, scale, first, c, inv_sqrt_bc2, beta,
               coef_d, coef_g, lr, decay_factor, beta2, one_minus_beta2, eps, weight_decay,
               lam, VARIANT: tl.constexpr, P_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
               MAXIMIZE: tl.constexpr, REDUCE: tl.constexpr):
@@ -54,11 +54,13 @@ def _am_block(idx, mask, p_ptr, g_ptr, d_ptr, v_ptr, scale, first, c, sqrt_bc2, 
     d = _ld(d_ptr + idx, mask).to(tl.float32)
     if VARIANT == ADAM_AM:
         v_new = _ld(v_ptr + idx, mask).to(tl.float32) * beta2 + (one_minus_beta2 * g) * g
-        P = c * (tl.div_rn(tl.sqrt_rn(v_new), sqrt_bc2) + eps)
+        # reference.adam_am_planes: 1/P = R*W and 1/R = P*W, one division per element
+        P = c * (tl.sqrt_rn(v_new) * inv_sqrt_bc2 + eps)
+        R = 1.0 + lam * P
+        w = tl.div_rn(1.0, P * R)
         if REDUCE:
             delta = d - g
-            w = tl.div_rn(1.0, P * (1.0 + lam * P))
-            y = tl.div_rn(d, P)
+            y = d * (R * w)
             y = tl.where(weight_decay != 0.0, y + weight_decay * x, y)
             t0 = delta * delta * w
             t1 = delta * (g + lam * P * d) * w
@@ -71,10 +73,10 @@ def _am_block(idx, mask, p_ptr, g_ptr, d_ptr, v_ptr, scale, first, c, sqrt_bc2, 
                 t3 = tl.where(mask, t3, 0.0)
             return t0, t1, t2, t3
         else:
-            d_new = tl.div_rn((1.0 - beta) * g + (lam * P + beta) * d, 1.0 + lam * P)
+            d_new = ((1.0 - beta) * g + (lam * P + beta) * d) * (P * w)
             _st(d_ptr + idx, _narrow(d_new, P_DT), mask)
             _st(v_ptr + idx, _narrow(v_new, P_DT), mask)
-            x_new = x * decay_factor - tl.div_rn(lr * d_new, P)
+            x_new = x * decay_factor - (lr * d_new) * (R * w)
             _st(p_ptr + idx, _narrow(x_new, P_DT), mask)
             return g, g, g, g  # not used
     else:  # SGD_AM
@@ -137,17 +139,17 @@ def _am_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, gtab_ptr, T, partial_pt
         first = step == 0.0
         if VARIANT == ADAM_AM:
             mem = tl.load(gtab_ptr + ROW_MEM * T + gi).to(tl.pointer_type(tl.float32))
-            c, sqrt_bc2 = _adam_am_scalars(tl.full([1], 0.0, tl.float32) + step,
+            c, inv_sqrt_bc2 = _adam_am_scalars(tl.full([1], 0.0, tl.float32) + step,
                                            tl.load(mem), beta1, beta2_hi, beta2_lo)
         else:
             c = 1.0
-            sqrt_bc2 = 1.0
+            inv_sqrt_bc2 = 1.0
         beta = 0.0
     else:  # the decision
         first = (tl.load(dec_i_ptr + 2 * gi + 1) & FLAG_FIRST) != 0
         beta = tl.load(dec_f_ptr + 3 * gi).to(tl.float32)
         c = tl.load(dec_f_ptr + 3 * gi + 1).to(tl.float32)
-        sqrt_bc2 = tl.load(dec_f_ptr + 3 * gi + 2).to(tl.float32)
+        inv_sqrt_bc2 = tl.load(dec_f_ptr + 3 * gi + 2).to(tl.float32)
     coef_d = tl.div_rn(beta + lam, tl.cast(one_plus_lam, tl.float32))
     coef_g = tl.div_rn(1.0 - beta, tl.cast(one_plus_lam, tl.float32))
     if HAS_SCALE:
@@ -166,7 +168,7 @@ def _am_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, gtab_ptr, T, partial_pt
     for off in range(start, full_end, BLOCK):  # full blocks: no mask
         t0, t1, t2, t3 = _am_block(
             off + tl.arange(0, BLOCK), None, p_ptr, g_ptr, d_ptr, v_ptr, scale, first, c,
-            sqrt_bc2, beta, coef_d, coef_g, lr, decay_factor, beta2, one_minus_beta2, eps,
+            inv_sqrt_bc2, beta, coef_d, coef_g, lr, decay_factor, beta2, one_minus_beta2, eps,
             weight_decay, lam, VARIANT, P_DT, HAS_SCALE, MAXIMIZE, REDUCE)
         if REDUCE:
             a0 += t0
@@ -176,7 +178,7 @@ def _am_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, gtab_ptr, T, partial_pt
     for off in range(full_end, end, BLOCK):  # the tensor's last, short block (0 or 1)
         idx = off + tl.arange(0, BLOCK)
         t0, t1, t2, t3 = _am_block(
-            idx, idx < end, p_ptr, g_ptr, d_ptr, v_ptr, scale, first, c, sqrt_bc2, beta,
+            idx, idx < end, p_ptr, g_ptr, d_ptr, v_ptr, scale, first, c, inv_sqrt_bc2, beta,
             coef_d, coef_g, lr, decay_factor, beta2, one_minus_beta2, eps, weight_decay,
             lam, VARIANT, P_DT, HAS_SCALE, MAXIMIZE, REDUCE)
         if REDUCE:
@@ -238,7 +240,7 @@ def _am_decide_kernel(gtab_ptr, T, sums_ptr, totals_ptr, found_inf_ptr, dec_i_pt
         G = tl.where(eta > 0.0, (1.0 + wd * eta) * prev_lr * Y / eta, 0.0)
         first = step == 0.0
         beta = tl.where(first, beta1, _clip_ratio(G - M - wd * X, D, beta_max))
-        c, sqrt_bc2 = _adam_am_scalars(step, prod, beta1, beta2_hi, beta2_lo)
+        c, inv_sqrt_bc2 = _adam_am_scalars(step, prod, beta1, beta2_hi, beta2_lo)
         wmask = rmask & write
         tl.store(step_ptr, step + 1.0, mask=wmask)
         tl.store(mem, prod * beta, mask=wmask)
@@ -247,7 +249,7 @@ def _am_decide_kernel(gtab_ptr, T, sums_ptr, totals_ptr, found_inf_ptr, dec_i_pt
         tl.store(dec_i_ptr + 2 * rows + 1, first.to(tl.int32) * FLAG_FIRST, mask=rmask)
         tl.store(dec_f_ptr + 3 * rows, beta.to(tl.float64), mask=rmask)
         tl.store(dec_f_ptr + 3 * rows + 1, c.to(tl.float64), mask=rmask)
-        tl.store(dec_f_ptr + 3 * rows + 2, sqrt_bc2.to(tl.float64), mask=rmask)
+        tl.store(dec_f_ptr + 3 * rows + 2, inv_sqrt_bc2.to(tl.float64), mask=rmask)
     else:  # SGD_AM, one program: the group's sums over the tensors that have a direction
         if PHASE != PHASE_UPDATE:
             accD = tl.zeros([TB], dtype=tl.float32)
