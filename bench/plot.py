@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     fig.suptitle(f"optimizer.step() on {meta['device']} | torch {meta['torch']} | "
                  f"commit {meta['commit']} | run {meta['run_id'] if args.run != 'all' else 'all'}",
                  fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the title
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.results)),
                                    f"step_time_{meta['run_id'] if args.run != 'all' else 'all'}.png")
     fig.savefig(out, dpi=110)
