@@ -124,10 +124,17 @@ class CriticalOptimizer(torch.optim.Optimizer):
         devices = {p.device for p in group["params"]}
         if len(devices) == 1:
             try:
-                self._resolve(devices.pop(), frozenset(p.dtype for p in group["params"]),
-                              group.get("fused"))
+                name, module = self._resolve(devices.pop(),
+                                             frozenset(p.dtype for p in group["params"]),
+                                             group.get("fused"))
             except RuntimeError:
                 if group.get("fused"):
+                    self.param_groups.pop()
+                    raise
+            else:
+                try:
+                    _check_top_c(group, name, module)
+                except ValueError:
                     self.param_groups.pop()
                     raise
 
@@ -240,6 +247,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         # group, whichever of its tensors have gradients.
         backend, module = self._resolve(device, frozenset(p.dtype for p in group["params"]),
                                         group.get("fused"))
+        _check_top_c(group, backend, module)
         return _Plan(group, params, device, backend, module, roles)
 
     def _check_buffer_state(self, st: dict, p: Tensor, group: dict) -> None:
@@ -474,6 +482,15 @@ class CriticalOptimizer(torch.optim.Optimizer):
                 continue
             self.state[p] = {key: _restore(key, value, p)
                              for key, value in saved_state[pid].items()}
+
+
+def _check_top_c(group: dict, backend: str, module: ModuleType) -> None:
+    """A backend may bound topC (``MAX_TOP_C``: Triton's decide kernel holds a tensor's
+    keys in registers); refuse a larger one with the way out."""
+    limit = getattr(module, "MAX_TOP_C", None)
+    if limit is not None and group.get("kappa", 0) > 0 and group["topC"] > limit:
+        raise ValueError(f"Invalid topC: {group['topC']} (the {backend!r} backend takes topC "
+                         f"<= {limit}; use backend='reference' for a larger buffer)")
 
 
 def _restore_if_found_inf(found_inf: Tensor, tensors: list[Tensor]):

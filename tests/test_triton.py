@@ -163,7 +163,7 @@ def _specialisations(launch, opt, params, lrs):
                         group[key] = value
             set_grads(params, t, 1)
             opt.step()
-            out.append([(name, spec, const) for name, grid, spec, const in launch.launch_log])
+            out.append([(name, spec, const) for name, grid, spec, const, _ in launch.launch_log])
         finally:
             launch.launch_log = None
     return out
@@ -211,6 +211,29 @@ def test_unaligned_storage_takes_the_masked_path_and_matches(small_chunks):
     run_lockstep(tri(topC=2), ref(topC=2), [(64,), (8, 4)], 2, device=DEVICE)
     aligned = [b.aligned for plan in small_chunks._cache.values() for b in plan.buckets]
     assert aligned[-1] is True
+
+
+def test_topc_beyond_the_backends_bound_is_refused_at_construction():
+    p = torch.nn.Parameter(torch.ones(3, device=DEVICE))
+    AdamCM([p], backend="triton", topC=triton_backend.MAX_TOP_C)
+    with pytest.raises(ValueError, match="takes topC <= 256"):
+        AdamCM([p], backend="triton", topC=triton_backend.MAX_TOP_C + 1)
+    opt = AdamCM([p], backend="triton", topC=3)
+    with pytest.raises(ValueError, match="takes topC <= 256"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2, device=DEVICE))],
+                             "topC": 300})
+    assert len(opt.param_groups) == 1
+    AdamCM([p], backend="reference", topC=300)  # the reference has no bound
+
+
+def test_alignment_is_decided_per_tensor(small_chunks):
+    """One odd tensor (15 fp32 elements: its slots are not 16-byte aligned) in a group of
+    aligned ones gets a bucket of its own; the others keep the vector path."""
+    shapes = [(64,), (3, 5), (8, 4), (128,)]
+    run_lockstep(tri(topC=2), ref(topC=2), shapes, 2, device=DEVICE)
+    plan = next(reversed(small_chunks._cache.values()))
+    buckets = {b.aligned: b.n for b in plan.buckets}
+    assert buckets == {True: 3, False: 1}
 
 
 def test_tables_are_cached_on_data_pointers(small_chunks):

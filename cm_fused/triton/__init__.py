@@ -20,6 +20,11 @@ from ..registry import FUSED_DTYPES
 
 _import_error: str | None = None
 
+# The decide kernel holds a tile of every tensor's keys in registers: up to 256 slots it
+# compiles without spills for sm_80 and sm_90 (tests/test_compile_gate.py; 512 spills
+# 360 bytes on sm_90). The optimizer refuses a larger topC with this backend.
+MAX_TOP_C = 256
+
 
 def _op_module():
     """cm_fused.triton.op, imported on first use (it imports Triton and the kernels)."""

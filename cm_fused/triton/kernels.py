@@ -2,7 +2,7 @@
 
 One step of one param group is four launches (see launch.py for the tables they read):
 
-1. ``_norm_kernel`` (one launch per dtype bucket, one program per chunk): the sum of
+1. ``_norm_kernel`` (one launch per bucket of dtypes and alignment, one program per chunk): the sum of
    squares of the unscaled gradient over the chunk, written as a per-chunk partial.
 2. ``_reduce_kernel`` (one launch per group, one program per tensor): the tensor's
    partials summed in a fixed order -> its sum of squares. No atomics, so the keys, and
@@ -12,7 +12,7 @@ One step of one param group is four launches (see launch.py for the tables they 
    the insert rule (argmin of K, replace flag and slot j, K written and decayed, fill
    count), step count, bias corrections; the per-tensor decision goes to two small
    device arrays. The same for every variant.
-4. ``_update_kernel`` (one launch per dtype bucket, one program per chunk): the
+4. ``_update_kernel`` (one launch per bucket of dtypes and alignment, one program per chunk): the
    elementwise part in one pass over memory; ``VARIANT`` (cm_fused.contract.Variant)
    selects the arithmetic: what is inserted, the direction, the base rule.
 

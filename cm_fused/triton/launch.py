@@ -6,8 +6,9 @@ of the norm and update passes to (tensor, first element). Chunks are cut per ten
 a chunk never crosses into the next tensor; the last chunk of a tensor is short.
 
 Tensors of one group are bucketed by their dtypes (param, grad, the three state roles,
-slot, sum) for the norm and update launches; the reduce and decide launches span the whole
-group, so the synced key is the same for all buckets.
+slot, sum) and by whether they are 16-byte aligned (decided per tensor) for the norm and
+update launches; the reduce and decide launches span the whole group, so the synced key
+is the same for all buckets.
 
 Tables are built on the host from shapes and ``data_ptr()`` values only (nothing is read
 from the device), uploaded once per distinct set of pointers (pinned memory and a
@@ -138,10 +139,16 @@ def _build(args: StepArgs, ns: int, chunk: int, block: int) -> _Plan:
     n_chunks = [(n + chunk - 1) // chunk for n in numels]
     lists = [getattr(args, name) for name in _BUCKET_LISTS]
 
+    # Buckets: tensors of the same dtypes and alignment. Alignment is decided per tensor
+    # (every pointer 16-byte aligned, and each slot too: numel * slot size a multiple of
+    # 16 bytes), so that one odd tensor does not take the vector loads from the rest.
+    slot_bytes = [b.element_size() for b in args.buffers] if args.buffers else [16] * T
     order: dict = {}
     for i in range(T):
         dts = tuple(ts[i].dtype if ts else None for ts in lists)
-        order.setdefault(dts, []).append(i)
+        aligned = (chunk % block == 0 and numels[i] * slot_bytes[i] % 16 == 0
+                   and all(ts[i].data_ptr() % 16 == 0 for ts in lists if ts))
+        order.setdefault((dts, aligned), []).append(i)
 
     blob: list = []
     spans = []  # (offset, length) of each sub-table in blob
@@ -153,15 +160,10 @@ def _build(args: StepArgs, ns: int, chunk: int, block: int) -> _Plan:
     partial_offset = [0] * T
     bucket_specs = []
     base = 0
-    for dts, idx in order.items():
+    for (dts, aligned), idx in order.items():
         rows = [_ptrs(ts[i] for i in idx) if ts else (0,) * len(idx) for ts in lists]
         rows += [tuple(numels[i] for i in idx), tuple(idx)]
         put([v for row in rows for v in row])
-        # (no buffer: no slot offsets to keep aligned)
-        slot_bytes = args.buffers[idx[0]].element_size() if args.buffers else 16
-        aligned = (chunk % block == 0
-                   and all(ptr % 16 == 0 for row in rows[:7] for ptr in row)
-                   and all(numels[i] * slot_bytes % 16 == 0 for i in idx))
         chunk_t, chunk_s = [], []
         for local, i in enumerate(idx):
             partial_offset[i] = base + len(chunk_t)
@@ -224,7 +226,8 @@ def plan_for(args: StepArgs, ns: int, chunk: int, block: int) -> _Plan:
 
 # Launch log for tests: when a list, each launch appends (kernel name, grid, the
 # specialisation of its arguments: dtype of tensors, "int"/"fp32" for scalars and the
-# value of constexprs). Hyperparameters must show up as "fp32", never as values.
+# value of constexprs, num_warps). Hyperparameters must show up as "fp32", never as
+# values. (tests/test_compile_gate.py compiles what it records for sm_80 and sm_90.)
 launch_log: list | None = None
 
 
@@ -249,7 +252,7 @@ def _launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int) -> None
                      "int" if isinstance(a, int) else "fp32" if isinstance(a, float) else
                      repr(a) for a in args)
         launch_log.append((_kname(kernel), grid, spec, tuple(sorted((k, str(v)) for k, v in
-                                                    constexprs.items()))))
+                                                    constexprs.items())), num_warps))
     # enable_fp_fusion=False: no fma contraction, so every operation rounds as torch's
     # separate kernels do (explicit tl.fma where torch fuses).
     kernel[grid](*args, **constexprs, num_warps=num_warps, enable_fp_fusion=False)
