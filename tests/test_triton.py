@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import cm_fused
-from cm_fused import AdamCM
+from cm_fused import AdamAM, AdamCM
 from cm_fused.contract import StepArgs, Variant
 from compare import (TOLERANCE, assert_bit_identical, copy_params, make_params, op_args,
                      run_lockstep, set_grads)
@@ -226,6 +226,35 @@ def test_topc_beyond_the_backends_bound_is_refused_at_construction():
     AdamCM([p], backend="reference", topC=300)  # the reference has no bound
 
 
+def test_plans_a_captured_graph_uses_are_never_freed(small_chunks, monkeypatch):
+    """While a CUDA graph captures (simulated: the check is patched), a plan the step
+    uses is kept outside the LRU cache, so that a flood of other plans cannot free the
+    tables the graph reads; a step with tensors never stepped eagerly is refused then,
+    with the reason (its tables would need host-to-device copies)."""
+    params = make_params(SHAPES)
+    opt = AdamCM(params, backend="triton")
+    set_grads(params, 0)
+    opt.step()  # warm-up: state and tables
+    monkeypatch.setattr(small_chunks, "_capturing", lambda t: True)
+    opt.step()  # "captured" (a graph's gradients are static tensors: the same pointers)
+    assert len(small_chunks._captured) == 1
+    other = make_params([(3,)])
+    set_grads(other, 0)
+    fresh = AdamCM(other, backend="triton")
+    with pytest.raises(RuntimeError, match="warm-up"):
+        fresh.step()
+    monkeypatch.setattr(small_chunks, "_capturing", lambda t: False)
+    for i in range(small_chunks.CACHE_SIZE + 2):  # evict everything from the LRU cache
+        ps = make_params([(i + 1,)])
+        set_grads(ps, 0)
+        AdamCM(ps, backend="triton").step()
+    builds = small_chunks.stats["builds"]
+    opt.step()
+    assert small_chunks.stats["builds"] == builds  # the captured plan was still there
+    small_chunks.release_captured_plans()
+    assert not small_chunks._captured
+
+
 def test_alignment_is_decided_per_tensor(small_chunks):
     """One odd tensor (15 fp32 elements: its slots are not 16-byte aligned) in a group of
     aligned ones gets a bucket of its own; the others keep the vector path."""
@@ -349,6 +378,11 @@ def test_gpu_cuda_graph_replay_matches_eager():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         graphed.step()
+    from cm_fused.triton import launch
+    for i in range(launch.CACHE_SIZE + 2):  # evict the LRU cache: the graph's plan stays
+        ps = make_params([(i + 1,)], device="cuda")
+        set_grads(ps, 0)
+        AdamCM(ps, backend="triton").step()
     for t in range(3, 12):
         set_grads(eager_p, t, 1)
         for g, e in zip(static_grads, eager_p):
@@ -362,6 +396,30 @@ def test_gpu_cuda_graph_replay_matches_eager():
         found.fill_(0.0)
     torch.cuda.synchronize()
     assert_bit_identical(eager, eager_p, graphed, graph_p)
+    launch.release_captured_plans()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none in this process)")
+def test_gpu_steps_on_the_current_stream():
+    """Gradients written on a side stream and the step launched on it (no sync between):
+    the kernels must run on that stream, after the writes."""
+    shapes = [(1000, 1000), (4097,), ()]
+    a, b = make_params(shapes, device="cuda"), make_params(shapes, device="cuda")
+    opt_a, opt_b = AdamAM(a, backend="triton"), AdamAM(b, backend="reference")
+    side = torch.cuda.Stream()
+    for t in range(5):
+        set_grads(b, t, 1)
+        opt_b.step()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for p, q in zip(a, b):
+                p.grad = q.grad.clone() * 1.0
+            opt_a.step()
+        torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.gpu

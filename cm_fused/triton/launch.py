@@ -95,6 +95,8 @@ class _Plan:
 
 
 _cache: collections.OrderedDict = collections.OrderedDict()
+# Plans a captured CUDA graph refers to (by device address): outside the LRU cache.
+_captured: dict = {}
 stats = {"builds": 0, "hits": 0}  # for tests: how often tables were (re)built
 
 
@@ -211,17 +213,37 @@ def _build(args: StepArgs, ns: int, chunk: int, block: int) -> _Plan:
 def plan_for(args: StepArgs, ns: int, chunk: int, block: int) -> _Plan:
     """The tables of this group's tensors (``ns`` sums per tensor in the reduce pass)."""
     key = _key(args, ns, chunk, block)
-    plan = _cache.get(key)
+    capturing = _capturing(args.params[0])
+    plan = _cache.get(key) or _captured.get(key)
     if plan is not None:
-        _cache.move_to_end(key)
+        if key in _cache:
+            _cache.move_to_end(key)
         stats["hits"] += 1
-        return plan
-    plan = _build(args, ns, chunk, block)
-    stats["builds"] += 1
-    _cache[key] = plan
-    while len(_cache) > CACHE_SIZE:
-        _cache.popitem(last=False)
+    elif capturing:
+        raise RuntimeError(
+            "cm_fused (triton): a CUDA graph is capturing a step whose tensors this process "
+            "has not stepped yet; building their tables needs host-to-device copies, which "
+            "a capture cannot hold. Run one eager step with the same tensors first (the "
+            "usual warm-up before capture).")
+    else:
+        plan = _build(args, ns, chunk, block)
+        stats["builds"] += 1
+        _cache[key] = plan
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    if capturing:  # the graph holds the tables' addresses: never free them
+        _captured[key] = plan
     return plan
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def release_captured_plans() -> None:
+    """Let the plan cache free the tables that captured CUDA graphs use: call it once
+    those graphs are deleted (until then they are kept, whatever the cache's size)."""
+    _captured.clear()
 
 
 # Launch log for tests: when a list, each launch appends (kernel name, grid, the
@@ -264,9 +286,19 @@ def _kname(kernel):
 
 
 def step(args: StepArgs) -> None:
-    """One step of one param group (see kernels.py for the four launches)."""
+    """One step of one param group (see kernels.py for the four launches), launched on
+    the tensors' device and its current stream, whatever device is current."""
     if not args.params:
         return
+    device = args.params[0].device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            _step(args)
+    else:
+        _step(args)
+
+
+def _step(args: StepArgs) -> None:
     if not Variant(args.variant).buffered:
         _step_adaptive(args)
         return

@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Host time of optimizer.step() on the Triton backend: the floor of a step on a GPU.
+
+    python bench/host_time.py                  # 148 and 10,000 tensors of 64 elements
+    python bench/host_time.py --tensors 148,1000,10000 --optimizer adamcm,adamam
+
+A GPU step is asynchronous: the Python work of the step (the engine, the plan cache, the
+launches) is what the host spends per step, and with small tensors it is the step's
+time. This measures wall time of ``step()`` without synchronising. On a CUDA device the
+kernels are launched for real; without one, the launches are stubbed out (the kernels
+run nowhere) so that only the host's work is timed, the tensors on the CPU under the
+Triton interpreter's module setup. Every timed step must be a plan-cache hit: the table
+says how many plans were built while timing (0 expected).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import cm_fused  # noqa: E402
+from cm_fused.triton import launch  # noqa: E402
+
+OPTIMIZERS = {"adamcm": cm_fused.AdamCM, "adamcg": cm_fused.AdamCG, "sgdcg": cm_fused.SGDCG,
+              "rmspropcg": cm_fused.RMSpropCG, "adamam": cm_fused.AdamAM,
+              "sgdam": cm_fused.SGDAM}
+
+
+def measure(name: str, n: int, device: str, reps: int) -> dict:
+    params = [torch.nn.Parameter(torch.randn(64, device=device)) for _ in range(n)]
+    for p in params:
+        p.grad = torch.randn(64, device=device)
+    opt = OPTIMIZERS[name](params, backend="triton")
+    for _ in range(3):  # state, tables
+        opt.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    builds = launch.stats["builds"]
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    times.sort()
+    med = times[len(times) // 2]
+    return dict(optimizer=name, tensors=n, ms=med * 1e3, us_per_tensor=med / n * 1e6,
+                builds=launch.stats["builds"] - builds)
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tensors", default="148,10000")
+    ap.add_argument("--optimizer", default="adamcm,adamam")
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        launch._launch = lambda *a, **k: None  # host time only: no kernel runs
+    torch.set_num_threads(1)
+    rows = []
+    how = "kernels launched" if device == "cuda" else "launches stubbed (no GPU)"
+    print(f"host time of step(), backend='triton', {how}, median of {args.reps}")
+    print(f"{'optimizer':10} {'tensors':>8} {'ms/step':>9} {'us/tensor':>10} {'builds':>6}")
+    for name in args.optimizer.split(","):
+        for n in (int(x) for x in args.tensors.split(",")):
+            r = measure(name, n, device, args.reps if n < 5000 else max(3, args.reps // 4))
+            rows.append(r)
+            print(f"{name:10} {n:>8} {r['ms']:>9.2f} {r['us_per_tensor']:>10.2f} "
+                  f"{r['builds']:>6}", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
