@@ -365,3 +365,23 @@ def test_compiled_step_traces_whole_and_matches_eager(name, backend, compiler, r
             assert_bit_identical(opt_e, params_e, opt_c, params_c)
         else:
             assert_same_state(opt_e, params_e, opt_c, params_c, torch.float32, f"kappa {kappa}")
+
+
+@pytest.mark.parametrize("name", ["adamcm", "adamam"])
+def test_compiled_reference_traces_a_group_once_not_per_tensor(name):
+    """torch.compile of the reference step over a group of many tensors of assorted
+    shapes: two graphs (the first step, which creates the state, and every later one),
+    however many tensors, and no recompilation over the steps."""
+    from torch._dynamo.utils import counters
+    graphs = {}
+    for n in (5, 20):
+        torch._dynamo.reset()
+        counters.clear()
+        params = make_params([(3,), (4, 5), (), (7, 2), (16,)] * (n // 5))
+        opt = make(name, "reference")(params)
+        step = torch.compile(opt.step, backend="eager")
+        for t in range(5):
+            set_grads(params, t)
+            step()
+        graphs[n] = counters["stats"]["unique_graphs"]  # a recompilation adds graphs
+    assert graphs == {5: 2, 20: 2}
