@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import operator
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
@@ -28,6 +29,15 @@ from .contract import Phase, StepArgs, Variant, sum_dtype
 from .reference import unscaled
 
 log = logging.getLogger("cm_fused")
+
+
+def _attrs(name: str, tensors: list[Tensor]) -> list:
+    """``[t.<name> for t in tensors]``, at C speed in eager mode (the per-tensor host time
+    of a step is the floor of a GPU step); the plain loop where torch.compile traces (it
+    cannot trace operator.attrgetter)."""
+    if torch.compiler.is_compiling():
+        return [getattr(t, name) for t in tensors]
+    return list(map(operator.attrgetter(name), tensors))
 
 # State entries that keep their own dtype (torch's load_state_dict would cast them to the
 # param's dtype, which breaks bf16 slots, fp32 keys and sums, and the integer count).
@@ -46,6 +56,10 @@ class _Plan:
     module: ModuleType | None
     roles: dict | None = None  # the optimizer's _roles(group), once per group and step
     states: list[dict] | None = None
+    # Nothing the state checks and allocation depend on changed since they last ran for
+    # this group (the same params, dtypes, hyperparameters, and no state change since):
+    # every state is complete, and allocation is skipped.
+    settled: bool = False
 
 
 class CriticalOptimizer(torch.optim.Optimizer):
@@ -86,6 +100,10 @@ class CriticalOptimizer(torch.optim.Optimizer):
         self.backends_in_use: dict[str, str] = {}
         self._warned: set[str] = set()
         self._backend_cache: dict = {}
+        # What _plan's state checks last passed for, per group; any state change bumps
+        # the version and so runs them again.
+        self._checked: dict = {}
+        self._state_version = 0
         defaults = {name: hyperparameters[name] for name in self.HYPERPARAMETERS}
         if isinstance(defaults.get("betas"), list):
             defaults["betas"] = tuple(defaults["betas"])
@@ -100,7 +118,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
             for name, default in self.HYPERPARAMETERS.items():
                 group.setdefault(name, default)
         for attr, default in (("backend", "auto"), ("backends_in_use", {}), ("_warned", set()),
-                              ("_backend_cache", {})):
+                              ("_backend_cache", {}), ("_checked", {}), ("_state_version", 0)):
             self.__dict__.setdefault(attr, default)
 
     def __getstate__(self) -> dict:
@@ -186,11 +204,15 @@ class CriticalOptimizer(torch.optim.Optimizer):
         added: list[tuple[dict, list[str]]] = []
         try:
             for plan in plans:
-                plan.states = [self._state_for(p, plan, added) for p in plan.params]
+                if plan.settled:
+                    plan.states = list(map(self.state.__getitem__, plan.params))
+                else:
+                    plan.states = [self._state_for(p, plan, added) for p in plan.params]
         except BaseException:
             for st, keys in added:
                 for key in keys:
                     del st[key]
+            self._state_version += 1
             raise
         grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler
         found_inf = getattr(self, "found_inf", None)
@@ -213,24 +235,51 @@ class CriticalOptimizer(torch.optim.Optimizer):
 
     def _plan(self, group: dict) -> _Plan:
         validation.validate(group, self.HYPERPARAMETERS)
-        name = type(self).__name__
         params = [p for p in group["params"] if p.grad is not None]
-        for p in params:
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{name} does not support sparse gradients")
-            if p.is_complex() or p.grad.is_complex():
-                raise RuntimeError(f"{name} does not support complex parameters or gradients")
-            if p.grad.shape != p.shape or p.grad.dtype != p.dtype:
-                raise RuntimeError(f"gradient {tuple(p.grad.shape)} {p.grad.dtype} does not "
-                                   f"match parameter {tuple(p.shape)} {p.dtype}")
         if not params:
             return _Plan(group, [], None, "reference", None)
+        grads = [p.grad for p in params]
+        dtypes = _attrs("dtype", params)
+        self._check_grads(params, grads, dtypes)
         roles = self._roles(group)
-        devices = {p.device for p in params} | {p.grad.device for p in params}
+        devices = set(_attrs("device", params)) | set(_attrs("device", grads))
         if len(devices) > 1:
             raise RuntimeError(f"all parameters of a group and their gradients must be on one "
                                f"device, got {sorted(map(str, devices))}")
         device = devices.pop()
+        # The state checks depend on the params, their dtypes, the hyperparameters and the
+        # state: skipped while none of these changed since they last passed.
+        settled = False
+        if torch.compiler.is_compiling():  # traced once: nothing to save
+            self._check_states(group, params, roles)
+        else:
+            checked = (self._state_version, list(map(id, params)), dtypes,
+                       [(k, v) for k, v in group.items() if k not in ("params", "lr")])
+            settled = self._checked.get(id(group)) == checked
+            if not settled:
+                self._check_states(group, params, roles)
+                self._checked[id(group)] = checked
+        # The dtypes of the whole group, not only of this step's tensors: one choice per
+        # group, whichever of its tensors have gradients.
+        backend, module = self._resolve(device, frozenset(p.dtype for p in group["params"]),
+                                        group.get("fused"))
+        _check_top_c(group, backend, module)
+        return _Plan(group, params, device, backend, module, roles, settled=settled)
+
+    def _check_grads(self, params: list[Tensor], grads: list[Tensor], dtypes: list) -> None:
+        name = type(self).__name__
+        if any(_attrs("is_sparse", grads)):
+            raise RuntimeError(f"{name} does not support sparse gradients")
+        grad_dtypes = _attrs("dtype", grads)
+        if any(d.is_complex for d in {*dtypes, *grad_dtypes}):
+            raise RuntimeError(f"{name} does not support complex parameters or gradients")
+        if grad_dtypes != dtypes or _attrs("shape", grads) != _attrs("shape", params):
+            p, g = next((p, g) for p, g in zip(params, grads)
+                        if g.shape != p.shape or g.dtype != p.dtype)
+            raise RuntimeError(f"gradient {tuple(g.shape)} {g.dtype} does not match parameter "
+                               f"{tuple(p.shape)} {p.dtype}")
+
+    def _check_states(self, group: dict, params: list[Tensor], roles: dict) -> None:
         moment = roles["second_moments"] or roles["momenta"]  # stored in the param's dtype
         for p in params:
             st = self.state.get(p)
@@ -243,12 +292,6 @@ class CriticalOptimizer(torch.optim.Optimizer):
                 if self.variant.buffered:
                     self._check_buffer_state(st, p, group)
                 self._check_state(st, group)
-        # The dtypes of the whole group, not only of this step's tensors: one choice per
-        # group, whichever of its tensors have gradients.
-        backend, module = self._resolve(device, frozenset(p.dtype for p in group["params"]),
-                                        group.get("fused"))
-        _check_top_c(group, backend, module)
-        return _Plan(group, params, device, backend, module, roles)
 
     def _check_buffer_state(self, st: dict, p: Tensor, group: dict) -> None:
         if group["kappa"] <= 0:
@@ -329,6 +372,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         if new:
             st.update(new)
             added.append((st, list(new)))
+            self._state_version += 1
         return st
 
     def _new_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
@@ -403,6 +447,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         for; torch paths without GradScaler inputs get unscaled gradients and are undone
         on the device where found_inf is set."""
         group, params, states = plan.group, plan.params, plan.states
+        self._state_version += 1  # torch's code may add state (SGD's momentum buffer)
         # torch's implementation: as the group's foreach/fused flags ask, else fused (or
         # foreach) on the fused backends and the for-loop on the reference. Under
         # torch.compile the for-loop: torch marks its fused kernels not traceable, and its
@@ -475,6 +520,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"checkpoint buffer of shape {tuple(buf.shape)} does not fit "
                                  f"a parameter of shape {tuple(p.shape)}")
         super().load_state_dict(state_dict)
+        self._state_version += 1
         # Rebuild each state from the checkpoint with our dtype rules, and copy so that the
         # optimizer never shares storage with the dict it was given.
         for pid, p in pairs:

@@ -824,3 +824,32 @@ def test_adaptive_state_names_the_spec_entries():
     sgd.param_groups[0]["params"][0].grad = params[0].grad.clone()
     sgd.step()
     assert set(sgd.state_dict()["state"][0]) == {"step", "d"}
+
+
+def test_a_step_with_nothing_changed_skips_the_state_checks_and_allocation(monkeypatch):
+    """Host time per step is the floor of a GPU step: once a group's params, dtypes,
+    hyperparameters and state are unchanged since the last step, the per-tensor state
+    checks and allocation do not run again; any change runs them."""
+    params = make_params([(3,), (2, 2), ()])
+    opt = ref(params, lr=1e-2)
+    for t in range(2):
+        set_grads(params, t)
+        opt.step()
+    calls = []
+    real_check, real_alloc = opt._check_states, opt._state_for
+    monkeypatch.setattr(opt, "_check_states", lambda *a: calls.append("check") or real_check(*a))
+    monkeypatch.setattr(opt, "_state_for", lambda *a: calls.append("alloc") or real_alloc(*a))
+    set_grads(params, 2)
+    opt.step()
+    assert calls == []
+    opt.param_groups[0]["topC"] = 7  # a change: checked again, and refused
+    set_grads(params, 3)
+    with pytest.raises(RuntimeError, match="topC cannot change"):
+        opt.step()
+    assert calls == ["check"]
+    opt.param_groups[0]["topC"] = 5
+    fresh = torch.nn.Parameter(torch.ones(4))  # a new tensor: allocated
+    opt.add_param_group({"params": [fresh]})
+    fresh.grad = torch.ones(4)
+    opt.step()
+    assert "alloc" in calls and "cm_buffer" in opt.state[fresh]
