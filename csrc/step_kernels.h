@@ -129,6 +129,17 @@ double norm_kernel(const void* g_, int64_t begin, int64_t end, bool scaled, floa
 
 // ---------------------------------------------------------------- update pass
 
+// g / grad_scale (by -grad_scale with maximize: see step.cpp), as the update passes read it.
+template <typename T>
+inline void load_gradient(const UpdateArgs& a, const T* g, Vec& g0, Vec& g1) {
+  IO<T>::load(g, g0, g1);
+  if (a.scaled) {
+    const Vec scale(a.grad_scale);
+    g0 = g0 / scale;
+    g1 = g1 / scale;
+  }
+}
+
 // sq <- beta2 * sq + (1 - beta2) * u^2 (Adam's v, RMSprop's square average), stored; the
 // new values are returned in q0, q1.
 // second_moment without the store (adaptive memory's reduce pass must not write v).
@@ -155,12 +166,7 @@ template <int V, typename T, typename TS>
 inline void update_block(const UpdateArgs& a, T* p, const T* g, T* mom, T* sq, T* extra,
                          TS* slot, float* sum) {
   Vec g0, g1, x0, x1, s0, s1;
-  IO<T>::load(g, g0, g1);
-  if (a.scaled) {
-    const Vec scale(a.grad_scale);
-    g0 = g0 / scale;
-    g1 = g1 / scale;
-  }
+  load_gradient<T>(a, g, g0, g1);
   IO<T>::load(p, x0, x1);
   IO<float>::load(sum, s0, s1);
   const Vec k(a.k_before);  // S / k: the buffer as it was before this step's insert
@@ -394,12 +400,7 @@ struct Tail {
 template <int V, typename T, bool REDUCE, typename Sink>
 inline void am_block(const UpdateArgs& a, T* p, const T* g, T* d, T* v, Sink& sum) {
   Vec g0, g1, x0, x1, d0, d1;
-  IO<T>::load(g, g0, g1);
-  if (a.scaled) {
-    const Vec scale(a.grad_scale);
-    g0 = g0 / scale;
-    g1 = g1 / scale;
-  }
+  load_gradient<T>(a, g, g0, g1);
   IO<T>::load(p, x0, x1);
   IO<T>::load(d, d0, d1);
   const Vec one(1.f), lam(a.lam);

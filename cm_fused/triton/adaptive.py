@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from .kernels import (ADAM_AM, FLAG_FIRST, ROW_G, ROW_GIDX, ROW_M, ROW_MEM, ROW_NUMEL,
-                      ROW_P, ROW_STEP, ROW_V, SGD_AM, _f64, _ld, _narrow, _pow64, _st)
+                      ROW_P, ROW_STEP, ROW_V, SGD_AM, _f64, _ld, _lr_and_decay, _narrow,
+                      _pow64, _st)
 
 TINY = tl.constexpr(1.1754943508222875e-38)  # fp32's smallest normal: the floor of c
 PHASE_ALL, PHASE_REDUCE, PHASE_UPDATE = (tl.constexpr(i) for i in range(3))
@@ -110,13 +111,8 @@ def _am_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, gtab_ptr, T, partial_pt
     eps = tl.cast(eps, tl.float32)
     weight_decay = tl.cast(weight_decay, tl.float32)
     lam = tl.cast(lam, tl.float32)
-    # lr and 1 - lr * wd as kernels._update_kernel takes them
-    if LR_IS_PTR:
-        lr = tl.load(lr_ptr).to(tl.float32)
-        decay_factor = tl.where(weight_decay != 0.0, 1.0 - lr * weight_decay, 1.0)
-    else:
-        lr = tl.cast(lr_hi, tl.float32)
-        decay_factor = tl.cast(wd_factor, tl.float32)
+    lr, _, decay_factor = _lr_and_decay(lr_ptr, lr_hi, lr_hi, wd_factor, weight_decay,
+                                        LR_IS_PTR)
 
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(chunk_t_ptr + pid)

@@ -339,6 +339,23 @@ def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, s_ptr,
     _st(p_ptr + idx, _narrow(p_new, P_DT), mask)
 
 
+@triton.jit
+def _lr_and_decay(lr_ptr, lr_hi, lr_lo, wd_factor, weight_decay, LR_IS_PTR: tl.constexpr):
+    """(lr in fp32, lr in fp64, 1 - lr * wd). With a float lr, 1 - lr * wd comes from the
+    host (computed in fp64 as the reference does); with a tensor lr (read here, so that
+    a captured CUDA graph sees a scheduler's changes), in fp32 as torch does."""
+    if LR_IS_PTR:
+        lr_t = tl.load(lr_ptr)
+        lr64 = lr_t.to(tl.float64)
+        lr = lr_t.to(tl.float32)
+        decay_factor = tl.where(weight_decay != 0.0, 1.0 - lr * weight_decay, 1.0)
+    else:
+        lr64 = _f64(lr_hi, lr_lo)
+        lr = tl.cast(lr_hi, tl.float32)  # the host rounded lr to fp32 (RNE) for this half
+        decay_factor = tl.cast(wd_factor, tl.float32)
+    return lr, lr64, decay_factor
+
+
 @triton.jit(do_not_specialize=["n_tab", "chunk_len"])
 def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_ptr,
                    lr_hi, lr_lo, wd_factor, lr_ptr, scale_ptr, found_inf_ptr, chunk_len,
@@ -356,17 +373,8 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
     eps = tl.cast(eps, tl.float32)
     weight_decay = tl.cast(weight_decay, tl.float32)
     one_minus_dampening = tl.cast(one_minus_dampening, tl.float32)
-    # p * (1 - lr * wd): with a float lr, 1 - lr * wd comes from the host (computed in
-    # fp64 as the reference does); with a tensor lr, in fp32 as torch does.
-    if LR_IS_PTR:
-        lr_t = tl.load(lr_ptr)
-        lr64 = lr_t.to(tl.float64)
-        lr = lr_t.to(tl.float32)
-        decay_factor = tl.where(weight_decay != 0.0, 1.0 - lr * weight_decay, 1.0)
-    else:
-        lr64 = _f64(lr_hi, lr_lo)
-        lr = tl.cast(lr_hi, tl.float32)  # the host rounded lr to fp32 (RNE) for this half
-        decay_factor = tl.cast(wd_factor, tl.float32)
+    lr, lr64, decay_factor = _lr_and_decay(lr_ptr, lr_hi, lr_lo, wd_factor, weight_decay,
+                                           LR_IS_PTR)
 
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(chunk_t_ptr + pid)
