@@ -204,10 +204,10 @@ class CriticalOptimizer(torch.optim.Optimizer):
         added: list[tuple[dict, list[str]]] = []
         try:
             for plan in plans:
-                if plan.settled:
-                    plan.states = list(map(self.state.__getitem__, plan.params))
-                else:
-                    plan.states = [self._state_for(p, plan, added) for p in plan.params]
+                states = list(map(self.state.__getitem__, plan.params)) if plan.settled else ()
+                if not (states and all(states)):  # (a state emptied by hand: allocate)
+                    states = [self._state_for(p, plan, added) for p in plan.params]
+                plan.states = states
         except BaseException:
             for st, keys in added:
                 for key in keys:
@@ -253,7 +253,10 @@ class CriticalOptimizer(torch.optim.Optimizer):
         if torch.compiler.is_compiling():  # traced once: nothing to save
             self._check_states(group, params, roles)
         else:
-            checked = (self._state_version, list(map(id, params)), dtypes,
+            # (the state dict's identity and size too: users reset an optimizer by
+            # clearing or replacing opt.state)
+            checked = (self._state_version, id(self.state), len(self.state),
+                       list(map(id, params)), dtypes,
                        [(k, v) for k, v in group.items() if k not in ("params", "lr")])
             settled = self._checked.get(id(group)) == checked
             if not settled:

@@ -853,3 +853,27 @@ def test_a_step_with_nothing_changed_skips_the_state_checks_and_allocation(monke
     fresh.grad = torch.ones(4)
     opt.step()
     assert "alloc" in calls and "cm_buffer" in opt.state[fresh]
+
+
+@pytest.mark.parametrize("reset", ["clear", "replace", "del", "empty"])
+def test_a_state_reset_by_the_user_steps_as_fresh(reset):
+    """Clearing opt.state, replacing it, or deleting a parameter's entry between steps
+    (the usual ways to reset an optimizer) gives fresh state, as torch's optimizers do."""
+    import collections
+    params = make_params([(3,), (2, 2)])
+    opt = ref(params, lr=1e-2)
+    for t in range(3):
+        set_grads(params, t)
+        opt.step()
+    if reset == "clear":
+        opt.state.clear()
+    elif reset == "replace":
+        opt.state = collections.defaultdict(dict)
+    elif reset == "del":
+        del opt.state[params[0]]
+    else:
+        opt.state[params[0]] = {}
+    set_grads(params, 3)
+    opt.step()
+    assert opt.state[params[0]]["step"].item() == 1
+    assert opt.state[params[0]]["cm_count"].item() == 1
