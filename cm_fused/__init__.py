@@ -2,7 +2,8 @@
 
 ``AdamCM`` (Adam with Critical Momenta) and the critical-gradients family ``AdamCG``,
 ``SGDCG``, ``RMSpropCG``, also importable under the authors' names (``Adam_CM``,
-``Adam_C``, ``SGD_C``, ``RMSprop_C``); and the adaptive-memory momentum optimizers ``AdamAM`` and ``SGDAM``.
+``Adam_C``, ``SGD_C``, ``RMSprop_C``); and the adaptive-memory momentum optimizers
+``AdamAM`` and ``SGDAM``.
 Importing never fails for lack of the C++ extension or of Triton: those backends report
 why they are unavailable through :func:`backends`, and ``backend="auto"`` falls back.
 """

@@ -55,6 +55,7 @@ class _Plan:
     backend: str
     module: ModuleType | None
     roles: dict | None = None  # the optimizer's _roles(group), once per group and step
+    grads: list[Tensor] | None = None  # the params' gradients, as checked
     states: list[dict] | None = None
     # Nothing the state checks and allocation depend on changed since they last ran for
     # this group (the same params, dtypes, hyperparameters, and no state change since):
@@ -267,7 +268,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         backend, module = self._resolve(device, frozenset(p.dtype for p in group["params"]),
                                         group.get("fused"))
         _check_top_c(group, backend, module)
-        return _Plan(group, params, device, backend, module, roles, settled=settled)
+        return _Plan(group, params, device, backend, module, roles, grads, settled=settled)
 
     def _check_grads(self, params: list[Tensor], grads: list[Tensor], dtypes: list) -> None:
         name = type(self).__name__
@@ -403,7 +404,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         if found_inf is not None:
             found_inf = found_inf.to(device, non_blocking=True)
         lr = group["lr"]
-        grads = [p.grad for p in params]
+        grads = plan.grads
         if group.get("kappa") == 0:
             if isinstance(lr, Tensor):  # torch's code takes the tensor as it is
                 lr = lr.to(device, non_blocking=True)
@@ -494,9 +495,9 @@ class CriticalOptimizer(torch.optim.Optimizer):
         buffered = self.variant.buffered
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if not {"topC", "lam"} & set(saved):  # no cm_fused optimizer's mark
-                raise ValueError(f"checkpoint param group {i} has neither 'topC' nor 'lam': it was not "
-                                 f"saved by a cm_fused optimizer (a torch.optim checkpoint?), "
-                                 f"so {type(self).__name__} cannot load it")
+                raise ValueError(f"checkpoint param group {i} has neither 'topC' nor 'lam': it "
+                                 f"was not saved by a cm_fused optimizer (a torch.optim "
+                                 f"checkpoint?), so {type(self).__name__} cannot load it")
             foreign = sorted(set(saved) - {*self.HYPERPARAMETERS, "params", "param_names"})
             if foreign:
                 raise ValueError(f"checkpoint param group {i} has {foreign}, which "

@@ -374,8 +374,8 @@ def test_adamam_first_two_steps_by_hand(backend):
     s = opt.state[p]
     torch.testing.assert_close(p.detach().double(), x1, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(s["d"].double(), d1, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(s["memory"].double(), torch.tensor([b1, lr, b1], dtype=torch.float64),
-                               rtol=1e-7, atol=0)
+    torch.testing.assert_close(s["memory"].double(),
+                               torch.tensor([b1, lr, b1], dtype=torch.float64), rtol=1e-7, atol=0)
     p.grad = g2.float()
     opt.step()
     v2 = b2 * v1 + (1 - b2) * g2 * g2
@@ -402,7 +402,8 @@ def test_sgdam_first_two_steps_by_hand_with_one_beta_over_two_groups(backend):
     groups (each with its own lr and weight decay), D = sum |d-g|^2,
     N = sum (1+lam)<g,d> - <d-g, g+lam d>."""
     lam, bmax = 0.2, 0.9
-    xa0, xb0 = torch.tensor([1.0, -2.0], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
+    xa0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    xb0 = torch.tensor([0.5], dtype=torch.float64)
     ga = [torch.tensor([0.5, 1.0]), torch.tensor([1.5, 0.0])]  # beta ~0.54: interior
     gb = [torch.tensor([2.0]), torch.tensor([0.5])]
     a, b = torch.nn.Parameter(xa0.float()), torch.nn.Parameter(xb0.float())

@@ -22,9 +22,8 @@ torch's SGD with momentum: 20 B).
 import triton
 import triton.language as tl
 
-from .kernels import (ADAM_AM, FLAG_FIRST, ROW_G, ROW_GIDX, ROW_M, ROW_MEM, ROW_NUMEL,
-                      ROW_P, ROW_STEP, ROW_V, SGD_AM, _f64, _ld, _lr_and_decay, _narrow,
-                      _pow64, _st)
+from .kernels import (ADAM_AM, FLAG_FIRST, ROW_G, ROW_M, ROW_MEM, ROW_P, ROW_STEP, ROW_V,
+                      SGD_AM, _chunk, _f64, _ld, _lr_and_decay, _narrow, _pow64, _st)
 
 TINY = tl.constexpr(1.1754943508222875e-38)  # fp32's smallest normal: the floor of c
 PHASE_ALL, PHASE_REDUCE, PHASE_UPDATE = (tl.constexpr(i) for i in range(3))
@@ -115,10 +114,7 @@ def _am_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, gtab_ptr, T, partial_pt
                                         LR_IS_PTR)
 
     pid = tl.program_id(0).to(tl.int64)
-    t = tl.load(chunk_t_ptr + pid)
-    start = tl.load(chunk_s_ptr + pid)
-    numel = tl.load(tab_ptr + ROW_NUMEL * n_tab + t)
-    gi = tl.load(tab_ptr + ROW_GIDX * n_tab + t)
+    t, start, numel, gi = _chunk(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr)
     p_ptr = tl.load(tab_ptr + ROW_P * n_tab + t).to(tl.pointer_type(P_DT))
     g_ptr = tl.load(tab_ptr + ROW_G * n_tab + t).to(tl.pointer_type(G_DT))
     d_ptr = tl.load(tab_ptr + ROW_M * n_tab + t).to(tl.pointer_type(P_DT))

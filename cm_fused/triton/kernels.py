@@ -2,8 +2,9 @@
 
 One step of one param group is four launches (see launch.py for the tables they read):
 
-1. ``_norm_kernel`` (one launch per bucket of dtypes and alignment, one program per chunk): the sum of
-   squares of the unscaled gradient over the chunk, written as a per-chunk partial.
+1. ``_norm_kernel`` (one launch per bucket of dtypes and alignment, one program per
+   chunk): the sum of squares of the unscaled gradient over the chunk, written as a
+   per-chunk partial.
 2. ``_reduce_kernel`` (one launch per group, one program per tensor): the tensor's
    partials summed in a fixed order -> its sum of squares. No atomics, so the keys, and
    with them the insert decisions, are bit-for-bit repeatable. (A sharded run would
@@ -77,14 +78,24 @@ def _narrow(x, DT: tl.constexpr):
         return x.to(DT)
 
 
+@triton.jit
+def _chunk(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr):
+    """This program's chunk: (its tensor's row in the bucket table, first element, the
+    tensor's numel, its index in the group)."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(chunk_t_ptr + pid)
+    start = tl.load(chunk_s_ptr + pid)
+    numel = tl.load(tab_ptr + ROW_NUMEL * n_tab + t)
+    gi = tl.load(tab_ptr + ROW_GIDX * n_tab + t)
+    return t, start, numel, gi
+
+
 @triton.jit(do_not_specialize=["n_tab", "chunk_len"])
 def _norm_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, partial_ptr, scale_ptr,
                  chunk_len, G_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
                  ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    t = tl.load(chunk_t_ptr + pid)
-    start = tl.load(chunk_s_ptr + pid)
-    numel = tl.load(tab_ptr + ROW_NUMEL * n_tab + t)
+    t, start, numel, _ = _chunk(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr)
     g_ptr = tl.load(tab_ptr + ROW_G * n_tab + t).to(tl.pointer_type(G_DT))
     if ALIGNED:  # see _update_kernel
         g_ptr = tl.multiple_of(g_ptr, 16)
@@ -376,11 +387,7 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
     lr, lr64, decay_factor = _lr_and_decay(lr_ptr, lr_hi, lr_lo, wd_factor, weight_decay,
                                            LR_IS_PTR)
 
-    pid = tl.program_id(0).to(tl.int64)
-    t = tl.load(chunk_t_ptr + pid)
-    start = tl.load(chunk_s_ptr + pid)
-    numel = tl.load(tab_ptr + ROW_NUMEL * n_tab + t)
-    gi = tl.load(tab_ptr + ROW_GIDX * n_tab + t)
+    t, start, numel, gi = _chunk(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr)
     p_ptr = tl.load(tab_ptr + ROW_P * n_tab + t).to(tl.pointer_type(P_DT))
     g_ptr = tl.load(tab_ptr + ROW_G * n_tab + t).to(tl.pointer_type(G_DT))
     b_ptr = tl.load(tab_ptr + ROW_B * n_tab + t).to(tl.pointer_type(B_DT))
