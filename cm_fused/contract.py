@@ -43,11 +43,24 @@ class Variant(enum.IntEnum):
         """Whether the variant keeps a critical buffer (keys, counts, slots, sums)."""
         return self < Variant.ADAM_AM
 
+    @property
+    def sums_per_tensor(self) -> int:
+        """How many sums the reduce pass makes per tensor: the gradient's sum of squares
+        (buffered variants); ADAM_AM's D, M, X, Y; SGD_AM's D, N."""
+        return {Variant.ADAM_AM: 4, Variant.SGD_AM: 2}.get(self, 1)
+
 
 class Phase(enum.IntEnum):
-    """Which part of the step an op call does. Only SGD_AM, whose beta comes from sums
-    over every group, splits its step: REDUCE for every group (each adds its sums into
-    ``memory[0]``), then UPDATE for every group (decide from those sums, then update)."""
+    """Which part of the step an op call does. A step is split in two where the reduce
+    pass's sums must be completed before anything is decided:
+
+    - SGD_AM, whose beta comes from sums over every group: REDUCE for every group (each
+      adds its sums into ``memory[0]``), then UPDATE for every group (decide from those
+      sums, then update);
+    - every other variant, when its tensors are sharded over processes: REDUCE writes
+      each tensor's sums into ``reduced`` and changes nothing else; the optimizer sums
+      ``reduced`` over the processes; UPDATE decides from ``reduced`` and updates.
+    """
 
     ALL = 0
     REDUCE = 1
@@ -99,12 +112,16 @@ class StepArgs:
     key_decay: float            # every key is multiplied by it once per step
     critical_test: float        # probability of an unconditional replacement (with rand)
     lam: float                  # *_AM: the proximal weight of the memory plane
-    phase: int                  # a Phase: SGD_AM's step split over several groups
+    phase: int                  # a Phase: a step split in two (see Phase)
     synced: bool                # one key for the group: the sum of per-tensor norms
     maximize: bool              # step along +g: the gradient is negated after unscaling
     grad_scale: Optional[Tensor]  # divide gradients by it (GradScaler)
     found_inf: Optional[Tensor]   # nonzero: the step changes nothing at all
     rand: Optional[Tensor]        # fp32 [len(params)] coin draws for critical_test
+    # fp64 [len(params), NS], Phase.REDUCE/UPDATE of every variant but SGD_AM (else None):
+    # the reduce pass's sums per tensor (NS = 1: the gradient's sum of squares; ADAM_AM:
+    # NS = 4, the sums D, M, X, Y), written by REDUCE and read by UPDATE.
+    reduced: Optional[Tensor] = dataclasses.field(default=None, metadata=_MUTATED)
 
     def op_args(self) -> tuple:
         """The fields in schema order (not dataclasses.astuple: that deep-copies)."""
@@ -120,7 +137,7 @@ FIELDS = tuple(f.name for f in dataclasses.fields(StepArgs))
 
 def _schema() -> str:
     hints = typing.get_type_hints(StepArgs)
-    types = {list[Tensor]: "Tensor{}[]", Optional[Tensor]: "Tensor?", int: "int",
+    types = {list[Tensor]: "Tensor{}[]", Optional[Tensor]: "Tensor{}?", int: "int",
              float: "float", bool: "bool"}
     parts, alias = [], 0
     for f in dataclasses.fields(StepArgs):

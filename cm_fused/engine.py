@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from . import registry, validation
+from . import distributed, registry, validation
 from .contract import Phase, StepArgs, Variant, sum_dtype
 from .reference import unscaled
 
@@ -61,6 +61,9 @@ class _Plan:
     # this group (the same params, dtypes, hyperparameters, and no state change since):
     # every state is complete, and allocation is skipped.
     settled: bool = False
+    # DTensor parameters (FSDP2): None if there are none, else which rows of the reduce
+    # pass's sums are summed over which processes ([] if none is sharded).
+    exchange: distributed.Exchange | None = None
 
 
 class CriticalOptimizer(torch.optim.Optimizer):
@@ -202,6 +205,10 @@ class CriticalOptimizer(torch.optim.Optimizer):
         # then all state is allocated (an out-of-memory stops before any group steps, and
         # takes back what it allocated).
         plans = [self._plan(group) for group in self.param_groups]
+        active = [plan for plan in plans if plan.params]
+        split = self.SPLIT_ACROSS_GROUPS and (len(active) > 1 or _sharded(active))
+        if split:  # (it checks that the groups can share one decision)
+            self._begin_split(active)
         added: list[tuple[dict, list[str]]] = []
         try:
             for plan in plans:
@@ -217,21 +224,36 @@ class CriticalOptimizer(torch.optim.Optimizer):
             raise
         grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler
         found_inf = getattr(self, "found_inf", None)
-        active = [plan for plan in plans if plan.params]
-        if self.SPLIT_ACROSS_GROUPS and len(active) > 1:
-            # One decision from sums over every group: all reduce, then all update.
-            self._begin_split(active)
-            for phase in (Phase.REDUCE, Phase.UPDATE):
-                for plan in active:
-                    self._run(plan, grad_scale, found_inf, phase)
-        else:
+        if split:
+            # One decision from sums over every group (and process): all reduce, then
+            # all update.
             for plan in active:
+                self._run(plan, grad_scale, found_inf, Phase.REDUCE)
+            self._sum_split_over_shards(active)
+            for plan in active:
+                self._run(plan, grad_scale, found_inf, Phase.UPDATE)
+            return loss
+        for plan in active:
+            if not (plan.exchange and plan.group.get("kappa") != 0):
                 self._run(plan, grad_scale, found_inf)
+                continue
+            # Sharded tensors: their sums are completed over the processes before any
+            # decision (cm_fused/distributed.py).
+            reduced = torch.zeros(len(plan.params), self.variant.sums_per_tensor,
+                                  dtype=torch.float64, device=plan.device)
+            self._run(plan, grad_scale, found_inf, Phase.REDUCE, reduced)
+            distributed.sum_over_shards(reduced, plan.exchange)
+            self._run(plan, grad_scale, found_inf, Phase.UPDATE, reduced)
         return loss
 
     def _begin_split(self, plans: list[_Plan]) -> None:
-        """Before a step split into phases (SPLIT_ACROSS_GROUPS): reset the sums the
-        REDUCE phase adds into (a hook)."""
+        """Before a step split into phases (SPLIT_ACROSS_GROUPS): check that the groups
+        can share one decision, and reset the sums the REDUCE phase adds into (a hook)."""
+        raise NotImplementedError
+
+    def _sum_split_over_shards(self, plans: list[_Plan]) -> None:
+        """Between the phases of a step split across groups: sum what REDUCE added up
+        over the processes that hold shards of the tensors (a hook)."""
         raise NotImplementedError
 
     def _plan(self, group: dict) -> _Plan:
@@ -253,22 +275,28 @@ class CriticalOptimizer(torch.optim.Optimizer):
         settled = False
         if torch.compiler.is_compiling():  # traced once: nothing to save
             self._check_states(group, params, roles)
+            exchange = distributed.exchange_for(type(self).__name__, params, grads)
         else:
             # (the state dict's identity and size too: users reset an optimizer by
             # clearing or replacing opt.state)
             checked = (self._state_version, id(self.state), len(self.state),
                        list(map(id, params)), dtypes,
                        [(k, v) for k, v in group.items() if k not in ("params", "lr")])
-            settled = self._checked.get(id(group)) == checked
-            if not settled:
+            last = self._checked.get(id(group))
+            settled = last is not None and last[0] == checked
+            if settled:
+                exchange = last[1]
+            else:
                 self._check_states(group, params, roles)
-                self._checked[id(group)] = checked
+                exchange = distributed.exchange_for(type(self).__name__, params, grads)
+                self._checked[id(group)] = (checked, exchange)
         # The dtypes of the whole group, not only of this step's tensors: one choice per
         # group, whichever of its tensors have gradients.
         backend, module = self._resolve(device, frozenset(p.dtype for p in group["params"]),
                                         group.get("fused"))
         _check_top_c(group, backend, module)
-        return _Plan(group, params, device, backend, module, roles, grads, settled=settled)
+        return _Plan(group, params, device, backend, module, roles, grads, settled=settled,
+                     exchange=exchange)
 
     def _check_grads(self, params: list[Tensor], grads: list[Tensor], dtypes: list) -> None:
         name = type(self).__name__
@@ -386,17 +414,19 @@ class CriticalOptimizer(torch.optim.Optimizer):
             return {}
         slot = group["buffer_dtype"] or p.dtype
         C = group["topC"]
-        return {"cm_buffer": torch.zeros((C, *p.shape), dtype=slot, device=p.device),
+        # (shaped like p: DTensors for DTensor params, cm_fused/distributed.py)
+        return {"cm_buffer": distributed.slots_like(p, C, slot),
                 "cm_keys": torch.zeros(C, dtype=torch.float32, device=p.device),
                 "cm_count": torch.zeros((), dtype=torch.int64, device=p.device),
-                "cm_sum": torch.zeros(p.shape, dtype=sum_dtype(slot), device=p.device)}
+                "cm_sum": torch.zeros_like(p, dtype=sum_dtype(slot),
+                                           memory_format=torch.contiguous_format)}
 
     def _memory(self, plan: _Plan) -> list[Tensor]:
         """StepArgs.memory of the group (the adaptive-memory scalars; a hook)."""
         return []
 
     def _run(self, plan: _Plan, grad_scale: Tensor | None, found_inf: Tensor | None,
-             phase: Phase = Phase.ALL) -> None:
+             phase: Phase = Phase.ALL, reduced: Tensor | None = None) -> None:
         group, params, device, states = plan.group, plan.params, plan.device, plan.states
         self.backends_in_use[device.type] = plan.backend
         if grad_scale is not None:
@@ -415,6 +445,9 @@ class CriticalOptimizer(torch.optim.Optimizer):
             # the device (a bf16 lr would round 1 - lr·wd to bf16 in the reference only;
             # a [1]-shaped one would broadcast 0-dim params).
             lr = lr.to(device, torch.float32, non_blocking=True).reshape(())
+        # DTensors (FSDP2): the kernels step the local shards.
+        tensors = distributed.local if plan.exchange is not None else _as_is
+        params, grads = tensors(params), tensors(grads)
         fused = plan.backend != "reference"
         write_back = None
         if fused:
@@ -423,15 +456,17 @@ class CriticalOptimizer(torch.optim.Optimizer):
 
         def gather(role: str) -> list[Tensor]:
             key = roles[role]
-            return [s[key] for s in states] if key is not None else []
+            return tensors([s[key] for s in states]) if key is not None else []
 
         def buffer(key: str) -> list[Tensor]:
-            return [s[key] for s in states] if self.variant.buffered else []
+            return tensors([s[key] for s in states]) if self.variant.buffered else []
 
         scalars = self._scalars(group)
         rand = None
-        if scalars["critical_test"] > 0:
+        if scalars["critical_test"] > 0 and phase != Phase.REDUCE:
             rand = torch.rand(len(params), device=device)
+            if plan.exchange is not None:  # one decision on every process
+                distributed.same_coins(rand, plan.params)
         args = StepArgs(
             params=params, grads=grads, momenta=gather("momenta"),
             second_moments=gather("second_moments"), extras=gather("extras"),
@@ -441,7 +476,8 @@ class CriticalOptimizer(torch.optim.Optimizer):
             lr_tensor=lr if isinstance(lr, Tensor) else None, **scalars,
             lam=group.get("lam", 0.0), synced=group.get("synced", False),
             maximize=group["maximize"],
-            grad_scale=grad_scale, found_inf=found_inf, rand=rand, phase=int(phase))
+            grad_scale=grad_scale, found_inf=found_inf, rand=rand, phase=int(phase),
+            reduced=reduced)
         plan.module.step(args)
         if write_back is not None:
             write_back()
@@ -519,6 +555,12 @@ class CriticalOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"checkpoint state has {foreign}, which "
                                  f"{type(self).__name__} does not keep: it was saved by "
                                  f"another optimizer")
+            if distributed.is_sharded_type(p) and any(
+                    isinstance(v, Tensor) and v.dim() > 0 and not distributed.is_sharded_type(v)
+                    and k not in _OWN_DTYPE for k, v in saved_state.get(pid, {}).items()):
+                raise ValueError("checkpoint state is plain tensors but its parameters are "
+                                 "DTensors: load sharded optimizer state with "
+                                 "torch.distributed.checkpoint (set_optimizer_state_dict)")
             buf = saved_state.get(pid, {}).get("cm_buffer")
             if buf is not None and tuple(buf.shape[1:]) != tuple(p.shape):
                 raise ValueError(f"checkpoint buffer of shape {tuple(buf.shape)} does not fit "
@@ -570,6 +612,14 @@ def _restore(key: str, value: Any, p: Tensor) -> Any:
     else:
         dtype = p.dtype
     return value.to(device=p.device, dtype=dtype, copy=True).contiguous()
+
+
+def _sharded(plans: list[_Plan]) -> bool:
+    return any(plan.exchange for plan in plans)
+
+
+def _as_is(tensors: list[Tensor]) -> list[Tensor]:
+    return tensors
 
 
 def _contiguous(params: list[Tensor], grads: list[Tensor]):

@@ -18,6 +18,7 @@ from torch.optim.sgd import sgd as _torch_sgd
 import torch
 from torch import Tensor
 
+from . import distributed
 from .contract import Variant
 from .engine import CriticalOptimizer, _Plan
 
@@ -258,11 +259,13 @@ class SGDAM(_AdaptiveMemory):
     def __init__(self, params, lr=0.1, *, beta_max=0.9, lam=0.1, weight_decay=0.0,
                  maximize=False, fused=None, backend="auto"):
         self._totals: Tensor | None = None
+        self._shards: distributed.Exchange | None = None  # this step's, set by _begin_split
         super().__init__(params, locals(), backend)
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_totals", None)
+        self.__dict__.setdefault("_shards", None)
 
     def _roles(self, group):
         return dict(momenta="d", second_moments=None, extras=None, steps="step")
@@ -295,7 +298,23 @@ class SGDAM(_AdaptiveMemory):
         if len(devices) > 1:
             raise RuntimeError(f"SGDAM: all parameters must be on one device (one beta for "
                                f"the whole optimizer), got {sorted(map(str, devices))}")
+        self._shards = None
+        if any(plan.exchange for plan in plans):
+            # D and N are summed over every tensor, then over the processes: that takes
+            # every tensor sharded the same way (a replicated one would count once per
+            # process).
+            ways = {plan.exchange[0][:2] if plan.exchange and len(plan.exchange) == 1
+                    and plan.exchange[0][2] is None else None for plan in plans}
+            if len(ways) != 1 or None in ways:
+                raise NotImplementedError(
+                    "SGDAM: with sharded parameters, every parameter must be sharded over "
+                    "the same mesh dimensions (one beta from sums over every process)")
+            self._shards = [(*ways.pop(), None)]
         self._totals_on(plans[0].device)[:2].zero_()
+
+    def _sum_split_over_shards(self, plans):
+        if self._shards:
+            distributed.sum_over_shards(self._totals[:2], self._shards)
 
     def _betas(self):
         return None if self._totals is None else self._totals[2:]

@@ -48,6 +48,13 @@ def gradient_keys(grads: list[Tensor], synced: bool) -> Tensor:
     return norms.sum().expand(len(grads)) if synced else norms
 
 
+def keys_from_sums(sumsq: Tensor, synced: bool) -> Tensor:
+    """The keys from each gradient's sum of squares (fp64; a split step's, summed over
+    the processes that hold its shards)."""
+    norms = sumsq.sqrt().float()
+    return norms.sum().expand(len(norms)) if synced else norms
+
+
 def unavailable_reason() -> str | None:
     return None
 
@@ -69,7 +76,13 @@ def step(args: StepArgs) -> None:
     if not Variant(args.variant).buffered:
         _adaptive_memory(args, grads, keep)
         return
-    norms = gradient_keys(grads, args.synced)
+    if args.phase == Phase.REDUCE:  # the sums only: the optimizer sums them over processes
+        args.reduced[:, 0] = torch.stack([torch.sum(g.double() ** 2) for g in grads])
+        return
+    if args.phase == Phase.UPDATE:
+        norms = keys_from_sums(args.reduced[:, 0], args.synced)
+    else:
+        norms = gradient_keys(grads, args.synced)
     lr = args.lr if args.lr_tensor is None else args.lr_tensor
 
     def role(tensors: list[Tensor], i: int) -> Tensor | None:
@@ -89,10 +102,13 @@ def _commit(dst: Tensor, new: Tensor, keep: Tensor | None) -> None:
     dst.copy_(new if keep is None else torch.where(keep, dst, new))
 
 
-def _second_moment(sq: Tensor, u: Tensor, beta: float, keep: Tensor | None) -> Tensor:
-    """``sq ← β·sq + (1−β)·u²`` (Adam's v, RMSprop's square average), written back."""
+def _second_moment(sq: Tensor, u: Tensor, beta: float, keep: Tensor | None,
+                   write: bool = True) -> Tensor:
+    """``sq ← β·sq + (1−β)·u²`` (Adam's v, RMSprop's square average), written back
+    (unless ``write`` is False)."""
     new = sq.to(u.dtype) * beta + (1 - beta) * u * u
-    _commit(sq, new, keep)
+    if write:
+        _commit(sq, new, keep)
     return new
 
 
@@ -222,7 +238,7 @@ def _adaptive_memory(a: StepArgs, grads: list[Tensor], keep: Tensor | None) -> N
     if a.variant == Variant.ADAM_AM:
         for i, p in enumerate(a.params):
             _adam_am_tensor(a, lr, keep, p, grads[i], a.momenta[i], a.second_moments[i],
-                            a.steps[i], a.memory[i])
+                            a.steps[i], a.memory[i], i)
         return
     totals = a.memory[0]
     gs = [g + a.weight_decay * p.to(g.dtype) if a.weight_decay != 0 else g
@@ -300,14 +316,22 @@ def adam_am_beta(a: StepArgs, sums: Tensor, first: Tensor, prev_lr: Tensor, lr) 
     return torch.where(first, a.beta1, beta)
 
 
-def _adam_am_tensor(a: StepArgs, lr, keep, p, g, d_state, v_state, step, memory) -> None:
+def _adam_am_tensor(a: StepArgs, lr, keep, p, g, d_state, v_state, step, memory,
+                    i: int) -> None:
     x = p.to(g.dtype)
     d = d_state.to(g.dtype)
     prod, prev_lr = memory[0], memory[1]
     step_new = step + 1
-    v_new = _second_moment(v_state, g, a.beta2, keep)
+    v_new = _second_moment(v_state, g, a.beta2, keep, write=a.phase != Phase.REDUCE)
     P, R, W = adam_am_planes(a, v_new, step_new, prod)
-    beta = adam_am_beta(a, adam_am_sums(a, g, x, d, P, R, W), step == 0, prev_lr, lr)
+    if a.phase == Phase.UPDATE:  # summed over the processes
+        sums = a.reduced[i]
+    else:
+        sums = adam_am_sums(a, g, x, d, P, R, W)
+        if a.phase == Phase.REDUCE:
+            a.reduced[i] = sums
+            return
+    beta = adam_am_beta(a, sums, step == 0, prev_lr, lr)
     d_new = ((1 - beta) * g + (a.lam * P + beta) * d) * (P * W)  # ... / R
     _commit(d_state, d_new, keep)
     _commit(p, _decayed(x, a, lr) - lr * d_new * (R * W), keep)  # ... − lr·d/P

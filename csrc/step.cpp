@@ -15,6 +15,11 @@
 // two-plane model's sums, a serial decision of beta (per tensor for ADAM_AM, one for
 // SGD_AM), an update pass.
 //
+// Split steps (phase REDUCE, then UPDATE): a sharded tensor's sums must be summed over
+// the processes before anything is decided. REDUCE stops after step 2 and writes the
+// per-tensor sums into `reduced` (fp64 [T, NS]); UPDATE starts at step 3 from them.
+// (SGD_AM's split is over param groups instead: its sums go through memory[0].)
+//
 // Chunk boundaries are fixed (kChunk elements from the start of each tensor) and each
 // chunk's partial sum is computed by one thread with the same code, so the norms, the
 // keys and hence every insert decision have the same bits whatever the thread count.
@@ -211,7 +216,8 @@ float clip_ratio(double num, double den, double beta_max) {
 // ADAM_AM and SGD_AM (cm_fused/reference.py: _adaptive_memory), after validation.
 void am_step(const KernelTable& table, const AMScalars& s, const std::vector<int>& pdt,
              at::TensorList params, at::TensorList grads, at::TensorList momenta,
-             at::TensorList second_moments, at::TensorList steps, at::TensorList memory) {
+             at::TensorList second_moments, at::TensorList steps, at::TensorList memory,
+             double* reduced) {
   const size_t T = params.size();
   const bool adam = s.variant == kAdamAM;
   const int vi = static_cast<int>(s.variant) - kAdamAM;
@@ -254,7 +260,11 @@ void am_step(const KernelTable& table, const AMScalars& s, const std::vector<int
   // ------------------------------------------------------------ reduce pass
   std::vector<std::array<double, kAMSums>> sums(T);  // per tensor, in chunk order
   float* totals = adam ? nullptr : memory[0].data_ptr<float>();
-  if (adam || s.phase != kPhaseUpdate) {
+  if (adam && s.phase == kPhaseUpdate) {  // summed over the processes
+    for (size_t i = 0; i < T; ++i) {
+      std::copy(reduced + i * kAMSums, reduced + (i + 1) * kAMSums, sums[i].begin());
+    }
+  } else if (adam || s.phase != kPhaseUpdate) {
     std::vector<std::array<double, kAMSums>> partial(chunks.size());
     for_each_chunk(chunks, total, [&](int64_t c) {
       const Chunk& ch = chunks[c];
@@ -267,6 +277,13 @@ void am_step(const KernelTable& table, const AMScalars& s, const std::vector<int
       if (!adam && args[chunks[c].tensor].first) continue;
       for (int k = 0; k < kAMSums; ++k) sums[chunks[c].tensor][k] += partial[c][k];
     }
+  }
+
+  if (adam && s.phase == kPhaseReduce) {
+    for (size_t i = 0; i < T; ++i) {
+      std::copy(sums[i].begin(), sums[i].end(), reduced + i * kAMSums);
+    }
+    return;
   }
 
   // ------------------------------------------------------------ decide
@@ -332,7 +349,8 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
               double critical_test, double lam, int64_t phase, bool synced, bool maximize,
               const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf,
-              const std::optional<at::Tensor>& rand) {
+              const std::optional<at::Tensor>& rand,
+              const std::optional<at::Tensor>& reduced) {
   const size_t T = params.size();
   // ------------------------------------------------------------ 1. validate
   TORCH_CHECK(variant >= 0 && variant < kNumVariants, "cm_fused::step_: unknown variant ",
@@ -340,8 +358,23 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
   const bool am = variant >= kNumBuffered;  // adaptive memory: no buffer
   const bool adam = variant == kAdamCM || variant == kAdamCG || variant == kAdamAM;
   const bool sgd = variant == kSGDCG || variant == kSGDAM;
-  TORCH_CHECK(phase == kPhaseAll || (variant == kSGDAM && phase >= 0 && phase <= kPhaseUpdate),
-              "cm_fused::step_: phase ", phase, " is not valid for variant ", variant);
+  TORCH_CHECK(phase >= kPhaseAll && phase <= kPhaseUpdate, "cm_fused::step_: unknown phase ",
+              phase);
+  // Every split step but SGD_AM's hands its sums over in `reduced`: fp64 [T, NS].
+  const bool exchange = phase != kPhaseAll && variant != kSGDAM;
+  const int64_t ns = variant == kAdamAM ? kAMSums : 1;
+  TORCH_CHECK(reduced.has_value() == exchange, "cm_fused::step_: reduced must be given ",
+              exchange ? "for" : "only for", " the REDUCE and UPDATE phases of variants other "
+              "than SGD_AM");
+  if (exchange) {
+    TORCH_CHECK(reduced->device().is_cpu() && reduced->scalar_type() == at::kDouble &&
+                    reduced->is_contiguous() && reduced->dim() == 2 &&
+                    reduced->size(0) == static_cast<int64_t>(params.size()) &&
+                    reduced->size(1) == ns,
+                "cm_fused::step_: reduced must be a contiguous float64 CPU tensor of shape [",
+                params.size(), ", ", ns, "], got ", reduced->scalar_type(), " ",
+                reduced->sizes(), " on ", reduced->device());
+  }
   check_list(grads, "grads", T);
   const bool has_mom = check_role(momenta, "momenta", T, adam || am);
   const bool has_sq = check_role(second_moments, "second_moments", T, !sgd);
@@ -415,7 +448,8 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
   if (am) {
     const AMScalars s{variant, lr_value, lr_tensor && lr_tensor->scalar_type() == at::kFloat,
                       beta1, beta2, eps, weight_decay, lam, phase, divide, scale_f};
-    am_step(table, s, pdt, params, grads, momenta, second_moments, steps, memory);
+    am_step(table, s, pdt, params, grads, momenta, second_moments, steps, memory,
+            exchange ? reduced->data_ptr<double>() : nullptr);
     return;
   }
 
@@ -425,15 +459,24 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
   // ------------------------------------------------------------ 2. reduce pass
   std::vector<const void*> gptr(T);
   for (size_t i = 0; i < T; ++i) gptr[i] = grads[i].data_ptr();
-  std::vector<double> partial(chunks.size());
-  for_each_chunk(chunks, total, [&](int64_t c) {
-    const Chunk& ch = chunks[c];
-    partial[c] = table.norm[pdt[ch.tensor]](gptr[ch.tensor], ch.begin, ch.end, divide, scale_f);
-  });
+  std::vector<double> sumsq(T, 0.0);
+  if (phase == kPhaseUpdate) {  // summed over the processes
+    std::copy(reduced->data_ptr<double>(), reduced->data_ptr<double>() + T, sumsq.begin());
+  } else {
+    std::vector<double> partial(chunks.size());
+    for_each_chunk(chunks, total, [&](int64_t c) {
+      const Chunk& ch = chunks[c];
+      partial[c] = table.norm[pdt[ch.tensor]](gptr[ch.tensor], ch.begin, ch.end, divide,
+                                              scale_f);
+    });
+    for (size_t c = 0; c < chunks.size(); ++c) sumsq[chunks[c].tensor] += partial[c];
+    if (phase == kPhaseReduce) {
+      std::copy(sumsq.begin(), sumsq.end(), reduced->data_ptr<double>());
+      return;
+    }
+  }
 
   // ------------------------------------------------------------ 3. decide
-  std::vector<double> sumsq(T, 0.0);
-  for (size_t c = 0; c < chunks.size(); ++c) sumsq[chunks[c].tensor] += partial[c];
   std::vector<float> key(T);
   for (size_t i = 0; i < T; ++i) key[i] = static_cast<float>(std::sqrt(sumsq[i]));
   if (synced) {  // SPEC quirk: the sum of per-tensor norms, not the global norm

@@ -25,7 +25,8 @@ enum Variant : int {
   kNumAM = kNumVariants - kNumBuffered,
 };
 
-// Phase of an SGD_AM step split over param groups: cm_fused.contract.Phase.
+// Phase of a step split in two: cm_fused.contract.Phase (SGD_AM: over param groups;
+// every other variant: around the sum of the reduce pass's sums over processes).
 enum Phase : int { kPhaseAll = 0, kPhaseReduce = 1, kPhaseUpdate = 2 };
 
 // Sums the adaptive-memory reduce pass returns per chunk: ADAM_AM's D, M, X, Y; SGD_AM's

@@ -87,7 +87,13 @@ def test_op_refuses_bad_arguments_and_changes_nothing():
     for change, match in [(dict(grads=op_args().grads[:2]), "grads has 2 tensors"),
                           (dict(momenta=[]), "momenta has 0 tensors"),
                           (dict(variant=7), "unknown variant 7"),
-                          (dict(variant=int(Variant.SGD_CG)), "takes no second_moments")]:
+                          (dict(variant=int(Variant.SGD_CG)), "takes no second_moments"),
+                          (dict(phase=1), "reduced must be given for"),
+                          (dict(reduced=torch.zeros(3, 1, dtype=torch.float64)),
+                           "reduced must be given only for"),
+                          (dict(phase=2, reduced=torch.zeros(3, 4, dtype=torch.float64)),
+                           r"shape \[3, 1\]"),
+                          (dict(phase=3), "unknown phase 3")]:
         args = op_args()
         for key, value in change.items():
             setattr(args, key, value)

@@ -14,8 +14,10 @@ import inspect
 import pytest
 import torch
 
+from cm_fused import registry
+from cm_fused.contract import MUTATED, Phase, Variant
 from compare import (TOLERANCE, assert_bit_identical, assert_same_state,
-                     checkpoint_roundtrip, copy_params, make_params, run_lockstep,
+                     checkpoint_roundtrip, copy_params, make_params, op_args, run_lockstep,
                      scaler_lockstep, set_grads, snapshot, assert_unchanged)
 from family import BACKENDS, EVERY, FAMILY, FUSED_BACKENDS, cases, make, require
 
@@ -45,6 +47,66 @@ def some_missing(step):
     if step == 0:
         return {3}
     return {1, 4} if step % 4 == 1 else ({0, 2} if step % 7 == 3 else ())
+
+
+# ------------------------------------------------------------ a step split in two
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", [v for v in Variant if v != Variant.SGD_AM],
+                         ids=lambda v: v.name)
+def test_split_step_with_exchanged_sums_is_the_whole_step(variant, backend, request):
+    """REDUCE writes each tensor's sums into ``reduced`` and changes nothing else; UPDATE
+    decides from ``reduced`` (what the optimizer all-reduces for sharded tensors): the
+    two make the whole step. (SGD_AM splits across groups: the lock-step tests.)"""
+    use(backend, request)
+    module = registry.module(backend)
+    whole, split, fresh = op_args(variant), op_args(variant), op_args(variant)
+    module.step(whole)
+    split.reduced = torch.zeros(3, variant.sums_per_tensor, dtype=torch.float64)
+    split.phase = int(Phase.REDUCE)
+    module.step(split)
+    for name in MUTATED:
+        if name != "reduced":
+            assert_tensors(getattr(split, name), getattr(fresh, name), exact=True)
+    if variant.buffered:  # the sums of squares of the unscaled gradients
+        want = [torch.sum((g.double() / 2.0) ** 2) for g in fresh.grads]
+        torch.testing.assert_close(split.reduced[:, 0], torch.stack(want))
+    split.phase = int(Phase.UPDATE)
+    module.step(split)
+    for name in MUTATED:
+        if name != "reduced":
+            assert_tensors(getattr(split, name), getattr(whole, name),
+                           exact=backend != "reference")
+    if variant.buffered:  # the keys come from `reduced`: 4x the sums is 2x the keys
+        doubled, quadrupled = op_args(variant), op_args(variant)
+        doubled.grads = [g * 2 for g in doubled.grads]
+        module.step(doubled)
+        quadrupled.reduced = split.reduced * 4
+        quadrupled.phase = int(Phase.UPDATE)
+        module.step(quadrupled)
+        assert_tensors(quadrupled.keys, doubled.keys, exact=True)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("phase", [Phase.REDUCE, Phase.UPDATE], ids=lambda p: p.name)
+def test_split_step_opcheck(backend, phase, request):
+    """The ops' schema, fake and autograd checks with ``reduced`` (mutated by REDUCE)."""
+    use(backend, request)
+    op = {"cpu": torch.ops.cm_fused.step_, "triton": torch.ops.cm_fused_triton.step_}
+    registry.module(backend).unavailable_reason()  # loads the op
+    args = op_args(Variant.ADAM_AM)
+    args.reduced = torch.rand(3, 4, dtype=torch.float64)
+    args.phase = int(phase)
+    torch.library.opcheck(op[backend].default, args.op_args())
+
+
+def assert_tensors(got: list, want: list, exact: bool) -> None:
+    for a, b in zip(got, want, strict=True):
+        if exact:
+            assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(
+                a.nan_to_num(), b.nan_to_num())
+        else:
+            torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------------ fused vs reference

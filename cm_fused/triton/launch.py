@@ -310,15 +310,21 @@ def _step(args: StepArgs) -> None:
     dummy = plan.sumsq
     grad_scale, found_inf, lr_tensor = args.grad_scale, args.found_inf, args.lr_tensor
 
-    for b in plan.buckets:
-        if b.n_chunks:
-            _launch(K._norm_kernel, (b.n_chunks,),
-                    (b.tab, b.n, b.chunk_t, b.chunk_s, b.partials,
-                     dummy if grad_scale is None else grad_scale, chunk),
-                    dict(G_DT=b.dtypes["g"], HAS_SCALE=grad_scale is not None,
-                         ALIGNED=b.aligned, BLOCK=block), NUM_WARPS)
-    _launch(K._reduce_kernel, (T,), (plan.gtab, T, plan.partials, plan.sumsq),
-            dict(NS=1, RBLOCK=RBLOCK), 4)
+    if args.phase == Phase.UPDATE:  # summed over the processes
+        plan.sumsq.copy_(args.reduced.view(-1))
+    else:
+        for b in plan.buckets:
+            if b.n_chunks:
+                _launch(K._norm_kernel, (b.n_chunks,),
+                        (b.tab, b.n, b.chunk_t, b.chunk_s, b.partials,
+                         dummy if grad_scale is None else grad_scale, chunk),
+                        dict(G_DT=b.dtypes["g"], HAS_SCALE=grad_scale is not None,
+                             ALIGNED=b.aligned, BLOCK=block), NUM_WARPS)
+        _launch(K._reduce_kernel, (T,), (plan.gtab, T, plan.partials, plan.sumsq),
+                dict(NS=1, RBLOCK=RBLOCK), 4)
+        if args.phase == Phase.REDUCE:
+            args.reduced.view(-1).copy_(plan.sumsq)
+            return
     CP = max(2, triton.next_power_of_2(C))
     TB = min(DECIDE_TB, max(16, 2048 // CP))  # a [TB, CP] tile of keys: <= 2048 or 16 rows
     _launch(K._decide_kernel, (triton.cdiv(T, TB),),
@@ -354,7 +360,7 @@ def _step_adaptive(args: StepArgs) -> None:
     """One step (or one phase of a split step) of an adaptive-memory group: reduce,
     decide, update (adaptive.py)."""
     adam = args.variant == Variant.ADAM_AM
-    ns = 4 if adam else 2
+    ns = Variant(args.variant).sums_per_tensor
     block, chunk = int(BLOCK), int(CHUNK)
     plan = plan_for(args, ns, chunk, block)
     T = plan.T
@@ -383,17 +389,26 @@ def _step_adaptive(args: StepArgs) -> None:
                              MAXIMIZE=bool(args.maximize), REDUCE=reduce, NS=ns,
                              ALIGNED=b.aligned, BLOCK=block), NUM_WARPS)
 
-    if args.phase != Phase.UPDATE:
+    # ADAM_AM's split step hands its sums over in args.reduced (summed over processes);
+    # SGD_AM's adds them into memory[0] (summed over groups) in the decide kernel.
+    exchange = adam and args.phase != Phase.ALL
+    if exchange and args.phase == Phase.UPDATE:
+        plan.sumsq.copy_(args.reduced.view(-1))
+    elif args.phase != Phase.UPDATE:
         am_kernel(reduce=True)
         _launch(K._reduce_kernel, (T,), (plan.gtab, T, plan.partials, plan.sumsq),
                 dict(NS=ns, RBLOCK=RBLOCK), 4)
+        if exchange:
+            args.reduced.view(-1).copy_(plan.sumsq)
+            return
     tb = DECIDE_TB
     _launch(A._am_decide_kernel, (triton.cdiv(T, tb) if adam else 1,),
             (plan.gtab, T, plan.sumsq, args.memory[0], dummy if found_inf is None else
              found_inf, plan.dec_i, plan.dec_f, lr_hi, lr_lo,
              dummy if lr_tensor is None else lr_tensor, *_split(args.beta1), beta2_hi,
              beta2_lo, *_split(args.weight_decay)),
-            dict(VARIANT=int(args.variant), PHASE=int(args.phase),
+            dict(VARIANT=int(args.variant),
+                 PHASE=int(Phase.ALL) if adam else int(args.phase),
                  LR_IS_PTR=lr_tensor is not None, HAS_FOUND_INF=found_inf is not None,
                  TB=tb), 4)
     if args.phase != Phase.REDUCE:

@@ -1,0 +1,139 @@
+"""Sharded parameters (FSDP2, DTensor): what the step engine needs to step them exactly.
+
+The kernels step local shards (``to_local()``), which is exact for every elementwise part
+of a step. The one part that is not elementwise is the reduce pass: a tensor's priority
+key (the norm of its whole gradient) and the adaptive-memory sums are sums over all of
+its elements. For a tensor sharded over processes each process only sums its shard, so
+the optimizer splits such a step (:class:`~cm_fused.contract.Phase`): REDUCE writes each
+tensor's sums, :func:`sum_over_shards` all-reduces them over the mesh dimensions on which
+the tensor is sharded (one collective per param group and dimension, all tensors in it),
+and UPDATE decides from the complete sums, so every process makes the decisions one
+process holding the whole tensors would make.
+
+State follows torch's optimizers under FSDP2: a state tensor shaped like the parameter is
+a DTensor with the parameter's mesh and placements; the critical buffer (one slot per
+leading index) is a DTensor sharded the same way one dimension further in; scalars (step,
+keys, counts, adaptive-memory scalars) are plain tensors, the same on every process.
+``torch.distributed.checkpoint`` saves and reshards all of it.
+
+Nothing here runs, and nothing is imported from ``torch.distributed``, unless a parameter
+is a DTensor.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:  # torch built without distributed support has no DTensor: nothing is sharded then
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - every supported torch build has it
+    DTensor = None  # type: ignore[assignment,misc]
+
+# One entry per group of rows of `reduced` that are sharded alike: the mesh, the mesh
+# dimensions to sum over, and the rows (None: all of them).
+Exchange = list[tuple[Any, tuple[int, ...], "list[int] | None"]]
+
+
+def is_sharded_type(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def any_dtensor(tensors: list[Tensor]) -> bool:
+    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
+
+
+def local(tensors: list[Tensor]) -> list[Tensor]:
+    """The local shards of DTensors; plain tensors as they are."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
+def exchange_for(name: str, params: list[Tensor], grads: list[Tensor]) -> Exchange | None:
+    """Which rows of a group's reduce sums must be summed over which processes (None:
+    nothing sharded). Raises, before anything changes, for placements a step cannot
+    take."""
+    if not any_dtensor(params) and not any_dtensor(grads):
+        return None
+    rows: dict = {}
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if not isinstance(p, DTensor):
+            if isinstance(g, DTensor):
+                raise RuntimeError(f"{name}: a plain parameter has a DTensor gradient")
+            continue
+        if not isinstance(g, DTensor) or g.device_mesh != p.device_mesh \
+                or tuple(g.placements) != tuple(p.placements):
+            got = (f"{g.device_mesh} {tuple(g.placements)}" if isinstance(g, DTensor)
+                   else "a plain tensor")
+            raise RuntimeError(f"{name}: a DTensor parameter's gradient must be placed as the "
+                               f"parameter ({p.device_mesh} {tuple(p.placements)}), got "
+                               f"{got}; redistribute it first")
+        dims = []
+        for d, pl in enumerate(p.placements):
+            if pl.is_partial():
+                raise NotImplementedError(
+                    f"{name}: a parameter with a Partial placement ({tuple(p.placements)}) "
+                    f"is not a part of its value; the step takes Shard and Replicate "
+                    f"placements only")
+            if pl.is_shard():
+                dims.append(d)
+        if dims:
+            rows.setdefault((p.device_mesh, tuple(dims)), []).append(i)
+    if not rows:
+        return []
+    everything = len(rows) == 1 and len(next(iter(rows.values()))) == len(params)
+    return [(mesh, dims, None if everything else idx) for (mesh, dims), idx in rows.items()]
+
+
+def sum_over_shards(reduced: Tensor, exchange: Exchange) -> None:
+    """All-reduce (sum) the rows of ``reduced`` over the mesh dimensions on which their
+    tensors are sharded, in place: one collective per entry and dimension. (A sum over
+    each dimension in turn is the sum over all of them.) No host sync."""
+    import torch.distributed as dist
+
+    for mesh, dims, rows in exchange:
+        part = reduced if rows is None else reduced[rows]
+        for d in dims:
+            dist.all_reduce(part, group=mesh.get_group(d))
+        if rows is not None:
+            reduced[rows] = part
+
+
+def same_coins(rand: Tensor, params: list[Tensor]) -> None:
+    """critical_test's coin draws, made the same on every process of the parameters'
+    meshes (broadcast from coordinate 0 of each dimension in turn): ranks whose random
+    generators differ must still make the same insert decisions."""
+    import torch.distributed as dist
+
+    meshes = {p.device_mesh for p in params if isinstance(p, DTensor)}
+    for mesh in meshes:
+        for d in range(mesh.ndim):
+            group = mesh.get_group(d)
+            dist.broadcast(rand, group=group, group_src=0)
+
+
+def slots_like(p: Tensor, C: int, dtype: torch.dtype) -> Tensor:
+    """Zeros of shape (C, *p.shape): the critical buffer. For a DTensor p, a DTensor whose
+    local tensor holds C slots of p's local shard (each Shard placement one dimension
+    further in)."""
+    if not isinstance(p, DTensor):
+        return torch.zeros((C, *p.shape), dtype=dtype, device=p.device)
+    from torch.distributed.tensor import Shard
+
+    placements = []
+    for pl in p.placements:
+        if pl.is_shard():
+            dim = pl.dim if pl.dim >= 0 else pl.dim + p.ndim
+            if type(pl) is not Shard:  # e.g. _StridedShard (FSDP2 over tensor parallel)
+                raise NotImplementedError(
+                    f"the critical buffer of a parameter placed as {tuple(p.placements)} is "
+                    f"not supported (only Shard and Replicate placements)")
+            placements.append(Shard(dim + 1))
+        else:
+            placements.append(pl)
+    shard = p.to_local()
+    shape = torch.Size((C, *p.shape))
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(torch.zeros((C, *shard.shape), dtype=dtype, device=shard.device),
+                              p.device_mesh, placements, run_check=False, shape=shape,
+                              stride=stride)

@@ -1,0 +1,304 @@
+"""What the processes of the distributed tests run (tests/test_distributed.py).
+
+Every rank runs the same small model with an uneven shard (dim 0 of 7, 5 and 1 rows over
+2 ranks: the last layer's shards are empty on rank 1) and a parameter that has no
+gradient on one step; rank r trains on half r of each batch, the single-process run on
+the whole batch (loss means: the same gradients up to rounding). Results are saved to
+files that the test compares; nothing here asserts, so a failure shows in pytest.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+STEPS = 20
+NO_GRAD_AT = 7  # the step on which a parameter has no gradient
+BATCH = 16
+
+
+def launch(fn, world: int, tmp: Path, args: tuple = (), timeout: float = 240.0) -> None:
+    """Run ``fn(rank, world, tmp, *args)`` in ``world`` fresh processes that form a gloo
+    process group over loopback (a file rendezvous in ``tmp``: no port to collide with a
+    parallel run); raise with the failing rank's traceback, or after ``timeout`` s."""
+    import torch.multiprocessing as mp
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    store = tmp / f"rendezvous-{time.monotonic_ns()}"
+    ctx = mp.start_processes(_entry, args=(world, str(store), fn, str(tmp), args),
+                             nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{fn.__name__}: {world} ranks did not finish in "
+                                   f"{timeout:.0f} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+def _entry(rank, world, store, fn, tmp, args):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # one core per rank
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        fn(rank, world, Path(tmp), *args)
+    except BaseException:
+        traceback.print_exc(file=sys.stderr)
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ the training run
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(),
+                         nn.Linear(5, 1))
+
+
+def batch(t: int, rank: int | None, world: int):
+    """Step t's batch: all of it (rank None) or rank's share."""
+    g = torch.Generator().manual_seed(1000 + t)
+    x, y = torch.randn(BATCH, 6, generator=g), torch.randn(BATCH, 1, generator=g)
+    if rank is None:
+        return x, y
+    n = BATCH // world
+    return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+
+
+def make_optimizer(model, spec: dict):
+    import cm_fused
+
+    spec = dict(spec)
+    cls = getattr(cm_fused, spec.pop("optimizer"))
+    params = list(model.parameters())
+    if spec.pop("two_groups", False):
+        return cls([{"params": params[:2]}, {"params": params[2:], "lr": spec["lr"] / 2}],
+                   **spec)
+    return cls(params, **spec)
+
+
+def train(model, opt, steps: range, rank: int | None, world: int,
+          rng_per_rank: bool = True) -> None:
+    """``steps`` of training on rank's share of the data (rank None: all of it). With
+    ``rng_per_rank`` each rank's random generator starts differently (as dropout would
+    leave them), rank 0's as the single process's: critical_test's coins must still be
+    the same on every rank (the optimizer broadcasts them for sharded tensors)."""
+    if steps.start == 0:
+        torch.manual_seed(100 + ((rank or 0) if rng_per_rank else 0))
+    no_grad = list(model.parameters())[3]  # the second layer's bias
+    for t in steps:
+        opt.zero_grad()
+        x, y = batch(t, rank, world)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if t == NO_GRAD_AT:
+            no_grad.grad = None
+        opt.step()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def snapshot(model, opt) -> dict:
+    """Parameters and optimizer state, whole (DTensors gathered), by parameter index."""
+    params = list(model.parameters())
+    state = {}
+    for i, p in enumerate(params):
+        st = opt.state.get(p, {})
+        state[i] = {k: _full(v).detach().clone() for k, v in st.items()
+                    if isinstance(v, torch.Tensor)}
+        state[i]["__types__"] = {k: type(v).__name__ for k, v in st.items()}
+        state[i]["__placements__"] = {k: str(tuple(v.placements)) for k, v in st.items()
+                                      if hasattr(v, "placements")}
+    return {"params": [_full(p).detach().clone() for p in params], "state": state}
+
+
+# ------------------------------------------------------------------ scenarios
+
+def fsdp_vs_single(rank: int, world: int, tmp: Path, specs: dict) -> None:
+    """Each spec: FSDP2 over the ranks, and (rank 0) one process, the same 20 steps."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for name, spec in specs.items():
+        model = make_model()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = make_optimizer(model, spec)
+        start = time.perf_counter()
+        train(model, opt, range(STEPS), rank, world)
+        result = {"sharded": snapshot(model, opt), "seconds": time.perf_counter() - start,
+                  "local_numels": [p.to_local().numel() for p in model.parameters()]}
+        if rank == 0:
+            single = make_model()
+            sopt = make_optimizer(single, spec)
+            train(single, sopt, range(STEPS), None, world)
+            result["single"] = snapshot(single, sopt)
+        torch.save(result, tmp / f"fsdp-{name}-rank{rank}.pt")
+
+
+def ddp_vs_single(rank: int, world: int, tmp: Path, specs: dict) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    for name, spec in specs.items():
+        model = DistributedDataParallel(make_model())
+        opt = make_optimizer(model.module, spec)
+        # Replicated tensors: nothing is exchanged, so the coins need the same generator.
+        train(model, opt, range(STEPS), rank, world, rng_per_rank=False)
+        result = {"ddp": snapshot(model.module, opt)}
+        if rank == 0:
+            single = make_model()
+            sopt = make_optimizer(single, spec)
+            train(single, sopt, range(STEPS), None, world)
+            result["single"] = snapshot(single, sopt)
+        torch.save(result, tmp / f"ddp-{name}-rank{rank}.pt")
+
+
+def dcp_run(rank: int, world: int, tmp: Path, spec: dict, phase: str) -> None:
+    """phase "first": train 0..10, save with torch.distributed.checkpoint, go on to 20.
+    phase "resume" (fresh processes): load the step-10 checkpoint, train 10..20."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = make_optimizer(model, spec)
+    half = STEPS // 2
+    where = str(tmp / "checkpoint")
+    if phase == "first":
+        train(model, opt, range(half), rank, world)
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=where)
+        # critical_test's coins come from torch's generator, which a resume restores too
+        torch.save(torch.get_rng_state(), tmp / f"rng-rank{rank}.pt")
+    else:
+        msd, osd = get_state_dict(model, opt)  # (steps once with lr 0 to make the state)
+        loaded = {"model": msd, "optim": osd}
+        dcp.load(loaded, checkpoint_id=where)
+        set_state_dict(model, opt, model_state_dict=loaded["model"],
+                       optim_state_dict=loaded["optim"])
+        torch.set_rng_state(torch.load(tmp / f"rng-rank{rank}.pt"))
+    train(model, opt, range(half, STEPS), rank, world)
+    torch.save(snapshot(model, opt), tmp / f"dcp-{phase}-rank{rank}.pt")
+
+
+def refusals(rank: int, world: int, tmp: Path) -> None:
+    """What a step or a load refuses, each recorded as (exception type, message), and
+    whether the refused calls left parameters and state as they were."""
+    import cm_fused
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    P = torch.nn.Parameter
+    got, unchanged = {}, {}
+
+    def attempt(name, fn, params, opt):
+        before = [p.to_local().clone() if isinstance(p, DTensor) else p.detach().clone()
+                  for p in params]
+        state = {id(k): {n: t.clone() for n, t in v.items()} for k, v in opt.state.items()}
+        try:
+            fn()
+            got[name] = ("no error", "")
+        except Exception as e:  # noqa: BLE001 - recorded for the test to judge
+            got[name] = (type(e).__name__, str(e))
+        after = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+        now = {id(k): v for k, v in opt.state.items()}
+        unchanged[name] = all(torch.equal(a, b) for a, b in zip(before, after)) and (
+            now.keys() == state.keys() and all(
+            now[k].keys() == v.keys() and all(torch.equal(_full(now[k][n]), _full(t))
+                                             for n, t in v.items())
+            for k, v in state.items()))
+
+    partial = P(DTensor.from_local(torch.ones(3), mesh, [Partial()]))
+    partial.grad = DTensor.from_local(torch.ones(3), mesh, [Partial()])
+    opt = cm_fused.AdamCM([partial], backend="cpu")
+    attempt("partial", opt.step, [partial], opt)
+
+    torch.manual_seed(0)
+    p = P(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+    p.grad = distribute_tensor(torch.randn(4, 3), mesh, [Replicate()])
+    opt = cm_fused.AdamCM([p], backend="cpu")
+    attempt("misplaced_grad", opt.step, [p], opt)
+
+    p.grad = distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)])
+    opt.step()
+    plain = P(torch.randn(4, 3))
+    plain.grad = torch.randn(4, 3)
+    plain_opt = cm_fused.AdamCM([plain], backend="cpu")
+    plain_opt.step()
+    attempt("plain_checkpoint", lambda: opt.load_state_dict(plain_opt.state_dict()), [p], opt)
+
+    other = P(torch.randn(5))
+    other.grad = torch.randn(5)
+    opt = cm_fused.SGDAM([p, other], backend="cpu")
+    attempt("sgdam_mixed", opt.step, [p, other], opt)
+    got["unchanged"] = unchanged
+    torch.save(got, tmp / f"refusals-rank{rank}.pt")
+
+
+def mixed_group(rank: int, world: int, tmp: Path, specs: dict) -> None:
+    """One param group holding a sharded DTensor, a replicated DTensor and a plain tensor
+    (only the sharded one's sums are exchanged), vs the same tensors whole in one
+    process."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    shapes = [(5, 3), (4,), (2,)]
+    out = {}
+    for name, spec in specs.items():
+        spec = dict(spec)
+        cls = getattr(__import__("cm_fused"), spec.pop("optimizer"))
+        torch.manual_seed(0)
+        whole = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        placed = [torch.nn.Parameter(distribute_tensor(whole[0].detach(), mesh, [Shard(0)])),
+                  torch.nn.Parameter(distribute_tensor(whole[1].detach(), mesh, [Replicate()])),
+                  torch.nn.Parameter(whole[2].detach().clone())]
+        opts = [cls(whole, **spec), cls(placed, **spec)]
+        for t in range(STEPS):
+            g = torch.Generator().manual_seed(t)
+            grads = [torch.randn(s, generator=g) * (1 + t % 3) for s in shapes]
+            for p, gr in zip(whole, grads):
+                p.grad = gr.clone()
+            placed[0].grad = distribute_tensor(grads[0], mesh, [Shard(0)])
+            placed[1].grad = distribute_tensor(grads[1], mesh, [Replicate()])
+            placed[2].grad = grads[2].clone()
+            for opt in opts:
+                opt.step()
+        out[name] = {"whole": snapshot_params(whole, opts[0]),
+                     "placed": snapshot_params(placed, opts[1])}
+    torch.save(out, tmp / f"mixed-rank{rank}.pt")
+
+
+def snapshot_params(params, opt) -> dict:
+    class _Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ps = torch.nn.ParameterList(params)
+
+    return snapshot(_Holder(), opt)
