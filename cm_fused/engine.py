@@ -64,6 +64,8 @@ class _Plan:
     # DTensor parameters (FSDP2): None if there are none, else which rows of the reduce
     # pass's sums are summed over which processes ([] if none is sharded).
     exchange: distributed.Exchange | None = None
+    args: StepArgs | None = None  # built by the step's first call, for both phases
+    write_back: Any = None  # copies stepped dense params back into strided ones
 
 
 class CriticalOptimizer(torch.optim.Optimizer):
@@ -427,6 +429,25 @@ class CriticalOptimizer(torch.optim.Optimizer):
 
     def _run(self, plan: _Plan, grad_scale: Tensor | None, found_inf: Tensor | None,
              phase: Phase = Phase.ALL, reduced: Tensor | None = None) -> None:
+        """The group's step, or one phase of it (the StepArgs built for the first phase
+        serve the second)."""
+        if plan.args is None:
+            plan.args = self._step_args(plan, grad_scale, found_inf)
+            if plan.args is None:  # kappa == 0: torch's step ran
+                return
+        args = plan.args
+        args.phase, args.reduced = int(phase), reduced
+        if args.critical_test > 0 and phase != Phase.REDUCE:
+            args.rand = torch.rand(len(args.params), device=plan.device)
+            if plan.exchange is not None:  # one decision on every process
+                distributed.same_coins(args.rand, plan.params)
+        plan.module.step(args)
+        if phase != Phase.REDUCE and plan.write_back is not None:
+            plan.write_back()
+
+    def _step_args(self, plan: _Plan, grad_scale: Tensor | None,
+                   found_inf: Tensor | None) -> StepArgs | None:
+        """The group's StepArgs (None after running torch's step, at kappa == 0)."""
         group, params, device, states = plan.group, plan.params, plan.device, plan.states
         self.backends_in_use[device.type] = plan.backend
         if grad_scale is not None:
@@ -439,7 +460,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
             if isinstance(lr, Tensor):  # torch's code takes the tensor as it is
                 lr = lr.to(device, non_blocking=True)
             self._run_torch(plan, grads, lr, grad_scale, found_inf)
-            return
+            return None
         if isinstance(lr, Tensor):
             # Once here, so no backend copies it: every backend reads a 0-dim fp32 lr on
             # the device (a bf16 lr would round 1 - lr·wd to bf16 in the reference only;
@@ -448,10 +469,8 @@ class CriticalOptimizer(torch.optim.Optimizer):
         # DTensors (FSDP2): the kernels step the local shards.
         tensors = distributed.local if plan.exchange is not None else _as_is
         params, grads = tensors(params), tensors(grads)
-        fused = plan.backend != "reference"
-        write_back = None
-        if fused:
-            params, grads, write_back = _contiguous(params, grads)
+        if plan.backend != "reference":
+            params, grads, plan.write_back = _contiguous(params, grads)
         roles = plan.roles
 
         def gather(role: str) -> list[Tensor]:
@@ -461,26 +480,16 @@ class CriticalOptimizer(torch.optim.Optimizer):
         def buffer(key: str) -> list[Tensor]:
             return tensors([s[key] for s in states]) if self.variant.buffered else []
 
-        scalars = self._scalars(group)
-        rand = None
-        if scalars["critical_test"] > 0 and phase != Phase.REDUCE:
-            rand = torch.rand(len(params), device=device)
-            if plan.exchange is not None:  # one decision on every process
-                distributed.same_coins(rand, plan.params)
-        args = StepArgs(
+        return StepArgs(
             params=params, grads=grads, momenta=gather("momenta"),
             second_moments=gather("second_moments"), extras=gather("extras"),
             buffers=buffer("cm_buffer"), keys=buffer("cm_keys"), counts=buffer("cm_count"),
             sums=buffer("cm_sum"), steps=gather("steps"), memory=self._memory(plan),
             variant=int(self.variant), lr=0.0 if isinstance(lr, Tensor) else float(lr),
-            lr_tensor=lr if isinstance(lr, Tensor) else None, **scalars,
+            lr_tensor=lr if isinstance(lr, Tensor) else None, **self._scalars(group),
             lam=group.get("lam", 0.0), synced=group.get("synced", False),
-            maximize=group["maximize"],
-            grad_scale=grad_scale, found_inf=found_inf, rand=rand, phase=int(phase),
-            reduced=reduced)
-        plan.module.step(args)
-        if write_back is not None:
-            write_back()
+            maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,
+            rand=None, phase=int(Phase.ALL))
 
     def _run_torch(self, plan: _Plan, grads, lr, grad_scale, found_inf) -> None:
         """kappa == 0: torch's own code, fused (or foreach) unless the reference is asked
