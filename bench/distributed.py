@@ -7,7 +7,10 @@ optimizer. Timed in alternating rounds, on the same local shards:
 - ``sharded``: the step of DTensor parameters (split in two, the sums all-reduced);
 - ``local``: the same shards stepped as plain tensors (no exchange: wrong keys, but the
   step's cost without the collective);
-- ``collective``: the all-reduce alone, of the size the step sends.
+- ``collective``: the all-reduce alone, of the size the step sends;
+- ``in step``: the time a sharded step spends in the exchange: the collective plus
+  waiting for the slower rank (the step is a synchronisation point; under FSDP2 the
+  gradients' reduce-scatter just before it is one already).
 
 and, in one process, the whole tensors stepped as plain tensors (``one process``).
 
@@ -47,6 +50,15 @@ def _rank(rank, world, store, shapes, names, rounds, out):
     import cm_fused
 
     torch.set_num_threads(1)
+    in_step = []
+    exchange = cm_fused.distributed.sum_over_shards
+
+    def timed_exchange(*a):
+        t0 = time.perf_counter()
+        exchange(*a)
+        in_step.append(time.perf_counter() - t0)
+
+    cm_fused.distributed.sum_over_shards = timed_exchange
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=300))
     mesh = init_device_mesh("cpu", (world,))
@@ -70,6 +82,7 @@ def _rank(rank, world, store, shapes, names, rounds, out):
         wire = (torch.zeros(2) if name == "sgdam" else
                 torch.zeros(T, ns, dtype=torch.float64))
         times = {k: [] for k in (*opts, "collective")}
+        in_step.clear()
         for r in range(rounds + 3):  # 3 warm-up rounds
             for key, opt in opts.items():
                 dist.barrier()
@@ -81,6 +94,7 @@ def _rank(rank, world, store, shapes, names, rounds, out):
             dist.all_reduce(wire)
             times["collective"].append(time.perf_counter() - t0)
         row = {k: _median_ms(v[3:]) for k, v in times.items()}
+        row["in step"] = _median_ms(in_step[3:])
         row["bytes"] = wire.numel() * wire.element_size()
         if rank == 0:
             plain = [torch.nn.Parameter(w.clone()) for w in whole]
@@ -113,8 +127,8 @@ def main(argv=None) -> None:
              f"dim 0; cpu backend; commit {git_commit()}; {versions()}",
              f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
              f"{os.cpu_count()} cores; medians of {args.rounds} alternating rounds, ms",
-             f"{'set':10} {'optimizer':9} {'bytes':>6} {'collective':>10} {'local':>8} "
-             f"{'sharded':>8} {'overhead':>8} {'one process':>11}"]
+             f"{'set':10} {'optimizer':9} {'bytes':>6} {'collective':>10} {'in step':>8} "
+             f"{'local':>8} {'sharded':>8} {'overhead':>8} {'one process':>11}"]
     for set_name in args.sets.split(","):
         names = args.optimizers.split(",")
         with tempfile.TemporaryDirectory() as tmp:
@@ -125,7 +139,7 @@ def main(argv=None) -> None:
             rows = torch.load(out)
         for name, r in rows:
             lines.append(f"{set_name:10} {name:9} {r['bytes']:6d} {r['collective']:10.3f} "
-                         f"{r['local']:8.2f} {r['sharded']:8.2f} "
+                         f"{r['in step']:8.3f} {r['local']:8.2f} {r['sharded']:8.2f} "
                          f"{r['sharded'] / r['local']:7.3f}x {r['one process']:11.2f}")
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
