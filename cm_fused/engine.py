@@ -473,18 +473,19 @@ class CriticalOptimizer(torch.optim.Optimizer):
             params, grads, plan.write_back = _contiguous(params, grads)
         roles = plan.roles
 
-        def gather(role: str) -> list[Tensor]:
+        def gather(role: str, shaped=tensors) -> list[Tensor]:
             key = roles[role]
-            return tensors([s[key] for s in states]) if key is not None else []
+            return shaped([s[key] for s in states]) if key is not None else []
 
-        def buffer(key: str) -> list[Tensor]:
-            return tensors([s[key] for s in states]) if self.variant.buffered else []
+        def buffer(key: str, shaped=tensors) -> list[Tensor]:
+            return shaped([s[key] for s in states]) if self.variant.buffered else []
 
         return StepArgs(
             params=params, grads=grads, momenta=gather("momenta"),
             second_moments=gather("second_moments"), extras=gather("extras"),
-            buffers=buffer("cm_buffer"), keys=buffer("cm_keys"), counts=buffer("cm_count"),
-            sums=buffer("cm_sum"), steps=gather("steps"), memory=self._memory(plan),
+            buffers=buffer("cm_buffer"), keys=buffer("cm_keys", _as_is),
+            counts=buffer("cm_count", _as_is), sums=buffer("cm_sum"),
+            steps=gather("steps", _as_is), memory=self._memory(plan),
             variant=int(self.variant), lr=0.0 if isinstance(lr, Tensor) else float(lr),
             lr_tensor=lr if isinstance(lr, Tensor) else None, **self._scalars(group),
             lam=group.get("lam", 0.0), synced=group.get("synced", False),
