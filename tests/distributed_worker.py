@@ -135,8 +135,12 @@ def fsdp_vs_single(rank: int, world: int, tmp: Path, specs: dict) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (world,))
     for name, spec in specs.items():
+        spec = dict(spec)
+        # HSDP: a 2-D mesh, replicated over its first dimension (of size 1 here), sharded
+        # over its second: the sums are exchanged over the second only.
+        mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard")) \
+            if spec.pop("hsdp", False) else init_device_mesh("cpu", (world,))
         model = make_model()
         for layer in model:
             if isinstance(layer, torch.nn.Linear):

@@ -35,6 +35,8 @@ SPECS = {f"{name}-{backend}": _spec(name, backend=backend)
          for name in EVERY for backend in BACKENDS}
 SPECS["adamcm-synced-cpu"] = _spec("adamcm", backend="cpu", synced=True, critical_test=0.0)
 SPECS["adamcm-kappa0-cpu"] = _spec("adamcm", backend="cpu", kappa=0.0)
+SPECS["adamcm-hsdp-cpu"] = _spec("adamcm", backend="cpu", hsdp=True)
+SPECS["adamam-hsdp-cpu"] = _spec("adamam", backend="cpu", hsdp=True)
 
 
 def _load(path):
@@ -83,8 +85,10 @@ def test_fsdp2_matches_one_process(fsdp, name):
                              "square_avg", "grad_avg", "d", "v", "cm_sum", "cm_buffer")
             assert kind == ("DTensor" if shaped else "Tensor"), (i, key, kind)
             if shaped:
-                want = "(Shard(dim=1),)" if key == "cm_buffer" else "(Shard(dim=0),)"
-                assert got["__placements__"][key] == want
+                want = "Shard(dim=1)," if key == "cm_buffer" else "Shard(dim=0),"
+                if "hsdp" in name:
+                    want = "Replicate(), " + want[:-1]
+                assert got["__placements__"][key] == f"({want})"
 
 
 def test_ddp_matches_one_process(tmp_path):
