@@ -11,7 +11,7 @@ Every optimizer of the package is one :class:`Variant` of the same step:
 **reduce** (per-tensor sums over the elements) → **decide** (per-tensor scalars) →
 **update** (one elementwise pass whose arithmetic the variant selects). For the
 critical-buffer variants the sums are of the squared unscaled gradient and the decide is
-the insert rule (priority key, slot, keys decayed, counts, step counts: one rule for
+the insert rule (priority key, slot, keys decayed, fill and insert counts, step counts: one rule for
 all); for the adaptive-memory variants (``*_AM``) the sums are the inner products of the
 two-plane model and the decide picks the momentum coefficient beta. docs/SPEC.md is the
 math.
@@ -95,6 +95,7 @@ class StepArgs:
     buffers: list[Tensor] = dataclasses.field(metadata=_MUTATED)  # [topC, *shape] slots
     keys: list[Tensor] = dataclasses.field(metadata=_MUTATED)     # [topC] fp32
     counts: list[Tensor] = dataclasses.field(metadata=_MUTATED)   # 0-dim int64: filled slots
+    inserts: list[Tensor] = dataclasses.field(metadata=_MUTATED)  # 0-dim int64: inserts so far
     sums: list[Tensor] = dataclasses.field(metadata=_MUTATED)     # like p: sum of the slots
     steps: list[Tensor] = dataclasses.field(metadata=_MUTATED)    # 0-dim fp32
     # The adaptive-memory scalars, fp32 [3]: ADAM_AM one per tensor (prod of the past

@@ -41,9 +41,10 @@ def _attrs(name: str, tensors: list[Tensor]) -> list:
 
 # State entries that keep their own dtype (torch's load_state_dict would cast them to the
 # param's dtype, which breaks bf16 slots, fp32 keys and sums, and the integer count).
-_OWN_DTYPE = {"cm_keys": torch.float32, "cm_count": torch.int64, "step": torch.float32,
+_OWN_DTYPE = {"cm_keys": torch.float32, "cm_count": torch.int64, "cm_inserts": torch.int64,
+              "step": torch.float32,
               "memory": torch.float32}
-BUFFER_STATE = ("cm_buffer", "cm_keys", "cm_count", "cm_sum")
+BUFFER_STATE = ("cm_buffer", "cm_keys", "cm_count", "cm_inserts", "cm_sum")
 
 
 @dataclass
@@ -403,6 +404,9 @@ class CriticalOptimizer(torch.optim.Optimizer):
                                        device="cpu" if meta0 else p.device)
         if fresh:
             new.update(self._new_state(p, group))
+        elif "cm_buffer" in st and "cm_inserts" not in st:
+            # A checkpoint of a version before the insert count: counted from here on.
+            new["cm_inserts"] = torch.zeros((), dtype=torch.int64, device=p.device)
         if new:
             st.update(new)
             added.append((st, list(new)))
@@ -420,6 +424,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         return {"cm_buffer": distributed.slots_like(p, C, slot),
                 "cm_keys": torch.zeros(C, dtype=torch.float32, device=p.device),
                 "cm_count": torch.zeros((), dtype=torch.int64, device=p.device),
+                "cm_inserts": torch.zeros((), dtype=torch.int64, device=p.device),
                 "cm_sum": torch.zeros_like(p, dtype=sum_dtype(slot),
                                            memory_format=torch.contiguous_format)}
 
@@ -484,7 +489,8 @@ class CriticalOptimizer(torch.optim.Optimizer):
             params=params, grads=grads, momenta=gather("momenta"),
             second_moments=gather("second_moments"), extras=gather("extras"),
             buffers=buffer("cm_buffer"), keys=buffer("cm_keys", _as_is),
-            counts=buffer("cm_count", _as_is), sums=buffer("cm_sum"),
+            counts=buffer("cm_count", _as_is), inserts=buffer("cm_inserts", _as_is),
+            sums=buffer("cm_sum"),
             steps=gather("steps", _as_is), memory=self._memory(plan),
             variant=int(self.variant), lr=0.0 if isinstance(lr, Tensor) else float(lr),
             lr_tensor=lr if isinstance(lr, Tensor) else None, **self._scalars(group),

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import distributed
 from .contract import Variant
+from .diagnostics import BufferDiagnostics
 from .engine import CriticalOptimizer, _Plan
 
 
@@ -29,7 +30,7 @@ def _steps_on_device(states) -> bool:
     return bool(states) and states[0]["step"].device.type not in ("cpu", "meta")
 
 
-class _AdamFamily(CriticalOptimizer):
+class _AdamFamily(BufferDiagnostics, CriticalOptimizer):
     """Adam's state (exp_avg, exp_avg_sq, max_exp_avg_sq with amsgrad, step) and, at
     kappa == 0, torch's Adam code (``DECOUPLED``: AdamW's weight decay)."""
 
@@ -98,7 +99,7 @@ class AdamCG(_AdamFamily):
         super().__init__(params, locals(), backend)
 
 
-class SGDCG(CriticalOptimizer):
+class SGDCG(BufferDiagnostics, CriticalOptimizer):
     """SGD (with optional momentum) with Critical Gradients (the authors' ``SGD_C``);
     ``kappa=0`` is exactly ``torch.optim.SGD``.
 
@@ -151,7 +152,7 @@ class SGDCG(CriticalOptimizer):
                 s["momentum_buffer"] = buf
 
 
-class RMSpropCG(CriticalOptimizer):
+class RMSpropCG(BufferDiagnostics, CriticalOptimizer):
     """RMSprop with Critical Gradients (the authors' ``RMSprop_C``); ``kappa=0`` is exactly
     ``torch.optim.RMSprop``.
 

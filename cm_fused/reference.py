@@ -91,7 +91,7 @@ def step(args: StepArgs) -> None:
     for i, p in enumerate(args.params):
         lucky = None if args.rand is None else args.rand[i] < args.critical_test
         first, j, replace, k_before = decide(args.keys[i], args.counts[i], norms[i], lucky,
-                                             keep, args.key_decay)
+                                             keep, args.key_decay, args.inserts[i])
         _one_tensor(Variant(args.variant), args, lr, keep, first, j, replace, k_before, p,
                     grads[i], role(args.momenta, i), role(args.second_moments, i),
                     role(args.extras, i), args.buffers[i], args.sums[i], args.steps[i])
@@ -113,10 +113,11 @@ def _second_moment(sq: Tensor, u: Tensor, beta: float, keep: Tensor | None,
 
 
 def decide(K: Tensor, k: Tensor, n: Tensor, lucky: Tensor | None, keep: Tensor | None,
-           key_decay: float):
+           key_decay: float, inserts: Tensor):
     """The insert rule, shared by every variant: fill while ``k < C``; then replace the
     first-index argmin of the keys when ``n`` beats it strictly (or on a lucky coin).
-    Writes the keys (the new one at slot j, then all decayed) and the fill count, unless
+    Writes the keys (the new one at slot j, then all decayed), the fill count and the
+    count of inserts (fills and replacements), unless
     the step is skipped. Returns (first step?, slot j, replace?, k before the insert, at
     least 1), all device values."""
     C = K.shape[0]
@@ -133,6 +134,7 @@ def decide(K: Tensor, k: Tensor, n: Tensor, lucky: Tensor | None, keep: Tensor |
     K_written = K.index_copy(0, j, torch.where(replace, n, K.index_select(0, j)[0]).view(1))
     _commit(K, K_written * key_decay, keep)  # every key decays, the one just written too
     k.copy_(torch.where(replace & ~full, k + 1, k))
+    inserts.copy_(torch.where(replace, inserts + 1, inserts))
     return first, j, replace, k_before
 
 

@@ -173,8 +173,9 @@ struct Decision {
 
 // The insert rule, shared by every variant: fill while k < C; then replace the first-index
 // argmin of the keys when the new key beats it strictly, or on a lucky coin. Writes the
-// key (then decays them all) and the fill count.
-Decision decide(float* K, int64_t C, int64_t* count, float key, bool lucky, float key_decay) {
+// key (then decays them all), the fill count and the count of inserts.
+Decision decide(float* K, int64_t C, int64_t* count, int64_t* inserts, float key, bool lucky,
+                float key_decay) {
   const int64_t k = *count;
   const bool full = k >= C;
   int64_t j_min = 0;  // torch.argmin: the first minimum; a NaN counts as the minimum
@@ -186,6 +187,7 @@ Decision decide(float* K, int64_t C, int64_t* count, float key, bool lucky, floa
   if (replace) {
     K[j] = key;
     if (!full) *count = k + 1;
+    *inserts = *inserts + 1;
   }
   for (int64_t c = 0; c < C; ++c) K[c] = K[c] * key_decay;
   return {j, replace, k == 0, std::max<int64_t>(k, 1)};
@@ -342,7 +344,8 @@ void am_step(const KernelTable& table, const AMScalars& s, const std::vector<int
 
 void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momenta,
               at::TensorList second_moments, at::TensorList extras, at::TensorList buffers,
-              at::TensorList keys, at::TensorList counts, at::TensorList sums,
+              at::TensorList keys, at::TensorList counts, at::TensorList inserts,
+              at::TensorList sums,
               at::TensorList steps, at::TensorList memory, int64_t variant, double lr,
               const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
               double eps, double weight_decay, double dampening, double key_decay,
@@ -383,9 +386,10 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
               " takes no second_moments or extras");
   TORCH_CHECK(!am || !has_extra, "cm_fused::step_: variant ", variant, " takes no extras");
   if (am) {
-    TORCH_CHECK(buffers.empty() && keys.empty() && counts.empty() && sums.empty(),
+    TORCH_CHECK(buffers.empty() && keys.empty() && counts.empty() && inserts.empty() &&
+                    sums.empty(),
                 "cm_fused::step_: variant ", variant,
-                " keeps no buffer: buffers, keys, counts and sums must be empty lists");
+                " keeps no buffer: buffers, keys, counts, inserts and sums must be empty lists");
     TORCH_CHECK(memory.size() == (variant == kAdamAM ? T : 1), "cm_fused::step_: memory has ",
                 memory.size(), " tensors, expected ",
                 variant == kAdamAM ? "one per parameter" : "exactly one");
@@ -396,6 +400,7 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
     check_list(buffers, "buffers", T);
     check_list(keys, "keys", T);
     check_list(counts, "counts", T);
+    check_list(inserts, "inserts", T);
     check_list(sums, "sums", T);
     TORCH_CHECK(memory.empty(), "cm_fused::step_: variant ", variant,
                 " takes no memory (an empty list)");
@@ -427,6 +432,7 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
     check_tensor(B, "buffers", i, C * n, std::nullopt);
     check_tensor(sums[i], "sums", i, n, at::kFloat);
     check_tensor(counts[i], "counts", i, 1, at::kLong);
+    check_tensor(inserts[i], "inserts", i, 1, at::kLong);
   }
   if (rand) {
     TORCH_CHECK(rand->device().is_cpu() && rand->scalar_type() == at::kFloat &&
@@ -504,7 +510,8 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
     const int64_t n = params[i].numel();
     const bool lucky = rand_ptr != nullptr && rand_ptr[i] < critical_f;
     const Decision d = decide(keys[i].data_ptr<float>(), keys[i].numel(),
-                              counts[i].data_ptr<int64_t>(), key[i], lucky, key_decay_f);
+                              counts[i].data_ptr<int64_t>(), inserts[i].data_ptr<int64_t>(),
+                              key[i], lucky, key_decay_f);
     float* step = steps[i].data_ptr<float>();
     const float step_f = *step + 1.f;
     *step = step_f;

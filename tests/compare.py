@@ -46,7 +46,7 @@ def assert_close(a, b, dtype, what):
 
 
 # State entries compared exactly: the insert decisions and step counts must agree.
-EXACT_STATE = ("cm_count", "step")
+EXACT_STATE = ("cm_count", "cm_inserts", "step")
 
 
 def assert_same_state(opt_a, params_a, opt_b, params_b, dtype, where=""):
@@ -187,6 +187,7 @@ def op_args(variant=None, extras=True, slot=torch.float32, dtype=torch.float32,
         buffers=[rnd((C, *s), slot) for s in shapes] if buffered else [],
         keys=[rnd((C,), torch.float32).abs() for _ in shapes] if buffered else [],
         counts=[on(torch.tensor(k)) for k in (0, 2, 3)] if buffered else [],
+        inserts=[on(torch.tensor(k)) for k in (0, 4, 9)] if buffered else [],
         sums=[rnd(s, torch.float32) for s in shapes] if buffered else [],
         steps=[on(torch.tensor(float(k))) for k in (0, 2, 3)],
         memory=[] if buffered else (

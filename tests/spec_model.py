@@ -22,6 +22,7 @@ class Buffer:
     def __init__(self, C):
         self.C, self.slots, self.keys = C, [], []
         self.total = None  # S, the running sum, updated as SPEC says (not re-summed)
+        self.inserts = 0  # fills and replacements
 
     def mean(self):
         return self.total / len(self.slots)
@@ -32,12 +33,14 @@ class Buffer:
             self.slots.append(value)
             self.keys.append(key)
             self.total = value.clone() if self.total is None else self.total + value
+            self.inserts += 1
             return
         j = min(range(self.C), key=lambda s: (self.keys[s], s))
         if lucky or key > self.keys[j]:
             self.total = self.total - self.slots[j]
             self.slots[j], self.keys[j] = value, key
             self.total = self.total + value
+            self.inserts += 1
 
     def decay(self, lam):
         self.keys = [k * lam for k in self.keys]

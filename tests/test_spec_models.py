@@ -58,6 +58,7 @@ def test_reference_matches_independent_spec_model_over_200_steps(name, cfg):
         s, buf = opt.state[p], model.state[i]["buf"]
         k = len(buf.slots)
         assert s["cm_count"].item() == k, f"param {i}: fill count"
+        assert s["cm_inserts"].item() == buf.inserts, f"param {i}: insert count"
         assert s["step"].item() == model.steps[i], f"param {i}: step count"
         torch.testing.assert_close(s["cm_keys"][:k].double(),
                                    torch.tensor(buf.keys, dtype=torch.float64), rtol=1e-5, atol=0)

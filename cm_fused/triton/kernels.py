@@ -47,8 +47,8 @@ ROW_P, ROW_G, ROW_M, ROW_V, ROW_X, ROW_B, ROW_S, ROW_NUMEL, ROW_GIDX = (
 # Rows of a group's table (int64 [len(GROUP_ROWS), T]), indexed by the tensor's position in
 # the group (the order of the params list).
 # (memory: the adaptive-memory scalars of StepArgs.memory; 0 where unused.)
-GROUP_ROWS = ("keys", "count", "step", "partial_offset", "partial_count", "memory")
-ROW_KEYS, ROW_COUNT, ROW_STEP, ROW_POFF, ROW_PCNT, ROW_MEM = (
+GROUP_ROWS = ("keys", "count", "step", "partial_offset", "partial_count", "memory", "inserts")
+ROW_KEYS, ROW_COUNT, ROW_STEP, ROW_POFF, ROW_PCNT, ROW_MEM, ROW_INS = (
     tl.constexpr(i) for i in range(len(GROUP_ROWS)))
 # Decision arrays, per tensor of the group: int32 [T, 2] = (slot j, flags) and
 # fp64 [T, 3] = (k before the insert, at least 1; bias correction 1; sqrt of bias
@@ -180,6 +180,8 @@ def _decide_kernel(gtab_ptr, T, sumsq_ptr, rand_ptr, found_inf_ptr, dec_i_ptr, d
     cnt_ptr = cnt_ptr.to(tl.pointer_type(tl.int64))
     step_ptr = tl.load(gtab_ptr + ROW_STEP * T + rows, mask=rmask, other=0)
     step_ptr = step_ptr.to(tl.pointer_type(tl.float32))
+    ins_ptr = tl.load(gtab_ptr + ROW_INS * T + rows, mask=rmask, other=0)
+    ins_ptr = ins_ptr.to(tl.pointer_type(tl.int64))
 
     kmask = rmask[:, None] & cmask[None, :]
     K = tl.load(k_ptr[:, None] + cols[None, :], mask=kmask, other=float("inf"))
@@ -218,6 +220,8 @@ def _decide_kernel(gtab_ptr, T, sumsq_ptr, rand_ptr, found_inf_ptr, dec_i_ptr, d
         wmask = wmask & (fi == 0.0)
     tl.store(k_ptr[:, None] + cols[None, :], K_new, mask=kmask & wmask[:, None])
     tl.store(cnt_ptr, k_new, mask=wmask)
+    ins = tl.load(ins_ptr, mask=rmask, other=0)
+    tl.store(ins_ptr, ins + replace.to(tl.int64), mask=wmask)
     tl.store(step_ptr, step_new, mask=wmask)
 
     flags = replace.to(tl.int32) * FLAG_REPLACE + first.to(tl.int32) * FLAG_FIRST

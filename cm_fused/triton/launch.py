@@ -85,7 +85,7 @@ class _Bucket:
 @dataclass
 class _Plan:
     T: int
-    gtab: torch.Tensor  # int64 [6, T] (kernels.GROUP_ROWS)
+    gtab: torch.Tensor  # int64 [7, T] (kernels.GROUP_ROWS)
     buckets: list
     partials: torch.Tensor  # fp32 [chunks, NS]
     sumsq: torch.Tensor  # fp32 [T, NS]: the reduce pass's sums (NS per tensor)
@@ -111,7 +111,7 @@ def _ptrs(ts):
 
 # The StepArgs lists a table depends on, and the rows of a bucket table they give.
 _LISTS = ("params", "grads", "momenta", "second_moments", "extras", "buffers", "sums",
-          "keys", "counts", "steps", "memory")
+          "keys", "counts", "steps", "memory", "inserts")
 _BUCKET_LISTS = ("params", "grads", "momenta", "second_moments", "extras", "buffers", "sums")
 _DTYPE_NAMES = ("p", "g", "m", "v", "x", "b", "s")  # kernels.BUCKET_ROWS, in that order
 
@@ -179,7 +179,7 @@ def _build(args: StepArgs, ns: int, chunk: int, block: int) -> _Plan:
         return _ptrs(ts) if len(ts) == T else (0,) * T
 
     put([*row(args.keys), *row(args.counts), *row(args.steps), *partial_offset, *n_chunks,
-         *row(args.memory)])
+         *row(args.memory), *row(args.inserts)])
 
     host = torch.tensor(blob, dtype=torch.int64)
     keepalive = []
