@@ -14,4 +14,4 @@ from .sam import SAM
 
 __all__ = ["AdamCM", "AdamCG", "SGDCG", "RMSpropCG", "AdamAM", "SGDAM", "Adam_CM", "Adam_C",
            "SGD_C", "RMSprop_C", "SAM", "backends"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"
