@@ -68,6 +68,18 @@ def make_model() -> torch.nn.Module:
                          nn.Linear(5, 1))
 
 
+def sharded_model(mesh) -> torch.nn.Module:
+    """make_model() under FSDP2: each layer, then the root, sharded over ``mesh``."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def batch(t: int, rank: int | None, world: int):
     """Step t's batch: all of it (rank None) or rank's share."""
     g = torch.Generator().manual_seed(1000 + t)
@@ -133,7 +145,6 @@ def snapshot(model, opt) -> dict:
 def fsdp_vs_single(rank: int, world: int, tmp: Path, specs: dict) -> None:
     """Each spec: FSDP2 over the ranks, and (rank 0) one process, the same 20 steps."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     for name, spec in specs.items():
         spec = dict(spec)
@@ -141,22 +152,23 @@ def fsdp_vs_single(rank: int, world: int, tmp: Path, specs: dict) -> None:
         # over its second: the sums are exchanged over the second only.
         mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard")) \
             if spec.pop("hsdp", False) else init_device_mesh("cpu", (world,))
-        model = make_model()
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model = sharded_model(mesh)
         opt = make_optimizer(model, spec)
         start = time.perf_counter()
         train(model, opt, range(STEPS), rank, world)
         result = {"sharded": snapshot(model, opt), "seconds": time.perf_counter() - start,
                   "local_numels": [p.to_local().numel() for p in model.parameters()]}
         if rank == 0:
-            single = make_model()
-            sopt = make_optimizer(single, spec)
-            train(single, sopt, range(STEPS), None, world)
-            result["single"] = snapshot(single, sopt)
+            result["single"] = one_process(spec, world)
         torch.save(result, tmp / f"fsdp-{name}-rank{rank}.pt")
+
+
+def one_process(spec: dict, world: int) -> dict:
+    """The same training on the whole batches, in this process alone."""
+    model = make_model()
+    opt = make_optimizer(model, spec)
+    train(model, opt, range(STEPS), None, world)
+    return snapshot(model, opt)
 
 
 def ddp_vs_single(rank: int, world: int, tmp: Path, specs: dict) -> None:
@@ -169,10 +181,7 @@ def ddp_vs_single(rank: int, world: int, tmp: Path, specs: dict) -> None:
         train(model, opt, range(STEPS), rank, world, rng_per_rank=False)
         result = {"ddp": snapshot(model.module, opt)}
         if rank == 0:
-            single = make_model()
-            sopt = make_optimizer(single, spec)
-            train(single, sopt, range(STEPS), None, world)
-            result["single"] = snapshot(single, sopt)
+            result["single"] = one_process(spec, world)
         torch.save(result, tmp / f"ddp-{name}-rank{rank}.pt")
 
 
@@ -182,14 +191,8 @@ def dcp_run(rank: int, world: int, tmp: Path, spec: dict, phase: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (world,))
-    model = make_model()
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = sharded_model(init_device_mesh("cpu", (world,)))
     opt = make_optimizer(model, spec)
     half = STEPS // 2
     where = str(tmp / "checkpoint")
