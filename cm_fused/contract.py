@@ -40,7 +40,8 @@ class Variant(enum.IntEnum):
 
     @property
     def buffered(self) -> bool:
-        """Whether the variant keeps a critical buffer (keys, counts, slots, sums)."""
+        """Whether the variant keeps a critical buffer (slots, keys, fill and insert
+        counts, sums)."""
         return self < Variant.ADAM_AM
 
     @property
@@ -78,7 +79,7 @@ class StepArgs:
     Per-tensor lists hold one entry per parameter stepped (those with a gradient), all in
     the same order; a role the variant or the configuration does not use is an empty
     list (``momenta`` without momentum, ``extras`` without amsgrad or centered,
-    ``second_moments`` for SGD, the buffer's four lists for ``*_AM``, ``memory`` for the
+    ``second_moments`` for SGD, the buffer's five lists for ``*_AM``, ``memory`` for the
     buffered variants). The kernels tell what is in use from that. For ADAM_AM,
     ``momenta`` is d, ``second_moments`` v and ``beta1`` is beta1max; for SGD_AM,
     ``momenta`` is d and ``beta1`` is beta_max.
@@ -121,7 +122,8 @@ class StepArgs:
     rand: Optional[Tensor]        # fp32 [len(params)] coin draws for critical_test
     # fp64 [len(params), NS], Phase.REDUCE/UPDATE of every variant but SGD_AM (else None):
     # the reduce pass's sums per tensor (NS = 1: the gradient's sum of squares; ADAM_AM:
-    # NS = 4, the sums D, M, X, Y), written by REDUCE and read by UPDATE.
+    # NS = 4, the sums D, M, X, Y), written by REDUCE and read by UPDATE. (With found_inf
+    # set a backend may leave it unwritten: UPDATE then changes nothing anyway.)
     reduced: Optional[Tensor] = dataclasses.field(default=None, metadata=_MUTATED)
 
     def op_args(self) -> tuple:

@@ -48,7 +48,10 @@ class BufferDiagnostics:
             steps = torch.stack([s["step"] for s in states]).double().sum()
             last = marks.get(i)
             if last is not None and last[0].device == inserts.device:
-                rate = (inserts - last[0]) / (steps - last[1])
+                # (state replaced since, by a load or a reset: counted from zero again)
+                fresh = (inserts < last[0]) | (steps < last[1])
+                rate = torch.where(fresh, inserts / steps,
+                                   (inserts - last[0]) / (steps - last[1]))
             else:
                 rate = inserts / steps
             marks[i] = (inserts, steps)

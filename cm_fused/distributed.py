@@ -16,8 +16,8 @@ leading index) is a DTensor sharded the same way one dimension further in; scala
 keys, counts, adaptive-memory scalars) are plain tensors, the same on every process.
 ``torch.distributed.checkpoint`` saves and reshards all of it.
 
-Nothing here runs, and nothing is imported from ``torch.distributed``, unless a parameter
-is a DTensor.
+Nothing here runs unless a parameter is a DTensor (only the DTensor class is imported, to
+recognise one; the collectives' module is imported when one is needed).
 """
 from __future__ import annotations
 
@@ -116,7 +116,8 @@ def same_coins(rand: Tensor, params: list[Tensor]) -> None:
     generators differ must still make the same insert decisions."""
     import torch.distributed as dist
 
-    meshes = {p.device_mesh for p in params if isinstance(p, DTensor)}
+    # (in parameter order: every rank must issue the same collectives in the same order)
+    meshes = dict.fromkeys(p.device_mesh for p in params if isinstance(p, DTensor))
     for mesh in meshes:
         for d in range(mesh.ndim):
             group = mesh.get_group(d)

@@ -61,7 +61,7 @@ class SAM(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         if self.__dict__.get("_ready"):
             self.base_optimizer.add_param_group(param_group)
-        else:  # during __init__: copies of the base's groups, replaced by them after
+        else:  # during __init__: the base's own group dicts (torch's checks run again)
             super().add_param_group(param_group)
 
     @torch.no_grad()
@@ -78,8 +78,10 @@ class SAM(torch.optim.Optimizer):
                 e = p.grad * scale.to(p.grad.dtype)
                 if self.adaptive:
                     e = e * p.abs() ** 2
+                # w itself, not e, to come back to: (w + e) - e is not always w in
+                # floating point, and a non-finite gradient makes e NaN.
+                self.state[p]["w"] = p.detach().clone()
                 p.add_(e)
-                self.state[p]["e_w"] = e
         self._perturbed = True
         if zero_grad:
             self.zero_grad()
@@ -91,9 +93,9 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("SAM.second_step called without first_step")
         for group in self.param_groups:
             for p in group["params"]:
-                e = self.state.get(p, {}).pop("e_w", None)
-                if e is not None:
-                    p.sub_(e)
+                w = self.state.get(p, {}).pop("w", None)
+                if w is not None:
+                    p.copy_(w)
         self._perturbed = False
         self.base_optimizer.step()
         if zero_grad:

@@ -252,8 +252,12 @@ def refusals(rank: int, world: int, tmp: Path) -> None:
     opt = cm_fused.AdamCM([p], backend="cpu")
     attempt("misplaced_grad", opt.step, [p], opt)
 
+    for _ in range(2):  # settled: the state checks are skipped, the gradients' are not
+        p.grad = distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)])
+        opt.step()
+    p.grad = distribute_tensor(torch.randn(4, 3), mesh, [Replicate()])
+    attempt("misplaced_grad_settled", opt.step, [p], opt)
     p.grad = distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)])
-    opt.step()
     plain = P(torch.randn(4, 3))
     plain.grad = torch.randn(4, 3)
     plain_opt = cm_fused.AdamCM([plain], backend="cpu")

@@ -135,6 +135,7 @@ def test_refusals_change_nothing(tmp_path):
         assert got["partial"][0] == "NotImplementedError" and "Partial" in got["partial"][1]
         assert got["misplaced_grad"][0] == "RuntimeError"
         assert "placed as the parameter" in got["misplaced_grad"][1]
+        assert got["misplaced_grad_settled"][0] == "RuntimeError"
         assert got["plain_checkpoint"][0] == "ValueError"
         assert "torch.distributed.checkpoint" in got["plain_checkpoint"][1]
         assert got["sgdam_mixed"][0] == "NotImplementedError"

@@ -4,6 +4,7 @@ SAM against a hand-written SAM step, its closure form against its two-step form,
 checkpoints and refusals; buffer_diagnostics against the same quantities computed from
 an independent run of the SPEC's buffer model (tests/spec_model.py).
 """
+import copy
 import math
 
 import pytest
@@ -126,6 +127,22 @@ def test_sam_refusals_change_nothing():
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sam_restores_the_weights_exactly(dtype):
+    """second_step puts back w itself: (w + e) - e would round, and a non-finite
+    gradient would leave NaN where the base step (here lr 0) changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(1000, generator=g).to(dtype))
+    before = p.detach().clone()
+    opt = cm_fused.SAM([p], torch.optim.SGD, rho=0.5, lr=0.0)
+    for grad in (torch.randn(1000, generator=g), torch.full((1000,), float("inf"))):
+        p.grad = grad.to(dtype)
+        opt.first_step()
+        p.grad = torch.ones_like(p)
+        opt.second_step()
+        assert torch.equal(p, before)
+
+
 def test_sam_add_param_group_reaches_the_base():
     params = _model()
     opt = cm_fused.SAM(params[:1], cm_fused.AdamCM, rho=0.05, lr=1e-2)
@@ -197,6 +214,21 @@ def test_insert_counts_follow_the_spec_buffer():
         buf.decay(0.9)
     assert opt.state[params[0]]["cm_inserts"].item() == buf.inserts
     assert 2 < buf.inserts < 40
+
+
+def test_insert_rate_after_loading_an_earlier_checkpoint_counts_afresh():
+    params = make_params([(3,), (4,)])
+    opt = cm_fused.AdamCM(params, topC=2, backend="reference")
+    set_grads(params, 0)
+    opt.step()
+    early = copy.deepcopy(opt.state_dict())  # (state_dict() holds the live tensors)
+    for step in range(1, 6):
+        set_grads(params, step)
+        opt.step()
+    opt.buffer_diagnostics()
+    opt.load_state_dict(early)  # fewer inserts and steps than the last call saw
+    rate = opt.buffer_diagnostics()[0]["insert_rate"].item()
+    assert rate == 1.0  # one step each, one insert each (the first fills a slot)
 
 
 def test_diagnostics_without_a_buffer_are_nan():

@@ -41,7 +41,8 @@ def trajectories(steps: int, progress) -> dict:
         for name in NAMES:
             progress(f"trajectories: {surface}, {name}")
             paths = [run(f, s, name, LR[surface], steps) for s in STARTS[surface]]
-            out[surface][name] = {"paths": [p.tolist() for p in paths],
+            out[surface][name] = {"paths": [[[round(v, 4) for v in xy] for xy in p.tolist()]
+                                            for p in paths],
                                   "final_loss": [f(p[-1]).item() for p in paths]}
     return out
 
@@ -77,28 +78,33 @@ ESCAPE_LR = 0.05
 SHARP_AT = (3.0, 0.0)
 
 
-def escape_ratio(name: str, sharpness: float, starts: int, steps: int, **buffer) -> float:
-    """The fraction of runs started inside the sharp well (normal around its bottom,
-    std 0.25/sharpness) that end in the flat well (within distance 1.5 of the origin)."""
+def escape_ratio(name: str, sharpness: float, starts: int, steps: int,
+                 **buffer) -> tuple[float, float]:
+    """Of the runs started inside the sharp well (normal around its bottom, std
+    0.25/sharpness): the fraction that end in the flat well (within distance 1.5 of the
+    origin: the escape ratio), and the fraction that end outside the sharp well (beyond
+    3/sharpness of its bottom: left it, wherever they went)."""
     f = two_wells(sharpness, SHARP_AT)
     g = torch.Generator().manual_seed(1)
-    escaped = 0
+    escaped = left = 0
     for _ in range(starts):
         start = (torch.tensor(SHARP_AT) + 0.25 / sharpness * torch.randn(2, generator=g))
         end = run(f, start.tolist(), name, ESCAPE_LR, steps, **buffer)[-1]
         escaped += bool(end.norm() < 1.5)
-    return escaped / starts
+        left += bool((end - torch.tensor(SHARP_AT)).norm() > 3 / sharpness)
+    return escaped / starts, left / starts
 
 
 def escape(sharpnesses: list[float], top_cs: list[int], starts: int, steps: int,
            progress) -> dict:
-    by_sharpness = {}
+    by_sharpness, left = {}, {}
     for name in NAMES:
         progress(f"escape ratio vs sharpness: {name}")
-        by_sharpness[name] = [escape_ratio(name, s, starts, steps) for s in sharpnesses]
+        runs = [escape_ratio(name, s, starts, steps) for s in sharpnesses]
+        by_sharpness[name], left[name] = [r[0] for r in runs], [r[1] for r in runs]
     fixed = sharpnesses[len(sharpnesses) // 2]
     progress(f"escape ratio vs topC (Adam+CM, sharpness {fixed})")
-    by_c = [escape_ratio("Adam+CM", fixed, starts, steps, topC=c) for c in top_cs]
-    return {"sharpness": sharpnesses, "by_sharpness": by_sharpness,
+    by_c = [escape_ratio("Adam+CM", fixed, starts, steps, topC=c)[0] for c in top_cs]
+    return {"sharpness": sharpnesses, "by_sharpness": by_sharpness, "left": left,
             "topC": top_cs, "sharpness_for_topC": fixed, "by_topC": by_c,
             "lr": ESCAPE_LR, "steps": steps, "starts": starts, "sharp_at": SHARP_AT}
