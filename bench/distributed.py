@@ -110,7 +110,9 @@ def _rank(rank, world, store, shapes, names, rounds, out):
         rows.append((name, row))
     if rank == 0:
         torch.save(rows, out)
+    dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)  # (gloo's threads can abort the interpreter's exit: rows are saved)
 
 
 def main(argv=None) -> None:
