@@ -42,8 +42,7 @@ def _attrs(name: str, tensors: list[Tensor]) -> list:
 # State entries that keep their own dtype (torch's load_state_dict would cast them to the
 # param's dtype, which breaks bf16 slots, fp32 keys and sums, and the integer count).
 _OWN_DTYPE = {"cm_keys": torch.float32, "cm_count": torch.int64, "cm_inserts": torch.int64,
-              "step": torch.float32,
-              "memory": torch.float32}
+              "step": torch.float32, "memory": torch.float32}
 BUFFER_STATE = ("cm_buffer", "cm_keys", "cm_count", "cm_inserts", "cm_sum")
 
 
