@@ -60,25 +60,33 @@ def local(tensors: list[Tensor]) -> list[Tensor]:
     return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
-def exchange_for(name: str, params: list[Tensor], grads: list[Tensor]) -> Exchange | None:
-    """Which rows of a group's reduce sums must be summed over which processes (None:
-    nothing sharded). Raises, before anything changes, for placements a step cannot
-    take."""
-    if not any_dtensor(params) and not any_dtensor(grads):
-        return None
-    rows: dict = {}
-    for i, (p, g) in enumerate(zip(params, grads)):
+def check_gradients(name: str, params: list[Tensor], grads: list[Tensor]) -> None:
+    """Each gradient placed as its parameter (the grads are new every step: checked every
+    step, before anything changes)."""
+    for p, g in zip(params, grads):
         if not isinstance(p, DTensor):
             if isinstance(g, DTensor):
                 raise RuntimeError(f"{name}: a plain parameter has a DTensor gradient")
-            continue
-        if not isinstance(g, DTensor) or g.device_mesh != p.device_mesh \
+        elif not isinstance(g, DTensor) or g.device_mesh != p.device_mesh \
                 or tuple(g.placements) != tuple(p.placements):
             got = (f"{g.device_mesh} {tuple(g.placements)}" if isinstance(g, DTensor)
                    else "a plain tensor")
             raise RuntimeError(f"{name}: a DTensor parameter's gradient must be placed as the "
                                f"parameter ({p.device_mesh} {tuple(p.placements)}), got "
                                f"{got}; redistribute it first")
+
+
+def exchange_for(name: str, params: list[Tensor], grads: list[Tensor]) -> Exchange | None:
+    """Which rows of a group's reduce sums must be summed over which processes (None:
+    nothing sharded). Raises, before anything changes, for placements a step cannot
+    take."""
+    if not any_dtensor(params) and not any_dtensor(grads):
+        return None
+    check_gradients(name, params, grads)
+    rows: dict = {}
+    for i, p in enumerate(params):
+        if not isinstance(p, DTensor):
+            continue
         dims = []
         for d, pl in enumerate(p.placements):
             if pl.is_partial():

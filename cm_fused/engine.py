@@ -288,8 +288,8 @@ class CriticalOptimizer(torch.optim.Optimizer):
             settled = last is not None and last[0] == checked
             if settled:
                 exchange = last[1]
-                if exchange is not None:  # (the grads are new every step: check them)
-                    distributed.exchange_for(type(self).__name__, params, grads)
+                if exchange is not None:
+                    distributed.check_gradients(type(self).__name__, params, grads)
             else:
                 self._check_states(group, params, roles)
                 exchange = distributed.exchange_for(type(self).__name__, params, grads)

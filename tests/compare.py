@@ -86,8 +86,6 @@ def checkpoint_roundtrip(make_opt, shapes, steps_before, steps_after, dtype=torc
     """Run ``steps_before + steps_after`` steps uninterrupted, and again with a save (through
     bytes, loaded with ``weights_only=True``), a fresh optimizer and a load in between.
     Returns both (optimizer, params) pairs; callers assert they are bit-identical."""
-    import io
-
     def drive(params, opt, steps):
         for step in steps:
             set_grads(params, step, 7, missing(step))
@@ -101,15 +99,24 @@ def checkpoint_roundtrip(make_opt, shapes, steps_before, steps_after, dtype=torc
 
     opt_b = make_opt(params_b)
     drive(params_b, opt_b, range(steps_before))
-    blob = io.BytesIO()
-    torch.save({"params": [p.detach() for p in params_b], "opt": opt_b.state_dict()}, blob)
-    blob.seek(0)
-    ckpt = torch.load(blob, weights_only=True, map_location=map_location)
+    ckpt = through_bytes({"params": [p.detach() for p in params_b], "opt": opt_b.state_dict()},
+                         map_location)
     params_c = [torch.nn.Parameter(t.to(device).clone()) for t in ckpt["params"]]
     opt_c = make_opt(params_c)
     opt_c.load_state_dict(ckpt["opt"])
     drive(params_c, opt_c, range(steps_before, steps_before + steps_after))
     return (opt_a, params_a), (opt_c, params_c)
+
+
+def through_bytes(obj, map_location=None):
+    """``obj`` saved with torch.save and loaded back with ``weights_only=True``, as a
+    checkpoint file would be."""
+    import io
+
+    blob = io.BytesIO()
+    torch.save(obj, blob)
+    blob.seek(0)
+    return torch.load(blob, weights_only=True, map_location=map_location)
 
 
 def assert_bit_identical(opt_a, params_a, opt_b, params_b):

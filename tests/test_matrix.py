@@ -92,21 +92,18 @@ def test_split_step_with_exchanged_sums_is_the_whole_step(variant, backend, requ
 def test_split_step_opcheck(backend, phase, request):
     """The ops' schema, fake and autograd checks with ``reduced`` (mutated by REDUCE)."""
     use(backend, request)
-    op = {"cpu": torch.ops.cm_fused.step_, "triton": torch.ops.cm_fused_triton.step_}
     registry.module(backend).unavailable_reason()  # loads the op
+    namespace = {"cpu": torch.ops.cm_fused, "triton": torch.ops.cm_fused_triton}[backend]
     args = op_args(Variant.ADAM_AM)
     args.reduced = torch.rand(3, 4, dtype=torch.float64)
     args.phase = int(phase)
-    torch.library.opcheck(op[backend].default, args.op_args())
+    torch.library.opcheck(namespace.step_.default, args.op_args())
 
 
 def assert_tensors(got: list, want: list, exact: bool) -> None:
     for a, b in zip(got, want, strict=True):
-        if exact:
-            assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(
-                a.nan_to_num(), b.nan_to_num())
-        else:
-            torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-6, atol=1e-7)
+        tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a, b, equal_nan=True, **tol)
 
 
 # ------------------------------------------------------------ fused vs reference

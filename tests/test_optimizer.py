@@ -1,7 +1,6 @@
 """The optimizer classes around the backends: validation, errors that change nothing,
 GradScaler, checkpoints (old ones included), groups, dtypes, odd shapes, keywords,
 backend choice. Run on the reference (the fused backends are in test_matrix.py)."""
-import io
 import pickle
 import warnings
 
@@ -11,7 +10,8 @@ import torch
 import cm_fused
 from cm_fused import AdamCM, registry
 from compare import (ODD_SHAPES, assert_bit_identical, assert_same_state, assert_unchanged,
-                     checkpoint_roundtrip, copy_params, make_params, run_lockstep, set_grads, snapshot)
+                     checkpoint_roundtrip, copy_params, make_params, run_lockstep, set_grads, snapshot,
+                     through_bytes)
 from family import ADAPTIVE, EVERY, FAMILY, require
 
 
@@ -246,10 +246,7 @@ def test_state_dict_is_plain_and_names_documented_keys():
     set_grads(params, 0)
     opt.step()
     sd = opt.state_dict()
-    blob = io.BytesIO()
-    torch.save(sd, blob)
-    blob.seek(0)
-    torch.load(blob, weights_only=True)
+    through_bytes(sd)
     s = sd["state"][0]
     assert set(s) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "cm_buffer",
                       "cm_keys", "cm_count", "cm_inserts", "cm_sum"}

@@ -310,9 +310,7 @@ def _step(args: StepArgs) -> None:
     dummy = plan.sumsq
     grad_scale, found_inf, lr_tensor = args.grad_scale, args.found_inf, args.lr_tensor
 
-    if args.phase == Phase.UPDATE:  # summed over the processes
-        plan.sumsq.copy_(args.reduced.view(-1))
-    else:
+    def norms() -> None:
         for b in plan.buckets:
             if b.n_chunks:
                 _launch(K._norm_kernel, (b.n_chunks,),
@@ -320,11 +318,9 @@ def _step(args: StepArgs) -> None:
                          dummy if grad_scale is None else grad_scale, chunk),
                         dict(G_DT=b.dtypes["g"], HAS_SCALE=grad_scale is not None,
                              ALIGNED=b.aligned, BLOCK=block), NUM_WARPS)
-        _launch(K._reduce_kernel, (T,), (plan.gtab, T, plan.partials, plan.sumsq),
-                dict(NS=1, RBLOCK=RBLOCK), 4)
-        if args.phase == Phase.REDUCE:
-            args.reduced.view(-1).copy_(plan.sumsq)
-            return
+
+    if not _reduce_pass(args, plan, norms, 1, exchange=True):
+        return
     CP = max(2, triton.next_power_of_2(C))
     TB = min(DECIDE_TB, max(16, 2048 // CP))  # a [TB, CP] tile of keys: <= 2048 or 16 rows
     _launch(K._decide_kernel, (triton.cdiv(T, TB),),
@@ -354,6 +350,25 @@ def _step(args: StepArgs) -> None:
                          HAS_FOUND_INF=found_inf is not None, HAS_MOM=bool(args.momenta),
                          HAS_X=bool(args.extras), MAXIMIZE=bool(args.maximize),
                          ALIGNED=b.aligned, BLOCK=block), NUM_WARPS)
+
+
+def _reduce_pass(args: StepArgs, plan: _Plan, partials, ns: int, exchange: bool) -> bool:
+    """Fill ``plan.sumsq``: launch ``partials`` (each chunk's sums) and the reduce kernel,
+    or, in the UPDATE phase of a step whose sums are exchanged, take ``args.reduced``
+    (summed over the processes). A REDUCE phase of such a step hands the sums over in
+    ``args.reduced`` and returns False: the call is done. (SGD_AM's UPDATE phase reduces
+    nothing: its decide kernel reads the sums it added into memory[0].)"""
+    if args.phase == Phase.UPDATE:
+        if exchange:
+            plan.sumsq.copy_(args.reduced.view(-1))
+        return True
+    partials()
+    _launch(K._reduce_kernel, (plan.T,), (plan.gtab, plan.T, plan.partials, plan.sumsq),
+            dict(NS=ns, RBLOCK=RBLOCK), 4)
+    if exchange and args.phase == Phase.REDUCE:
+        args.reduced.view(-1).copy_(plan.sumsq)
+        return False
+    return True
 
 
 def _step_adaptive(args: StepArgs) -> None:
@@ -391,16 +406,8 @@ def _step_adaptive(args: StepArgs) -> None:
 
     # ADAM_AM's split step hands its sums over in args.reduced (summed over processes);
     # SGD_AM's adds them into memory[0] (summed over groups) in the decide kernel.
-    exchange = adam and args.phase != Phase.ALL
-    if exchange and args.phase == Phase.UPDATE:
-        plan.sumsq.copy_(args.reduced.view(-1))
-    elif args.phase != Phase.UPDATE:
-        am_kernel(reduce=True)
-        _launch(K._reduce_kernel, (T,), (plan.gtab, T, plan.partials, plan.sumsq),
-                dict(NS=ns, RBLOCK=RBLOCK), 4)
-        if exchange:
-            args.reduced.view(-1).copy_(plan.sumsq)
-            return
+    if not _reduce_pass(args, plan, lambda: am_kernel(reduce=True), ns, exchange=adam):
+        return
     tb = DECIDE_TB
     _launch(A._am_decide_kernel, (triton.cdiv(T, tb) if adam else 1,),
             (plan.gtab, T, plan.sumsq, args.memory[0], dummy if found_inf is None else
