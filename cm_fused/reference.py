@@ -44,14 +44,16 @@ def gradient_keys(grads: list[Tensor], synced: bool) -> Tensor:
     """One fp32 priority key per (unscaled) gradient: its own L2 norm, or (synced) the sum
     of all norms. The synced key is a sum of per-tensor norms, not the global norm (SPEC
     quirk)."""
-    norms = torch.stack([torch.linalg.vector_norm(g).float() for g in grads])
-    return norms.sum().expand(len(grads)) if synced else norms
+    return _keys(torch.stack([torch.linalg.vector_norm(g).float() for g in grads]), synced)
 
 
 def keys_from_sums(sumsq: Tensor, synced: bool) -> Tensor:
     """The keys from each gradient's sum of squares (fp64; a split step's, summed over
     the processes that hold its shards)."""
-    norms = sumsq.sqrt().float()
+    return _keys(sumsq.sqrt().float(), synced)
+
+
+def _keys(norms: Tensor, synced: bool) -> Tensor:
     return norms.sum().expand(len(norms)) if synced else norms
 
 
@@ -117,9 +119,9 @@ def decide(K: Tensor, k: Tensor, n: Tensor, lucky: Tensor | None, keep: Tensor |
     """The insert rule, shared by every variant: fill while ``k < C``; then replace the
     first-index argmin of the keys when ``n`` beats it strictly (or on a lucky coin).
     Writes the keys (the new one at slot j, then all decayed), the fill count and the
-    count of inserts (fills and replacements), unless
-    the step is skipped. Returns (first step?, slot j, replace?, k before the insert, at
-    least 1), all device values."""
+    count of inserts (fills and replacements), unless the step is skipped. Returns
+    (first step?, slot j, replace?, k before the insert, at least 1), all device
+    values."""
     C = K.shape[0]
     first = k == 0  # fresh state (SPEC "first step"): a device value, so torch.where
     full = k >= C
