@@ -10,7 +10,8 @@ time. This measures wall time of ``step()`` without synchronising. On a CUDA dev
 kernels are launched for real; without one, the launches are stubbed out (the kernels
 run nowhere) so that only the host's work is timed, the tensors on the CPU under the
 Triton interpreter's module setup. Every timed step must be a plan-cache hit: the table
-says how many plans were built while timing (0 expected).
+says how many plans were built while timing (0 expected), and how many steps only
+rewrote the gradients' rows of their tables (the steps with new gradient tensors).
 """
 from __future__ import annotations
 
@@ -34,25 +35,41 @@ OPTIMIZERS = {"adamcm": cm_fused.AdamCM, "adamcg": cm_fused.AdamCG, "sgdcg": cm_
 
 def measure(name: str, n: int, device: str, reps: int) -> dict:
     params = [torch.nn.Parameter(torch.randn(64, device=device)) for _ in range(n)]
-    for p in params:
-        p.grad = torch.randn(64, device=device)
+    # Two sets of gradient tensors, alive throughout: handing out the other set before a
+    # step gives every gradient a new address, as zero_grad(set_to_none=True) and the
+    # next backward do.
+    pools = [[torch.randn(64, device=device) for _ in range(n)] for _ in range(2)]
+
+    def give(pool):
+        for p, g in zip(params, pool):
+            p.grad = g
+
+    give(pools[0])
     opt = OPTIMIZERS[name](params, backend="triton")
     for _ in range(3):  # state, tables
         opt.step()
     if device == "cuda":
         torch.cuda.synchronize()
-    builds = launch.stats["builds"]
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t0)
+    before = dict(launch.stats)
+    same, new = [], []
+    for i in range(reps):  # alternating: the same gradients, then new ones
+        for times, pool in ((same, None), (new, pools[(i + 1) % 2])):
+            if pool is not None:
+                give(pool)
+            t0 = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t0)
     if device == "cuda":
         torch.cuda.synchronize()
-    times.sort()
-    med = times[len(times) // 2]
-    return dict(optimizer=name, tensors=n, ms=med * 1e3, us_per_tensor=med / n * 1e6,
-                builds=launch.stats["builds"] - builds)
+    row = dict(optimizer=name, tensors=n)
+    for label, times in (("same", same), ("new", new)):
+        times.sort()
+        med = times[len(times) // 2]
+        row[f"ms_{label}"] = med * 1e3
+        row[f"us_per_tensor_{label}"] = med / n * 1e6
+    for k in ("builds", "grad_refreshes"):
+        row[k] = launch.stats.get(k, 0) - before.get(k, 0)
+    return row
 
 
 def main(argv=None) -> list[dict]:
@@ -67,14 +84,17 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(1)
     rows = []
     how = "kernels launched" if device == "cuda" else "launches stubbed (no GPU)"
-    print(f"host time of step(), backend='triton', {how}, median of {args.reps}")
-    print(f"{'optimizer':10} {'tensors':>8} {'ms/step':>9} {'us/tensor':>10} {'builds':>6}")
+    print(f"host time of step(), backend='triton', {how}, median of {args.reps}; 'same': "
+          f"the gradients of the last step, 'new': new gradient tensors every step")
+    print(f"{'optimizer':10} {'tensors':>8} {'ms same':>8} {'us/t same':>10} {'ms new':>8} "
+          f"{'us/t new':>9} {'builds':>6} {'grad rows':>9}")
     for name in args.optimizer.split(","):
         for n in (int(x) for x in args.tensors.split(",")):
             r = measure(name, n, device, args.reps if n < 5000 else max(3, args.reps // 4))
             rows.append(r)
-            print(f"{name:10} {n:>8} {r['ms']:>9.2f} {r['us_per_tensor']:>10.2f} "
-                  f"{r['builds']:>6}", flush=True)
+            print(f"{name:10} {n:>8} {r['ms_same']:>8.2f} {r['us_per_tensor_same']:>10.2f} "
+                  f"{r['ms_new']:>8.2f} {r['us_per_tensor_new']:>9.2f} {r['builds']:>6} "
+                  f"{r['grad_refreshes']:>9}", flush=True)
     return rows
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import typing
 from typing import Optional
 
@@ -136,6 +137,28 @@ class StepArgs:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(StepArgs))
+
+
+class Tensors(tuple):
+    """A per-tensor list of :class:`StepArgs` that the optimizer vouches for: the same
+    ``serial`` means the very same tensor objects (a new serial whenever any differs, and
+    serials are never reused). A launcher may key its host-side tables on the serial
+    instead of reading every tensor's address each step (cm_fused/triton/launch.py).
+    What the serial cannot see is a tensor whose storage is swapped in place (``.data =``,
+    ``set_``): the optimizer gives state tensors out only through ``state`` entries, and a
+    replaced entry makes a new serial."""
+
+    serial: int
+    _serials = itertools.count()
+
+    def __new__(cls, tensors):
+        self = super().__new__(cls, tensors)
+        self.serial = next(cls._serials)
+        return self
+
+    def __reduce__(self):  # a copy or a pickle is a plain tuple: it vouches for nothing
+        return tuple, (tuple(self),)
+
 
 
 def _schema() -> str:

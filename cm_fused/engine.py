@@ -14,6 +14,7 @@ build one :class:`~cm_fused.contract.StepArgs` → the backend's ``step(args)``.
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import operator
 import warnings
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import distributed, registry, validation
-from .contract import Phase, StepArgs, Variant, sum_dtype
+from .contract import Phase, StepArgs, Tensors, Variant, sum_dtype
 from .reference import unscaled
 
 log = logging.getLogger("cm_fused")
@@ -44,6 +45,18 @@ def _attrs(name: str, tensors: list[Tensor]) -> list:
 _OWN_DTYPE = {"cm_keys": torch.float32, "cm_count": torch.int64, "cm_inserts": torch.int64,
               "step": torch.float32, "memory": torch.float32}
 BUFFER_STATE = ("cm_buffer", "cm_keys", "cm_count", "cm_inserts", "cm_sum")
+
+
+@dataclass
+class _Checked:
+    """What a group's state checks and backend choice last passed for (they are skipped
+    while ``key`` is unchanged), and what they found."""
+    key: tuple
+    exchange: distributed.Exchange | None
+    shapes: list  # the params' shapes
+    device: torch.device
+    backend: str
+    module: ModuleType
 
 
 @dataclass
@@ -110,6 +123,8 @@ class CriticalOptimizer(torch.optim.Optimizer):
         # the version and so runs them again.
         self._checked: dict = {}
         self._state_version = 0
+        # Per group: each state entry's tensors as given to the last step (Tensors).
+        self._lists: dict = {}
         defaults = {name: hyperparameters[name] for name in self.HYPERPARAMETERS}
         if isinstance(defaults.get("betas"), list):
             defaults["betas"] = tuple(defaults["betas"])
@@ -124,7 +139,8 @@ class CriticalOptimizer(torch.optim.Optimizer):
             for name, default in self.HYPERPARAMETERS.items():
                 group.setdefault(name, default)
         for attr, default in (("backend", "auto"), ("backends_in_use", {}), ("_warned", set()),
-                              ("_backend_cache", {}), ("_checked", {}), ("_state_version", 0)):
+                              ("_backend_cache", {}), ("_checked", {}), ("_state_version", 0),
+                              ("_lists", {})):
             self.__dict__.setdefault(attr, default)
 
     def __getstate__(self) -> dict:
@@ -260,56 +276,68 @@ class CriticalOptimizer(torch.optim.Optimizer):
 
     def _plan(self, group: dict) -> _Plan:
         validation.validate(group, self.HYPERPARAMETERS)
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return _Plan(group, [], None, "reference", None)
-        grads = [p.grad for p in params]
+        params = group["params"]
+        grads = _attrs("grad", params)
+        if _any_none(grads):
+            params = [p for p, g in zip(params, grads) if g is not None]
+            grads = [g for g in grads if g is not None]
+            if not params:
+                return _Plan(group, [], None, "reference", None)
         dtypes = _attrs("dtype", params)
-        self._check_grads(params, grads, dtypes)
-        roles = self._roles(group)
-        devices = set(_attrs("device", params)) | set(_attrs("device", grads))
-        if len(devices) > 1:
-            raise RuntimeError(f"all parameters of a group and their gradients must be on one "
-                               f"device, got {sorted(map(str, devices))}")
-        device = devices.pop()
-        # The state checks depend on the params, their dtypes, the hyperparameters and the
-        # state: skipped while none of these changed since they last passed.
-        settled = False
-        if torch.compiler.is_compiling():  # traced once: nothing to save
-            self._check_states(group, params, roles)
-            exchange = distributed.exchange_for(type(self).__name__, params, grads)
-        else:
+        # The state checks and the backend choice depend on the params, their dtypes and
+        # device, the hyperparameters and the state: skipped while none of these changed
+        # since they last passed.
+        last = None
+        if not torch.compiler.is_compiling():  # (traced once: nothing to save)
             # (the state dict's identity and size too: users reset an optimizer by
             # clearing or replacing opt.state)
             checked = (self._state_version, id(self.state), len(self.state),
                        list(map(id, params)), dtypes,
                        [(k, v) for k, v in group.items() if k not in ("params", "lr")])
             last = self._checked.get(id(group))
-            settled = last is not None and last[0] == checked
-            if settled:
-                exchange = last[1]
-                if exchange is not None:
-                    distributed.check_gradients(type(self).__name__, params, grads)
-            else:
-                self._check_states(group, params, roles)
-                exchange = distributed.exchange_for(type(self).__name__, params, grads)
-                self._checked[id(group)] = (checked, exchange)
+            if last is not None and last.key != checked:
+                last = None
+        self._check_grads(params, grads, dtypes, last.shapes if last else None)
+        roles = self._roles(group)
+        # (settled: the params are where they were when checked, unless moved, and then
+        # their gradients, made or moved with them, are elsewhere too)
+        devices = set(_attrs("device", grads))
+        if last is None or devices != {last.device}:
+            devices |= set(_attrs("device", params))
+        if len(devices) > 1:
+            raise RuntimeError(f"all parameters of a group and their gradients must be on one "
+                               f"device, got {sorted(map(str, devices))}")
+        device = devices.pop()
+        if last is not None and last.device == device:
+            if last.exchange is not None:
+                distributed.check_gradients(type(self).__name__, params, grads)
+            return _Plan(group, params, device, last.backend, last.module, roles, grads,
+                         settled=True, exchange=last.exchange)
+        self._check_states(group, params, roles)
+        exchange = distributed.exchange_for(type(self).__name__, params, grads)
         # The dtypes of the whole group, not only of this step's tensors: one choice per
         # group, whichever of its tensors have gradients.
         backend, module = self._resolve(device, frozenset(p.dtype for p in group["params"]),
                                         group.get("fused"))
         _check_top_c(group, backend, module)
-        return _Plan(group, params, device, backend, module, roles, grads, settled=settled,
-                     exchange=exchange)
+        if not torch.compiler.is_compiling():
+            self._checked[id(group)] = _Checked(checked, exchange, _attrs("shape", params),
+                                                device, backend, module)
+        return _Plan(group, params, device, backend, module, roles, grads, exchange=exchange)
 
-    def _check_grads(self, params: list[Tensor], grads: list[Tensor], dtypes: list) -> None:
+    def _check_grads(self, params: list[Tensor], grads: list[Tensor], dtypes: list,
+                     shapes: list | None = None) -> None:
+        """``shapes``: the params' shapes when last checked, if nothing changed since (a
+        mismatch is checked again against their shapes now)."""
         name = type(self).__name__
         if any(_attrs("is_sparse", grads)):
             raise RuntimeError(f"{name} does not support sparse gradients")
         grad_dtypes = _attrs("dtype", grads)
         if any(d.is_complex for d in {*dtypes, *grad_dtypes}):
             raise RuntimeError(f"{name} does not support complex parameters or gradients")
-        if grad_dtypes != dtypes or _attrs("shape", grads) != _attrs("shape", params):
+        grad_shapes = _attrs("shape", grads)
+        if grad_dtypes != dtypes or (grad_shapes != shapes
+                                     and grad_shapes != _attrs("shape", params)):
             p, g = next((p, g) for p, g in zip(params, grads)
                         if g.shape != p.shape or g.dtype != p.dtype)
             raise RuntimeError(f"gradient {tuple(g.shape)} {g.dtype} does not match parameter "
@@ -478,13 +506,27 @@ class CriticalOptimizer(torch.optim.Optimizer):
         if plan.backend != "reference":
             params, grads, plan.write_back = _contiguous(params, grads)
         roles = plan.roles
+        last = self._lists.setdefault(id(plan.group), {})
+        compiling = torch.compiler.is_compiling()
+
+        def vouched(name: str, ts: list[Tensor]) -> list[Tensor]:
+            if compiling:
+                return ts
+            # The same tensors as last step: the same Tensors (and serial), which the
+            # Triton launcher keys its tables on (cm_fused.contract.Tensors).
+            old = last.get(name)
+            if old is not None and len(old) == len(ts) and all(map(operator.is_, old, ts)):
+                return old
+            last[name] = new = Tensors(ts)
+            return new
 
         def gather(role: str, shaped=tensors) -> list[Tensor]:
             key = roles[role]
-            return shaped([s[key] for s in states]) if key is not None else []
+            return vouched(key, shaped([s[key] for s in states])) if key is not None else []
 
         def buffer(key: str, shaped=tensors) -> list[Tensor]:
-            return shaped([s[key] for s in states]) if self.variant.buffered else []
+            return vouched(key, shaped([s[key] for s in states])) if self.variant.buffered \
+                else []
 
         return StepArgs(
             params=params, grads=grads, momenta=gather("momenta"),
@@ -492,7 +534,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
             buffers=buffer("cm_buffer"), keys=buffer("cm_keys", _as_is),
             counts=buffer("cm_count", _as_is), inserts=buffer("cm_inserts", _as_is),
             sums=buffer("cm_sum"),
-            steps=gather("steps", _as_is), memory=self._memory(plan),
+            steps=gather("steps", _as_is), memory=vouched("memory", self._memory(plan)),
             variant=int(self.variant), lr=0.0 if isinstance(lr, Tensor) else float(lr),
             lr_tensor=lr if isinstance(lr, Tensor) else None, **self._scalars(group),
             lam=group.get("lam", 0.0), synced=group.get("synced", False),
@@ -584,6 +626,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
                                  f"a parameter of shape {tuple(p.shape)}")
         super().load_state_dict(state_dict)
         self._state_version += 1
+        self._lists.clear()  # (they hold the replaced state)
         # Rebuild each state from the checkpoint with our dtype rules, and copy so that the
         # optimizer never shares storage with the dict it was given.
         for pid, p in pairs:
@@ -629,6 +672,12 @@ def _restore(key: str, value: Any, p: Tensor) -> Any:
     else:
         dtype = p.dtype
     return value.to(device=p.device, dtype=dtype, copy=True).contiguous()
+
+
+def _any_none(values: list) -> bool:
+    if torch.compiler.is_compiling():
+        return any(v is None for v in values)
+    return any(map(operator.is_, values, itertools.repeat(None)))
 
 
 def _sharded(plans: list[_Plan]) -> bool:

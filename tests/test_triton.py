@@ -251,8 +251,16 @@ def test_plans_a_captured_graph_uses_are_never_freed(small_chunks, monkeypatch):
     builds = small_chunks.stats["builds"]
     opt.step()
     assert small_chunks.stats["builds"] == builds  # the captured plan was still there
+    (graph_plan,) = small_chunks._captured.values()
+    held = graph_plan.grad_ptrs
+    keep = [p.grad for p in params]
+    set_grads(params, 1)  # new gradients after the capture: the graph's tables stay
+    opt.step()
+    assert graph_plan.grad_ptrs == held and small_chunks.stats["builds"] == builds + 1
+    assert graph_plan in small_chunks._graph_held
     small_chunks.release_captured_plans()
-    assert not small_chunks._captured
+    assert not small_chunks._captured and not small_chunks._graph_held
+    del keep
 
 
 def test_alignment_is_decided_per_tensor(small_chunks):
@@ -265,23 +273,51 @@ def test_alignment_is_decided_per_tensor(small_chunks):
     assert buckets == {True: 3, False: 1}
 
 
-def test_tables_are_cached_on_data_pointers(small_chunks):
-    params = make_params(SHAPES, device=DEVICE)
-    opt = AdamCM(params, backend="triton")
-    set_grads(params, 0, 1)
-    opt.step()
-    builds = small_chunks.stats["builds"]
-    for t in range(1, 3):
-        for p in params:  # same grad storage each step: no rebuild
-            p.grad.copy_(torch.randn_like(p.grad))
-        opt.step()
+def test_a_cache_hit_rebuilds_nothing_and_new_gradients_move_only_their_rows(small_chunks):
+    """Unchanged tensors: every step a plan-cache hit. New gradient tensors (what
+    zero_grad(set_to_none=True) hands out): only the gradient rows of the tables are
+    rewritten, no rebuild, and the step reads the new gradients (it matches the
+    reference). A replaced state entry, or a gradient no longer 16-byte aligned in an
+    aligned bucket, rebuilds."""
+    shapes = [(64,), (8, 8), (3, 5), (4097,)]
+    params = make_params(shapes, device=DEVICE)
+    twins = copy_params(params)
+    opt, twin = AdamCM(params, backend="triton", topC=3), AdamCM(twins, backend="reference",
+                                                                  topC=3)
+
+    def step(i, regrad):
+        for ps, o in ((params, opt), (twins, twin)):
+            if regrad:
+                set_grads(ps, i)
+            o.step()
+        atol, rtol = TOLERANCE[torch.float32]
+        for a, b in zip(params, twins):
+            torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+    step(0, regrad=True)
+    builds, hits, moves = (small_chunks.stats[k] for k in ("builds", "hits", "grad_refreshes"))
+    keep = []
+    for i in range(1, 4):
+        keep += [p.grad for p in params]  # alive: the new gradients' addresses must differ
+        step(i, regrad=True)
+    for p in params:  # the same gradient storage, new values: a plain hit
+        p.grad.copy_(torch.randn_like(p.grad))
+    for p, twin_p in zip(params, twins):
+        twin_p.grad.copy_(p.grad)
+    step(4, regrad=False)
     assert small_chunks.stats["builds"] == builds
-    set_grads(params, 3, 1)  # new grad tensors: new pointers, a new table
-    keep = [p.grad for p in params]  # keep old storage alive so the pointers must differ
-    for p in params:
-        p.grad = p.grad.clone()
-    opt.step()
-    assert small_chunks.stats["builds"] == builds + 1
+    assert small_chunks.stats["grad_refreshes"] == moves + 3
+    assert small_chunks.stats["hits"] == hits + 4
+
+    opt.state[params[0]]["exp_avg"] = opt.state[params[0]]["exp_avg"].clone()
+    step(5, regrad=False)
+    assert small_chunks.stats["builds"] == builds + 1  # a replaced state entry is seen
+
+    storage = torch.zeros(64 + 1, device=DEVICE)  # a gradient at an address 4 bytes off
+    params[0].grad = storage[1:].copy_(params[0].grad)
+    twins[0].grad = params[0].grad.clone()
+    step(6, regrad=False)
+    assert small_chunks.stats["builds"] == builds + 2
     del keep
 
 

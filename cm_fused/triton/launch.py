@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import Phase, StepArgs, Variant
+from ..contract import Phase, StepArgs, Tensors, Variant
 from . import adaptive as A
 from . import kernels as K
 
@@ -80,6 +80,7 @@ class _Bucket:
     partials: torch.Tensor  # fp32 view [n_chunks] of the group's partials
     dtypes: dict
     aligned: bool  # all pointers 16-byte aligned, every slot too: vector loads
+    idx: tuple  # the group's tensors in the bucket, in table order
 
 
 @dataclass
@@ -91,13 +92,22 @@ class _Plan:
     sumsq: torch.Tensor  # fp32 [T, NS]: the reduce pass's sums (NS per tensor)
     dec_i: torch.Tensor  # int32 [T, 2]
     dec_f: torch.Tensor  # fp64 [T, 3]
+    grad_ptrs: tuple  # the gradients' addresses in the tables
+    bucket_order: torch.Tensor  # host int64: the group's tensors, bucket after bucket
+    in_aligned: torch.Tensor  # host int64: the tensors in aligned buckets
     keepalive: list = field(default_factory=list)
+    grad_rows: torch.Tensor | None = None  # (pinned) host copy of the last grad-row rewrite
+    in_graph: bool = False  # used while a CUDA graph captured: its tables never change
 
 
 _cache: collections.OrderedDict = collections.OrderedDict()
-# Plans a captured CUDA graph refers to (by device address): outside the LRU cache.
+# Plans a captured CUDA graph refers to: by key, for a capture after the LRU cache let
+# them go, and all of them, kept alive whatever happens to the key.
 _captured: dict = {}
-stats = {"builds": 0, "hits": 0}  # for tests: how often tables were (re)built
+_graph_held: list = []
+# For tests: how often tables were built, found, and had only their gradient rows
+# rewritten (new gradient addresses, as zero_grad(set_to_none=True) gives).
+stats = {"builds": 0, "hits": 0, "grad_refreshes": 0}
 
 
 _data_ptr = torch.Tensor.data_ptr
@@ -112,19 +122,27 @@ def _ptrs(ts):
 # The StepArgs lists a table depends on, and the rows of a bucket table they give.
 _LISTS = ("params", "grads", "momenta", "second_moments", "extras", "buffers", "sums",
           "keys", "counts", "steps", "memory", "inserts")
+_STATE_LISTS = _LISTS[2:]
 _BUCKET_LISTS = ("params", "grads", "momenta", "second_moments", "extras", "buffers", "sums")
 _DTYPE_NAMES = ("p", "g", "m", "v", "x", "b", "s")  # kernels.BUCKET_ROWS, in that order
+_GRAD_ROW = K.BUCKET_ROWS.index("g")
 
 
 def _key(args: StepArgs, ns: int, chunk: int, block: int):
-    """Everything a table depends on: pointers, numels, dtypes (computed every step, so
-    kept to C-level loops: ~10 attribute reads per tensor)."""
+    """Everything a table depends on but the gradients' addresses (the plan checks those
+    itself, and rewrites just their rows when they move). Computed every step, so kept
+    to C-level loops: the params' addresses, numels and dtypes; a state list's serial
+    where the optimizer vouches for it (contract.Tensors), else its addresses and dtypes."""
     params = args.params
-    parts = [params[0].device, ns, chunk, block, tuple(map(_numel, params))]
-    for name in _LISTS:
+    parts = [params[0].device, ns, chunk, block, _ptrs(params), tuple(map(_numel, params)),
+             tuple(map(_dtype, params)), tuple(map(_dtype, args.grads))]
+    for name in _STATE_LISTS:
         ts = getattr(args, name)
-        parts.append(_ptrs(ts))
-        parts.append(tuple(map(_dtype, ts)))
+        if type(ts) is Tensors:
+            parts.append(ts.serial)
+        else:
+            parts.append(_ptrs(ts))
+            parts.append(tuple(map(_dtype, ts)))
     return tuple(parts)
 
 
@@ -173,7 +191,7 @@ def _build(args: StepArgs, ns: int, chunk: int, block: int) -> _Plan:
             chunk_s.extend(range(0, numels[i], chunk))
         put(chunk_t)
         put(chunk_s)
-        bucket_specs.append((dts, len(idx), len(chunk_t), base, aligned))
+        bucket_specs.append((dts, tuple(idx), len(chunk_t), base, aligned))
         base += len(chunk_t)
     def row(ts):  # a group-table row; zeros where the role is unused
         return _ptrs(ts) if len(ts) == T else (0,) * T
@@ -196,9 +214,9 @@ def _build(args: StepArgs, ns: int, chunk: int, block: int) -> _Plan:
 
     partials = torch.empty(max(base, 1) * ns, dtype=torch.float32, device=device)
     buckets = []
-    for b, (dts, n, nch, pbase, aligned) in enumerate(bucket_specs):
+    for b, (dts, idx, nch, pbase, aligned) in enumerate(bucket_specs):
         buckets.append(_Bucket(
-            n=n, n_chunks=nch, tab=view(3 * b), chunk_t=view(3 * b + 1),
+            n=len(idx), n_chunks=nch, idx=idx, tab=view(3 * b), chunk_t=view(3 * b + 1),
             chunk_s=view(3 * b + 2), partials=partials[pbase * ns:(pbase + max(nch, 1)) * ns],
             dtypes={k: (_tl_dtype(d) if d is not None else tl.float32)
                     for k, d in zip(_DTYPE_NAMES, dts)}, aligned=aligned))
@@ -207,6 +225,10 @@ def _build(args: StepArgs, ns: int, chunk: int, block: int) -> _Plan:
         sumsq=torch.empty(T * ns, dtype=torch.float32, device=device),
         dec_i=torch.empty(T, 2, dtype=torch.int32, device=device),
         dec_f=torch.empty(T, 3, dtype=torch.float64, device=device),
+        grad_ptrs=_ptrs(args.grads),
+        bucket_order=torch.tensor([i for b in buckets for i in b.idx], dtype=torch.int64),
+        in_aligned=torch.tensor([i for b in buckets if b.aligned for i in b.idx],
+                                dtype=torch.int64),
         keepalive=[*keepalive, dev])
 
 
@@ -216,24 +238,55 @@ def plan_for(args: StepArgs, ns: int, chunk: int, block: int) -> _Plan:
     capturing = _capturing(args.params[0])
     plan = _cache.get(key) or _captured.get(key)
     if plan is not None:
-        if key in _cache:
-            _cache.move_to_end(key)
-        stats["hits"] += 1
-    elif capturing:
-        raise RuntimeError(
-            "cm_fused (triton): a CUDA graph is capturing a step whose tensors this process "
-            "has not stepped yet; building their tables needs host-to-device copies, which "
-            "a capture cannot hold. Run one eager step with the same tensors first (the "
-            "usual warm-up before capture).")
-    else:
+        grads = _ptrs(args.grads)
+        if grads == plan.grad_ptrs or (not plan.in_graph and _move_grads(plan, grads)):
+            if key in _cache:
+                _cache.move_to_end(key)
+            stats["hits"] += 1
+        else:
+            plan = None
+    if plan is None:
+        if capturing:
+            raise RuntimeError(
+                "cm_fused (triton): a CUDA graph is capturing a step whose tensors this "
+                "process has not stepped yet; building their tables needs host-to-device "
+                "copies, which a capture cannot hold. Run one eager step with the same "
+                "tensors first (the usual warm-up before capture).")
         plan = _build(args, ns, chunk, block)
         stats["builds"] += 1
         _cache[key] = plan
+        _cache.move_to_end(key)
+        _captured.pop(key, None)  # (a graph's own plan stays alive in _graph_held)
         while len(_cache) > CACHE_SIZE:
             _cache.popitem(last=False)
-    if capturing:  # the graph holds the tables' addresses: never free them
+    if capturing and not plan.in_graph:  # the graph holds the tables' addresses
+        plan.in_graph = True
         _captured[key] = plan
+        _graph_held.append(plan)
     return plan
+
+
+def _move_grads(plan: _Plan, grads: tuple) -> bool:
+    """Rewrite the gradient rows of the plan's bucket tables for new gradient addresses
+    (zero_grad(set_to_none=True) hands out new tensors each step). False when the tables
+    cannot take them as they are: a gradient no longer 16-byte aligned in an aligned
+    bucket (the plan is then rebuilt)."""
+    ptrs = torch.tensor(grads, dtype=torch.int64)
+    if bool((ptrs[plan.in_aligned] % 16).any()):
+        return False
+    host = ptrs[plan.bucket_order]
+    device = plan.partials.device
+    if device.type == "cuda":
+        host = host.pin_memory()
+    dev = host.to(device, non_blocking=True)
+    offset = 0
+    for b in plan.buckets:  # (device-side copies, in stream order after the upload)
+        b.tab[_GRAD_ROW * b.n:(_GRAD_ROW + 1) * b.n].copy_(dev[offset:offset + b.n])
+        offset += b.n
+    plan.grad_rows = host  # the upload may still be reading it (a new one next time)
+    plan.grad_ptrs = grads
+    stats["grad_refreshes"] += 1
+    return True
 
 
 def _capturing(t: torch.Tensor) -> bool:
@@ -244,6 +297,9 @@ def release_captured_plans() -> None:
     """Let the plan cache free the tables that captured CUDA graphs use: call it once
     those graphs are deleted (until then they are kept, whatever the cache's size)."""
     _captured.clear()
+    _graph_held.clear()
+    for plan in _cache.values():
+        plan.in_graph = False
 
 
 # Launch log for tests: when a list, each launch appends (kernel name, grid, the
