@@ -90,7 +90,7 @@ def main(argv=None) -> list[dict]:
           f"{'us/t new':>9} {'builds':>6} {'grad rows':>9}")
     for name in args.optimizer.split(","):
         for n in (int(x) for x in args.tensors.split(",")):
-            r = measure(name, n, device, args.reps if n < 5000 else max(3, args.reps // 4))
+            r = measure(name, n, device, args.reps if n < 5000 else max(5, args.reps // 2))
             rows.append(r)
             print(f"{name:10} {n:>8} {r['ms_same']:>8.2f} {r['us_per_tensor_same']:>10.2f} "
                   f"{r['ms_new']:>8.2f} {r['us_per_tensor_new']:>9.2f} {r['builds']:>6} "

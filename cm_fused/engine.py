@@ -333,10 +333,13 @@ class CriticalOptimizer(torch.optim.Optimizer):
         if any(_attrs("is_sparse", grads)):
             raise RuntimeError(f"{name} does not support sparse gradients")
         grad_dtypes = _attrs("dtype", grads)
-        if any(d.is_complex for d in {*dtypes, *grad_dtypes}):
+        # (settled, and the same dtypes: they passed this when last checked)
+        same = grad_dtypes == dtypes
+        if not (same and shapes is not None) and any(
+                d.is_complex for d in (set(dtypes) if same else {*dtypes, *grad_dtypes})):
             raise RuntimeError(f"{name} does not support complex parameters or gradients")
         grad_shapes = _attrs("shape", grads)
-        if grad_dtypes != dtypes or (grad_shapes != shapes
+        if not same or (grad_shapes != shapes
                                      and grad_shapes != _attrs("shape", params)):
             p, g = next((p, g) for p, g in zip(params, grads)
                         if g.shape != p.shape or g.dtype != p.dtype)
@@ -688,15 +691,18 @@ def _as_is(tensors: list[Tensor]) -> list[Tensor]:
     return tensors
 
 
+_is_contiguous = Tensor.is_contiguous
+
+
 def _contiguous(params: list[Tensor], grads: list[Tensor]):
     """Fused kernels take dense tensors: step contiguous copies of strided params/grads.
 
     Returns the params and grads to step and a callable that copies stepped params back
     (None when every tensor was dense already).
     """
+    if all(map(_is_contiguous, params)) and all(map(_is_contiguous, grads)):
+        return params, grads, None  # (the usual case, at C speed)
     strided = [i for i, p in enumerate(params) if not p.is_contiguous()]
-    if not strided and all(g.is_contiguous() for g in grads):
-        return params, grads, None
     dense = list(params)
     for i in strided:
         dense[i] = params[i].contiguous()

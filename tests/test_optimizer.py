@@ -115,6 +115,28 @@ def test_sparse_or_complex_gradient_raises_and_changes_nothing(bad):
         assert torch.equal(opt.state[params[0]][k], v), k
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("bad", ["shape", "dtype"])
+def test_a_gradient_changed_behind_the_setters_back_is_refused_on_a_settled_step(bad,
+                                                                                 backend):
+    """torch's .grad setter refuses a gradient of another shape or dtype; ``.data`` gets
+    one past it. A settled step (nothing changed since the checks passed) still sees it,
+    says so, and changes nothing."""
+    require(backend)
+    params = make_params([(4,), (2, 3)])
+    opt = AdamCM(params, backend=backend)
+    for t in range(3):
+        set_grads(params, t)
+        opt.step()
+    snap = snapshot(opt, params)
+    set_grads(params, 3)
+    params[1].grad.data = (params[1].grad.data.reshape(3, 2) if bad == "shape" else
+                           params[1].grad.data.double())
+    with pytest.raises(RuntimeError, match="does not match parameter"):
+        opt.step()
+    assert_unchanged(opt, params, snap)
+
+
 def test_an_error_in_a_later_group_leaves_earlier_groups_untouched():
     params = make_params([(4,), (3,)])
     opt = ref([{"params": params[:1]}, {"params": params[1:]}])

@@ -254,6 +254,11 @@ def test_plans_a_captured_graph_uses_are_never_freed(small_chunks, monkeypatch):
     (graph_plan,) = small_chunks._captured.values()
     held = graph_plan.grad_ptrs
     keep = [p.grad for p in params]
+    monkeypatch.setattr(small_chunks, "_capturing", lambda t: True)
+    set_grads(params, 1)  # new gradients while capturing: refused, nothing rewritten
+    with pytest.raises(RuntimeError, match="warm-up"):
+        opt.step()
+    monkeypatch.setattr(small_chunks, "_capturing", lambda t: False)
     set_grads(params, 1)  # new gradients after the capture: the graph's tables stay
     opt.step()
     assert graph_plan.grad_ptrs == held and small_chunks.stats["builds"] == builds + 1

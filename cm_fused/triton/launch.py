@@ -239,7 +239,9 @@ def plan_for(args: StepArgs, ns: int, chunk: int, block: int) -> _Plan:
     plan = _cache.get(key) or _captured.get(key)
     if plan is not None:
         grads = _ptrs(args.grads)
-        if grads == plan.grad_ptrs or (not plan.in_graph and _move_grads(plan, grads)):
+        # (not while capturing: the graph would hold the upload's host buffer)
+        if grads == plan.grad_ptrs or (not (plan.in_graph or capturing)
+                                       and _move_grads(plan, grads)):
             if key in _cache:
                 _cache.move_to_end(key)
             stats["hits"] += 1
@@ -249,9 +251,10 @@ def plan_for(args: StepArgs, ns: int, chunk: int, block: int) -> _Plan:
         if capturing:
             raise RuntimeError(
                 "cm_fused (triton): a CUDA graph is capturing a step whose tensors this "
-                "process has not stepped yet; building their tables needs host-to-device "
-                "copies, which a capture cannot hold. Run one eager step with the same "
-                "tensors first (the usual warm-up before capture).")
+                "process has not stepped yet (new parameters, state or gradient tensors); "
+                "building their tables needs host-to-device copies, which a capture cannot "
+                "hold. Run one eager step with the same tensors first (the usual warm-up "
+                "before capture, with the gradients the graph will use).")
         plan = _build(args, ns, chunk, block)
         stats["builds"] += 1
         _cache[key] = plan
