@@ -297,7 +297,8 @@ class CriticalOptimizer(torch.optim.Optimizer):
             last = self._checked.get(id(group))
             if last is not None and last.key != checked:
                 last = None
-        self._check_grads(params, grads, dtypes, last.shapes if last else None)
+        if not self._check_grads(params, grads, dtypes, last.shapes if last else None):
+            last = None  # (a param's shape changed since: its state is checked again)
         roles = self._roles(group)
         # (settled: the params are where they were when checked, unless moved, and then
         # their gradients, made or moved with them, are elsewhere too)
@@ -326,9 +327,10 @@ class CriticalOptimizer(torch.optim.Optimizer):
         return _Plan(group, params, device, backend, module, roles, grads, exchange=exchange)
 
     def _check_grads(self, params: list[Tensor], grads: list[Tensor], dtypes: list,
-                     shapes: list | None = None) -> None:
+                     shapes: list | None = None) -> bool:
         """``shapes``: the params' shapes when last checked, if nothing changed since (a
-        mismatch is checked again against their shapes now)."""
+        mismatch is checked again against their shapes now). Returns whether the
+        gradients have those shapes."""
         name = type(self).__name__
         if any(_attrs("is_sparse", grads)):
             raise RuntimeError(f"{name} does not support sparse gradients")
@@ -345,6 +347,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
                         if g.shape != p.shape or g.dtype != p.dtype)
             raise RuntimeError(f"gradient {tuple(g.shape)} {g.dtype} does not match parameter "
                                f"{tuple(p.shape)} {p.dtype}")
+        return grad_shapes == shapes
 
     def _check_states(self, group: dict, params: list[Tensor], roles: dict) -> None:
         moment = roles["second_moments"] or roles["momenta"]  # stored in the param's dtype
@@ -356,6 +359,12 @@ class CriticalOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"this parameter is {p.dtype} but its optimizer state "
                                        f"is {m.dtype}: a parameter's dtype cannot change "
                                        f"after its first step")
+                if m is not None and (m.shape != p.shape or m.device != p.device):
+                    raise RuntimeError(
+                        f"this parameter is {tuple(p.shape)} on {p.device} but its optimizer "
+                        f"state is {tuple(m.shape)} on {m.device}: a parameter's shape and "
+                        f"device cannot change after its first step (load_state_dict puts "
+                        f"a checkpoint's state where its parameters are)")
                 if self.variant.buffered:
                     self._check_buffer_state(st, p, group)
                 self._check_state(st, group)

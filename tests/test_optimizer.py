@@ -137,6 +137,24 @@ def test_a_gradient_changed_behind_the_setters_back_is_refused_on_a_settled_step
     assert_unchanged(opt, params, snap)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_parameter_resized_in_place_after_its_first_step_is_refused(backend):
+    """``p.data = larger`` after steps leaves a state of the old shape, which a fused
+    kernel would read and write out of bounds: the step says so and changes nothing."""
+    require(backend)
+    params = make_params([(4,), (2, 3)])
+    opt = AdamCM(params, backend=backend)
+    for t in range(3):
+        set_grads(params, t)
+        opt.step()
+    params[1].data = torch.zeros(3, 3)
+    snap = snapshot(opt, params)
+    set_grads(params, 3)
+    with pytest.raises(RuntimeError, match="shape and device cannot change"):
+        opt.step()
+    assert_unchanged(opt, params, snap)
+
+
 def test_an_error_in_a_later_group_leaves_earlier_groups_untouched():
     params = make_params([(4,), (3,)])
     opt = ref([{"params": params[:1]}, {"params": params[1:]}])
