@@ -274,7 +274,7 @@ def _move_grads(plan: _Plan, grads: tuple) -> bool:
     (zero_grad(set_to_none=True) hands out new tensors each step). False when the tables
     cannot take them as they are: a gradient no longer 16-byte aligned in an aligned
     bucket (the plan is then rebuilt)."""
-    ptrs = torch.tensor(grads, dtype=torch.int64)
+    ptrs = torch.tensor(grads, dtype=torch.int64)  # (on the host: no device sync below)
     if bool((ptrs[plan.in_aligned] % 16).any()):
         return False
     host = ptrs[plan.bucket_order]
