@@ -23,9 +23,18 @@ import torch
 import cm_fused
 from cm_fused import registry
 from cm_fused.contract import sum_dtype
+from cm_fused.quantize import QBLOCK
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# buffer_dtype also takes int8 (8-bit slots, blockwise quantized: cm_fused/quantize.py)
+SLOT_DTYPES = {**DTYPES, "int8": torch.int8}
+DTYPE_NAMES = {v: k for k, v in SLOT_DTYPES.items()}
+
+
+def slot_bytes(slot_dtype: torch.dtype) -> float:
+    """Bytes per element of a slot: its itemsize, plus an fp32 scale per QBLOCK elements
+    for int8 slots."""
+    return slot_dtype.itemsize + (4 / QBLOCK if slot_dtype == torch.int8 else 0)
 
 GRAD_STD = 1e-2
 
@@ -104,7 +113,8 @@ def bytes_per_step(kind: str, numel: int, param_dtype: torch.dtype,
         A*P + P + 2*Ssz + 2*Bsz        (P = param itemsize, B = slot, S = sum itemsize)
     AdamCM/AdamCG fp32 everything: 28 + 4 + 8 + 8 = 48 B/elem (SGDCG, RMSpropCG: 40 B).
     bf16 params (bf16 slots, fp32 S): 14 + 2 + 8 + 4 = 28 B. fp32 params, bf16 slots:
-    28 + 4 + 8 + 4 = 44 B. topC does not enter: a step touches one slot whatever C is. With
+    28 + 4 + 8 + 4 = 44 B; int8 slots: 28 + 4 + 8 + 2 + 2·4/256 ≈ 42.03 B (the scales of
+    the slot's blocks read and written). topC does not enter: a step touches one slot whatever C is. With
     replaced=False (the new key lost) the slot read/write and the S write drop out:
     A*P + P + Ssz. The harness's gradients keep their norm nearly constant, so with decay
     0.7 a slot is replaced on every step and the rows use replaced=True. Per-tensor keys,
@@ -120,9 +130,9 @@ def bytes_per_step(kind: str, numel: int, param_dtype: torch.dtype,
     if not opt.buffered:  # adaptive memory: the reduce pass's reads, then the update
         return numel * (accesses + opt.reduce_reads) * p
     slot_dtype = buffer_dtype or param_dtype
-    slot, s = slot_dtype.itemsize, sum_dtype(slot_dtype).itemsize
+    slot, s = slot_bytes(slot_dtype), sum_dtype(slot_dtype).itemsize
     per = (accesses + 1) * p + s + ((s + 2 * slot) if replaced else 0)
-    return numel * per
+    return round(numel * per)
 
 
 # ------------------------------------------------------------------------ providers
@@ -334,7 +344,7 @@ def state_bytes(kind: str, numel: int, dtype: torch.dtype, buffer_dtype, topC: i
     if kind == "torch" or not OPTIMIZERS[optimizer].buffered:
         return base
     slot_dtype = buffer_dtype or dtype
-    return base + numel * (sum_dtype(slot_dtype).itemsize + topC * slot_dtype.itemsize)
+    return base + round(numel * (sum_dtype(slot_dtype).itemsize + topC * slot_bytes(slot_dtype)))
 
 
 def copy_bandwidth(device: torch.device, reps: int = 20) -> float:

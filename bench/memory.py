@@ -21,16 +21,20 @@ import cm_fused  # noqa: E402
 from harness import git_commit, versions  # noqa: E402
 from param_sets import SETS  # noqa: E402
 
+SLOTS = (("fp32", None), ("bf16", torch.bfloat16), ("int8", torch.int8))
 # (row name, factory params -> optimizer)
 ROWS = [
     ("torch AdamW", lambda ps: torch.optim.AdamW(ps, foreach=False)),
     ("torch SGD momentum 0.9", lambda ps: torch.optim.SGD(ps, momentum=0.9, foreach=False)),
     *[(f"AdamCM topC {c}, {name} slots",
        lambda ps, c=c, dt=dt: cm_fused.AdamCM(ps, topC=c, buffer_dtype=dt))
-      for c in (5, 20) for name, dt in (("fp32", None), ("bf16", torch.bfloat16))],
-    ("AdamCG topC 10", lambda ps: cm_fused.AdamCG(ps)),
-    ("SGDCG momentum 0.9, topC 10", lambda ps: cm_fused.SGDCG(ps, momentum=0.9)),
-    ("RMSpropCG topC 10", lambda ps: cm_fused.RMSpropCG(ps)),
+      for c in (5, 20) for name, dt in SLOTS],
+    *[(f"{name} topC 10, {slot} slots", lambda ps, cls=cls, kw=kw, dt=dt: cls(
+        ps, buffer_dtype=dt, **kw)) for name, cls, kw in (
+            ("AdamCG", cm_fused.AdamCG, {}),
+            ("SGDCG momentum 0.9,", cm_fused.SGDCG, dict(momentum=0.9)),
+            ("RMSpropCG", cm_fused.RMSpropCG, {}))
+      for slot, dt in SLOTS[::2]],
     ("AdamAM", lambda ps: cm_fused.AdamAM(ps)),
     ("SGDAM", lambda ps: cm_fused.SGDAM(ps)),
 ]
@@ -54,9 +58,9 @@ def main(argv=None) -> str:
     sets = args.sets.split(",")
     lines = [f"# bench/memory.py: optimizer-state bytes per fp32 parameter, from the state "
              f"tensors after one step (meta device); commit {git_commit()}; {versions()}",
-             f"{'optimizer':34}" + "".join(f"{s:>12}" for s in sets)]
+             f"{'optimizer':42}" + "".join(f"{s:>12}" for s in sets)]
     for name, factory in ROWS:
-        lines.append(f"{name:34}" + "".join(
+        lines.append(f"{name:42}" + "".join(
             f"{state_bytes_per_param(SETS[s], factory):12.2f}" for s in sets))
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"

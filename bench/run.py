@@ -56,7 +56,7 @@ def parse_args(argv=None):
                                         f"or torch_foreach for RMSprop) is always run")
     ap.add_argument("--topc", help="comma list of topC values (default 5)")
     ap.add_argument("--dtype", help="param dtypes, comma list of fp32,bf16,fp16 (default fp32)")
-    ap.add_argument("--buffer-dtype", help="slot dtypes, comma list of none,fp32,bf16,fp16 "
+    ap.add_argument("--buffer-dtype", help="slot dtypes, comma list of none,fp32,bf16,fp16,int8 "
                                            "(default none: the param's dtype)")
     ap.add_argument("--reps", type=int, help="timed steps per row (default 30 on CPU, 100 on CUDA)")
     ap.add_argument("--warmup", type=int, default=5,
@@ -105,9 +105,12 @@ def plan(args, device):
     dt = _csv(args.dtype) if args.dtype else (["fp32", "bf16"] if args.full else ["fp32"])
     bd = _csv(args.buffer_dtype) if args.buffer_dtype else (
         ["none", "bf16"] if args.full else ["none"])
-    for d in dt + [b for b in bd if b != "none"]:
+    for d in dt:
         if d not in H.DTYPES:
             sys.exit(f"unknown dtype {d!r}; use {', '.join(H.DTYPES)}")
+    for d in bd:
+        if d != "none" and d not in H.SLOT_DTYPES:
+            sys.exit(f"unknown buffer dtype {d!r}; use none, {', '.join(H.SLOT_DTYPES)}")
     jobs = []  # torch rows do not depend on C or buffer; the baseline comes first
     for o in optimizers:
         base = H.OPTIMIZERS[o].baseline
@@ -204,7 +207,7 @@ def main(argv=None):
     for i, (oname, sname, dname, bname, topC, pname) in enumerate(jobs, 1):
         prov, opt = H.PROVIDERS[pname], H.OPTIMIZERS[oname]
         base_prov = H.PROVIDERS[opt.baseline]
-        dtype, bdtype = H.DTYPES[dname], (H.DTYPES[bname] if bname else None)
+        dtype, bdtype = H.DTYPES[dname], (H.SLOT_DTYPES[bname] if bname else None)
         shapes = param_sets.SETS[sname]
         numel = param_sets.numel(sname)
         nbytes = H.bytes_per_step(prov.kind, numel, dtype, bdtype, optimizer=oname)

@@ -80,8 +80,8 @@ class StepArgs:
     Per-tensor lists hold one entry per parameter stepped (those with a gradient), all in
     the same order; a role the variant or the configuration does not use is an empty
     list (``momenta`` without momentum, ``extras`` without amsgrad or centered,
-    ``second_moments`` for SGD, the buffer's five lists for ``*_AM``, ``memory`` for the
-    buffered variants). The kernels tell what is in use from that. For ADAM_AM,
+    ``second_moments`` for SGD, ``scales`` unless the slots are int8, the buffer's lists
+    for ``*_AM``, ``memory`` for the buffered variants). The kernels tell what is in use from that. For ADAM_AM,
     ``momenta`` is d, ``second_moments`` v and ``beta1`` is beta1max; for SGD_AM,
     ``momenta`` is d and ``beta1`` is beta_max.
     """
@@ -95,6 +95,9 @@ class StepArgs:
     # Adam's max_exp_avg_sq (amsgrad); RMSprop's grad_avg (centered).
     extras: list[Tensor] = dataclasses.field(metadata=_MUTATED)
     buffers: list[Tensor] = dataclasses.field(metadata=_MUTATED)  # [topC, *shape] slots
+    # int8 slots only (else an empty list): fp32 [topC, n_blocks] per tensor, one scale
+    # per block of quantize.QBLOCK elements of a slot (cm_fused/quantize.py).
+    scales: list[Tensor] = dataclasses.field(metadata=_MUTATED)
     keys: list[Tensor] = dataclasses.field(metadata=_MUTATED)     # [topC] fp32
     counts: list[Tensor] = dataclasses.field(metadata=_MUTATED)   # 0-dim int64: filled slots
     inserts: list[Tensor] = dataclasses.field(metadata=_MUTATED)  # 0-dim int64: inserts so far
@@ -198,5 +201,6 @@ def _fake(*args) -> None:
 
 
 def sum_dtype(slot_dtype: torch.dtype) -> torch.dtype:
-    """S is fp32 whenever slots are narrower than fp32 (a bf16 running sum drifts)."""
+    """S is fp32 whenever slots are narrower than fp32 (a bf16 running sum drifts; int8
+    slots hold fp32 values, see cm_fused/quantize.py)."""
     return torch.float32 if slot_dtype.itemsize < 4 else slot_dtype

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import distributed
+from .quantize import dequantize
 
 
 class BufferDiagnostics:
@@ -70,7 +71,8 @@ def _mean_where(values: Tensor, ok: Tensor) -> Tensor:
 
 
 def _one(st: dict, C: int) -> dict[str, Tensor]:
-    B = st["cm_buffer"].float()
+    B = st["cm_buffer"]
+    B = dequantize(B, st["cm_scales"]) if B.dtype == torch.int8 else B.float()
     B = B.reshape(C, B[0].numel())  # [C, n]
     K = st["cm_keys"]
     k = st["cm_count"]

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from . import distributed, registry, validation
 from .contract import Phase, StepArgs, Tensors, Variant, sum_dtype
+from .quantize import n_blocks
 from .reference import unscaled
 
 log = logging.getLogger("cm_fused")
@@ -43,8 +44,9 @@ def _attrs(name: str, tensors: list[Tensor]) -> list:
 # State entries that keep their own dtype (torch's load_state_dict would cast them to the
 # param's dtype, which breaks bf16 slots, fp32 keys and sums, and the integer count).
 _OWN_DTYPE = {"cm_keys": torch.float32, "cm_count": torch.int64, "cm_inserts": torch.int64,
-              "step": torch.float32, "memory": torch.float32}
-BUFFER_STATE = ("cm_buffer", "cm_keys", "cm_count", "cm_inserts", "cm_sum")
+              "step": torch.float32, "memory": torch.float32, "cm_scales": torch.float32}
+# (cm_scales: int8 slots only)
+BUFFER_STATE = ("cm_buffer", "cm_keys", "cm_count", "cm_inserts", "cm_sum", "cm_scales")
 
 
 @dataclass
@@ -385,6 +387,8 @@ class CriticalOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"the group's buffer_dtype resolves to {want} but this "
                                f"parameter's buffer is {buf.dtype}; it cannot change after "
                                f"the first step")
+        if want == torch.int8:
+            _check_scales(st.get("cm_scales"), buf, p)
 
     def _resolve(self, device: torch.device, dtypes: frozenset,
                  fused: bool | None = None) -> tuple[str, ModuleType]:
@@ -461,8 +465,17 @@ class CriticalOptimizer(torch.optim.Optimizer):
             return {}
         slot = group["buffer_dtype"] or p.dtype
         C = group["topC"]
+        scales = {}
+        if slot == torch.int8:
+            if distributed.is_sharded_type(p):
+                raise NotImplementedError(
+                    f"{type(self).__name__}: buffer_dtype=torch.int8 with sharded (DTensor) "
+                    f"parameters is not supported yet (a shard's quantization blocks would not "
+                    f"be the whole tensor's); use a floating-point buffer_dtype")
+            scales["cm_scales"] = torch.zeros(C, n_blocks(p.numel()), dtype=torch.float32,
+                                              device=p.device)
         # (shaped like p: DTensors for DTensor params, cm_fused/distributed.py)
-        return {"cm_buffer": distributed.slots_like(p, C, slot),
+        return {**scales, "cm_buffer": distributed.slots_like(p, C, slot),
                 "cm_keys": torch.zeros(C, dtype=torch.float32, device=p.device),
                 "cm_count": torch.zeros((), dtype=torch.int64, device=p.device),
                 "cm_inserts": torch.zeros((), dtype=torch.int64, device=p.device),
@@ -540,10 +553,13 @@ class CriticalOptimizer(torch.optim.Optimizer):
             return vouched(key, shaped([s[key] for s in states])) if self.variant.buffered \
                 else []
 
+        quantized = group.get("buffer_dtype") == torch.int8
+
         return StepArgs(
             params=params, grads=grads, momenta=gather("momenta"),
             second_moments=gather("second_moments"), extras=gather("extras"),
-            buffers=buffer("cm_buffer"), keys=buffer("cm_keys", _as_is),
+            buffers=buffer("cm_buffer"), scales=buffer("cm_scales") if quantized else [],
+            keys=buffer("cm_keys", _as_is),
             counts=buffer("cm_count", _as_is), inserts=buffer("cm_inserts", _as_is),
             sums=buffer("cm_sum"),
             steps=gather("steps", _as_is), memory=vouched("memory", self._memory(plan)),
@@ -636,6 +652,11 @@ class CriticalOptimizer(torch.optim.Optimizer):
             if buf is not None and tuple(buf.shape[1:]) != tuple(p.shape):
                 raise ValueError(f"checkpoint buffer of shape {tuple(buf.shape)} does not fit "
                                  f"a parameter of shape {tuple(p.shape)}")
+            if buf is not None and buf.dtype == torch.int8:
+                try:
+                    _check_scales(saved_state[pid].get("cm_scales"), buf, p)
+                except RuntimeError as e:
+                    raise ValueError(f"checkpoint state: {e}") from None
         super().load_state_dict(state_dict)
         self._state_version += 1
         self._lists.clear()  # (they hold the replaced state)
@@ -655,6 +676,15 @@ def _check_top_c(group: dict, backend: str, module: ModuleType) -> None:
     if limit is not None and group.get("kappa", 0) > 0 and group["topC"] > limit:
         raise ValueError(f"Invalid topC: {group['topC']} (the {backend!r} backend takes topC "
                          f"<= {limit}; use backend='reference' for a larger buffer)")
+
+
+def _check_scales(scales: Tensor | None, buf: Tensor, p: Tensor) -> None:
+    """int8 slots need their scales: fp32 [topC, n_blocks] (cm_fused/quantize.py)."""
+    want = (buf.shape[0], n_blocks(p.numel()))
+    if scales is None or tuple(scales.shape) != want or scales.dtype != torch.float32:
+        got = "none" if scales is None else f"{scales.dtype} {tuple(scales.shape)}"
+        raise RuntimeError(f"int8 slots need 'cm_scales', float32 of shape {want} for a "
+                           f"parameter of shape {tuple(p.shape)}; got {got}")
 
 
 def _restore_if_found_inf(found_inf: Tensor, tensors: list[Tensor]):

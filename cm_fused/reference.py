@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .contract import Phase, StepArgs, Variant
+from .quantize import dequantize, quantize
 
 # The floor of AdamAM's 1 - beta1max * prod (docs/SPEC.md): fp32's smallest normal.
 TINY = torch.finfo(torch.float32).tiny
@@ -96,7 +97,8 @@ def step(args: StepArgs) -> None:
                                              keep, args.key_decay, args.inserts[i])
         _one_tensor(Variant(args.variant), args, lr, keep, first, j, replace, k_before, p,
                     grads[i], role(args.momenta, i), role(args.second_moments, i),
-                    role(args.extras, i), args.buffers[i], args.sums[i], args.steps[i])
+                    role(args.extras, i), args.buffers[i], role(args.scales, i), args.sums[i],
+                    args.steps[i])
 
 
 def _commit(dst: Tensor, new: Tensor, keep: Tensor | None) -> None:
@@ -140,18 +142,28 @@ def decide(K: Tensor, k: Tensor, n: Tensor, lucky: Tensor | None, keep: Tensor |
     return first, j, replace, k_before
 
 
-def insert(B: Tensor, S: Tensor, j: Tensor, replace: Tensor, new: Tensor) -> None:
-    """``S ← S − B[j]``, ``B[j] ← new`` (rounded to the slot dtype), ``S ← S + B[j]``
-    where ``replace``. Unfilled slots hold zeros, so this also fills a free slot."""
-    new = new.to(B.dtype)
-    old = B.index_select(0, j)[0]
-    S_new = S - old.to(S.dtype) + new.to(S.dtype)  # S is fp32 or wider
+def insert(B: Tensor, S: Tensor, j: Tensor, replace: Tensor, new: Tensor,
+           scales: Tensor | None = None) -> None:
+    """``S ← S − B[j]``, ``B[j] ← new`` (rounded to the slot dtype; int8 slots: quantized,
+    with their ``scales``), ``S ← S + B[j]`` where ``replace``, S adding and subtracting
+    the values the slots hold. Unfilled slots hold zeros, so this also fills a free
+    slot."""
+    if B.dtype == torch.int8:
+        q, s = quantize(new.float())
+        old_q, old_s = B.index_select(0, j)[0], scales.index_select(0, j)[0]
+        S_new = S - dequantize(old_q, old_s).to(S.dtype) + dequantize(q, s).to(S.dtype)
+        scales.index_copy_(0, j, torch.where(replace, s, old_s).unsqueeze(0))
+        new, old = q, old_q
+    else:
+        new = new.to(B.dtype)
+        old = B.index_select(0, j)[0]
+        S_new = S - old.to(S.dtype) + new.to(S.dtype)  # S is fp32 or wider
     S.copy_(torch.where(replace, S_new, S))
     B.index_copy_(0, j, torch.where(replace, new, old).unsqueeze(0))
 
 
 def _one_tensor(variant, a: StepArgs, lr, keep, first, j, replace, k_before, p, g, mom, sq,
-                extra, B, S, step):
+                extra, B, scales, S, step):
     cdt = compute_dtype(p.dtype)
     x = p.to(cdt)
     zero = torch.zeros_like(g)
@@ -177,7 +189,7 @@ def _one_tensor(variant, a: StepArgs, lr, keep, first, j, replace, k_before, p, 
         if wd != 0:  # coupled L2, after the aggregate
             u = u + wd * x
         new = g
-    insert(B, S, j, replace, new)
+    insert(B, S, j, replace, new, scales)
 
     step_new = step + 1
     _commit(step, step_new, keep)

@@ -19,6 +19,8 @@ import torch
 NAMES = ("reference", "cpu", "triton")
 _MODULES = {"reference": "cm_fused.reference", "cpu": "cm_fused.cpu", "triton": "cm_fused.triton"}
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# buffer_dtype: a floating-point slot dtype, or int8 (blockwise quantized: quantize.py).
+SLOT_DTYPES = (*FUSED_DTYPES, torch.int8)
 
 
 def module(name: str) -> ModuleType:

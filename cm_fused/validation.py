@@ -108,8 +108,9 @@ def _probability(name, x, group):
 
 
 def _buffer_dtype(name, d, group):
-    if d is not None and d not in registry.FUSED_DTYPES:
-        raise bad(name, d, "must be None, torch.float32, torch.bfloat16 or torch.float16")
+    if d is not None and d not in registry.SLOT_DTYPES:
+        raise bad(name, d, "must be None, torch.float32, torch.bfloat16, torch.float16 or "
+                           "torch.int8 (8-bit slots, blockwise quantized)")
 
 
 RULES: dict[str, Callable[[str, Any, dict], None]] = {

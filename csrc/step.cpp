@@ -57,7 +57,8 @@ const char cm_fused_build_tag[] = "CM_FUSED_BUILT_WITH_TORCH=" CM_FUSED_TORCH_VE
 namespace cm_fused {
 namespace {
 
-constexpr int64_t kChunk = 16384;          // elements; a multiple of every vector block
+constexpr int64_t kChunk = 16384;  // elements; a multiple of every vector block and kQBlock
+static_assert(kChunk % kQBlock == 0, "an int8 slot's block must not straddle two chunks");
 constexpr int64_t kSerialBelow = 1 << 16;  // total elements under which one thread is faster
 
 const KernelTable& kernels() {
@@ -82,6 +83,8 @@ int dtype_index(at::ScalarType t) {
     default: return -1;
   }
 }
+
+int slot_dtype_index(at::ScalarType t) { return t == at::kChar ? kI8 : dtype_index(t); }
 
 struct Chunk {
   int64_t tensor;
@@ -344,7 +347,7 @@ void am_step(const KernelTable& table, const AMScalars& s, const std::vector<int
 
 void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momenta,
               at::TensorList second_moments, at::TensorList extras, at::TensorList buffers,
-              at::TensorList keys, at::TensorList counts, at::TensorList inserts,
+              at::TensorList scales, at::TensorList keys, at::TensorList counts, at::TensorList inserts,
               at::TensorList sums,
               at::TensorList steps, at::TensorList memory, int64_t variant, double lr,
               const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
@@ -386,10 +389,10 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
               " takes no second_moments or extras");
   TORCH_CHECK(!am || !has_extra, "cm_fused::step_: variant ", variant, " takes no extras");
   if (am) {
-    TORCH_CHECK(buffers.empty() && keys.empty() && counts.empty() && inserts.empty() &&
-                    sums.empty(),
-                "cm_fused::step_: variant ", variant,
-                " keeps no buffer: buffers, keys, counts, inserts and sums must be empty lists");
+    TORCH_CHECK(buffers.empty() && scales.empty() && keys.empty() && counts.empty() &&
+                    inserts.empty() && sums.empty(),
+                "cm_fused::step_: variant ", variant, " keeps no buffer: buffers, scales, keys, "
+                "counts, inserts and sums must be empty lists");
     TORCH_CHECK(memory.size() == (variant == kAdamAM ? T : 1), "cm_fused::step_: memory has ",
                 memory.size(), " tensors, expected ",
                 variant == kAdamAM ? "one per parameter" : "exactly one");
@@ -426,10 +429,18 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
     const at::Tensor& B = buffers[i];
     TORCH_CHECK(B.dim() >= 1 && B.size(0) == C, "cm_fused::step_: buffers[", i,
                 "] must have ", C, " slots along dim 0 (one per key), got shape ", B.sizes());
-    sdt[i] = dtype_index(B.scalar_type());
+    sdt[i] = slot_dtype_index(B.scalar_type());
     TORCH_CHECK(sdt[i] >= 0, "cm_fused::step_: buffers[", i, "] has dtype ", B.scalar_type(),
-                "; slots must be float32, bfloat16 or float16");
+                "; slots must be float32, bfloat16, float16 or int8");
     check_tensor(B, "buffers", i, C * n, std::nullopt);
+    // int8 slots, and only they, come with their scales: fp32 [C, blocks of the slot].
+    TORCH_CHECK((sdt[i] == kI8) == !scales.empty(), "cm_fused::step_: buffers[", i,
+                "] is ", B.scalar_type(), " but scales ",
+                scales.empty() ? "is empty (int8 slots need them)" : "is given (int8 slots only)");
+    if (sdt[i] == kI8) {
+      check_list(scales, "scales", T);
+      check_tensor(scales[i], "scales", i, C * ((n + kQBlock - 1) / kQBlock), at::kFloat);
+    }
     check_tensor(sums[i], "sums", i, n, at::kFloat);
     check_tensor(counts[i], "counts", i, 1, at::kLong);
     check_tensor(inserts[i], "inserts", i, 1, at::kLong);
@@ -527,6 +538,9 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
     a.extra = ptr(extras, i);
     a.slot = d.replace && n > 0
         ? static_cast<char*>(buffers[i].data_ptr()) + d.j * n * buffers[i].element_size()
+        : nullptr;
+    a.slot_scales = a.slot != nullptr && !scales.empty()
+        ? scales[i].data_ptr<float>() + d.j * ((n + kQBlock - 1) / kQBlock)
         : nullptr;
     a.sum = sums[i].data_ptr<float>();
     a.first = d.first;

@@ -34,8 +34,13 @@ enum Phase : int { kPhaseAll = 0, kPhaseReduce = 1, kPhaseUpdate = 2 };
 constexpr int kAMSums = 4;
 
 // Storage dtypes the kernels take (parameters, gradients and their state: one of them;
-// buffer slots: one of them, possibly another). Arithmetic is always fp32.
-enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kNumDTypes = 3 };
+// buffer slots: one of them, possibly another, or int8). Arithmetic is always fp32.
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kNumDTypes = 3, kI8 = 3, kNumSlotDTypes = 4 };
+
+// int8 slots: one fp32 scale per kQBlock elements of a slot (cm_fused/quantize.py, whose
+// QBLOCK this must equal: step_cpu checks the scales' sizes). It divides kChunk (step.cpp), so a
+// block never straddles two chunks.
+constexpr int64_t kQBlock = 256;
 
 // Everything the update pass needs for one tensor. Pointers are to element 0; a state
 // role the variant or the configuration does not use is nullptr.
@@ -46,6 +51,7 @@ struct UpdateArgs {
   void* sq = nullptr;     // second moments: Adam's v; RMSprop's square average
   void* extra = nullptr;  // extras: Adam's v_max (amsgrad); RMSprop's grad average
   void* slot = nullptr;   // B[j] when this step replaces/fills a slot, else nullptr
+  float* slot_scales = nullptr;  // int8 slots: B[j]'s scales (with slot), else nullptr
   float* sum = nullptr;   // S (always fp32)
   bool first = false;     // count was 0: the tensor's first step
   bool has_wd = false;
@@ -87,7 +93,7 @@ using AMReduceFn = void (*)(const UpdateArgs& a, int64_t begin, int64_t end, dou
 struct KernelTable {
   const char* name;
   NormFn norm[kNumDTypes];                                // by gradient dtype
-  UpdateFn update[kNumBuffered][kNumDTypes][kNumDTypes];  // [variant][param][slot dtype]
+  UpdateFn update[kNumBuffered][kNumDTypes][kNumSlotDTypes];  // [variant][param][slot]
   AMReduceFn am_reduce[kNumAM][kNumDTypes];               // [variant - kAdamAM][param]
   UpdateFn am_update[kNumAM][kNumDTypes];
 };

@@ -13,8 +13,12 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <tuple>
+#include <type_traits>
 
 #include "step.h"
 
@@ -162,7 +166,9 @@ inline void second_moment(const UpdateArgs& a, T* sq, const Vec& u0, const Vec& 
 // One block of kW elements of one tensor: docs/SPEC.md's update of variant V. The
 // direction u the base rule takes and the value inserted into the buffer come first
 // (they are what the variants differ in), then the insert (shared), then the base rule.
-template <int V, typename T, typename TS>
+// STAGE (int8 slots): the value inserted is only written to `slot`, an fp32 staging
+// area; quantize_insert() then quantizes it and updates S block by block.
+template <int V, typename T, typename TS, bool STAGE = false>
 inline void update_block(const UpdateArgs& a, T* p, const T* g, T* mom, T* sq, T* extra,
                          TS* slot, float* sum) {
   Vec g0, g1, x0, x1, s0, s1;
@@ -220,7 +226,9 @@ inline void update_block(const UpdateArgs& a, T* p, const T* g, T* mom, T* sq, T
     }
   }
 
-  if (slot != nullptr) {  // S <- (S - B[j]) + round(new); B[j] <- round(new)
+  if (STAGE && slot != nullptr) {
+    IO<TS>::store(slot, n0, n1);
+  } else if (slot != nullptr) {  // S <- (S - B[j]) + round(new); B[j] <- round(new)
     Vec b0, b1;
     IO<TS>::load(slot, b0, b1);
     IO<TS>::store_rounded(slot, n0, n1);
@@ -302,21 +310,27 @@ inline void update_block(const UpdateArgs& a, T* p, const T* g, T* mom, T* sq, T
   }
 }
 
-template <int V, typename T, typename TS>
-void update_kernel(const UpdateArgs& a, int64_t begin, int64_t end) {
+// The update of elements [begin, end); element i of the slot written is slot[i - origin].
+template <int V, typename T, typename TS, bool STAGE>
+void update_range(const UpdateArgs& a, int64_t begin, int64_t end, TS* slot_base,
+                  int64_t origin) {
   T* p = static_cast<T*>(a.p);
   const T* g = static_cast<const T*>(a.g);
   T* mom = static_cast<T*>(a.mom);
   T* sq = static_cast<T*>(a.sq);
   T* extra = static_cast<T*>(a.extra);
-  TS* slot = static_cast<TS*>(a.slot);
   float* sum = a.sum;
   auto at = [](auto* ptr, int64_t i) { return ptr ? ptr + i : nullptr; };
+  auto slot_at = [&](int64_t i) { return slot_base ? slot_base + (i - origin) : nullptr; };
   int64_t i = begin;
   for (; i + kW <= end; i += kW) {
-    prefetch_ahead(i, p, g, mom, sq, extra, slot, sum);
-    update_block<V, T, TS>(a, p + i, g + i, at(mom, i), at(sq, i), at(extra, i), at(slot, i),
-                           sum + i);
+    if constexpr (STAGE) {  // (the staging area is in cache)
+      prefetch_ahead(i, p, g, mom, sq, extra, sum);
+    } else {
+      prefetch_ahead(i, p, g, mom, sq, extra, slot_base, sum);
+    }
+    update_block<V, T, TS, STAGE>(a, p + i, g + i, at(mom, i), at(sq, i), at(extra, i),
+                                  slot_at(i), sum + i);
   }
   if (i == end) return;
   // The tail of a tensor: the same block code on zero-padded copies, then copy back.
@@ -336,16 +350,84 @@ void update_kernel(const UpdateArgs& a, int64_t begin, int64_t end) {
   in(tm, at(mom, i), sizeof(T));
   in(tv, at(sq, i), sizeof(T));
   in(te, at(extra, i), sizeof(T));
-  in(ts, at(slot, i), sizeof(TS));
+  in(ts, slot_at(i), sizeof(TS));
   in(tsum, sum + i, sizeof(float));
-  update_block<V, T, TS>(a, tp, tg, mom ? tm : nullptr, sq ? tv : nullptr,
-                         extra ? te : nullptr, slot ? ts : nullptr, tsum);
+  update_block<V, T, TS, STAGE>(a, tp, tg, mom ? tm : nullptr, sq ? tv : nullptr,
+                                extra ? te : nullptr, slot_base ? ts : nullptr, tsum);
   out(p + i, tp, sizeof(T));
   out(at(mom, i), tm, sizeof(T));
   out(at(sq, i), tv, sizeof(T));
   out(at(extra, i), te, sizeof(T));
-  out(at(slot, i), ts, sizeof(TS));
-  if (slot) std::memcpy(sum + i, tsum, r * sizeof(float));
+  out(slot_at(i), ts, sizeof(TS));
+  if (slot_base && !STAGE) std::memcpy(sum + i, tsum, r * sizeof(float));
+}
+
+// int8 slots (cm_fused/quantize.py, the same operations in the same order): quantize the
+// n <= kQBlock staged values x of one block into q and *scale, and update S by the
+// values the slot held and holds: S <- (S - q_old * scale_old) + q * scale.
+inline void quantize_insert(float* x, int64_t n, int8_t* q, float* scale, float* sum) {
+  const int64_t padded = (n + kV - 1) / kV * kV;  // zeros change neither absmax nor NaN
+  std::memset(static_cast<void*>(x + n), 0, (padded - n) * sizeof(float));
+  Vec amax(0.f), poison(0.f);  // poison: x * 0 is NaN for a NaN or an infinity
+  for (int64_t i = 0; i < padded; i += kV) {
+    const Vec v = Vec::loadu(x + i);
+    amax = at::vec::maximum(amax, v.abs());
+    poison = poison + v * Vec(0.f);
+  }
+  float lanes[kV], bad[kV];
+  amax.store(lanes);
+  poison.store(bad);
+  float a = 0.f;
+  bool finite = true;
+  for (int64_t l = 0; l < kV; ++l) {
+    a = std::max(a, lanes[l]);
+    finite = finite && !std::isnan(bad[l]);
+  }
+  const float s = finite ? a / 127.f : std::numeric_limits<float>::quiet_NaN();
+  const bool ok = s > 0.f;  // false for NaN: the block stores zeros
+  const float s_old = *scale;
+  *scale = s;
+  // One element, in the same operations as the vector loop below.
+  auto one = [&](int64_t i) {
+    const float r = ok ? std::min(std::max(std::nearbyint(x[i] / s), -127.f), 127.f) : 0.f;
+    const float old = static_cast<float>(q[i]) * s_old;
+    q[i] = static_cast<int8_t>(r);
+    sum[i] = (sum[i] - old) + r * s;
+  };
+  int64_t i = 0;
+  if (ok) {
+    const Vec vs(s), lo(-127.f), hi(127.f), vs_old(s_old);
+    for (; i + kV <= n; i += kV) {
+      const Vec r = at::vec::minimum(at::vec::maximum((Vec::loadu(x + i) / vs).round(), lo),
+                                     hi);
+      float rf[kV], of[kV];
+      r.store(rf);
+      for (int64_t l = 0; l < kV; ++l) {
+        of[l] = static_cast<float>(q[i + l]);
+        q[i + l] = static_cast<int8_t>(rf[l]);
+      }
+      const Vec old = Vec::loadu(of) * vs_old;
+      ((Vec::loadu(sum + i) - old) + r * vs).store(sum + i);
+    }
+  }
+  for (; i < n; ++i) one(i);
+}
+
+template <int V, typename T, typename TS>
+void update_kernel(const UpdateArgs& a, int64_t begin, int64_t end) {
+  if constexpr (!std::is_same_v<TS, int8_t>) {
+    update_range<V, T, TS, false>(a, begin, end, static_cast<TS*>(a.slot), 0);
+  } else {
+    // Block by block (begin is a multiple of kQBlock): the update stages the values
+    // inserted, then the block is quantized.
+    int8_t* q = static_cast<int8_t*>(a.slot);
+    for (int64_t b = begin; b < end; b += kQBlock) {
+      const int64_t e = std::min(end, b + kQBlock);
+      float stage[kQBlock];
+      update_range<V, T, float, true>(a, b, e, q ? stage : nullptr, b);
+      if (q) quantize_insert(stage, e - b, q + b, a.slot_scales + b / kQBlock, a.sum + b);
+    }
+  }
 }
 
 // ---------------------------------------------------------------- adaptive memory
@@ -529,8 +611,9 @@ void am_update_kernel(const UpdateArgs& a, int64_t begin, int64_t end) {
 const KernelTable& kernel_table() {
   using c10::BFloat16;
   using c10::Half;
-#define CM_ROW(V, T) \
-  {&update_kernel<V, T, float>, &update_kernel<V, T, BFloat16>, &update_kernel<V, T, Half>}
+#define CM_ROW(V, T)                                                                \
+  {&update_kernel<V, T, float>, &update_kernel<V, T, BFloat16>, &update_kernel<V, T, Half>, \
+   &update_kernel<V, T, int8_t>}
 #define CM_VARIANT(V) {CM_ROW(V, float), CM_ROW(V, BFloat16), CM_ROW(V, Half)}
 #define CM_AM(F, V) {&F<V, float>, &F<V, BFloat16>, &F<V, Half>}
   static const KernelTable table{

@@ -177,7 +177,10 @@ def op_args(variant=None, extras=True, slot=torch.float32, dtype=torch.float32,
             optional=True, device="cpu"):
     """StepArgs for calling a step op directly, on three small tensors (some buffers
     full), for any variant: what the op tests of each backend feed it."""
+    import math
+
     from cm_fused.contract import StepArgs, Variant
+    from cm_fused.quantize import n_blocks
     variant = Variant.ADAM_CM if variant is None else Variant(variant)
     shapes = [(5,), (2, 3), ()]
     C = 3
@@ -191,7 +194,10 @@ def op_args(variant=None, extras=True, slot=torch.float32, dtype=torch.float32,
         params=[rnd(s) for s in shapes], grads=[rnd(s) for s in shapes], momenta=state(),
         second_moments=state() if moments else [],
         extras=state() if moments and extras and buffered else [],
-        buffers=[rnd((C, *s), slot) for s in shapes] if buffered else [],
+        buffers=[(rnd((C, *s)) * 60).clamp(-127, 127).to(slot) if slot == torch.int8
+                 else rnd((C, *s), slot) for s in shapes] if buffered else [],
+        scales=[rnd((C, n_blocks(math.prod(s))), torch.float32).abs() for s in shapes]
+        if buffered and slot == torch.int8 else [],
         keys=[rnd((C,), torch.float32).abs() for _ in shapes] if buffered else [],
         counts=[on(torch.tensor(k)) for k in (0, 2, 3)] if buffered else [],
         inserts=[on(torch.tensor(k)) for k in (0, 4, 9)] if buffered else [],

@@ -40,7 +40,7 @@ KERNELS = {name: getattr(mod, name) for mod in (kernels, adaptive) for name in d
 ARG_TYPES = {"torch.float32": "*fp32", "torch.float64": "*fp64", "torch.int64": "*i64",
              "torch.int32": "*i32", "torch.bfloat16": "*bf16", "torch.float16": "*fp16",
              "int": "i32", "fp32": "fp32"}
-DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
+DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "int8": tl.int8}
 
 
 def _constexpr(text: str):
@@ -82,7 +82,10 @@ def compile_variant(variant: dict, arch: int) -> dict:
     ptx = k.asm["ptx"]
     return {**out, **_ptxas_report(log.getvalue()),
             "v4_loads": len(re.findall(r"ld\.global(?:\.[a-z0-9]+)*\.v4\.", ptx)),
-            "v4_stores": len(re.findall(r"st\.global(?:\.[a-z0-9]+)*\.v4\.", ptx))}
+            "v4_stores": len(re.findall(r"st\.global(?:\.[a-z0-9]+)*\.v4\.", ptx)),
+            # 1.5 * 2**23, the int8 slots' round-half-even constant: present unless the
+            # compiler folded (y + c) - c into y
+            "rne_const": ptx.count("0f4B400000")}
 
 
 def main() -> None:

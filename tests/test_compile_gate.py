@@ -5,9 +5,10 @@ optimizers and configurations with ``launch.launch_log`` on; every distinct kern
 variant it launched (kernel, argument types, constexprs, warps) is then compiled for
 both targets by Triton's own compiler in a separate process (tests/compile_gate.py),
 and the test asserts: it compiles; no register spills (ptxas's report; see below for
-the one call-site save it tolerates); and
+the one call-site save it tolerates);
 16-byte vector global loads in the full-block loops of aligned fp32 buckets (and none
-where the bucket is unaligned). ``python -m pytest tests/test_compile_gate.py -s``
+where the bucket is unaligned); and, with int8 slots, the quantizer's rounding constant
+in the code (not folded away). ``python -m pytest tests/test_compile_gate.py -s``
 prints the table; the default run compiles a representative subset, ``-m slow`` every
 configuration of every optimizer, dtype and topC up to 256 (the Triton backend's bound).
 """
@@ -73,6 +74,8 @@ def _configs(full: bool):
         if member.buffered:
             out.append((f"{name}/topC64", name, dict(kw=dict(topC=64))))
             out.append((f"{name}/topC256", name, dict(kw=dict(topC=256, synced=False))))
+            out.append((f"{name}/int8/all", name,
+                        dict(kw={**member.configs["all"], "buffer_dtype": torch.int8})))
     out.append(("adamcm/unaligned", "adamcm", dict(kw={}, odd=True)))
     out.append(("adamam/unaligned", "adamam", dict(kw={}, odd=True)))
     out.append(("sgdam/two groups", "sgdam", dict(kw=dict(lr=1e-2), groups=2)))
@@ -85,7 +88,7 @@ def _configs(full: bool):
         for name, member in EVERY.items():
             if member.buffered:
                 for c in (1, 2, 3, 5, 8, 16, 32, 64, 128, 256):  # triton.MAX_TOP_C
-                    for slot in (torch.bfloat16, torch.float16):
+                    for slot in (torch.bfloat16, torch.float16, torch.int8):
                         out.append((f"{name}/topC{c}/{slot}", name,
                                     dict(kw=dict(topC=c, buffer_dtype=slot))))
     return out
@@ -142,6 +145,8 @@ def _gate(full: bool, capsys):
     streamed = ("_norm_kernel", "_update_kernel", "_am_kernel")
     for r in results:
         consts = dict(r["constexprs"])
+        if consts.get("B_DT") == "int8":  # the quantizer's rounding was not folded away
+            assert r["rne_const"] > 0, (r["arch"], _short(r["constexprs"]))
         fp32 = all(consts.get(k, "fp32") == "fp32" for k in consts if k.endswith("_DT"))
         if r["kernel"] in streamed and fp32:
             if consts["ALIGNED"] == "True":

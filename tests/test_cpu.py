@@ -69,7 +69,7 @@ def test_bit_identical_whatever_the_thread_count(name, cfg):
 @pytest.mark.parametrize("variant", list(Variant), ids=lambda v: v.name)
 @pytest.mark.parametrize("extras,slot,dtype,optional", [
     (True, torch.float32, torch.float32, True), (False, torch.bfloat16, torch.float32, False),
-    (True, torch.float16, torch.bfloat16, True)])
+    (True, torch.float16, torch.bfloat16, True), (True, torch.int8, torch.float32, True)])
 def test_opcheck(variant, extras, slot, dtype, optional):
     torch.library.opcheck(torch.ops.cm_fused.step_.default,
                           op_args(variant, extras, slot, dtype, optional).op_args())
@@ -93,8 +93,12 @@ def test_op_refuses_bad_arguments_and_changes_nothing():
                            "reduced must be given only for"),
                           (dict(phase=2, reduced=torch.zeros(3, 4, dtype=torch.float64)),
                            r"shape \[3, 1\]"),
-                          (dict(phase=3), "unknown phase 3")]:
-        args = op_args()
+                          (dict(phase=3), "unknown phase 3"),
+                          (dict(scales=[torch.zeros(3, 1)] * 3), "scales is given"),
+                          (dict(int8=True, scales=[]), "scales is empty"),
+                          (dict(int8=True, scales=[torch.zeros(3, 2)] * 3),
+                           r"scales\[0\] has 6 elements, expected 3")]:
+        args = op_args(slot=torch.int8) if change.pop("int8", False) else op_args()
         for key, value in change.items():
             setattr(args, key, value)
         with pytest.raises(RuntimeError, match=match):

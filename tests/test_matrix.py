@@ -161,6 +161,45 @@ def test_narrow_params_and_slots_with_reference(name, dtype, slot, backend, requ
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_int8_slots_match_reference_byte_for_byte(name, dtype, backend, request):
+    """buffer_dtype=torch.int8: the quantized bytes, their scales, S, the params and every
+    other state entry come out exactly as the reference's (keys: to the rounding of the
+    norms' summation order), through fills, replacements, a missing gradient, a skipped
+    (found_inf) step and an infinite gradient element, whose block turns NaN."""
+    shapes = [*use(backend, request), (300,)]  # two blocks of a slot, the second short
+    kw = {**FAMILY[name].configs["all"], "buffer_dtype": torch.int8}
+    params_a = make_params(shapes, dtype)
+    params_b = copy_params(params_a)
+    opt_a, opt_b = make(name, backend, **kw)(params_a), make(name, "reference", **kw)(params_b)
+    steps = STEPS[backend] // 2
+    for t in range(steps):
+        for params, opt in ((params_a, opt_a), (params_b, opt_b)):
+            set_grads(params, t, missing=some_missing(t))
+            if t == steps - 2:
+                params[-1].grad[260] = float("inf")
+            opt.found_inf = torch.tensor(1.0 if t == 2 else 0.0)
+            torch.manual_seed(t)
+            opt.step()
+        for i, (pa, pb) in enumerate(zip(params_a, params_b)):
+            exact = dict(rtol=0, atol=0, equal_nan=True, msg=lambda m: f"step {t} {i}: {m}")
+            torch.testing.assert_close(pa, pb, **exact)
+            sa, sb = opt_a.state[pa], opt_b.state[pb]
+            assert sa.keys() == sb.keys()
+            for key in sa:
+                if key == "cm_keys":
+                    torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=0)
+                else:
+                    torch.testing.assert_close(sa[key], sb[key], **exact)
+    last = opt_a.state[params_a[-1]]
+    assert last["cm_buffer"].dtype == torch.int8 and last["cm_sum"].dtype == torch.float32
+    assert last["cm_inserts"].item() >= 3  # not vacuous: fills and replacements happened
+    assert last["cm_scales"][:, 1].isnan().any()  # the block with the infinity
+    assert (last["cm_scales"][:, 0] > 0).any() and last["cm_buffer"].abs().max() == 127
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("name", list(EVERY))
 def test_grad_scaler_with_skipped_steps_matches_reference(name, backend, request):
     """torch.amp.GradScaler hands the optimizer grad_scale and found_inf: gradients (and
@@ -309,8 +348,8 @@ def test_save_load_midway_continues_bit_identically(name, backend, dtype, reques
     coin draws follow torch's seeded generator)."""
     shapes = use(backend, request)
     kw = dict(EVERY[name].configs["all"])
-    if EVERY[name].buffered:
-        kw["buffer_dtype"] = torch.bfloat16
+    if EVERY[name].buffered:  # (both narrow slot dtypes, one per param dtype)
+        kw["buffer_dtype"] = torch.int8 if dtype == torch.float32 else torch.bfloat16
     before, after = (3, 3) if backend == "triton" else (7, 8)
     a, b = checkpoint_roundtrip(make(name, backend, **kw), shapes, before, after, dtype=dtype,
                                 map_location="cpu",

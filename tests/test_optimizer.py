@@ -33,7 +33,7 @@ BAD_ARGS = [
     ("betas", (0.9, -0.1)), ("betas", (0.9,)), ("weight_decay", -0.1), ("decay", 1.5),
     ("decay", -0.1), ("topC", 0), ("topC", 2.5), ("topC", True), ("kappa", -1.0),
     ("critical_test", 1.5), ("critical_test", -0.1), ("buffer_dtype", torch.float64),
-    ("buffer_dtype", torch.int8), ("buffer_dtype", "bf16"), ("amsgrad", 1), ("synced", "yes"),
+    ("buffer_dtype", torch.uint8), ("buffer_dtype", "bf16"), ("amsgrad", 1), ("synced", "yes"),
     ("momentum", -0.5), ("dampening", float("nan")), ("dampening", "0.1"),
     ("lam", -0.1), ("lam", float("nan")), ("beta_max", 1.0), ("beta_max", -0.1),
 ]
@@ -308,6 +308,64 @@ def test_loading_a_checkpoint_with_another_topc_is_refused_and_changes_nothing()
         opt.load_state_dict(saver.state_dict())
     assert_unchanged(opt, other, snap)
     assert opt.param_groups[0]["topC"] == 5
+
+
+@pytest.mark.parametrize("tamper,match", [
+    (lambda st: st.pop("cm_scales"), "need 'cm_scales'.*got none"),
+    (lambda st: st.update(cm_scales=st["cm_scales"][:, :1]), r"of shape \(3, 2\)"),
+    (lambda st: st.update(cm_scales=st["cm_scales"].half()), "torch.float16")])
+def test_int8_slots_without_their_scales_are_refused_on_load_and_at_a_step(tamper, match):
+    params = make_params([(300,)])
+    saver = ref(params, topC=3, buffer_dtype=torch.int8)
+    set_grads(params, 0)
+    saver.step()
+    sd = through_bytes(saver.state_dict())  # (a copy: state_dict shares the state's dicts)
+    tamper(sd["state"][0])
+    other = copy_params(params)
+    opt = ref(other, topC=3, buffer_dtype=torch.int8)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert not opt.state
+    tamper(saver.state[params[0]])  # state edited by hand: the next step refuses it
+    set_grads(params, 1)
+    snap = snapshot(saver, params)
+    with pytest.raises(RuntimeError, match=match):
+        saver.step()
+    assert_unchanged(saver, params, snap)
+
+
+def test_int8_slots_with_sharded_parameters_are_refused_and_change_nothing(monkeypatch):
+    from cm_fused import distributed
+    params = make_params([(3,), (5,)])
+    opt = ref(params, buffer_dtype=torch.int8)
+    set_grads(params, 0)
+    monkeypatch.setattr(distributed, "is_sharded_type", lambda t: True)
+    with pytest.raises(NotImplementedError, match="int8 with sharded"):
+        opt._new_state(params[0], opt.param_groups[0])
+
+
+def test_int8_buffer_diagnostics_read_the_values_the_slots_hold(family_ref):
+    from cm_fused.quantize import dequantize
+    params = make_params([(300,), (3, 5)])
+    twin = copy_params(params)
+    opt = family_ref(params, topC=3, buffer_dtype=torch.int8)
+    for t in range(5):
+        set_grads(params, t)
+        opt.step()
+    # the same buffers, dequantized into an fp32 optimizer's state
+    shadow = family_ref(twin, topC=3)
+    set_grads(twin, 0)
+    shadow.step()
+    for p, q in zip(params, twin):
+        st = opt.state[p]
+        shadow.state[q].update({k: v.clone() for k, v in st.items()
+                                if k not in ("cm_buffer", "cm_scales")})
+        shadow.state[q]["cm_buffer"] = dequantize(st["cm_buffer"], st["cm_scales"])
+    got, want = opt.buffer_diagnostics()[0], shadow.buffer_diagnostics()[0]
+    assert got.keys() == want.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], msg=k)
+    assert got["variance"] > 0
 
 
 def test_loaded_state_does_not_share_storage_with_the_checkpoint():

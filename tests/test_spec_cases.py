@@ -51,6 +51,29 @@ def test_maximize_is_minimizing_the_negated_gradient(make_any):
         assert torch.equal(value, opt_b.state[b][key]), key
 
 
+def test_int8_slots_round_ties_to_even_and_poison_only_a_non_finite_block(make_any):
+    """8-bit slots, hand-computed, on every backend: the first insert of every optimizer
+    is the raw gradient. Block 0's largest magnitude 127 makes its scale exactly 1, so
+    the halves are ties (to even); block 1 (all zeros) stays zero with scale 0; block 2
+    holds an infinity, so it is NaN throughout with a NaN scale; and S adds exactly the
+    values held (block 0: the rounded gradient, not the gradient)."""
+    from cm_fused.quantize import QBLOCK
+    g = torch.zeros(2 * QBLOCK + 5)
+    g[:7] = torch.tensor([127.0, 0.5, 1.5, 2.5, -2.5, -0.5, 3.25])
+    g[2 * QBLOCK + 1] = float("inf")
+    p = torch.nn.Parameter(torch.zeros_like(g))
+    opt = make_any([p], topC=2, buffer_dtype=torch.int8)
+    p.grad = g.clone()
+    opt.step()
+    st = opt.state[p]
+    q, scales, S = st["cm_buffer"][0], st["cm_scales"][0], st["cm_sum"]
+    assert q[:7].tolist() == [127, 0, 2, 2, -2, 0, 3]
+    assert scales[0].item() == 1.0 and scales[1].item() == 0.0 and scales[2].isnan()
+    assert (q[QBLOCK:] == 0).all() and (st["cm_buffer"][1] == 0).all()
+    assert S[:7].tolist() == [127.0, 0.0, 2.0, 2.0, -2.0, 0.0, 3.0]
+    assert (S[QBLOCK:2 * QBLOCK] == 0).all() and S[2 * QBLOCK:].isnan().all()
+
+
 # ------------------------------------------------------------ AdamCM
 
 def test_first_step_moves_only_by_weight_decay_and_seeds_buffer_with_raw_gradient(make):

@@ -81,6 +81,40 @@ def test_the_spec_runs_replace_and_keep_slots():
     assert any(changed) and not all(changed)
 
 
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_int8_slots_hold_the_quantized_insert_and_s_sums_what_they_hold(name):
+    """buffer_dtype=torch.int8 on the reference, against the SPEC: each insert writes
+    the quantization of the inserted value (test_quantize.model, written independently)
+    into the slot, unfilled slots stay zero, and S is the running sum of the values the
+    filled slots hold (not of the values inserted). Keys come from fp32 norms, so the
+    spec's choice of slot is the reference's (test above)."""
+    from cm_fused.quantize import dequantize
+    from test_quantize import model
+    params = make_params([(300,), (3, 5), ()], seed=3)
+    opt = make(name, "reference", topC=2, decay=0.9, synced=False, lr=1e-2,
+               buffer_dtype=torch.int8)(params)
+    inserts = 0
+    for step in range(30):
+        set_grads(params, step, seed=5)
+        before = {p: opt.state[p]["cm_inserts"].item() if p in opt.state else 0
+                  for p in params}
+        opt.step()
+        for p in params:
+            st = opt.state[p]
+            k = st["cm_count"].item()
+            # the value inserted: AdamCM's new momentum (the raw gradient first), else g
+            value = p.grad if name != "adamcm" or step == 0 else st["exp_avg"]
+            q, scale = model(value)
+            if st["cm_inserts"].item() > before[p]:
+                inserts += 1
+                assert any(torch.equal(st["cm_buffer"][j], q) and
+                           torch.equal(st["cm_scales"][j], scale) for j in range(k))
+            assert (st["cm_buffer"][k:] == 0).all() and (st["cm_scales"][k:] == 0).all()
+            held = dequantize(st["cm_buffer"], st["cm_scales"])
+            torch.testing.assert_close(st["cm_sum"], held[:k].sum(0), rtol=1e-5, atol=1e-5)
+    assert 30 < inserts < 90  # fills, replacements and kept slots
+
+
 # ------------------------------------------------------------ properties
 
 @settings(max_examples=20, deadline=None, derandomize=True)  # same examples in every CI run

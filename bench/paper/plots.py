@@ -12,7 +12,7 @@ import torch  # noqa: E402
 from surfaces import SURFACES  # noqa: E402
 
 COLORS = {"Adam": "tab:gray", "Adam+CG": "tab:blue", "Adam+SAM": "tab:green",
-          "Adam+CM": "tab:red", "Adam+SAM+CM": "tab:purple"}
+          "Adam+CM": "tab:red", "Adam+CM int8": "tab:orange", "Adam+SAM+CM": "tab:purple"}
 
 
 def trajectories(result: dict, out: Path) -> list[Path]:

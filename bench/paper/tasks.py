@@ -20,7 +20,8 @@ from torch import nn
 
 from common import make_optimizer, top_eigenvalue, train_step
 
-TASK_OPTIMIZERS = ("Adam", "Adam+CG", "Adam+CM", "Adam+SAM+CM")
+# (Adam+CM int8: buffer_dtype=torch.int8, against Adam+CM's seed-to-seed spread)
+TASK_OPTIMIZERS = ("Adam", "Adam+CG", "Adam+CM", "Adam+CM int8", "Adam+SAM+CM")
 BUFFER = dict(topC=5, decay=0.7)  # the paper's LSTM settings, for both buffers
 
 

@@ -41,8 +41,9 @@ import triton.language as tl
 # position in the bucket.
 # Roles m, v, x: the StepArgs lists momenta, second_moments, extras (a zero pointer where
 # the role is unused).
-BUCKET_ROWS = ("p", "g", "m", "v", "x", "b", "s", "numel", "gidx")
-ROW_P, ROW_G, ROW_M, ROW_V, ROW_X, ROW_B, ROW_S, ROW_NUMEL, ROW_GIDX = (
+# (q: int8 slots' scales, StepArgs.scales)
+BUCKET_ROWS = ("p", "g", "m", "v", "x", "b", "s", "q", "numel", "gidx")
+ROW_P, ROW_G, ROW_M, ROW_V, ROW_X, ROW_B, ROW_S, ROW_Q, ROW_NUMEL, ROW_GIDX = (
     tl.constexpr(i) for i in range(len(BUCKET_ROWS)))
 # Rows of a group's table (int64 [len(GROUP_ROWS), T]), indexed by the tensor's position in
 # the group (the order of the params list).
@@ -268,13 +269,51 @@ def _second_moment(ptr, mask, u, beta, one_minus_beta, DT: tl.constexpr):
 
 
 @triton.jit
-def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, s_ptr, replace,
-                  first, k_before, scale, lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                  eps, weight_decay, decay_factor, one_minus_dampening, step_size, sqrt_bc2,
-                  VARIANT: tl.constexpr, P_DT: tl.constexpr, M_DT: tl.constexpr,
-                  V_DT: tl.constexpr, X_DT: tl.constexpr, B_DT: tl.constexpr,
-                  S_DT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MOM: tl.constexpr,
-                  HAS_X: tl.constexpr, MAXIMIZE: tl.constexpr):
+def _round_half_even(y):
+    """Round to the nearest integer, ties to even, for |y| < 2**22: adding and taking away
+    1.5 * 2**23 leaves no fraction bits, and fp32 addition rounds ties to even (exact
+    under the interpreter too; the launches turn off fp contraction)."""
+    return (y + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _insert_quantized(idx, mask, new, S, slot_ptr, q_ptr, s_ptr, QB: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """The insert into an int8 slot, blocks of QB elements (cm_fused/quantize.py, the same
+    operations in the same order): quantize ``new``, write the slot, its scales and
+    S <- (S - q_old * scale_old) + q * scale."""
+    R: tl.constexpr = BLOCK // QB
+    idx = tl.reshape(idx, (R, QB))
+    x = tl.reshape(new, (R, QB))
+    S = tl.reshape(S, (R, QB))
+    if mask is None:
+        rmask = None
+    else:
+        mask = tl.reshape(mask, (R, QB))
+        x = tl.where(mask, x, 0.0)  # zeros change neither the absmax nor finiteness
+        rmask = tl.max(mask.to(tl.int32), axis=1) > 0
+    rows = tl.min(idx, axis=1) // QB  # each row's block of the slot
+    amax = tl.max(tl.abs(x), axis=1)
+    bad = tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1) > 0
+    scale = tl.where(bad, float("nan"), tl.div_rn(amax, 127.0))
+    ok = scale > 0.0  # False for NaN: the block stores zeros
+    r = _round_half_even(tl.div_rn(x, scale[:, None]))
+    r = tl.where(ok[:, None], tl.minimum(tl.maximum(r, -127.0), 127.0), 0.0)
+    old = _ld(slot_ptr + idx, mask).to(tl.float32) * _ld(q_ptr + rows, rmask)[:, None]
+    _st(s_ptr + idx, (S - old) + r * scale[:, None], mask)
+    _st(slot_ptr + idx, r.to(tl.int8), mask)
+    _st(q_ptr + rows, scale, rmask)
+
+
+@triton.jit
+def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, q_ptr, s_ptr,
+                  replace, first, k_before, scale, lr, beta1, one_minus_beta1, beta2,
+                  one_minus_beta2, eps, weight_decay, decay_factor, one_minus_dampening,
+                  step_size, sqrt_bc2, VARIANT: tl.constexpr, P_DT: tl.constexpr,
+                  M_DT: tl.constexpr, V_DT: tl.constexpr, X_DT: tl.constexpr,
+                  B_DT: tl.constexpr, S_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  HAS_MOM: tl.constexpr, HAS_X: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  QB: tl.constexpr, BLOCK: tl.constexpr):
     """One block of the update of variant VARIANT: the direction u and the value
     inserted (what the variants differ in), the insert (shared), the base rule."""
     g = _ld(g_ptr + idx, mask).to(tl.float32)
@@ -307,7 +346,9 @@ def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, s_ptr,
         m_new = u  # not used
 
     # insert: a kept slot is neither read nor written
-    if replace:
+    if replace and B_DT == tl.int8:
+        _insert_quantized(idx, mask, new, S, slot_ptr, q_ptr, s_ptr, QB, BLOCK)
+    elif replace:
         rounded = _narrow(new, B_DT)
         old = _ld(slot_ptr + idx, mask).to(S_DT).to(tl.float32)
         S_new = (S - old) + rounded.to(S_DT).to(tl.float32)
@@ -380,7 +421,8 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
                    X_DT: tl.constexpr, B_DT: tl.constexpr, S_DT: tl.constexpr,
                    LR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
                    HAS_FOUND_INF: tl.constexpr, HAS_MOM: tl.constexpr, HAS_X: tl.constexpr,
-                   MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                   MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, QB: tl.constexpr,
+                   BLOCK: tl.constexpr):
     beta1 = tl.cast(beta1, tl.float32)
     one_minus_beta1 = tl.cast(one_minus_beta1, tl.float32)
     beta2 = tl.cast(beta2, tl.float32)
@@ -409,6 +451,10 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
     bc1 = tl.load(dec_f_ptr + 3 * gi + 1)
     sqrt_bc2 = tl.load(dec_f_ptr + 3 * gi + 2).to(tl.float32)
     slot_ptr = b_ptr + j * numel
+    # int8 slots: the scales of slot j (QB divides BLOCK and chunks start at multiples of
+    # BLOCK, so a program's blocks of QB elements are whole blocks of the slot).
+    q_ptr = tl.load(tab_ptr + ROW_Q * n_tab + t).to(tl.pointer_type(tl.float32))
+    q_ptr = q_ptr + j * ((numel + QB - 1) // QB)
     if ALIGNED:
         # The host checked: every pointer of the bucket 16-byte aligned, and every
         # numel * slot size a multiple of 16 bytes (so is each slot). Chunks start at
@@ -436,14 +482,15 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
 
     for off in range(start, full_end, BLOCK):  # full blocks: no mask
         _update_block(off + tl.arange(0, BLOCK), None, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr,
-                      slot_ptr, s_ptr, replace, first, k_before, scale, lr, beta1,
+                      slot_ptr, q_ptr, s_ptr, replace, first, k_before, scale, lr, beta1,
                       one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
                       decay_factor, one_minus_dampening, step_size, sqrt_bc2, VARIANT, P_DT,
-                      M_DT, V_DT, X_DT, B_DT, S_DT, HAS_SCALE, HAS_MOM, HAS_X, MAXIMIZE)
+                      M_DT, V_DT, X_DT, B_DT, S_DT, HAS_SCALE, HAS_MOM, HAS_X, MAXIMIZE, QB,
+                      BLOCK)
     for off in range(full_end, end, BLOCK):  # the tensor's last, short block (0 or 1)
         idx = off + tl.arange(0, BLOCK)
-        _update_block(idx, idx < end, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, s_ptr,
-                      replace, first, k_before, scale, lr, beta1, one_minus_beta1, beta2,
-                      one_minus_beta2, eps, weight_decay, decay_factor, one_minus_dampening,
-                      step_size, sqrt_bc2, VARIANT, P_DT, M_DT, V_DT, X_DT, B_DT, S_DT,
-                      HAS_SCALE, HAS_MOM, HAS_X, MAXIMIZE)
+        _update_block(idx, idx < end, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, q_ptr,
+                      s_ptr, replace, first, k_before, scale, lr, beta1, one_minus_beta1,
+                      beta2, one_minus_beta2, eps, weight_decay, decay_factor,
+                      one_minus_dampening, step_size, sqrt_bc2, VARIANT, P_DT, M_DT, V_DT,
+                      X_DT, B_DT, S_DT, HAS_SCALE, HAS_MOM, HAS_X, MAXIMIZE, QB, BLOCK)

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ..contract import Phase, StepArgs, Tensors, Variant
+from ..quantize import QBLOCK
 from . import adaptive as A
 from . import kernels as K
 
@@ -59,7 +60,7 @@ CACHE_SIZE = 32
 # The storage dtypes the kernels take (params, state and slots: registry.FUSED_DTYPES;
 # the optimizer refuses anything else before a step).
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
-              torch.float16: tl.float16}
+              torch.float16: tl.float16, torch.int8: tl.int8}  # (int8: slots only)
 
 
 def _tl_dtype(d: torch.dtype):
@@ -74,7 +75,7 @@ def _tl_dtype(d: torch.dtype):
 class _Bucket:
     n: int  # tensors in the bucket
     n_chunks: int
-    tab: torch.Tensor  # int64 [9, n] (kernels.BUCKET_ROWS)
+    tab: torch.Tensor  # int64 [10, n] (kernels.BUCKET_ROWS)
     chunk_t: torch.Tensor  # int64 [n_chunks]: tensor index in the bucket
     chunk_s: torch.Tensor  # int64 [n_chunks]: first element
     partials: torch.Tensor  # fp32 view [n_chunks] of the group's partials
@@ -121,10 +122,11 @@ def _ptrs(ts):
 
 # The StepArgs lists a table depends on, and the rows of a bucket table they give.
 _LISTS = ("params", "grads", "momenta", "second_moments", "extras", "buffers", "sums",
-          "keys", "counts", "steps", "memory", "inserts")
+          "scales", "keys", "counts", "steps", "memory", "inserts")
 _STATE_LISTS = _LISTS[2:]
-_BUCKET_LISTS = ("params", "grads", "momenta", "second_moments", "extras", "buffers", "sums")
-_DTYPE_NAMES = ("p", "g", "m", "v", "x", "b", "s")  # kernels.BUCKET_ROWS, in that order
+_BUCKET_LISTS = ("params", "grads", "momenta", "second_moments", "extras", "buffers", "sums",
+                 "scales")
+_DTYPE_NAMES = ("p", "g", "m", "v", "x", "b", "s", "q")  # kernels.BUCKET_ROWS, in that order
 _GRAD_ROW = K.BUCKET_ROWS.index("g")
 
 
@@ -364,6 +366,9 @@ def _step(args: StepArgs) -> None:
     C = int(args.buffers[0].shape[0])
     block = int(BLOCK)
     chunk = int(CHUNK)
+    if args.scales:  # int8 slots: a program's blocks hold whole blocks of QBLOCK elements
+        block = max(block, QBLOCK)
+        chunk = -(-chunk // block) * block
     plan = plan_for(args, 1, chunk, block)
     T = plan.T
     dummy = plan.sumsq
@@ -408,7 +413,7 @@ def _step(args: StepArgs) -> None:
                          HAS_SCALE=grad_scale is not None,
                          HAS_FOUND_INF=found_inf is not None, HAS_MOM=bool(args.momenta),
                          HAS_X=bool(args.extras), MAXIMIZE=bool(args.maximize),
-                         ALIGNED=b.aligned, BLOCK=block), NUM_WARPS)
+                         ALIGNED=b.aligned, QB=QBLOCK, BLOCK=block), NUM_WARPS)
 
 
 def _reduce_pass(args: StepArgs, plan: _Plan, partials, ns: int, exchange: bool) -> bool:
