@@ -387,30 +387,22 @@ inline void quantize_insert(float* x, int64_t n, int8_t* q, float* scale, float*
   const bool ok = s > 0.f;  // false for NaN: the block stores zeros
   const float s_old = *scale;
   *scale = s;
-  // One element, in the same operations as the vector loop below.
-  auto one = [&](int64_t i) {
-    const float r = ok ? std::min(std::max(std::nearbyint(x[i] / s), -127.f), 127.f) : 0.f;
-    const float old = static_cast<float>(q[i]) * s_old;
-    q[i] = static_cast<int8_t>(r);
-    sum[i] = (sum[i] - old) + r * s;
-  };
-  int64_t i = 0;
+  // Plain loops over the block, which the compiler vectorises (int8 <-> fp32 included).
+  float r[kQBlock];
   if (ok) {
-    const Vec vs(s), lo(-127.f), hi(127.f), vs_old(s_old);
-    for (; i + kV <= n; i += kV) {
-      const Vec r = at::vec::minimum(at::vec::maximum((Vec::loadu(x + i) / vs).round(), lo),
-                                     hi);
-      float rf[kV], of[kV];
-      r.store(rf);
-      for (int64_t l = 0; l < kV; ++l) {
-        of[l] = static_cast<float>(q[i + l]);
-        q[i + l] = static_cast<int8_t>(rf[l]);
-      }
-      const Vec old = Vec::loadu(of) * vs_old;
-      ((Vec::loadu(sum + i) - old) + r * vs).store(sum + i);
+    for (int64_t i = 0; i < n; ++i) {
+      float v = std::nearbyint(x[i] / s);  // ties to even (the default rounding mode)
+      v = v > 127.f ? 127.f : v;  // (reachable only with a subnormal scale)
+      r[i] = v < -127.f ? -127.f : v;
     }
+  } else {
+    for (int64_t i = 0; i < n; ++i) r[i] = 0.f;
   }
-  for (; i < n; ++i) one(i);
+  for (int64_t i = 0; i < n; ++i) {
+    const float old = static_cast<float>(q[i]) * s_old;
+    q[i] = static_cast<int8_t>(r[i]);
+    sum[i] = (sum[i] - old) + r[i] * s;
+  }
 }
 
 template <int V, typename T, typename TS>
