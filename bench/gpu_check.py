@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         run("host time per step", [py, "bench/host_time.py",
                                    "--optimizer", "adamcm,adamcg,sgdcg,rmspropcg,adamam,sgdam"],
             path("host_time"), 60),
-        run("benchmark", [py, "bench/run.py", "--optimizer", "all",
+        run("benchmark", [py, "bench/run.py", "--optimizer", "all", "--buffer-dtype", "none,int8",
                           "--out", os.path.join(args.out_dir, "results.jsonl")],
             path("gpu"), 150),
     ]

@@ -369,7 +369,8 @@ def test_gpu_real_sizes_match_reference(small_chunks, monkeypatch, dtype):
     monkeypatch.setattr(launch, "BLOCK", 512)
     shapes = [(1000, 1000), (4097,), (3, 257, 129), (), (0,), (8193,), (512, 3)]
     for cfg in (dict(), dict(synced=False, amsgrad=True, weight_decay=0.1, topC=3),
-                dict(buffer_dtype=torch.bfloat16, critical_test=0.2)):
+                dict(buffer_dtype=torch.bfloat16, critical_test=0.2),
+                dict(buffer_dtype=torch.int8, synced=False)):  # (bytes: within 1e-6, exact)
         run_lockstep(tri(**cfg), ref(**cfg), shapes, 30, dtype=dtype, device="cuda",
                      compare_every=5)
 
