@@ -6,7 +6,7 @@
     python bench/run.py --optimizer adamcg   # AdamCG vs torch.optim.Adam (also sgdcg,
                                              # rmspropcg, adamam, sgdam, a comma list, all)
     python bench/run.py --full               # every set for the device, topC 1/5/20, fp32/bf16,
-                                             # buffer_dtype None/bf16
+                                             # buffer_dtype None/bf16/int8
     python bench/run.py --sets gpt2-124m --providers torch_fused,cm_reference --topc 1,20
 
 Every provider steps the same parameter values with the same gradient sets and the same
@@ -46,7 +46,7 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true",
                     help="the full sweep: all sets for the device, --topc 1,5,20, --dtype fp32,bf16, "
-                         "--buffer-dtype none,bf16 (explicit flags still win)")
+                         "--buffer-dtype none,bf16,int8 (explicit flags still win)")
     ap.add_argument("--sets", help=f"comma list of parameter sets: {', '.join(param_sets.SETS)}")
     ap.add_argument("--optimizer", default="adamcm",
                     help=f"comma list of {', '.join(H.OPTIMIZERS)}, or all (default adamcm); "
@@ -104,7 +104,7 @@ def plan(args, device):
     topcs = [int(c) for c in _csv(args.topc)] if args.topc else ([1, 5, 20] if args.full else [5])
     dt = _csv(args.dtype) if args.dtype else (["fp32", "bf16"] if args.full else ["fp32"])
     bd = _csv(args.buffer_dtype) if args.buffer_dtype else (
-        ["none", "bf16"] if args.full else ["none"])
+        ["none", "bf16", "int8"] if args.full else ["none"])
     for d in dt:
         if d not in H.DTYPES:
             sys.exit(f"unknown dtype {d!r}; use {', '.join(H.DTYPES)}")
@@ -210,7 +210,8 @@ def main(argv=None):
         dtype, bdtype = H.DTYPES[dname], (H.SLOT_DTYPES[bname] if bname else None)
         shapes = param_sets.SETS[sname]
         numel = param_sets.numel(sname)
-        nbytes = H.bytes_per_step(prov.kind, numel, dtype, bdtype, optimizer=oname)
+        nbytes = H.bytes_per_step(prov.kind, numel, dtype, bdtype, optimizer=oname,
+                                  single_pass=H.single_pass(prov, oname, dtype))
         row = dict(meta, timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(
                        timespec="seconds"),
                    optimizer=oname, provider=prov.label(opt), baseline=base_prov.label(opt),

@@ -46,6 +46,10 @@ def test_byte_model_matches_the_design_numbers():
     assert H.bytes_per_step("cm", 1, f32, replaced=False) == 36
     assert H.bytes_per_step("cm", 1000, f32) == 48_000
     assert H.bytes_per_step("cm", 1, f32, optimizer="adamcg") == 48
+    assert H.bytes_per_step("cm", 1, f32, single_pass=True) == 44  # the norm in the update
+    assert H.single_pass(H.PROVIDERS["cm_cpu"], "adamcm", f32)
+    assert not H.single_pass(H.PROVIDERS["cm_cpu"], "adamcm", bf16)
+    assert not H.single_pass(H.PROVIDERS["cm_cpu"], "adamcg", f32)
     for o in ("sgdcg", "rmspropcg"):  # momentum SGD / RMSprop: 20 B; + g, S, slot, S
         assert H.bytes_per_step("torch", 1, f32, optimizer=o) == 20
         assert H.bytes_per_step("cm", 1, f32, optimizer=o) == 40

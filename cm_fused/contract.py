@@ -102,6 +102,10 @@ class StepArgs:
     counts: list[Tensor] = dataclasses.field(metadata=_MUTATED)   # 0-dim int64: filled slots
     inserts: list[Tensor] = dataclasses.field(metadata=_MUTATED)  # 0-dim int64: inserts so far
     sums: list[Tensor] = dataclasses.field(metadata=_MUTATED)     # like p: sum of the slots
+    # ADAM_CM on a backend that defers inserts (DEFERS_INSERTS), else an empty list: 0-dim
+    # int64 per tensor, the slot whose insert of the momentum (momenta[i], as stored) a
+    # step decided but has not written yet (-1: none); the next step writes it first.
+    pending: list[Tensor] = dataclasses.field(metadata=_MUTATED)
     steps: list[Tensor] = dataclasses.field(metadata=_MUTATED)    # 0-dim fp32
     # The adaptive-memory scalars, fp32 [3]: ADAM_AM one per tensor (prod of the past
     # betas, the previous lr, the last beta); SGD_AM one for the whole optimizer

@@ -32,6 +32,7 @@ class BufferDiagnostics:
 
         Tensors that have not stepped with a buffer yet are left out.
         """
+        self.flush_buffers()
         marks = self.__dict__.setdefault("_diagnostic_marks", {})
         out = []
         for i, group in enumerate(self.param_groups):

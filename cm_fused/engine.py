@@ -28,7 +28,7 @@ from torch import Tensor
 from . import distributed, registry, validation
 from .contract import Phase, StepArgs, Tensors, Variant, sum_dtype
 from .quantize import n_blocks
-from .reference import unscaled
+from .reference import flush_pending, unscaled
 
 log = logging.getLogger("cm_fused")
 
@@ -44,9 +44,11 @@ def _attrs(name: str, tensors: list[Tensor]) -> list:
 # State entries that keep their own dtype (torch's load_state_dict would cast them to the
 # param's dtype, which breaks bf16 slots, fp32 keys and sums, and the integer count).
 _OWN_DTYPE = {"cm_keys": torch.float32, "cm_count": torch.int64, "cm_inserts": torch.int64,
-              "step": torch.float32, "memory": torch.float32, "cm_scales": torch.float32}
-# (cm_scales: int8 slots only)
-BUFFER_STATE = ("cm_buffer", "cm_keys", "cm_count", "cm_inserts", "cm_sum", "cm_scales")
+              "step": torch.float32, "memory": torch.float32, "cm_scales": torch.float32,
+              "cm_pending": torch.int64}
+# (cm_scales: int8 slots only; cm_pending: AdamCM only)
+BUFFER_STATE = ("cm_buffer", "cm_keys", "cm_count", "cm_inserts", "cm_sum", "cm_scales",
+                "cm_pending")
 
 
 @dataclass
@@ -127,6 +129,9 @@ class CriticalOptimizer(torch.optim.Optimizer):
         self._state_version = 0
         # Per group: each state entry's tensors as given to the last step (Tensors).
         self._lists: dict = {}
+        # Groups whose state may hold inserts decided but not written yet (cm_pending),
+        # by id: flush_buffers() writes them.
+        self._pending_groups: set = set()
         defaults = {name: hyperparameters[name] for name in self.HYPERPARAMETERS}
         if isinstance(defaults.get("betas"), list):
             defaults["betas"] = tuple(defaults["betas"])
@@ -144,6 +149,8 @@ class CriticalOptimizer(torch.optim.Optimizer):
                               ("_backend_cache", {}), ("_checked", {}), ("_state_version", 0),
                               ("_lists", {})):
             self.__dict__.setdefault(attr, default)
+        # (a pickled state may hold pending inserts: every group is flushed when read)
+        self._pending_groups = {id(g) for g in self.param_groups}
 
     def __getstate__(self) -> dict:
         # torch's keeps defaults, state and groups only; the backend asked for is part of
@@ -449,9 +456,13 @@ class CriticalOptimizer(torch.optim.Optimizer):
                                        device="cpu" if meta0 else p.device)
         if fresh:
             new.update(self._new_state(p, group))
-        elif "cm_buffer" in st and "cm_inserts" not in st:
-            # A checkpoint of a version before the insert count: counted from here on.
-            new["cm_inserts"] = torch.zeros((), dtype=torch.int64, device=p.device)
+        elif "cm_buffer" in st:
+            # A checkpoint of a version before the insert count (counted from here on) or
+            # before deferred inserts.
+            if "cm_inserts" not in st:
+                new["cm_inserts"] = torch.zeros((), dtype=torch.int64, device=p.device)
+            if self.variant == Variant.ADAM_CM and "cm_pending" not in st:
+                new["cm_pending"] = _no_pending(p)
         if new:
             st.update(new)
             added.append((st, list(new)))
@@ -474,6 +485,8 @@ class CriticalOptimizer(torch.optim.Optimizer):
                     f"be the whole tensor's); use a floating-point buffer_dtype")
             scales["cm_scales"] = torch.zeros(C, n_blocks(p.numel()), dtype=torch.float32,
                                               device=p.device)
+        if self.variant == Variant.ADAM_CM:  # (see StepArgs.pending)
+            scales["cm_pending"] = _no_pending(p)
         # (shaped like p: DTensors for DTensor params, cm_fused/distributed.py)
         return {**scales, "cm_buffer": distributed.slots_like(p, C, slot),
                 "cm_keys": torch.zeros(C, dtype=torch.float32, device=p.device),
@@ -554,6 +567,11 @@ class CriticalOptimizer(torch.optim.Optimizer):
                 else []
 
         quantized = group.get("buffer_dtype") == torch.int8
+        defer = self._defers(plan)
+        if defer:
+            self._pending_groups.add(id(group))
+        elif id(group) in self._pending_groups:
+            self._flush(group)  # (this backend or step writes each insert as it decides it)
 
         return StepArgs(
             params=params, grads=grads, momenta=gather("momenta"),
@@ -561,13 +579,50 @@ class CriticalOptimizer(torch.optim.Optimizer):
             buffers=buffer("cm_buffer"), scales=buffer("cm_scales") if quantized else [],
             keys=buffer("cm_keys", _as_is),
             counts=buffer("cm_count", _as_is), inserts=buffer("cm_inserts", _as_is),
-            sums=buffer("cm_sum"),
+            sums=buffer("cm_sum"), pending=buffer("cm_pending", _as_is) if defer else [],
             steps=gather("steps", _as_is), memory=vouched("memory", self._memory(plan)),
             variant=int(self.variant), lr=0.0 if isinstance(lr, Tensor) else float(lr),
             lr_tensor=lr if isinstance(lr, Tensor) else None, **self._scalars(group),
             lam=group.get("lam", 0.0), synced=group.get("synced", False),
             maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,
             rand=None, phase=int(Phase.ALL))
+
+    def _defers(self, plan: _Plan) -> bool:
+        """Whether this step leaves its inserts pending (StepArgs.pending): AdamCM on a
+        backend that folds the norm into its update pass, which it can only do by writing
+        each insert at the start of the next step, from the momentum as stored (hence fp32
+        params, whose stored momentum is the value inserted), and not in a split step."""
+        return (self.variant == Variant.ADAM_CM and plan.exchange is None
+                and getattr(plan.module, "DEFERS_INSERTS", False)
+                and not torch.compiler.is_compiling()
+                and all(d is torch.float32 for d in _attrs("dtype", plan.params)))
+
+    def flush_buffers(self) -> None:
+        """Write the critical-buffer inserts that steps decided but left pending, so that
+        ``opt.state`` holds the buffer as docs/SPEC.md defines it after the last step.
+
+        The C++ backend leaves AdamCM's inserts pending (``cm_pending``) and writes each
+        at the start of the next step, in its one pass over memory; ``state_dict()``,
+        ``buffer_diagnostics()`` and a step on another backend call this first. Call it
+        before reading ``cm_buffer``, ``cm_scales`` or ``cm_sum`` from ``opt.state``
+        directly. No host sync; a no-op where nothing is pending."""
+        for group in self.param_groups:
+            if id(group) in self._pending_groups:
+                self._flush(group)
+
+    def _flush(self, group: dict) -> None:
+        self._pending_groups.discard(id(group))
+        for p in group["params"]:
+            st = self.state.get(p)
+            if st and "cm_pending" in st and not distributed.is_sharded_type(st["cm_buffer"]):
+                flush_pending(st["cm_buffer"], st["cm_sum"], st.get("cm_scales"),
+                              st["exp_avg"], st["cm_pending"])
+
+    def state_dict(self) -> dict:
+        """torch's, with every pending insert written first (a checkpoint holds the buffer
+        as docs/SPEC.md defines it)."""
+        self.flush_buffers()
+        return super().state_dict()
 
     def _run_torch(self, plan: _Plan, grads, lr, grad_scale, found_inf) -> None:
         """kappa == 0: torch's own code, fused (or foreach) unless the reference is asked
@@ -660,6 +715,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._state_version += 1
         self._lists.clear()  # (they hold the replaced state)
+        self._pending_groups = {id(g) for g in self.param_groups}
         # Rebuild each state from the checkpoint with our dtype rules, and copy so that the
         # optimizer never shares storage with the dict it was given.
         for pid, p in pairs:
@@ -676,6 +732,10 @@ def _check_top_c(group: dict, backend: str, module: ModuleType) -> None:
     if limit is not None and group.get("kappa", 0) > 0 and group["topC"] > limit:
         raise ValueError(f"Invalid topC: {group['topC']} (the {backend!r} backend takes topC "
                          f"<= {limit}; use backend='reference' for a larger buffer)")
+
+
+def _no_pending(p: Tensor) -> Tensor:
+    return torch.full((), -1, dtype=torch.int64, device=p.device)
 
 
 def _check_scales(scales: Tensor | None, buf: Tensor, p: Tensor) -> None:

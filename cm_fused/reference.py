@@ -71,6 +71,7 @@ def step(args: StepArgs) -> None:
     """One step (kappa > 0) over the tensors of one param group, in place."""
     if not args.params:
         return
+    flush_all(args)
     # found_inf set: the step is computed, and every write keeps the old value instead.
     keep = None if args.found_inf is None else args.found_inf.to(args.params[0].device) != 0
     grads = [unscaled(g, args.grad_scale) for g in args.grads]
@@ -160,6 +161,24 @@ def insert(B: Tensor, S: Tensor, j: Tensor, replace: Tensor, new: Tensor,
         S_new = S - old.to(S.dtype) + new.to(S.dtype)  # S is fp32 or wider
     S.copy_(torch.where(replace, S_new, S))
     B.index_copy_(0, j, torch.where(replace, new, old).unsqueeze(0))
+
+
+def flush_all(args: StepArgs) -> None:
+    """Write every insert ``args.pending`` holds, for a backend that writes inserts in the
+    step that decides them (found_inf does not matter: an earlier step decided them)."""
+    for i, pending in enumerate(args.pending):
+        flush_pending(args.buffers[i], args.sums[i], args.scales[i] if args.scales else None,
+                      args.momenta[i], pending)
+
+
+def flush_pending(B: Tensor, S: Tensor, scales: Tensor | None, m: Tensor,
+                  pending: Tensor) -> None:
+    """Write a deferred insert (StepArgs.pending): the momentum ``m`` as stored goes into
+    slot ``pending`` as :func:`insert` would have written it in the step that decided it,
+    if ``pending >= 0``; then nothing is pending. Device values only."""
+    insert(B, S, pending.clamp(min=0).view(1), pending >= 0, m.to(compute_dtype(m.dtype)),
+           scales)
+    pending.fill_(-1)
 
 
 def _one_tensor(variant, a: StepArgs, lr, keep, first, j, replace, k_before, p, g, mom, sq,

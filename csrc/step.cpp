@@ -347,8 +347,8 @@ void am_step(const KernelTable& table, const AMScalars& s, const std::vector<int
 
 void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momenta,
               at::TensorList second_moments, at::TensorList extras, at::TensorList buffers,
-              at::TensorList scales, at::TensorList keys, at::TensorList counts, at::TensorList inserts,
-              at::TensorList sums,
+              at::TensorList scales, at::TensorList keys, at::TensorList counts,
+              at::TensorList inserts, at::TensorList sums, at::TensorList pending,
               at::TensorList steps, at::TensorList memory, int64_t variant, double lr,
               const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
               double eps, double weight_decay, double dampening, double key_decay,
@@ -390,7 +390,7 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
   TORCH_CHECK(!am || !has_extra, "cm_fused::step_: variant ", variant, " takes no extras");
   if (am) {
     TORCH_CHECK(buffers.empty() && scales.empty() && keys.empty() && counts.empty() &&
-                    inserts.empty() && sums.empty(),
+                    inserts.empty() && sums.empty() && pending.empty(),
                 "cm_fused::step_: variant ", variant, " keeps no buffer: buffers, scales, keys, "
                 "counts, inserts and sums must be empty lists");
     TORCH_CHECK(memory.size() == (variant == kAdamAM ? T : 1), "cm_fused::step_: memory has ",
@@ -409,6 +409,14 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
                 " takes no memory (an empty list)");
   }
   check_list(steps, "steps", T);
+  // Deferred inserts (StepArgs.pending): AdamCM, fp32 params, a whole step.
+  const bool defer = !pending.empty();
+  if (defer) {
+    TORCH_CHECK(variant == kAdamCM && phase == kPhaseAll, "cm_fused::step_: pending inserts "
+                "are AdamCM's, in a whole step (phase 0), got variant ", variant, ", phase ",
+                phase);
+    check_list(pending, "pending", T);
+  }
   std::vector<int> pdt(T), sdt(T);
   for (size_t i = 0; i < T; ++i) {
     const at::Tensor& p = params[i];
@@ -444,6 +452,16 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
     check_tensor(sums[i], "sums", i, n, at::kFloat);
     check_tensor(counts[i], "counts", i, 1, at::kLong);
     check_tensor(inserts[i], "inserts", i, 1, at::kLong);
+    if (defer) {
+      check_tensor(pending[i], "pending", i, 1, at::kLong);
+      TORCH_CHECK(pdt[i] == kF32, "cm_fused::step_: pending inserts need float32 params (the "
+                  "momentum as stored is the value inserted), params[", i, "] is ",
+                  p.scalar_type());
+      const int64_t j = pending[i].data_ptr<int64_t>()[0];
+      const int64_t k = counts[i].data_ptr<int64_t>()[0];
+      TORCH_CHECK(j >= -1 && j < C && (j == -1 || k > 0), "cm_fused::step_: pending[", i,
+                  "] = ", j, " is not a slot of a buffer holding ", k, " of ", C);
+    }
   }
   if (rand) {
     TORCH_CHECK(rand->device().is_cpu() && rand->scalar_type() == at::kFloat &&
@@ -477,10 +495,12 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
   std::vector<const void*> gptr(T);
   for (size_t i = 0; i < T; ++i) gptr[i] = grads[i].data_ptr();
   std::vector<double> sumsq(T, 0.0);
-  if (phase == kPhaseUpdate) {  // summed over the processes
+  std::vector<double> partial(chunks.size());
+  if (defer) {
+    // the norms come out of the update pass (step 4), the decisions after it
+  } else if (phase == kPhaseUpdate) {  // summed over the processes
     std::copy(reduced->data_ptr<double>(), reduced->data_ptr<double>() + T, sumsq.begin());
   } else {
-    std::vector<double> partial(chunks.size());
     for_each_chunk(chunks, total, [&](int64_t c) {
       const Chunk& ch = chunks[c];
       partial[c] = table.norm[pdt[ch.tensor]](gptr[ch.tensor], ch.begin, ch.end, divide,
@@ -494,13 +514,16 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
   }
 
   // ------------------------------------------------------------ 3. decide
-  std::vector<float> key(T);
-  for (size_t i = 0; i < T; ++i) key[i] = static_cast<float>(std::sqrt(sumsq[i]));
-  if (synced) {  // SPEC quirk: the sum of per-tensor norms, not the global norm
-    double s = 0.0;
-    for (size_t i = 0; i < T; ++i) s += key[i];
-    std::fill(key.begin(), key.end(), static_cast<float>(s));
-  }
+  auto keys_from_sums = [&] {
+    std::vector<float> key(T);
+    for (size_t i = 0; i < T; ++i) key[i] = static_cast<float>(std::sqrt(sumsq[i]));
+    if (synced) {  // SPEC quirk: the sum of per-tensor norms, not the global norm
+      double s = 0.0;
+      for (size_t i = 0; i < T; ++i) s += key[i];
+      std::fill(key.begin(), key.end(), static_cast<float>(s));
+    }
+    return key;
+  };
 
   // Scalars rounded as the reference's tensor arithmetic rounds them.
   const at::ScalarType lr_dtype = lr_tensor ? lr_tensor->scalar_type() : at::kDouble;
@@ -516,16 +539,27 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
     return list.empty() ? nullptr : list[i].data_ptr();
   };
 
+  auto decide_one = [&](size_t i, float key) {
+    const bool lucky = rand_ptr != nullptr && rand_ptr[i] < critical_f;
+    return decide(keys[i].data_ptr<float>(), keys[i].numel(), counts[i].data_ptr<int64_t>(),
+                  inserts[i].data_ptr<int64_t>(), key, lucky, key_decay_f);
+  };
+  std::vector<float> key = defer ? std::vector<float>() : keys_from_sums();
   std::vector<UpdateArgs> args(T);
   for (size_t i = 0; i < T; ++i) {
     const int64_t n = params[i].numel();
-    const bool lucky = rand_ptr != nullptr && rand_ptr[i] < critical_f;
-    const Decision d = decide(keys[i].data_ptr<float>(), keys[i].numel(),
-                              counts[i].data_ptr<int64_t>(), inserts[i].data_ptr<int64_t>(),
-                              key[i], lucky, key_decay_f);
+    // Deferred: the decision comes after the pass; what the pass needs is known before
+    // it: the count before the insert and, on a tensor's first step, the fill of slot 0.
+    Decision d;
+    if (defer) {
+      const int64_t k = counts[i].data_ptr<int64_t>()[0];
+      d = {0, k == 0, k == 0, std::max<int64_t>(k, 1)};
+    } else {
+      d = decide_one(i, key[i]);
+    }
     float* step = steps[i].data_ptr<float>();
     const float step_f = *step + 1.f;
-    *step = step_f;
+    if (!defer) *step = step_f;
     // Bias corrections in fp64, as the reference (fp32 1 - beta2^t cancels).
     const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step_f));
     const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step_f));
@@ -539,9 +573,15 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
     a.slot = d.replace && n > 0
         ? static_cast<char*>(buffers[i].data_ptr()) + d.j * n * buffers[i].element_size()
         : nullptr;
+    const int64_t nb = (n + kQBlock - 1) / kQBlock;
     a.slot_scales = a.slot != nullptr && !scales.empty()
-        ? scales[i].data_ptr<float>() + d.j * ((n + kQBlock - 1) / kQBlock)
-        : nullptr;
+        ? scales[i].data_ptr<float>() + d.j * nb : nullptr;
+    const int64_t j_pending = defer ? pending[i].data_ptr<int64_t>()[0] : -1;
+    if (j_pending >= 0 && n > 0) {
+      a.flush_slot =
+          static_cast<char*>(buffers[i].data_ptr()) + j_pending * n * buffers[i].element_size();
+      a.flush_scales = scales.empty() ? nullptr : scales[i].data_ptr<float>() + j_pending * nb;
+    }
     a.sum = sums[i].data_ptr<float>();
     a.first = d.first;
     a.has_wd = weight_decay != 0.0;
@@ -568,7 +608,23 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
   for_each_chunk(chunks, total, [&](int64_t c) {
     const Chunk& ch = chunks[c];
     update[ch.tensor](args[ch.tensor], ch.begin, ch.end);
+    if (defer) {  // the chunk's gradient is still in cache: its sum of squares
+      partial[c] = table.norm[pdt[ch.tensor]](gptr[ch.tensor], ch.begin, ch.end, divide,
+                                              scale_f);
+    }
   });
+  if (!defer) return;
+
+  // ------------------------------------------------------------ 5. decide (deferred)
+  for (size_t c = 0; c < chunks.size(); ++c) sumsq[chunks[c].tensor] += partial[c];
+  key = keys_from_sums();
+  for (size_t i = 0; i < T; ++i) {
+    const Decision d = decide_one(i, key[i]);
+    float* step = steps[i].data_ptr<float>();
+    *step = *step + 1.f;
+    // A first step filled slot 0 in the pass; any other insert is written next step.
+    pending[i].data_ptr<int64_t>()[0] = d.replace && !d.first ? d.j : -1;
+  }
 }
 
 }  // namespace

@@ -52,6 +52,10 @@ struct UpdateArgs {
   void* extra = nullptr;  // extras: Adam's v_max (amsgrad); RMSprop's grad average
   void* slot = nullptr;   // B[j] when this step replaces/fills a slot, else nullptr
   float* slot_scales = nullptr;  // int8 slots: B[j]'s scales (with slot), else nullptr
+  // A deferred insert (AdamCM, fp32 params): the slot (and its scales) that the momentum
+  // as stored goes into before this step reads S; nullptr: none pending.
+  void* flush_slot = nullptr;
+  float* flush_scales = nullptr;
   float* sum = nullptr;   // S (always fp32)
   bool first = false;     // count was 0: the tensor's first step
   bool has_wd = false;

@@ -405,8 +405,49 @@ inline void quantize_insert(float* x, int64_t n, int8_t* q, float* scale, float*
   }
 }
 
+// A deferred insert of elements [b, e) (at most one block of kQBlock): the fp32 momentum
+// as stored goes into the slot, S <- (S - old) + new, as the step that decided it would
+// have written it (update_block's insert, quantize_insert for int8 slots).
+template <typename TS>
+void flush_block(const UpdateArgs& a, int64_t b, int64_t e) {
+  const float* m = static_cast<const float*>(a.mom) + b;
+  TS* slot = static_cast<TS*>(a.flush_slot) + b;
+  float* sum = a.sum + b;
+  const int64_t n = e - b;
+  if constexpr (std::is_same_v<TS, int8_t>) {
+    float stage[kQBlock];
+    std::memcpy(stage, m, n * sizeof(float));
+    quantize_insert(stage, n, slot, a.flush_scales + b / kQBlock, sum);
+  } else {
+    int64_t i = 0;
+    for (; i + kW <= n; i += kW) {
+      Vec m0, m1, b0, b1, s0, s1;
+      IO<float>::load(m + i, m0, m1);
+      IO<TS>::load(slot + i, b0, b1);
+      IO<float>::load(sum + i, s0, s1);
+      IO<TS>::store_rounded(slot + i, m0, m1);
+      IO<float>::store(sum + i, (s0 - b0) + m0, (s1 - b1) + m1);
+    }
+    for (; i < n; ++i) {  // (one rounding, as the vector code: RNE to TS and back)
+      const float old = static_cast<float>(slot[i]);
+      slot[i] = static_cast<TS>(m[i]);
+      sum[i] = (sum[i] - old) + static_cast<float>(slot[i]);
+    }
+  }
+}
+
 template <int V, typename T, typename TS>
 void update_kernel(const UpdateArgs& a, int64_t begin, int64_t end) {
+  if constexpr (V == kAdamCM && std::is_same_v<T, float>) {
+    if (a.flush_slot != nullptr) {  // block by block: the pending insert, then the update
+      for (int64_t b = begin; b < end; b += kQBlock) {
+        const int64_t e = std::min(end, b + kQBlock);
+        flush_block<TS>(a, b, e);
+        update_range<V, T, float, false>(a, b, e, nullptr, 0);  // (no insert: any TS)
+      }
+      return;
+    }
+  }
   if constexpr (!std::is_same_v<TS, int8_t>) {
     update_range<V, T, TS, false>(a, begin, end, static_cast<TS*>(a.slot), 0);
   } else {

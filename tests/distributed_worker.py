@@ -137,6 +137,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def snapshot(model, opt) -> dict:
     """Parameters and optimizer state, whole (DTensors gathered), by parameter index."""
     params = list(model.parameters())
+    if hasattr(opt, "flush_buffers"):  # (the cpu backend leaves AdamCM's inserts pending)
+        opt.flush_buffers()
     state = {}
     for i, p in enumerate(params):
         st = opt.state.get(p, {})

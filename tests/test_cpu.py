@@ -62,6 +62,78 @@ def test_bit_identical_whatever_the_thread_count(name, cfg):
     assert_bit_identical(*a, *b)
 
 
+# ------------------------------------------------------------ deferred inserts
+
+@pytest.mark.parametrize("slot", [None, torch.bfloat16, torch.int8], ids=str)
+def test_adamcm_defers_its_inserts_and_flush_buffers_writes_them(slot):
+    """AdamCM on fp32 params folds the norm into its update pass and writes each insert
+    at the start of the next step (cm_pending). Mid-run the live state has inserts
+    pending; flush_buffers() writes them, and then opt.state is the reference's, bit for
+    bit; later steps (with nothing pending after the flush) stay in lock step; a
+    checkpoint holds nothing pending; diagnostics see the flushed buffer."""
+    shapes = [(300,), (3, 5), (), (20000,)]
+    kw = dict(topC=3, decay=0.9, synced=False, buffer_dtype=slot, critical_test=0.2)
+    params, twin = make_params(shapes), make_params(shapes)
+    opt, ref = AdamCM(params, backend="cpu", **kw), AdamCM(twin, backend="reference", **kw)
+    pending_seen = 0
+    for t in range(12):
+        for ps, o in ((params, opt), (twin, ref)):
+            set_grads(ps, t)
+            torch.manual_seed(t)
+            o.step()
+        pending_seen += sum(opt.state[p]["cm_pending"].item() >= 0 for p in params)
+        if t in (4, 9):
+            if t == 9:
+                assert [d.keys() for d in opt.buffer_diagnostics()] != []  # (it flushes)
+            else:
+                opt.flush_buffers()
+            assert all(opt.state[p]["cm_pending"].item() == -1 for p in params)
+            _assert_same_bits(opt, params, ref, twin)
+    assert pending_seen >= 10  # not vacuous: most steps left an insert pending
+    sd = opt.state_dict()
+    assert all(s["cm_pending"].item() == -1 for s in sd["state"].values())
+    _assert_same_bits(opt, params, ref, twin)
+
+
+def _assert_same_bits(opt, params, ref, twin):
+    """Every param and state entry bit for bit, but the keys: to the rounding of the norms'
+    summation order (the reference's vector_norm, the kernel's chunked sums)."""
+    for p, q in zip(params, twin):
+        assert torch.equal(p, q)
+        a, b = opt.state[p], ref.state[q]
+        assert a.keys() == b.keys()
+        for key in a:
+            tol = dict(rtol=1e-6, atol=0) if key == "cm_keys" else dict(rtol=0, atol=0)
+            torch.testing.assert_close(a[key], b[key], **tol, msg=lambda m: f"{key}: {m}")
+
+
+def test_the_op_refuses_pending_inserts_it_cannot_defer():
+    args = op_args(Variant.ADAM_CM)
+    pending = [torch.tensor(-1), torch.tensor(1), torch.tensor(0)]
+    for change, match in [(dict(variant=int(Variant.ADAM_CG)), "pending inserts are AdamCM"),
+                          (dict(phase=1, reduced=torch.zeros(3, 1, dtype=torch.float64)),
+                           "in a whole step"),
+                          (dict(pending=pending[:2]), "pending has 2 tensors"),
+                          (dict(pending=[pending[0], torch.tensor(3), pending[2]]),
+                           r"pending\[1\] = 3 is not a slot"),
+                          (dict(pending=[torch.tensor(0), *pending[1:]]),
+                           r"pending\[0\] = 0 is not a slot of a buffer holding 0"),
+                          (dict(params=[p.bfloat16() for p in args.params]), "float32 params")]:
+        args = op_args(Variant.ADAM_CM)
+        args.pending = [t.clone() for t in pending]
+        for key, value in change.items():
+            setattr(args, key, value)
+        if "params" in change:  # (the rest of the state in the params' dtype)
+            for name in ("grads", "momenta", "second_moments", "extras"):
+                setattr(args, name, [t.bfloat16() for t in getattr(args, name)])
+        before = [[t.clone() for t in a] if isinstance(a, list) else a for a in args.op_args()]
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.cm_fused.step_(*args.op_args())
+        for a, b in zip(args.op_args(), before):
+            if isinstance(a, list):
+                assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 # ------------------------------------------------------------ the op itself
 
 

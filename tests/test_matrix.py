@@ -18,7 +18,7 @@ from cm_fused import registry
 from cm_fused.contract import MUTATED, Phase, Variant
 from compare import (TOLERANCE, assert_bit_identical, assert_same_state,
                      checkpoint_roundtrip, copy_params, make_params, op_args, run_lockstep,
-                     scaler_lockstep, set_grads, snapshot, assert_unchanged)
+                     scaler_lockstep, set_grads, settled, snapshot, assert_unchanged)
 from family import BACKENDS, EVERY, FAMILY, FUSED_BACKENDS, cases, make, require
 
 # 0-dim, 1, 4097 (several Triton chunks, the last one element), empty, 2-d; the C++
@@ -85,6 +85,30 @@ def test_split_step_with_exchanged_sums_is_the_whole_step(variant, backend, requ
         quadrupled.phase = int(Phase.UPDATE)
         module.step(quadrupled)
         assert_tensors(quadrupled.keys, doubled.keys, exact=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("slot", [torch.float32, torch.int8], ids=str)
+def test_a_step_with_pending_inserts_writes_them_first(backend, slot, request):
+    """StepArgs.pending (AdamCM): a step given inserts that an earlier step left pending
+    is that step on the buffer with those inserts written (the cpu backend leaves its own
+    inserts pending in turn; written here for the comparison)."""
+    from cm_fused.reference import flush_all
+    use(backend, request)
+    module = registry.module(backend)
+    given, flushed = op_args(Variant.ADAM_CM, slot=slot), op_args(Variant.ADAM_CM, slot=slot)
+    given.pending = [torch.tensor(-1), torch.tensor(1), torch.tensor(0)]  # counts 0, 2, 3
+    flushed.pending = [t.clone() for t in given.pending]
+    flush_all(flushed)
+    assert not all(torch.equal(a, b) for a, b in zip(given.sums, flushed.sums))  # (not vacuous)
+    flushed.pending = []
+    module.step(given)
+    module.step(flushed)
+    flush_all(given)
+    for name in MUTATED:
+        if name not in ("reduced", "pending"):
+            assert_tensors(getattr(given, name), getattr(flushed, name), exact=True)
+    assert all(t.item() == -1 for t in given.pending)
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
@@ -185,14 +209,14 @@ def test_int8_slots_match_reference_byte_for_byte(name, dtype, backend, request)
         for i, (pa, pb) in enumerate(zip(params_a, params_b)):
             exact = dict(rtol=0, atol=0, equal_nan=True, msg=lambda m: f"step {t} {i}: {m}")
             torch.testing.assert_close(pa, pb, **exact)
-            sa, sb = opt_a.state[pa], opt_b.state[pb]
+            sa, sb = settled(opt_a, pa), settled(opt_b, pb)
             assert sa.keys() == sb.keys()
             for key in sa:
                 if key == "cm_keys":
                     torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=0)
                 else:
                     torch.testing.assert_close(sa[key], sb[key], **exact)
-    last = opt_a.state[params_a[-1]]
+    last = settled(opt_a, params_a[-1])
     assert last["cm_buffer"].dtype == torch.int8 and last["cm_sum"].dtype == torch.float32
     assert last["cm_inserts"].item() >= 3  # not vacuous: fills and replacements happened
     assert last["cm_scales"][:, 1].isnan().any()  # the block with the infinity

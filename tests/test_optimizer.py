@@ -287,7 +287,8 @@ def test_state_dict_is_plain_and_names_documented_keys():
     through_bytes(sd)
     s = sd["state"][0]
     assert set(s) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "cm_buffer",
-                      "cm_keys", "cm_count", "cm_inserts", "cm_sum"}
+                      "cm_keys", "cm_count", "cm_inserts", "cm_sum", "cm_pending"}
+    assert s["cm_pending"].dtype == torch.int64 and s["cm_pending"].item() == -1
     assert s["cm_buffer"].shape == (4, 3) and s["cm_buffer"].dtype == torch.float16
     assert s["cm_sum"].dtype == torch.float32 and s["cm_keys"].dtype == torch.float32
     assert s["cm_count"].dtype == torch.int64 and s["step"].dtype == torch.float32

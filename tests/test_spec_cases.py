@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import cm_fused
+from compare import settled
 from family import ADAPTIVE, BACKENDS, FAMILY, require
 
 
@@ -47,8 +48,8 @@ def test_maximize_is_minimizing_the_negated_gradient(make_any):
         opt_b.step()
     assert torch.equal(a.detach(), b.detach()) and not torch.equal(a.detach(),
                                                                     torch.tensor([1.0, -2.0, 0.5]))
-    for key, value in opt_a.state[a].items():
-        assert torch.equal(value, opt_b.state[b][key]), key
+    for key, value in settled(opt_a, a).items():
+        assert torch.equal(value, settled(opt_b, b)[key]), key
 
 
 def test_int8_slots_round_ties_to_even_and_poison_only_a_non_finite_block(make_any):
@@ -65,7 +66,7 @@ def test_int8_slots_round_ties_to_even_and_poison_only_a_non_finite_block(make_a
     opt = make_any([p], topC=2, buffer_dtype=torch.int8)
     p.grad = g.clone()
     opt.step()
-    st = opt.state[p]
+    st = settled(opt, p)
     q, scales, S = st["cm_buffer"][0], st["cm_scales"][0], st["cm_sum"]
     assert q[:7].tolist() == [127, 0, 2, 2, -2, 0, 3]
     assert scales[0].item() == 1.0 and scales[1].item() == 0.0 and scales[2].isnan()
@@ -84,7 +85,7 @@ def test_first_step_moves_only_by_weight_decay_and_seeds_buffer_with_raw_gradien
     opt.step()
     torch.testing.assert_close(p.detach(), torch.tensor([1.0, -2.0, 4.0]) * (1 - 0.1 * 0.5),
                                rtol=0, atol=0)
-    s = opt.state[p]
+    s = settled(opt, p)
     assert torch.equal(s["exp_avg"], torch.zeros(3))
     assert torch.equal(s["exp_avg_sq"], torch.zeros(3))
     assert torch.equal(s["cm_buffer"][0], g)  # the raw gradient, not a momentum
@@ -107,14 +108,14 @@ def test_synced_key_is_sum_of_per_tensor_norms_not_global_norm(make_any):
     opt = make_any([a, b], decay=1.0)
     a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 12.0])
     opt.step()
-    assert opt.state[a]["cm_keys"][0].item() == 17.0  # 5 + 12, the global norm is 13
-    assert opt.state[b]["cm_keys"][0].item() == 17.0
+    assert settled(opt, a)["cm_keys"][0].item() == 17.0  # 5 + 12, the global norm is 13
+    assert settled(opt, b)["cm_keys"][0].item() == 17.0
     c, d = param([3.0, 4.0]), param([0.0, 12.0])
     opt = make_any([c, d], decay=1.0, synced=False)
     c.grad, d.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 12.0])
     opt.step()
-    assert opt.state[c]["cm_keys"][0].item() == 5.0
-    assert opt.state[d]["cm_keys"][0].item() == 12.0
+    assert settled(opt, c)["cm_keys"][0].item() == 5.0
+    assert settled(opt, d)["cm_keys"][0].item() == 12.0
 
 
 def test_second_step_aggregate_uses_pre_insert_buffer_and_v_tracks_aggregate(make):
@@ -133,7 +134,7 @@ def test_second_step_aggregate_uses_pre_insert_buffer_and_v_tracks_aggregate(mak
     bc1, bc2 = 1 - b1 ** 2, 1 - b2 ** 2
     want = [x - (lr / bc1) * ai / (math.sqrt(vi) / math.sqrt(bc2) + eps)
             for x, ai, vi in zip(x0, a, v)]
-    s = opt.state[p]
+    s = settled(opt, p)
     torch.testing.assert_close(p.detach(), torch.tensor(want), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(s["exp_avg_sq"], torch.tensor(v), rtol=1e-6, atol=0)
     torch.testing.assert_close(s["exp_avg"], torch.tensor(m), rtol=1e-6, atol=0)
@@ -151,7 +152,7 @@ def _drive(opt, p, grads):
 def inserted(opt, p):
     """What a later step inserts, without weight decay: AdamCM the momentum, the
     critical-gradients optimizers the gradient."""
-    return opt.state[p]["exp_avg"] if type(opt) is FAMILY["adamcm"].cls else p.grad
+    return settled(opt, p)["exp_avg"] if type(opt) is FAMILY["adamcm"].cls else p.grad
 
 
 # ------------------------------------------------------------ the insert rule, every optimizer
@@ -161,12 +162,14 @@ def test_replacement_is_strictly_greater_than_the_min_key(make_any):
     p = param([0.0, 0.0])
     opt = make_any([p], topC=2, decay=1.0)  # decay 1: keys are the norms themselves
     _drive(opt, p, [[1.0, 0.0], [2.0, 0.0]])
-    s = opt.state[p]
+    s = settled(opt, p)
     assert s["cm_keys"].tolist() == [1.0, 2.0] and s["cm_count"].item() == 2
     before = s["cm_buffer"].clone()
     _drive(opt, p, [[0.0, 1.0]])  # key 1.0 == min key: no replacement
+    s = settled(opt, p)
     assert torch.equal(s["cm_buffer"], before) and s["cm_keys"].tolist() == [1.0, 2.0]
     _drive(opt, p, [[0.0, 1.5]])  # 1.5 > 1.0: replaces slot 0
+    s = settled(opt, p)
     assert s["cm_keys"].tolist() == [1.5, 2.0]
     assert torch.equal(s["cm_buffer"][1], before[1])
     assert torch.equal(s["cm_buffer"][0], inserted(opt, p))
@@ -177,10 +180,11 @@ def test_tie_on_min_key_replaces_first_index(make_any):
     p = param([0.0, 0.0])
     opt = make_any([p], topC=3, decay=1.0)
     _drive(opt, p, [[5.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
-    s = opt.state[p]
+    s = settled(opt, p)
     assert s["cm_keys"].tolist() == [5.0, 2.0, 2.0]
     before = s["cm_buffer"].clone()
     _drive(opt, p, [[3.0, 0.0]])
+    s = settled(opt, p)
     assert s["cm_keys"].tolist() == [5.0, 3.0, 2.0]
     assert torch.equal(s["cm_buffer"][2], before[2]) and not torch.equal(s["cm_buffer"][1],
                                                                          before[1])
@@ -194,7 +198,7 @@ def test_critical_test_one_always_replaces_the_min_slot(make_any):
         return
     opt = make_any([p], topC=2, decay=1.0, critical_test=1.0)
     _drive(opt, p, [[4.0, 0.0], [3.0, 0.0], [0.0, 1.0]])  # key 1 < min key 3
-    assert opt.state[p]["cm_keys"].tolist() == [4.0, 1.0]
+    assert settled(opt, p)["cm_keys"].tolist() == [4.0, 1.0]
 
 
 def test_tensor_without_grad_is_skipped_entirely(make):
@@ -202,15 +206,15 @@ def test_tensor_without_grad_is_skipped_entirely(make):
     opt = make([a, b], weight_decay=0.1, lr=0.1, decay=0.5)
     a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 1.0])
     opt.step()
-    sb = {k: v.clone() for k, v in opt.state[b].items()}
+    sb = {k: v.clone() for k, v in settled(opt, b).items()}
     b_before = b.detach().clone()
     a.grad, b.grad = torch.tensor([0.0, 2.0]), None
     opt.step()
     assert torch.equal(b.detach(), b_before)  # no weight decay either
     for k, v in sb.items():
-        assert torch.equal(opt.state[b][k], v), k  # keys not decayed, step not advanced
+        assert torch.equal(settled(opt, b)[k], v), k  # keys not decayed, step not advanced
     # a's synced key no longer includes b's norm: 0.5 * ||(0, 2)||
-    assert opt.state[a]["cm_keys"][1].item() == 0.5 * 2.0
+    assert settled(opt, a)["cm_keys"][1].item() == 0.5 * 2.0
 
 
 def test_skipped_first_step_keeps_the_first_step_quirk_for_the_next_step(make_any):
@@ -220,12 +224,12 @@ def test_skipped_first_step_keeps_the_first_step_quirk_for_the_next_step(make_an
     opt.found_inf = torch.ones(())
     opt.step()
     del opt.found_inf
-    assert opt.state[p]["cm_count"].item() == 0 and opt.state[p]["step"].item() == 0
+    assert settled(opt, p)["cm_count"].item() == 0 and settled(opt, p)["step"].item() == 0
     p.grad = torch.tensor([2.0, 2.0])
     opt.step()
-    assert torch.equal(opt.state[p]["cm_buffer"][0], torch.tensor([2.0, 2.0]))
-    if "exp_avg" in opt.state[p] and type(opt) is FAMILY["adamcm"].cls:
-        assert torch.equal(opt.state[p]["exp_avg"], torch.zeros(2))  # CM: m <- 0 first
+    assert torch.equal(settled(opt, p)["cm_buffer"][0], torch.tensor([2.0, 2.0]))
+    if "exp_avg" in settled(opt, p) and type(opt) is FAMILY["adamcm"].cls:
+        assert torch.equal(settled(opt, p)["exp_avg"], torch.zeros(2))  # CM: m <- 0 first
 
 
 def test_first_step_with_eps_zero_moves_only_by_weight_decay(make):
@@ -240,12 +244,12 @@ def test_found_inf_on_a_later_step_changes_nothing(make):
     p = param([1.0, -3.0, 0.5])
     opt = make([p], weight_decay=0.1, amsgrad=True, topC=2)
     _drive(opt, p, [[1.0, 2.0, 3.0], [0.5, 0.5, 0.5], [3.0, 1.0, 0.0]])
-    before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    before = p.detach().clone(), {k: v.clone() for k, v in settled(opt, p).items()}
     opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
     _drive(opt, p, [[9.0, 9.0, 9.0]])  # would replace a slot if it were not skipped
     assert torch.equal(p.detach(), before[0])
     for k, v in before[1].items():
-        assert torch.equal(opt.state[p][k], v), k
+        assert torch.equal(settled(opt, p)[k], v), k
 
 
 # ------------------------------------------------------------ AdamCG
@@ -262,7 +266,7 @@ def test_adamcg_first_step_is_an_ordinary_adam_step(backend):
     want = torch.tensor([0.5, -1.0, 2.0]) - (lr / (1 - b1)) * m / (
         v.sqrt() / math.sqrt(1 - b2) + eps)
     torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-7)
-    s = opt.state[p]
+    s = settled(opt, p)
     assert torch.equal(s["cm_buffer"][0], g) and torch.equal(s["cm_sum"], g)
     assert s["cm_count"].item() == 1 and s["step"].item() == 1
 
@@ -288,7 +292,7 @@ def test_adamcg_aggregates_before_adam_inserts_raw_gradient_and_decays_coupled(b
     m2 = b1 * m1 + (1 - b1) * u2
     v2 = b2 * v1 + (1 - b2) * u2 * u2
     x2 = x1 - (lr / (1 - b1 ** 2)) * m2 / (v2.sqrt() / math.sqrt(1 - b2 ** 2) + eps)
-    s = opt.state[p]
+    s = settled(opt, p)
     torch.testing.assert_close(p.detach(), x2, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(s["exp_avg"], m2, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(s["exp_avg_sq"], v2, rtol=1e-6, atol=1e-8)
@@ -309,7 +313,7 @@ def test_sgdcg_stores_weight_decay_in_the_buffer_and_first_momentum_step_copies(
     opt.step()
     d1 = g1 + wd * x0  # the stored value includes weight decay (quirk)
     x1 = x0 - lr * d1  # the first momentum step copies d: buf = d1
-    s = opt.state[p]
+    s = settled(opt, p)
     torch.testing.assert_close(s["cm_buffer"][0], d1, rtol=0, atol=0)
     torch.testing.assert_close(s["momentum_buffer"], d1, rtol=0, atol=0)
     torch.testing.assert_close(p.detach(), x1, rtol=1e-6, atol=1e-7)
@@ -329,11 +333,11 @@ def test_sgdcg_decay_zero_means_keys_never_decay(backend):
     p = param([0.0, 0.0])
     opt = FAMILY["sgdcg"].cls([p], lr=0.0, topC=3, decay=0.0, backend=backend)
     _drive(opt, p, [[3.0, 4.0], [0.0, 2.0], [1.0, 0.0]])
-    assert opt.state[p]["cm_keys"].tolist() == [5.0, 2.0, 1.0]
+    assert settled(opt, p)["cm_keys"].tolist() == [5.0, 2.0, 1.0]
     q = param([0.0, 0.0])
     other = FAMILY["adamcg"].cls([q], lr=0.0, topC=3, decay=0.0, backend=backend)
     _drive(other, q, [[3.0, 4.0], [0.0, 2.0], [1.0, 0.0]])
-    assert other.state[q]["cm_keys"].tolist() == [0.0, 0.0, 0.0]
+    assert settled(other, q)["cm_keys"].tolist() == [0.0, 0.0, 0.0]
 
 
 def test_sgdcg_without_momentum_steps_by_the_aggregate(backend):
@@ -342,7 +346,7 @@ def test_sgdcg_without_momentum_steps_by_the_aggregate(backend):
     _drive(opt, p, [[2.0, 0.0], [0.0, 4.0]])
     # step 1: p -= 0.5 * g1; step 2: p -= 0.5 * (g2 + g1)
     assert torch.equal(p.detach(), torch.tensor([1.0 - 1.0 - 1.0, 1.0 - 2.0]))
-    assert "momentum_buffer" not in opt.state[p]
+    assert "momentum_buffer" not in settled(opt, p)
 
 
 # ------------------------------------------------------------ RMSpropCG
@@ -365,7 +369,7 @@ def test_rmspropcg_steps_with_the_buffer_mean_alone(backend):
     opt.step()
     sq2 = alpha * sq1 + (1 - alpha) * g1 * g1  # u = S/k = g1, not g2
     x2 = x1 - lr * g1 / (sq2.sqrt() + eps)
-    s = opt.state[p]
+    s = settled(opt, p)
     torch.testing.assert_close(p.detach(), x2, rtol=1e-6, atol=1e-7)
     assert p.detach()[1].item() == x0[1].item()
     torch.testing.assert_close(s["square_avg"], sq2, rtol=1e-6, atol=0)
@@ -394,7 +398,7 @@ def test_adamam_first_two_steps_by_hand(backend):
     P1 = _adam_am_p(v1, 1, b1, b2, eps, 1.0)
     d1 = (1 - b1) * g1 / (1 + lam * P1)
     x1 = x0 * (1 - lr * wd) - lr * d1 / P1
-    s = opt.state[p]
+    s = settled(opt, p)
     torch.testing.assert_close(p.detach().double(), x1, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(s["d"].double(), d1, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(s["memory"].double(),
@@ -452,7 +456,7 @@ def test_sgdam_first_two_steps_by_hand_with_one_beta_over_two_groups(backend):
                                torch.tensor(beta, dtype=torch.float64), rtol=1e-5, atol=1e-6)
     for p, x1, d, g, lr in ((a, xa1, da, g2a, 0.1), (b, xb1, db, g2b, 0.05)):
         d2 = (beta + lam) / (1 + lam) * d + (1 - beta) / (1 + lam) * g
-        torch.testing.assert_close(opt.state[p]["d"].double(), d2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(settled(opt, p)["d"].double(), d2, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(p.detach().double(), x1 - lr * d2, rtol=1e-6, atol=1e-6)
 
 
@@ -466,5 +470,5 @@ def test_adaptive_lr_zero_moves_nothing_but_keeps_memory(name, backend):
         p.grad = torch.tensor(g)
         opt.step()
     assert torch.equal(p.detach(), torch.tensor([1.0, -2.0, 0.5]))
-    assert opt.state[p]["d"].abs().sum() > 0
+    assert settled(opt, p)["d"].abs().sum() > 0
     assert all(v.isfinite() for v in opt.last_beta().values())

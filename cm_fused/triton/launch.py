@@ -35,6 +35,7 @@ import triton.language as tl
 
 from ..contract import Phase, StepArgs, Tensors, Variant
 from ..quantize import QBLOCK
+from ..reference import flush_all
 from . import adaptive as A
 from . import kernels as K
 
@@ -360,6 +361,8 @@ def step(args: StepArgs) -> None:
 
 
 def _step(args: StepArgs) -> None:
+    if args.pending:  # (these kernels write each insert in the step that decides it)
+        flush_all(args)
     if not Variant(args.variant).buffered:
         _step_adaptive(args)
         return
