@@ -61,6 +61,7 @@ class _Checked:
     device: torch.device
     backend: str
     module: ModuleType
+    fp32: bool  # every param is float32
 
 
 @dataclass
@@ -83,6 +84,7 @@ class _Plan:
     exchange: distributed.Exchange | None = None
     args: StepArgs | None = None  # built by the step's first call, for both phases
     write_back: Any = None  # copies stepped dense params back into strided ones
+    fp32: bool = False  # every param stepped is float32
 
 
 class CriticalOptimizer(torch.optim.Optimizer):
@@ -322,7 +324,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
             if last.exchange is not None:
                 distributed.check_gradients(type(self).__name__, params, grads)
             return _Plan(group, params, device, last.backend, last.module, roles, grads,
-                         settled=True, exchange=last.exchange)
+                         settled=True, exchange=last.exchange, fp32=last.fp32)
         self._check_states(group, params, roles)
         exchange = distributed.exchange_for(type(self).__name__, params, grads)
         # The dtypes of the whole group, not only of this step's tensors: one choice per
@@ -330,10 +332,12 @@ class CriticalOptimizer(torch.optim.Optimizer):
         backend, module = self._resolve(device, frozenset(p.dtype for p in group["params"]),
                                         group.get("fused"))
         _check_top_c(group, backend, module)
+        fp32 = all(d is torch.float32 for d in dtypes)
         if not torch.compiler.is_compiling():
             self._checked[id(group)] = _Checked(checked, exchange, _attrs("shape", params),
-                                                device, backend, module)
-        return _Plan(group, params, device, backend, module, roles, grads, exchange=exchange)
+                                                device, backend, module, fp32)
+        return _Plan(group, params, device, backend, module, roles, grads, exchange=exchange,
+                     fp32=fp32)
 
     def _check_grads(self, params: list[Tensor], grads: list[Tensor], dtypes: list,
                      shapes: list | None = None) -> bool:
@@ -594,15 +598,14 @@ class CriticalOptimizer(torch.optim.Optimizer):
         params, whose stored momentum is the value inserted), and not in a split step."""
         return (self.variant == Variant.ADAM_CM and plan.exchange is None
                 and getattr(plan.module, "DEFERS_INSERTS", False)
-                and not torch.compiler.is_compiling()
-                and all(d is torch.float32 for d in _attrs("dtype", plan.params)))
+                and plan.fp32 and not torch.compiler.is_compiling())
 
     def flush_buffers(self) -> None:
         """Write the critical-buffer inserts that steps decided but left pending, so that
         ``opt.state`` holds the buffer as docs/SPEC.md defines it after the last step.
 
-        The C++ backend leaves AdamCM's inserts pending (``cm_pending``) and writes each
-        at the start of the next step, in its one pass over memory; ``state_dict()``,
+        The fused backends leave AdamCM's inserts pending (``cm_pending``) and write each
+        at the start of the next step, in their one pass over memory; ``state_dict()``,
         ``buffer_diagnostics()`` and a step on another backend call this first. Call it
         before reading ``cm_buffer``, ``cm_scales`` or ``cm_sum`` from ``opt.state``
         directly. No host sync; a no-op where nothing is pending."""

@@ -137,7 +137,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def snapshot(model, opt) -> dict:
     """Parameters and optimizer state, whole (DTensors gathered), by parameter index."""
     params = list(model.parameters())
-    if hasattr(opt, "flush_buffers"):  # (the cpu backend leaves AdamCM's inserts pending)
+    if hasattr(opt, "flush_buffers"):  # (the fused backends leave AdamCM's inserts pending)
         opt.flush_buffers()
     state = {}
     for i, p in enumerate(params):

@@ -91,8 +91,8 @@ def test_split_step_with_exchanged_sums_is_the_whole_step(variant, backend, requ
 @pytest.mark.parametrize("slot", [torch.float32, torch.int8], ids=str)
 def test_a_step_with_pending_inserts_writes_them_first(backend, slot, request):
     """StepArgs.pending (AdamCM): a step given inserts that an earlier step left pending
-    is that step on the buffer with those inserts written (the cpu backend leaves its own
-    inserts pending in turn; written here for the comparison)."""
+    is that step on the buffer with those inserts written (the fused backends leave
+    their own inserts pending in turn; written here for the comparison)."""
     from cm_fused.reference import flush_all
     use(backend, request)
     module = registry.module(backend)

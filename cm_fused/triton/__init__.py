@@ -24,6 +24,9 @@ _import_error: str | None = None
 # compiles without spills for sm_80 and sm_90 (tests/test_compile_gate.py; 512 spills
 # 360 bytes on sm_90). The optimizer refuses a larger topC with this backend.
 MAX_TOP_C = 256
+# AdamCM with fp32 params: the norm is summed in the update pass, and each insert is
+# written at the start of the next step's (StepArgs.pending; kernels._update_kernel).
+DEFERS_INSERTS = True
 
 
 def _op_module():

@@ -17,6 +17,13 @@ One step of one param group is four launches (see launch.py for the tables they 
    elementwise part in one pass over memory; ``VARIANT`` (cm_fused.contract.Variant)
    selects the arithmetic: what is inserted, the direction, the base rule.
 
+A single-pass step (``DEFER``: AdamCM with fp32 params, StepArgs.pending) takes three
+launches in another order: ``_update_kernel`` first (it writes the insert the previous
+step left pending before it reads S, fills slot 0 on a tensor's first step, and sums the
+gradient's squares per chunk as ``_norm_kernel`` would), then ``_reduce_kernel``, then
+``_decide_kernel``, which leaves this step's insert pending: 44 B per element instead of
+48 (g is read once).
+
 Hyperparameters are runtime arguments (never ``tl.constexpr``), so a scheduler changing
 lr does not recompile; floats that the reference uses in fp64 (lr, the betas of the bias
 corrections) travel as two fp32 halves. ``found_inf``, ``grad_scale`` and a tensor lr
@@ -48,8 +55,10 @@ ROW_P, ROW_G, ROW_M, ROW_V, ROW_X, ROW_B, ROW_S, ROW_Q, ROW_NUMEL, ROW_GIDX = (
 # Rows of a group's table (int64 [len(GROUP_ROWS), T]), indexed by the tensor's position in
 # the group (the order of the params list).
 # (memory: the adaptive-memory scalars of StepArgs.memory; 0 where unused.)
-GROUP_ROWS = ("keys", "count", "step", "partial_offset", "partial_count", "memory", "inserts")
-ROW_KEYS, ROW_COUNT, ROW_STEP, ROW_POFF, ROW_PCNT, ROW_MEM, ROW_INS = (
+# (pending: StepArgs.pending, AdamCM's deferred inserts; 0 where unused.)
+GROUP_ROWS = ("keys", "count", "step", "partial_offset", "partial_count", "memory", "inserts",
+              "pending")
+ROW_KEYS, ROW_COUNT, ROW_STEP, ROW_POFF, ROW_PCNT, ROW_MEM, ROW_INS, ROW_PEND = (
     tl.constexpr(i) for i in range(len(GROUP_ROWS)))
 # Decision arrays, per tensor of the group: int32 [T, 2] = (slot j, flags) and
 # fp64 [T, 3] = (k before the insert, at least 1; bias correction 1; sqrt of bias
@@ -153,7 +162,8 @@ def _pow64(base, e):
 def _decide_kernel(gtab_ptr, T, sumsq_ptr, rand_ptr, found_inf_ptr, dec_i_ptr, dec_f_ptr,
                    C, critical_test, key_decay, beta1_hi, beta1_lo, beta2_hi, beta2_lo,
                    SYNCED: tl.constexpr, HAS_RAND: tl.constexpr,
-                   HAS_FOUND_INF: tl.constexpr, CP: tl.constexpr, TB: tl.constexpr):
+                   HAS_FOUND_INF: tl.constexpr, DEFER: tl.constexpr, CP: tl.constexpr,
+                   TB: tl.constexpr):
     critical_test = tl.cast(critical_test, tl.float32)
     key_decay = tl.cast(key_decay, tl.float32)
     pid = tl.program_id(0).to(tl.int64)
@@ -224,6 +234,10 @@ def _decide_kernel(gtab_ptr, T, sumsq_ptr, rand_ptr, found_inf_ptr, dec_i_ptr, d
     ins = tl.load(ins_ptr, mask=rmask, other=0)
     tl.store(ins_ptr, ins + replace.to(tl.int64), mask=wmask)
     tl.store(step_ptr, step_new, mask=wmask)
+    if DEFER:  # a first step filled slot 0 in the update pass; any other insert waits
+        pend_ptr = tl.load(gtab_ptr + ROW_PEND * T + rows, mask=rmask, other=0)
+        pend_ptr = pend_ptr.to(tl.pointer_type(tl.int64))
+        tl.store(pend_ptr, tl.where(replace & (k > 0), j, -1), mask=wmask)
 
     flags = replace.to(tl.int32) * FLAG_REPLACE + first.to(tl.int32) * FLAG_FIRST
     tl.store(dec_i_ptr + 2 * rows, j.to(tl.int32), mask=rmask)
@@ -277,11 +291,27 @@ def _round_half_even(y):
 
 
 @triton.jit
+def _insert(idx, mask, new, S, slot_ptr, q_ptr, s_ptr, B_DT: tl.constexpr,
+            S_DT: tl.constexpr, QB: tl.constexpr, BLOCK: tl.constexpr):
+    """S <- (S - B[j]) + round(new), B[j] <- round(new) (int8 slots: quantized, with the
+    scales at q_ptr); returns the new S."""
+    if B_DT == tl.int8:
+        S_new = _insert_quantized(idx, mask, new, S, slot_ptr, q_ptr, s_ptr, QB, BLOCK)
+    else:
+        rounded = _narrow(new, B_DT)
+        old = _ld(slot_ptr + idx, mask).to(S_DT).to(tl.float32)
+        S_new = (S - old) + rounded.to(S_DT).to(tl.float32)
+        _st(slot_ptr + idx, rounded, mask)
+        _st(s_ptr + idx, _narrow(S_new, S_DT), mask)
+    return S_new
+
+
+@triton.jit
 def _insert_quantized(idx, mask, new, S, slot_ptr, q_ptr, s_ptr, QB: tl.constexpr,
                       BLOCK: tl.constexpr):
     """The insert into an int8 slot, blocks of QB elements (cm_fused/quantize.py, the same
     operations in the same order): quantize ``new``, write the slot, its scales and
-    S <- (S - q_old * scale_old) + q * scale."""
+    S <- (S - q_old * scale_old) + q * scale; returns the new S."""
     R: tl.constexpr = BLOCK // QB
     idx = tl.reshape(idx, (R, QB))
     x = tl.reshape(new, (R, QB))
@@ -300,29 +330,43 @@ def _insert_quantized(idx, mask, new, S, slot_ptr, q_ptr, s_ptr, QB: tl.constexp
     r = _round_half_even(tl.div_rn(x, scale[:, None]))
     r = tl.where(ok[:, None], tl.minimum(tl.maximum(r, -127.0), 127.0), 0.0)
     old = _ld(slot_ptr + idx, mask).to(tl.float32) * _ld(q_ptr + rows, rmask)[:, None]
-    _st(s_ptr + idx, (S - old) + r * scale[:, None], mask)
+    S_new = (S - old) + r * scale[:, None]
+    _st(s_ptr + idx, S_new, mask)
     _st(slot_ptr + idx, r.to(tl.int8), mask)
     _st(q_ptr + rows, scale, rmask)
+    return tl.reshape(S_new, (BLOCK,))
 
 
 @triton.jit
 def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, q_ptr, s_ptr,
                   replace, first, k_before, scale, lr, beta1, one_minus_beta1, beta2,
                   one_minus_beta2, eps, weight_decay, decay_factor, one_minus_dampening,
-                  step_size, sqrt_bc2, VARIANT: tl.constexpr, P_DT: tl.constexpr,
-                  M_DT: tl.constexpr, V_DT: tl.constexpr, X_DT: tl.constexpr,
-                  B_DT: tl.constexpr, S_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
-                  HAS_MOM: tl.constexpr, HAS_X: tl.constexpr, MAXIMIZE: tl.constexpr,
-                  QB: tl.constexpr, BLOCK: tl.constexpr):
+                  step_size, sqrt_bc2, flush, fslot_ptr, fq_ptr, VARIANT: tl.constexpr,
+                  P_DT: tl.constexpr, M_DT: tl.constexpr, V_DT: tl.constexpr,
+                  X_DT: tl.constexpr, B_DT: tl.constexpr, S_DT: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, HAS_MOM: tl.constexpr, HAS_X: tl.constexpr,
+                  MAXIMIZE: tl.constexpr, DEFER: tl.constexpr, QB: tl.constexpr,
+                  BLOCK: tl.constexpr):
     """One block of the update of variant VARIANT: the direction u and the value
-    inserted (what the variants differ in), the insert (shared), the base rule."""
+    inserted (what the variants differ in), the insert (shared), the base rule. DEFER
+    (ADAM_CM): first the insert an earlier step left pending (``flush``: the momentum as
+    stored goes into the slot at fslot_ptr), which this step's mean then includes.
+    Returns the unscaled gradient (the sum of squares of a single-pass step)."""
     g = _ld(g_ptr + idx, mask).to(tl.float32)
     if HAS_SCALE:
         g = tl.div_rn(g, scale)
+    unscaled = g
     if MAXIMIZE:
         g = -g
     x = _ld(p_ptr + idx, mask).to(tl.float32)
     S = _ld(s_ptr + idx, mask).to(tl.float32)
+    # The pending insert in the same block, not in a pass of its own over the chunk: the S
+    # written here is the S the mean reads, with no second trip to memory (ptxas for
+    # sm_90: 94 registers for the aligned fp32 variant, 80 with a pass of its own).
+    if DEFER:
+        if flush:
+            S = _insert(idx, mask, _ld(m_ptr + idx, mask).to(tl.float32), S, fslot_ptr,
+                        fq_ptr, s_ptr, B_DT, S_DT, QB, BLOCK)
     mean = tl.div_rn(S, k_before)  # the buffer as it was before this step's insert
 
     if VARIANT == ADAM_CM:
@@ -346,14 +390,8 @@ def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, q_ptr,
         m_new = u  # not used
 
     # insert: a kept slot is neither read nor written
-    if replace and B_DT == tl.int8:
-        _insert_quantized(idx, mask, new, S, slot_ptr, q_ptr, s_ptr, QB, BLOCK)
-    elif replace:
-        rounded = _narrow(new, B_DT)
-        old = _ld(slot_ptr + idx, mask).to(S_DT).to(tl.float32)
-        S_new = (S - old) + rounded.to(S_DT).to(tl.float32)
-        _st(slot_ptr + idx, rounded, mask)
-        _st(s_ptr + idx, _narrow(S_new, S_DT), mask)
+    if replace:
+        _insert(idx, mask, new, S, slot_ptr, q_ptr, s_ptr, B_DT, S_DT, QB, BLOCK)
 
     if VARIANT == SGD_CG:
         if HAS_MOM:  # the first momentum step copies d
@@ -393,6 +431,7 @@ def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, q_ptr,
             # SPEC: no Adam update on CM's first step (with eps == 0 it would be 0/0)
             p_new = tl.where(first, x, p_new)
     _st(p_ptr + idx, _narrow(p_new, P_DT), mask)
+    return unscaled
 
 
 @triton.jit
@@ -412,17 +451,23 @@ def _lr_and_decay(lr_ptr, lr_hi, lr_lo, wd_factor, weight_decay, LR_IS_PTR: tl.c
     return lr, lr64, decay_factor
 
 
-@triton.jit(do_not_specialize=["n_tab", "chunk_len"])
+@triton.jit(do_not_specialize=["n_tab", "chunk_len", "T"])
 def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_ptr,
                    lr_hi, lr_lo, wd_factor, lr_ptr, scale_ptr, found_inf_ptr, chunk_len,
                    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-                   one_minus_dampening, VARIANT: tl.constexpr, P_DT: tl.constexpr,
+                   one_minus_dampening, gtab_ptr, T, partial_ptr, beta1_hi, beta1_lo,
+                   beta2_hi, beta2_lo, VARIANT: tl.constexpr, P_DT: tl.constexpr,
                    G_DT: tl.constexpr, M_DT: tl.constexpr, V_DT: tl.constexpr,
                    X_DT: tl.constexpr, B_DT: tl.constexpr, S_DT: tl.constexpr,
                    LR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
                    HAS_FOUND_INF: tl.constexpr, HAS_MOM: tl.constexpr, HAS_X: tl.constexpr,
-                   MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, QB: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, DEFER: tl.constexpr,
+                   QB: tl.constexpr, BLOCK: tl.constexpr):
+    """The update pass (see the module docstring). DEFER (ADAM_CM, a single-pass step):
+    the decisions come after this pass, so it reads what it needs from the state (the
+    fill count, the step count; on a tensor's first step slot 0 is filled here, that
+    much is decided), writes the insert an earlier step left pending first, and sums the
+    unscaled gradient's squares per chunk into partial_ptr, as _norm_kernel would."""
     beta1 = tl.cast(beta1, tl.float32)
     one_minus_beta1 = tl.cast(one_minus_beta1, tl.float32)
     beta2 = tl.cast(beta2, tl.float32)
@@ -443,18 +488,38 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
     v_ptr = tl.load(tab_ptr + ROW_V * n_tab + t).to(tl.pointer_type(V_DT))
     x_ptr = tl.load(tab_ptr + ROW_X * n_tab + t).to(tl.pointer_type(X_DT))
 
-    j = tl.load(dec_i_ptr + 2 * gi).to(tl.int64)
-    flags = tl.load(dec_i_ptr + 2 * gi + 1)
-    replace = (flags & FLAG_REPLACE) != 0
-    first = (flags & FLAG_FIRST) != 0
-    k_before = tl.load(dec_f_ptr + 3 * gi).to(tl.float32)
-    bc1 = tl.load(dec_f_ptr + 3 * gi + 1)
-    sqrt_bc2 = tl.load(dec_f_ptr + 3 * gi + 2).to(tl.float32)
+    q_base = tl.load(tab_ptr + ROW_Q * n_tab + t).to(tl.pointer_type(tl.float32))
+    n_blocks = (numel + QB - 1) // QB
+    if DEFER:
+        count = tl.load(tl.load(gtab_ptr + ROW_COUNT * T + gi).to(tl.pointer_type(tl.int64)))
+        pending = tl.load(tl.load(gtab_ptr + ROW_PEND * T + gi).to(tl.pointer_type(tl.int64)))
+        step = tl.load(tl.load(gtab_ptr + ROW_STEP * T + gi).to(tl.pointer_type(tl.float32)))
+        j = tl.zeros_like(count)  # (a first step fills slot 0)
+        first = count == 0
+        replace = first
+        k_before = tl.maximum(count, 1).to(tl.float32)
+        e = (tl.zeros([1], dtype=tl.float32) + step + 1.0).to(tl.int64)
+        bc1 = tl.sum(1.0 - _pow64(_f64(beta1_hi, beta1_lo), e), axis=0)
+        bc2 = tl.sum(1.0 - _pow64(_f64(beta2_hi, beta2_lo), e), axis=0)
+        sqrt_bc2 = tl.sqrt(bc2).to(tl.float32)  # (the decide kernel's rounding)
+        flush = pending >= 0
+        fslot_ptr = b_ptr + tl.maximum(pending, 0) * numel
+        fq_ptr = q_base + tl.maximum(pending, 0) * n_blocks
+    else:
+        j = tl.load(dec_i_ptr + 2 * gi).to(tl.int64)
+        flags = tl.load(dec_i_ptr + 2 * gi + 1)
+        replace = (flags & FLAG_REPLACE) != 0
+        first = (flags & FLAG_FIRST) != 0
+        k_before = tl.load(dec_f_ptr + 3 * gi).to(tl.float32)
+        bc1 = tl.load(dec_f_ptr + 3 * gi + 1)
+        sqrt_bc2 = tl.load(dec_f_ptr + 3 * gi + 2).to(tl.float32)
+        flush = False
+        fslot_ptr = b_ptr
+        fq_ptr = q_base
     slot_ptr = b_ptr + j * numel
     # int8 slots: the scales of slot j (QB divides BLOCK and chunks start at multiples of
     # BLOCK, so a program's blocks of QB elements are whole blocks of the slot).
-    q_ptr = tl.load(tab_ptr + ROW_Q * n_tab + t).to(tl.pointer_type(tl.float32))
-    q_ptr = q_ptr + j * ((numel + QB - 1) // QB)
+    q_ptr = q_base + j * n_blocks
     if ALIGNED:
         # The host checked: every pointer of the bucket 16-byte aligned, and every
         # numel * slot size a multiple of 16 bytes (so is each slot). Chunks start at
@@ -466,6 +531,7 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
         x_ptr = tl.multiple_of(x_ptr, 16)
         s_ptr = tl.multiple_of(s_ptr, 16)
         slot_ptr = tl.multiple_of(slot_ptr, 16)
+        fslot_ptr = tl.multiple_of(fslot_ptr, 16)
         start = tl.multiple_of(start, BLOCK)
 
     step_size = (lr64 / bc1).to(tl.float32)  # lr / bc1 in fp64, as the reference
@@ -480,17 +546,26 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
         end = tl.where(tl.load(found_inf_ptr).to(tl.float32) == 0.0, end, start)
     full_end = start + ((end - start) // BLOCK) * BLOCK
 
+    acc = tl.zeros([BLOCK], dtype=tl.float32)  # DEFER: as _norm_kernel sums
     for off in range(start, full_end, BLOCK):  # full blocks: no mask
-        _update_block(off + tl.arange(0, BLOCK), None, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr,
+        g = _update_block(off + tl.arange(0, BLOCK), None, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr,
                       slot_ptr, q_ptr, s_ptr, replace, first, k_before, scale, lr, beta1,
                       one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-                      decay_factor, one_minus_dampening, step_size, sqrt_bc2, VARIANT, P_DT,
-                      M_DT, V_DT, X_DT, B_DT, S_DT, HAS_SCALE, HAS_MOM, HAS_X, MAXIMIZE, QB,
-                      BLOCK)
+                      decay_factor, one_minus_dampening, step_size, sqrt_bc2, flush, fslot_ptr,
+                      fq_ptr, VARIANT, P_DT, M_DT, V_DT, X_DT, B_DT, S_DT, HAS_SCALE, HAS_MOM,
+                      HAS_X, MAXIMIZE, DEFER, QB, BLOCK)
+        if DEFER:
+            acc += g * g
     for off in range(full_end, end, BLOCK):  # the tensor's last, short block (0 or 1)
         idx = off + tl.arange(0, BLOCK)
-        _update_block(idx, idx < end, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, q_ptr,
-                      s_ptr, replace, first, k_before, scale, lr, beta1, one_minus_beta1,
-                      beta2, one_minus_beta2, eps, weight_decay, decay_factor,
-                      one_minus_dampening, step_size, sqrt_bc2, VARIANT, P_DT, M_DT, V_DT,
-                      X_DT, B_DT, S_DT, HAS_SCALE, HAS_MOM, HAS_X, MAXIMIZE, QB, BLOCK)
+        mask = idx < end
+        g = _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, q_ptr,
+                          s_ptr, replace, first, k_before, scale, lr, beta1, one_minus_beta1,
+                          beta2, one_minus_beta2, eps, weight_decay, decay_factor,
+                          one_minus_dampening, step_size, sqrt_bc2, flush, fslot_ptr, fq_ptr,
+                          VARIANT, P_DT, M_DT, V_DT, X_DT, B_DT, S_DT, HAS_SCALE, HAS_MOM,
+                          HAS_X, MAXIMIZE, DEFER, QB, BLOCK)
+        if DEFER:
+            acc += tl.where(mask, g * g, 0.0)
+    if DEFER:
+        tl.store(partial_ptr + tl.program_id(0).to(tl.int64), tl.sum(acc, axis=0))

@@ -35,7 +35,6 @@ import triton.language as tl
 
 from ..contract import Phase, StepArgs, Tensors, Variant
 from ..quantize import QBLOCK
-from ..reference import flush_all
 from . import adaptive as A
 from . import kernels as K
 
@@ -88,7 +87,7 @@ class _Bucket:
 @dataclass
 class _Plan:
     T: int
-    gtab: torch.Tensor  # int64 [7, T] (kernels.GROUP_ROWS)
+    gtab: torch.Tensor  # int64 [8, T] (kernels.GROUP_ROWS)
     buckets: list
     partials: torch.Tensor  # fp32 [chunks, NS]
     sumsq: torch.Tensor  # fp32 [T, NS]: the reduce pass's sums (NS per tensor)
@@ -123,7 +122,7 @@ def _ptrs(ts):
 
 # The StepArgs lists a table depends on, and the rows of a bucket table they give.
 _LISTS = ("params", "grads", "momenta", "second_moments", "extras", "buffers", "sums",
-          "scales", "keys", "counts", "steps", "memory", "inserts")
+          "scales", "keys", "counts", "steps", "memory", "inserts", "pending")
 _STATE_LISTS = _LISTS[2:]
 _BUCKET_LISTS = ("params", "grads", "momenta", "second_moments", "extras", "buffers", "sums",
                  "scales")
@@ -200,7 +199,7 @@ def _build(args: StepArgs, ns: int, chunk: int, block: int) -> _Plan:
         return _ptrs(ts) if len(ts) == T else (0,) * T
 
     put([*row(args.keys), *row(args.counts), *row(args.steps), *partial_offset, *n_chunks,
-         *row(args.memory), *row(args.inserts)])
+         *row(args.memory), *row(args.inserts), *row(args.pending)])
 
     host = torch.tensor(blob, dtype=torch.int64)
     keepalive = []
@@ -361,8 +360,10 @@ def step(args: StepArgs) -> None:
 
 
 def _step(args: StepArgs) -> None:
-    if args.pending:  # (these kernels write each insert in the step that decides it)
-        flush_all(args)
+    if args.pending and (args.variant != Variant.ADAM_CM or args.phase != Phase.ALL or any(
+            p.dtype != torch.float32 for p in args.params)):
+        raise ValueError("cm_fused (triton): pending inserts are AdamCM's, with float32 "
+                         "params, in a whole step (StepArgs.pending)")
     if not Variant(args.variant).buffered:
         _step_adaptive(args)
         return
@@ -386,7 +387,35 @@ def _step(args: StepArgs) -> None:
                         dict(G_DT=b.dtypes["g"], HAS_SCALE=grad_scale is not None,
                              ALIGNED=b.aligned, BLOCK=block), NUM_WARPS)
 
-    if not _reduce_pass(args, plan, norms, 1, exchange=True):
+    lr = float(args.lr)
+    defer = bool(args.pending)
+
+    def updates() -> None:
+        for b in plan.buckets:
+            if b.n_chunks:
+                d = b.dtypes
+                _launch(K._update_kernel, (b.n_chunks,),
+                        (b.tab, b.n, b.chunk_t, b.chunk_s, plan.dec_i, plan.dec_f,
+                         *_split(lr), 1.0 - lr * float(args.weight_decay),
+                         dummy if lr_tensor is None else lr_tensor,
+                         dummy if grad_scale is None else grad_scale,
+                         dummy if found_inf is None else found_inf, chunk,
+                         float(args.beta1), 1.0 - float(args.beta1), float(args.beta2),
+                         1.0 - float(args.beta2), float(args.eps), float(args.weight_decay),
+                         1.0 - float(args.dampening), plan.gtab, T, b.partials,
+                         *_split(args.beta1), *_split(args.beta2)),
+                        dict(VARIANT=int(args.variant), P_DT=d["p"], G_DT=d["g"], M_DT=d["m"],
+                             V_DT=d["v"], X_DT=d["x"], B_DT=d["b"], S_DT=d["s"],
+                             LR_IS_PTR=lr_tensor is not None,
+                             HAS_SCALE=grad_scale is not None,
+                             HAS_FOUND_INF=found_inf is not None, HAS_MOM=bool(args.momenta),
+                             HAS_X=bool(args.extras), MAXIMIZE=bool(args.maximize),
+                             ALIGNED=b.aligned, DEFER=defer, QB=QBLOCK, BLOCK=block),
+                        NUM_WARPS)
+
+    # A single-pass step (pending inserts) updates first and sums the norms as it goes;
+    # the decisions come after it. Otherwise: norms, decisions, update.
+    if not _reduce_pass(args, plan, updates if defer else norms, 1, exchange=True):
         return
     CP = max(2, triton.next_power_of_2(C))
     TB = min(DECIDE_TB, max(16, 2048 // CP))  # a [TB, CP] tile of keys: <= 2048 or 16 rows
@@ -396,27 +425,9 @@ def _step(args: StepArgs) -> None:
              float(args.critical_test), float(args.key_decay), *_split(args.beta1),
              *_split(args.beta2)),
             dict(SYNCED=bool(args.synced), HAS_RAND=args.rand is not None,
-                 HAS_FOUND_INF=found_inf is not None, CP=CP, TB=TB), 4)
-    lr = float(args.lr)
-    for b in plan.buckets:
-        if b.n_chunks:
-            d = b.dtypes
-            _launch(K._update_kernel, (b.n_chunks,),
-                    (b.tab, b.n, b.chunk_t, b.chunk_s, plan.dec_i, plan.dec_f,
-                     *_split(lr), 1.0 - lr * float(args.weight_decay),
-                     dummy if lr_tensor is None else lr_tensor,
-                     dummy if grad_scale is None else grad_scale,
-                     dummy if found_inf is None else found_inf, chunk,
-                     float(args.beta1), 1.0 - float(args.beta1), float(args.beta2),
-                     1.0 - float(args.beta2), float(args.eps), float(args.weight_decay),
-                     1.0 - float(args.dampening)),
-                    dict(VARIANT=int(args.variant), P_DT=d["p"], G_DT=d["g"], M_DT=d["m"],
-                         V_DT=d["v"], X_DT=d["x"], B_DT=d["b"], S_DT=d["s"],
-                         LR_IS_PTR=lr_tensor is not None,
-                         HAS_SCALE=grad_scale is not None,
-                         HAS_FOUND_INF=found_inf is not None, HAS_MOM=bool(args.momenta),
-                         HAS_X=bool(args.extras), MAXIMIZE=bool(args.maximize),
-                         ALIGNED=b.aligned, QB=QBLOCK, BLOCK=block), NUM_WARPS)
+                 HAS_FOUND_INF=found_inf is not None, DEFER=defer, CP=CP, TB=TB), 4)
+    if not defer:
+        updates()
 
 
 def _reduce_pass(args: StepArgs, plan: _Plan, partials, ns: int, exchange: bool) -> bool:
