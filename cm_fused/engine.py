@@ -132,8 +132,10 @@ class CriticalOptimizer(torch.optim.Optimizer):
         # Per group: each state entry's tensors as given to the last step (Tensors).
         self._lists: dict = {}
         # Groups whose state may hold inserts decided but not written yet (cm_pending),
-        # by id: flush_buffers() writes them.
+        # by id: flush_buffers() writes them. _graph_groups: those whose deferring step a
+        # CUDA graph captured (its replays leave inserts pending unseen: always flushed).
         self._pending_groups: set = set()
+        self._graph_groups: set = set()
         defaults = {name: hyperparameters[name] for name in self.HYPERPARAMETERS}
         if isinstance(defaults.get("betas"), list):
             defaults["betas"] = tuple(defaults["betas"])
@@ -153,6 +155,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
             self.__dict__.setdefault(attr, default)
         # (a pickled state may hold pending inserts: every group is flushed when read)
         self._pending_groups = {id(g) for g in self.param_groups}
+        self._graph_groups = set()
 
     def __getstate__(self) -> dict:
         # torch's keeps defaults, state and groups only; the backend asked for is part of
@@ -532,6 +535,15 @@ class CriticalOptimizer(torch.optim.Optimizer):
             found_inf = found_inf.to(device, non_blocking=True)
         lr = group["lr"]
         grads = plan.grads
+        defer = group.get("kappa") != 0 and self._defers(plan)
+        if defer:
+            self._pending_groups.add(id(group))
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                self._graph_groups.add(id(group))
+        elif id(group) in self._pending_groups or id(group) in self._graph_groups:
+            # (this step writes each insert as it decides it, or steps torch's code, which
+            # changes the momentum a pending insert would write)
+            self._flush(group)
         if group.get("kappa") == 0:
             if isinstance(lr, Tensor):  # torch's code takes the tensor as it is
                 lr = lr.to(device, non_blocking=True)
@@ -571,11 +583,6 @@ class CriticalOptimizer(torch.optim.Optimizer):
                 else []
 
         quantized = group.get("buffer_dtype") == torch.int8
-        defer = self._defers(plan)
-        if defer:
-            self._pending_groups.add(id(group))
-        elif id(group) in self._pending_groups:
-            self._flush(group)  # (this backend or step writes each insert as it decides it)
 
         return StepArgs(
             params=params, grads=grads, momenta=gather("momenta"),
@@ -608,9 +615,11 @@ class CriticalOptimizer(torch.optim.Optimizer):
         at the start of the next step, in their one pass over memory; ``state_dict()``,
         ``buffer_diagnostics()`` and a step on another backend call this first. Call it
         before reading ``cm_buffer``, ``cm_scales`` or ``cm_sum`` from ``opt.state``
-        directly. No host sync; a no-op where nothing is pending."""
+        directly. No host sync. It costs a masked insert per tensor of each group that
+        may hold one (a read and a rewrite of one slot and S, whether or not an insert is
+        pending): call it when the buffer is read, not every step."""
         for group in self.param_groups:
-            if id(group) in self._pending_groups:
+            if id(group) in self._pending_groups or id(group) in self._graph_groups:
                 self._flush(group)
 
     def _flush(self, group: dict) -> None:
@@ -715,6 +724,13 @@ class CriticalOptimizer(torch.optim.Optimizer):
                     _check_scales(saved_state[pid].get("cm_scales"), buf, p)
                 except RuntimeError as e:
                     raise ValueError(f"checkpoint state: {e}") from None
+            pending = saved_state.get(pid, {}).get("cm_pending")
+            if pending is not None and buf is not None:
+                # (a kernel writes the slot it names: out of range would be out of bounds)
+                j, k = int(pending), int(saved_state[pid].get("cm_count", 0))
+                if not (-1 <= j < buf.shape[0] and (j == -1 or k > 0)):
+                    raise ValueError(f"checkpoint state has cm_pending={j}, which is not a "
+                                     f"slot of a buffer holding {k} of {buf.shape[0]}")
         super().load_state_dict(state_dict)
         self._state_version += 1
         self._lists.clear()  # (they hold the replaced state)

@@ -392,7 +392,7 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
     TORCH_CHECK(buffers.empty() && scales.empty() && keys.empty() && counts.empty() &&
                     inserts.empty() && sums.empty() && pending.empty(),
                 "cm_fused::step_: variant ", variant, " keeps no buffer: buffers, scales, keys, "
-                "counts, inserts and sums must be empty lists");
+                "counts, inserts, sums and pending must be empty lists");
     TORCH_CHECK(memory.size() == (variant == kAdamAM ? T : 1), "cm_fused::step_: memory has ",
                 memory.size(), " tensors, expected ",
                 variant == kAdamAM ? "one per parameter" : "exactly one");

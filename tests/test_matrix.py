@@ -112,6 +112,38 @@ def test_a_step_with_pending_inserts_writes_them_first(backend, slot, request):
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("then", ["kappa0", "compiled"])
+def test_pending_inserts_are_written_before_a_step_that_does_not_defer(backend, then,
+                                                                       request):
+    """AdamCM's fused steps leave inserts pending; a later step that writes inserts as it
+    decides them (a compiled step) or that runs torch's code (kappa turned to 0, which
+    changes the momentum a pending insert would write) writes them first: the run stays
+    in lock step with the reference."""
+    shapes = use(backend, request)
+    kw = dict(topC=2, decay=0.9, synced=False)
+    params, twin = make_params(shapes), make_params(shapes)
+    opt, ref = make("adamcm", backend, **kw)(params), make("adamcm", "reference", **kw)(twin)
+    step = opt.step
+    for t in range(6):
+        if t == 3:
+            if then == "kappa0":
+                opt.param_groups[0]["kappa"] = ref.param_groups[0]["kappa"] = 0.0
+            else:
+                torch._dynamo.reset()
+                step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+        if t == 2:  # (not vacuous: inserts are pending when the switch comes)
+            assert any(opt.state[p]["cm_pending"].item() >= 0 for p in params)
+        for ps, fn in ((params, step), (twin, ref.step)):
+            set_grads(ps, t)
+            fn()
+        assert_same_state(opt, params, ref, twin, torch.float32, f"step {t}")
+    opt.flush_buffers()
+    for p, q in zip(params, twin):
+        torch.testing.assert_close(opt.state[p]["cm_buffer"], ref.state[q]["cm_buffer"],
+                                   rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("phase", [Phase.REDUCE, Phase.UPDATE], ids=lambda p: p.name)
 def test_split_step_opcheck(backend, phase, request):
     """The ops' schema, fake and autograd checks with ``reduced`` (mutated by REDUCE)."""

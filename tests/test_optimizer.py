@@ -335,6 +335,24 @@ def test_int8_slots_without_their_scales_are_refused_on_load_and_at_a_step(tampe
     assert_unchanged(saver, params, snap)
 
 
+@pytest.mark.parametrize("pending,count", [(3, 2), (-2, 2), (0, 0)])
+def test_a_checkpoint_whose_pending_insert_is_no_slot_is_refused(pending, count):
+    """cm_pending names the slot a fused step writes first: out of range it would be out
+    of bounds, so a checkpoint with one is refused (state_dict() never writes one)."""
+    params = make_params([(5,)])
+    saver = ref(params, topC=3)
+    set_grads(params, 0)
+    saver.step()
+    sd = through_bytes(saver.state_dict())
+    assert sd["state"][0]["cm_pending"].item() == -1
+    sd["state"][0]["cm_pending"] = torch.tensor(pending)
+    sd["state"][0]["cm_count"] = torch.tensor(count)
+    opt = ref(copy_params(params), topC=3)
+    with pytest.raises(ValueError, match=f"cm_pending={pending}, which is not a slot"):
+        opt.load_state_dict(sd)
+    assert not opt.state
+
+
 def test_int8_slots_with_sharded_parameters_are_refused_and_change_nothing(monkeypatch):
     from cm_fused import distributed
     params = make_params([(3,), (5,)])
