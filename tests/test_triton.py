@@ -328,6 +328,24 @@ def test_a_cache_hit_rebuilds_nothing_and_new_gradients_move_only_their_rows(sma
     del keep
 
 
+def test_pending_inserts_it_cannot_defer_are_refused_and_change_nothing():
+    """As the C++ op's: pending inserts are AdamCM's, fp32 params, whole steps."""
+    for variant, dtype, phase in ((Variant.ADAM_CG, torch.float32, 0),
+                                  (Variant.ADAM_CM, torch.bfloat16, 0),
+                                  (Variant.ADAM_CM, torch.float32, 1)):
+        args = op_args(variant, dtype=dtype, device=DEVICE)
+        args.pending = [torch.tensor(-1, device=DEVICE) for _ in args.params]
+        args.phase = phase
+        if phase:
+            args.reduced = torch.zeros(3, 1, dtype=torch.float64, device=DEVICE)
+        before = [[t.clone() for t in a] if isinstance(a, list) else a for a in args.op_args()]
+        with pytest.raises(ValueError, match="pending inserts"):
+            triton_backend.step(args)
+        for a, b in zip(args.op_args(), before):
+            if isinstance(a, list):
+                assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 # ------------------------------------------------------------ the custom op
 
 @pytest.mark.parametrize("variant", list(Variant), ids=lambda v: v.name)

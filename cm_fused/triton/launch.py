@@ -360,10 +360,9 @@ def step(args: StepArgs) -> None:
 
 
 def _step(args: StepArgs) -> None:
-    if args.pending and (args.variant != Variant.ADAM_CM or args.phase != Phase.ALL or any(
-            p.dtype != torch.float32 for p in args.params)):
-        raise ValueError("cm_fused (triton): pending inserts are AdamCM's, with float32 "
-                         "params, in a whole step (StepArgs.pending)")
+    if args.pending and (args.variant != Variant.ADAM_CM or args.phase != Phase.ALL):
+        raise ValueError("cm_fused (triton): pending inserts are AdamCM's, in a whole step "
+                         "(StepArgs.pending)")
     if not Variant(args.variant).buffered:
         _step_adaptive(args)
         return
@@ -389,6 +388,9 @@ def _step(args: StepArgs) -> None:
 
     lr = float(args.lr)
     defer = bool(args.pending)
+    if defer and any(b.dtypes["p"] is not tl.float32 for b in plan.buckets):
+        raise ValueError("cm_fused (triton): pending inserts need float32 params (the "
+                         "momentum as stored is the value inserted)")
 
     def updates() -> None:
         for b in plan.buckets:
