@@ -483,19 +483,19 @@ class CriticalOptimizer(torch.optim.Optimizer):
             return {}
         slot = group["buffer_dtype"] or p.dtype
         C = group["topC"]
-        scales = {}
+        extra = {}  # (int8 slots: their scales; AdamCM: the pending insert)
         if slot == torch.int8:
             if distributed.is_sharded_type(p):
                 raise NotImplementedError(
                     f"{type(self).__name__}: buffer_dtype=torch.int8 with sharded (DTensor) "
                     f"parameters is not supported yet (a shard's quantization blocks would not "
                     f"be the whole tensor's); use a floating-point buffer_dtype")
-            scales["cm_scales"] = torch.zeros(C, n_blocks(p.numel()), dtype=torch.float32,
-                                              device=p.device)
+            extra["cm_scales"] = torch.zeros(C, n_blocks(p.numel()), dtype=torch.float32,
+                                             device=p.device)
         if self.variant == Variant.ADAM_CM:  # (see StepArgs.pending)
-            scales["cm_pending"] = _no_pending(p)
+            extra["cm_pending"] = _no_pending(p)
         # (shaped like p: DTensors for DTensor params, cm_fused/distributed.py)
-        return {**scales, "cm_buffer": distributed.slots_like(p, C, slot),
+        return {**extra, "cm_buffer": distributed.slots_like(p, C, slot),
                 "cm_keys": torch.zeros(C, dtype=torch.float32, device=p.device),
                 "cm_count": torch.zeros((), dtype=torch.int64, device=p.device),
                 "cm_inserts": torch.zeros((), dtype=torch.int64, device=p.device),

@@ -11,6 +11,12 @@
 //      step count, bias corrections
 //   4. update pass (parallel): one pass over the tensor's elements (step_kernels.h)
 //
+// With pending inserts (StepArgs.pending: AdamCM, fp32 params) the order is 4, 2, 3 in
+// one pass: each chunk's update first writes the insert the previous step left pending
+// (its momentum is still the stored one), then its sum of squares is taken while its
+// gradient is in cache; the decisions come after the pass and leave this step's insert
+// pending in turn (a first step fills slot 0 in the pass: that much is decided).
+//
 // The adaptive-memory variants (am_step) have the same shape: a reduce pass of the
 // two-plane model's sums, a serial decision of beta (per tensor for ADAM_AM, one for
 // SGD_AM), an update pass.
