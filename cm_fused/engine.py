@@ -540,7 +540,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
             self._pending_groups.add(id(group))
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 self._graph_groups.add(id(group))
-        elif id(group) in self._pending_groups or id(group) in self._graph_groups:
+        elif self._may_pend(group):
             # (this step writes each insert as it decides it, or steps torch's code, which
             # changes the momentum a pending insert would write)
             self._flush(group)
@@ -619,8 +619,11 @@ class CriticalOptimizer(torch.optim.Optimizer):
         may hold one (a read and a rewrite of one slot and S, whether or not an insert is
         pending): call it when the buffer is read, not every step."""
         for group in self.param_groups:
-            if id(group) in self._pending_groups or id(group) in self._graph_groups:
+            if self._may_pend(group):
                 self._flush(group)
+
+    def _may_pend(self, group: dict) -> bool:
+        return id(group) in self._pending_groups or id(group) in self._graph_groups
 
     def _flush(self, group: dict) -> None:
         self._pending_groups.discard(id(group))

@@ -150,7 +150,7 @@ def insert(B: Tensor, S: Tensor, j: Tensor, replace: Tensor, new: Tensor,
     the values the slots hold. Unfilled slots hold zeros, so this also fills a free
     slot."""
     if B.dtype == torch.int8:
-        q, s = quantize(new.float())
+        q, s = quantize(new)
         old_q, old_s = B.index_select(0, j)[0], scales.index_select(0, j)[0]
         S_new = S - dequantize(old_q, old_s).to(S.dtype) + dequantize(q, s).to(S.dtype)
         scales.index_copy_(0, j, torch.where(replace, s, old_s).unsqueeze(0))

@@ -163,6 +163,17 @@ inline void second_moment(const UpdateArgs& a, T* sq, const Vec& u0, const Vec& 
   IO<T>::store(sq, q0, q1);
 }
 
+// The insert into a floating-point slot, one block of kW elements: S <- (S - B[j]) +
+// round(new), B[j] <- round(new). s0, s1: S as loaded.
+template <typename TS>
+inline void insert_block(TS* slot, float* sum, const Vec& s0, const Vec& s1, Vec n0,
+                         Vec n1) {
+  Vec b0, b1;
+  IO<TS>::load(slot, b0, b1);
+  IO<TS>::store_rounded(slot, n0, n1);
+  IO<float>::store(sum, (s0 - b0) + n0, (s1 - b1) + n1);
+}
+
 // One block of kW elements of one tensor: docs/SPEC.md's update of variant V. The
 // direction u the base rule takes and the value inserted into the buffer come first
 // (they are what the variants differ in), then the insert (shared), then the base rule.
@@ -228,11 +239,8 @@ inline void update_block(const UpdateArgs& a, T* p, const T* g, T* mom, T* sq, T
 
   if (STAGE && slot != nullptr) {
     IO<TS>::store(slot, n0, n1);
-  } else if (slot != nullptr) {  // S <- (S - B[j]) + round(new); B[j] <- round(new)
-    Vec b0, b1;
-    IO<TS>::load(slot, b0, b1);
-    IO<TS>::store_rounded(slot, n0, n1);
-    IO<float>::store(sum, (s0 - b0) + n0, (s1 - b1) + n1);
+  } else if (slot != nullptr) {
+    insert_block<TS>(slot, sum, s0, s1, n0, n1);
   }
 
   if constexpr (V == kAdamCM || V == kAdamCG) {
@@ -426,19 +434,25 @@ void flush_block(const UpdateArgs& a, int64_t b, int64_t e) {
       quantize_insert(stage, len, slot + q, a.flush_scales + (b + q) / kQBlock, sum + q);
     }
   } else {
+    auto one = [](const float* m, TS* slot, float* sum) {
+      Vec m0, m1, s0, s1;
+      IO<float>::load(m, m0, m1);
+      IO<float>::load(sum, s0, s1);
+      insert_block<TS>(slot, sum, s0, s1, m0, m1);
+    };
     int64_t i = 0;
-    for (; i + kW <= n; i += kW) {
-      Vec m0, m1, b0, b1, s0, s1;
-      IO<float>::load(m + i, m0, m1);
-      IO<TS>::load(slot + i, b0, b1);
-      IO<float>::load(sum + i, s0, s1);
-      IO<TS>::store_rounded(slot + i, m0, m1);
-      IO<float>::store(sum + i, (s0 - b0) + m0, (s1 - b1) + m1);
-    }
-    for (; i < n; ++i) {  // (one rounding, as the vector code: RNE to TS and back)
-      const float old = static_cast<float>(slot[i]);
-      slot[i] = static_cast<TS>(m[i]);
-      sum[i] = (sum[i] - old) + static_cast<float>(slot[i]);
+    for (; i + kW <= n; i += kW) one(m + i, slot + i, sum + i);
+    if (i < n) {  // the tensor's tail: the same code on zero-padded copies
+      const int64_t r = n - i;
+      float tm[kW] = {}, tsum[kW] = {};
+      TS tslot[kW];
+      std::memset(static_cast<void*>(tslot), 0, sizeof(tslot));
+      std::memcpy(tm, m + i, r * sizeof(float));
+      std::memcpy(tsum, sum + i, r * sizeof(float));
+      std::memcpy(static_cast<void*>(tslot), slot + i, r * sizeof(TS));
+      one(tm, tslot, tsum);
+      std::memcpy(static_cast<void*>(slot + i), tslot, r * sizeof(TS));
+      std::memcpy(sum + i, tsum, r * sizeof(float));
     }
   }
 }
