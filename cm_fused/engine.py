@@ -233,6 +233,9 @@ class CriticalOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():  # (first: before the traced code reads the state)
+            for group in self.param_groups:
+                self._init_group(group)
         # Every check runs before the first change, so a step that raises changes nothing;
         # then all state is allocated (an out-of-memory stops before any group steps, and
         # takes back what it allocated).
@@ -246,13 +249,11 @@ class CriticalOptimizer(torch.optim.Optimizer):
             for plan in plans:
                 states = list(map(self.state.__getitem__, plan.params)) if plan.settled else ()
                 if not (states and all(states)):  # (a state emptied by hand: allocate)
-                    states = [self._state_for(p, plan, added) for p in plan.params]
+                    states = [self._state_for(p, plan.group, plan.roles, added)
+                              for p in plan.params]
                 plan.states = states
         except BaseException:
-            for st, keys in added:
-                for key in keys:
-                    del st[key]
-            self._state_version += 1
+            self._take_back(added)
             raise
         grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler
         found_inf = getattr(self, "found_inf", None)
@@ -443,14 +444,40 @@ class CriticalOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"no backend can step these parameters: {reason}")
         return "reference", registry.module("reference")
 
-    def _state_for(self, p: Tensor, plan: _Plan, added: list) -> dict:
+    def _init_group(self, group: dict) -> None:
+        """Allocate the state a step of ``group`` needs (of its params with gradients).
+
+        Called only while torch.compile traces a step: dynamo runs a method of this name
+        eagerly, as it does torch's own optimizers' (the state it allocates becomes an
+        input of the graph), so the first step runs the same graph as every later one
+        instead of compiling one of its own that allocates. Whatever the traced step
+        would change in the optimizer's attributes is changed here, for the same reason
+        (a guard on its value before the first step would fail on the second)."""
+        plan = self._plan(group)
+        if not plan.params:
+            return
+        self.backends_in_use[plan.device.type] = plan.backend
+        added: list[tuple[dict, list[str]]] = []
+        try:
+            for p in plan.params:
+                self._state_for(p, group, plan.roles, added)
+        except BaseException:
+            self._take_back(added)
+            raise
+
+    def _take_back(self, added: list[tuple[dict, list[str]]]) -> None:
+        for st, keys in added:
+            for key in keys:
+                del st[key]
+        self._state_version += 1
+
+    def _state_for(self, p: Tensor, group: dict, roles: dict, added: list) -> dict:
         """p's state, with every entry this step needs allocated (zeros); the keys added
         are recorded in ``added`` so that a failed allocation can be taken back."""
-        group = plan.group
         st = self.state[p]
         fresh = not st
         new: dict[str, Tensor] = {}
-        for role, key in plan.roles.items():
+        for role, key in roles.items():
             if key is not None and key not in st:
                 if role != "steps":
                     new[key] = torch.zeros_like(p, memory_format=torch.contiguous_format)
@@ -528,7 +555,8 @@ class CriticalOptimizer(torch.optim.Optimizer):
                    found_inf: Tensor | None) -> StepArgs | None:
         """The group's StepArgs (None after running torch's step, at kappa == 0)."""
         group, params, device, states = plan.group, plan.params, plan.device, plan.states
-        self.backends_in_use[device.type] = plan.backend
+        if not torch.compiler.is_compiling():  # (see _init_group)
+            self.backends_in_use[device.type] = plan.backend
         if grad_scale is not None:
             grad_scale = grad_scale.to(device, non_blocking=True)
         if found_inf is not None:
@@ -560,8 +588,9 @@ class CriticalOptimizer(torch.optim.Optimizer):
         if plan.backend != "reference":
             params, grads, plan.write_back = _contiguous(params, grads)
         roles = plan.roles
-        last = self._lists.setdefault(id(plan.group), {})
         compiling = torch.compiler.is_compiling()
+        # (not while tracing: a first entry would be a guard that fails on the next step)
+        last = {} if compiling else self._lists.setdefault(id(plan.group), {})
 
         def vouched(name: str, ts: list[Tensor]) -> list[Tensor]:
             if compiling:
