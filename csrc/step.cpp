@@ -12,10 +12,11 @@
 //   4. update pass (parallel): one pass over the tensor's elements (step_kernels.h)
 //
 // With pending inserts (StepArgs.pending: AdamCM, fp32 params) the order is 4, 2, 3 in
-// one pass: each chunk's update first writes the insert the previous step left pending
-// (its momentum is still the stored one), then its sum of squares is taken while its
-// gradient is in cache; the decisions come after the pass and leave this step's insert
-// pending in turn (a first step fills slot 0 in the pass: that much is decided).
+// one pass: each block of the update first writes the insert the previous step left
+// pending (its momentum is still the stored one), and the update sums the chunk's
+// squared gradient as it goes (UpdateArgs.sum_squares); the decisions come after the
+// pass and leave this step's insert pending in turn (a first step fills slot 0 in the
+// pass: that much is decided).
 //
 // The adaptive-memory variants (am_step) have the same shape: a reduce pass of the
 // two-plane model's sums, a serial decision of beta (per tensor for ADAM_AM, one for
@@ -592,6 +593,7 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
     a.first = d.first;
     a.has_wd = weight_decay != 0.0;
     a.scaled = divide;
+    a.sum_squares = defer;
     a.grad_scale = scale_f;
     a.wd = static_cast<float>(weight_decay);
     a.wd_factor = wd_factor;
@@ -609,15 +611,12 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
   }
 
   // ------------------------------------------------------------ 4. update pass
-  std::vector<UpdateFn> update(T);
+  std::vector<CMUpdateFn> update(T);
   for (size_t i = 0; i < T; ++i) update[i] = table.update[variant][pdt[i]][sdt[i]];
   for_each_chunk(chunks, total, [&](int64_t c) {
     const Chunk& ch = chunks[c];
-    update[ch.tensor](args[ch.tensor], ch.begin, ch.end);
-    if (defer) {  // the chunk's gradient is still in cache: its sum of squares
-      partial[c] = table.norm[pdt[ch.tensor]](gptr[ch.tensor], ch.begin, ch.end, divide,
-                                              scale_f);
-    }
+    const double sumsq_chunk = update[ch.tensor](args[ch.tensor], ch.begin, ch.end);
+    if (defer) partial[c] = sumsq_chunk;  // summed by the update (a.sum_squares)
   });
   if (!defer) return;
 

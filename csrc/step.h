@@ -60,6 +60,7 @@ struct UpdateArgs {
   bool first = false;     // count was 0: the tensor's first step
   bool has_wd = false;
   bool scaled = false;    // divide gradients by grad_scale
+  bool sum_squares = false;  // the update also sums the gradient's squares (deferring)
   float grad_scale = 1.f;
   float wd = 0.f;         // weight decay (coupled variants)
   float wd_factor = 1.f;  // 1 - lr * weight_decay (decoupled: AdamCM)
@@ -90,6 +91,9 @@ using NormFn = double (*)(const void* g, int64_t begin, int64_t end, bool scaled
                           float grad_scale);
 // The update of elements [begin, end) of one tensor.
 using UpdateFn = void (*)(const UpdateArgs& a, int64_t begin, int64_t end);
+// The same for the buffered variants; with a.sum_squares it also returns the sum of
+// squares of (g / grad_scale) over [begin, end), NormFn's bits (else 0).
+using CMUpdateFn = double (*)(const UpdateArgs& a, int64_t begin, int64_t end);
 // Adaptive memory's sums over elements [begin, end) of one tensor, into sums[kAMSums]:
 // fp32 terms added into fp64 lanes, combined in a fixed order (same bits on any thread).
 using AMReduceFn = void (*)(const UpdateArgs& a, int64_t begin, int64_t end, double* sums);
@@ -97,7 +101,7 @@ using AMReduceFn = void (*)(const UpdateArgs& a, int64_t begin, int64_t end, dou
 struct KernelTable {
   const char* name;
   NormFn norm[kNumDTypes];                                // by gradient dtype
-  UpdateFn update[kNumBuffered][kNumDTypes][kNumSlotDTypes];  // [variant][param][slot]
+  CMUpdateFn update[kNumBuffered][kNumDTypes][kNumSlotDTypes];  // [variant][param][slot]
   AMReduceFn am_reduce[kNumAM][kNumDTypes];               // [variant - kAdamAM][param]
   UpdateFn am_update[kNumAM][kNumDTypes];
 };

@@ -95,6 +95,40 @@ def test_adamcm_defers_its_inserts_and_flush_buffers_writes_them(slot):
     _assert_same_bits(opt, params, ref, twin)
 
 
+@pytest.mark.parametrize("slot", [None, torch.int8])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_one_pass_has_the_two_pass_bits(slot, scaled, monkeypatch):
+    """The single pass sums each chunk's squared gradient in its update loop, in the order
+    of the two-pass step's norm pass: the keys after every step, and every state entry
+    after a flush, are the two-pass step's bits. Sizes give odd numbers of blocks, a last
+    single block, tails, and chunks (16,384 elements) that end mid-tensor."""
+    shapes = [(300,), (3, 5), (), (112,), (83,), (117,), (151,), (181,), (16384 + 83,),
+              (16384 + 117,), (20000,)]
+    kw = dict(topC=3, decay=0.9, synced=False, buffer_dtype=slot, critical_test=0.2)
+    one, two = make_params(shapes), make_params(shapes)
+    o1, o2 = AdamCM(one, backend="cpu", **kw), AdamCM(two, backend="cpu", **kw)
+    scale = torch.tensor(64.0)
+    for t in range(30):  # (a wrong order changes a key's last bit in a few % of steps)
+        for ps, o, defer in ((one, o1, True), (two, o2, False)):
+            set_grads(ps, t)
+            if scaled:  # GradScaler's path: g / grad_scale
+                for p in ps:
+                    p.grad.mul_(scale)
+                o.grad_scale = scale
+            monkeypatch.setattr(cpu_backend, "DEFERS_INSERTS", defer)
+            torch.manual_seed(t)
+            o.step()
+        for p, q in zip(one, two):
+            assert torch.equal(o1.state[p]["cm_keys"], o2.state[q]["cm_keys"]), t
+    assert any(o1.state[p]["cm_pending"].item() >= 0 for p in one)  # it did defer
+    o1.flush_buffers()
+    for p, q in zip(one, two):
+        assert torch.equal(p, q)
+        assert o1.state[p].keys() == o2.state[q].keys()
+        for key in o1.state[p]:
+            assert torch.equal(o1.state[p][key], o2.state[q][key]), key
+
+
 def _assert_same_bits(opt, params, ref, twin):
     """Every param and state entry bit for bit, but the keys: to the rounding of the norms'
     summation order (the reference's vector_norm, the kernel's chunked sums)."""
