@@ -109,6 +109,8 @@ inline void sq_block(const T* g, bool scaled, const Vec& scale, Vec& acc_lo, Vec
 // (update_range), so the keys have the same bits either way (tests/test_cpu.py).
 struct SumSq {
   Vec a0{0.f}, a1{0.f}, b0{0.f}, b1{0.f};
+  // (the int8 paths sum per kQBlock elements: each call must start on an even block)
+  static_assert(kQBlock % (2 * kW) == 0, "a quantization block holds pairs of blocks");
   double total() const {
     float lanes[kW];
     (a0 + b0).store(lanes);
@@ -342,11 +344,13 @@ inline void update_block(const UpdateArgs& a, T* p, const T* g, T* mom, T* sq, T
 // The update of elements [begin, end); element i of the slot written is slot[i - origin].
 // TF (AdamCM, fp32 params, floating-point slots): the dtype of the slot a deferred insert
 // goes into, written block by block just before the block's update reads S (fused into
-// one loop: measured 3% faster than a separate flush loop per 4 KiB); void: none.
+// one loop, its slot prefetched: 1.30-1.33x fused AdamW against 1.42-1.43x with a
+// separate flush loop per 4 KiB, bench/results/deferred_insert_one_loop_gpt2-11m_cpu.txt);
+// void: none (int8 slots: flush_quantized, per kQBlock, before this runs).
 // norm (nullable): the gradient's squares are added to it as norm_kernel adds them
 // (begin must be the chunk's start or an even number of blocks after it); summed here,
-// from the block just updated, the one pass measured 1-2% faster than with a second
-// loop over each chunk's gradient.
+// from the block just updated, the one pass measured about 1% faster than with a second
+// loop over each chunk's gradient (bench/results/norm_in_update_gpt2-11m_cpu.txt).
 template <int V, typename T, typename TS, bool STAGE, typename TF = void>
 void update_range(const UpdateArgs& a, int64_t begin, int64_t end, TS* slot_base,
                   int64_t origin, SumSq* norm = nullptr) {
@@ -373,7 +377,7 @@ void update_range(const UpdateArgs& a, int64_t begin, int64_t end, TS* slot_base
   for (int64_t b = 0; i + kW <= end; i += kW, ++b) {
     if constexpr (STAGE) {  // (the staging area is in cache)
       prefetch_ahead(i, p, g, mom, sq, extra, sum);
-    } else {  // (the flushed slot's stream: 5% of the step on gpt2-11m, measured)
+    } else {  // (the flushed slot's stream too)
       prefetch_ahead(i, p, g, mom, sq, extra, slot_base, sum, fslot);
     }
     block(p + i, g + i, at(mom, i), at(sq, i), at(extra, i), slot_at(i), sum + i,

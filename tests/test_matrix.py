@@ -521,18 +521,20 @@ def test_compiled_step_traces_whole_and_matches_eager(name, backend, compiler, r
             assert_same_state(opt_e, params_e, opt_c, params_c, torch.float32, f"kappa {kappa}")
 
 
-@pytest.mark.parametrize("name", list(EVERY))
-def test_compiled_reference_traces_a_group_once_not_per_tensor(name):
+@pytest.mark.parametrize("name,kappa", [(n, k) for n in EVERY
+                                        for k in ((1.0, 0.0) if EVERY[n].buffered else (None,))])
+def test_compiled_reference_traces_a_group_once_not_per_tensor(name, kappa):
     """torch.compile of the reference step over a group of many tensors of assorted
     shapes: one graph, however many tensors, for the first step (its state allocated
-    outside the graph, by _init_group) and every later one: no recompilation."""
+    outside the graph, by _init_group) and every later one: no recompilation (kappa=0,
+    torch's own code, too)."""
     from torch._dynamo.utils import counters
     graphs = {}
     for n in (5, 20):
         torch._dynamo.reset()
         counters.clear()
         params = make_params([(3,), (4, 5), (), (7, 2), (16,)] * (n // 5))
-        opt = make(name, "reference")(params)
+        opt = make(name, "reference", **({} if kappa is None else dict(kappa=kappa)))(params)
         step = torch.compile(opt.step, backend="eager")
         for t in range(5):
             set_grads(params, t)
