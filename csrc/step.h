@@ -38,8 +38,8 @@ constexpr int kAMSums = 4;
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kNumDTypes = 3, kI8 = 3, kNumSlotDTypes = 4 };
 
 // int8 slots: one fp32 scale per kQBlock elements of a slot (cm_fused/quantize.py, whose
-// QBLOCK this must equal: step_cpu checks the scales' sizes). It divides kChunk (step.cpp), so a
-// block never straddles two chunks.
+// QBLOCK this must equal: step_cpu checks the scales' sizes). It divides kChunk
+// (step.cpp), so a block never straddles two chunks.
 constexpr int64_t kQBlock = 256;
 
 // Everything the update pass needs for one tensor. Pointers are to element 0; a state

@@ -122,11 +122,7 @@ def test_one_pass_has_the_two_pass_bits(slot, scaled, monkeypatch):
             assert torch.equal(o1.state[p]["cm_keys"], o2.state[q]["cm_keys"]), t
     assert any(o1.state[p]["cm_pending"].item() >= 0 for p in one)  # it did defer
     o1.flush_buffers()
-    for p, q in zip(one, two):
-        assert torch.equal(p, q)
-        assert o1.state[p].keys() == o2.state[q].keys()
-        for key in o1.state[p]:
-            assert torch.equal(o1.state[p][key], o2.state[q][key]), key
+    assert_bit_identical(o1, one, o2, two)
 
 
 def _assert_same_bits(opt, params, ref, twin):

@@ -548,12 +548,12 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
 
     acc = tl.zeros([BLOCK], dtype=tl.float32)  # DEFER: as _norm_kernel sums
     for off in range(start, full_end, BLOCK):  # full blocks: no mask
-        g = _update_block(off + tl.arange(0, BLOCK), None, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr,
-                      slot_ptr, q_ptr, s_ptr, replace, first, k_before, scale, lr, beta1,
-                      one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-                      decay_factor, one_minus_dampening, step_size, sqrt_bc2, flush, fslot_ptr,
-                      fq_ptr, VARIANT, P_DT, M_DT, V_DT, X_DT, B_DT, S_DT, HAS_SCALE, HAS_MOM,
-                      HAS_X, MAXIMIZE, DEFER, QB, BLOCK)
+        g = _update_block(off + tl.arange(0, BLOCK), None, p_ptr, g_ptr, m_ptr, v_ptr,
+                          x_ptr, slot_ptr, q_ptr, s_ptr, replace, first, k_before, scale, lr,
+                          beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                          decay_factor, one_minus_dampening, step_size, sqrt_bc2, flush,
+                          fslot_ptr, fq_ptr, VARIANT, P_DT, M_DT, V_DT, X_DT, B_DT, S_DT,
+                          HAS_SCALE, HAS_MOM, HAS_X, MAXIMIZE, DEFER, QB, BLOCK)
         if DEFER:
             acc += g * g
     for off in range(full_end, end, BLOCK):  # the tensor's last, short block (0 or 1)
