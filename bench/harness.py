@@ -173,6 +173,9 @@ PROVIDERS = {p.name: p for p in [
     Provider("cm_triton", "cm", "triton", doc='the cm_fused class, backend="triton"'),
     Provider("cm_reference_compiled", "cm", "reference", compiled=True,
              doc='torch.compile(<class>(backend="reference").step), only with --compile'),
+    Provider("cm_cpu_compiled", "cm", "cpu", compiled=True,
+             doc='torch.compile(<class>(backend="cpu").step): the C++ step as one '
+                 'torch.library op in the graph, only with --compile'),
 ]}
 
 

@@ -51,7 +51,7 @@ def parse_args(argv=None):
     ap.add_argument("--optimizer", default="adamcm",
                     help=f"comma list of {', '.join(H.OPTIMIZERS)}, or all (default adamcm); "
                          f"each is timed against its torch counterpart")
-    ap.add_argument("--providers", help=f"comma list (default: all but the compiled one): "
+    ap.add_argument("--providers", help=f"comma list (default: all but the compiled ones): "
                                         f"{', '.join(H.PROVIDERS)}; the baseline (torch_fused, "
                                         f"or torch_foreach for RMSprop) is always run")
     ap.add_argument("--topc", help="comma list of topC values (default 5)")
@@ -65,8 +65,8 @@ def parse_args(argv=None):
     ap.add_argument("--grad-sets", type=int, default=3,
                     help="pre-made gradient sets rotated between steps (default 3)")
     ap.add_argument("--compile", action="store_true",
-                    help="add cm_reference_compiled: torch.compile(opt.step) of the reference "
-                         "(minutes of compilation per row on CPU)")
+                    help="add the compiled providers: torch.compile(opt.step) of the reference "
+                         "(minutes of compilation per row on CPU) and of the C++ step")
     ap.add_argument("--threads", type=int,
                     help="torch.set_num_threads for the CPU (default: torch's choice)")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
@@ -99,8 +99,8 @@ def plan(args, device):
                 sys.exit(f"unknown provider {p!r}; known: {', '.join(H.PROVIDERS)}")
     else:
         provs = [p for p, v in H.PROVIDERS.items() if not v.compiled]
-    if args.compile and "cm_reference_compiled" not in provs:
-        provs.append("cm_reference_compiled")
+    if args.compile:
+        provs += [p for p, v in H.PROVIDERS.items() if v.compiled and p not in provs]
     topcs = [int(c) for c in _csv(args.topc)] if args.topc else ([1, 5, 20] if args.full else [5])
     dt = _csv(args.dtype) if args.dtype else (["fp32", "bf16"] if args.full else ["fp32"])
     bd = _csv(args.buffer_dtype) if args.buffer_dtype else (
