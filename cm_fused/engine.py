@@ -133,7 +133,8 @@ class CriticalOptimizer(torch.optim.Optimizer):
         self._lists: dict = {}
         # Groups whose state may hold inserts decided but not written yet (cm_pending),
         # by id: flush_buffers() writes them. _graph_groups: those whose deferring step a
-        # CUDA graph captured (its replays leave inserts pending unseen: always flushed).
+        # CUDA graph captured or torch.compile traced (their replays leave inserts pending
+        # unseen: always flushed).
         self._pending_groups: set = set()
         self._graph_groups: set = set()
         defaults = {name: hyperparameters[name] for name in self.HYPERPARAMETERS}
@@ -457,6 +458,8 @@ class CriticalOptimizer(torch.optim.Optimizer):
         if not plan.params:
             return
         self.backends_in_use[plan.device.type] = plan.backend
+        if group.get("kappa") != 0 and self._defers(plan):
+            self._graph_groups.add(id(group))
         added: list[tuple[dict, list[str]]] = []
         try:
             for p in plan.params:
@@ -565,9 +568,10 @@ class CriticalOptimizer(torch.optim.Optimizer):
         grads = plan.grads
         defer = group.get("kappa") != 0 and self._defers(plan)
         if defer:
-            self._pending_groups.add(id(group))
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                self._graph_groups.add(id(group))
+            if not torch.compiler.is_compiling():  # (see _init_group)
+                self._pending_groups.add(id(group))
+                if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                    self._graph_groups.add(id(group))
         elif self._may_pend(group):
             # (this step writes each insert as it decides it, or steps torch's code, which
             # changes the momentum a pending insert would write)
@@ -634,7 +638,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         params, whose stored momentum is the value inserted), and not in a split step."""
         return (self.variant == Variant.ADAM_CM and plan.exchange is None
                 and getattr(plan.module, "DEFERS_INSERTS", False)
-                and plan.fp32 and not torch.compiler.is_compiling())
+                and plan.fp32)
 
     def flush_buffers(self) -> None:
         """Write the critical-buffer inserts that steps decided but left pending, so that
