@@ -113,8 +113,8 @@ def test_a_step_with_pending_inserts_writes_them_first(backend, slot, request):
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("then", ["kappa0", "compiled"])
-def test_pending_inserts_are_written_before_a_step_that_does_not_defer(backend, then,
-                                                                       request):
+def test_pending_inserts_across_a_switch_to_kappa0_or_to_compiled_steps(backend, then,
+                                                                        request):
     """AdamCM's fused steps leave inserts pending; a later step writes them first: one that
     runs torch's code (kappa turned to 0, which changes the momentum a pending insert
     would write), or a compiled step, which leaves its own pending too (a graph replays
