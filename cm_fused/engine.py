@@ -648,9 +648,10 @@ class CriticalOptimizer(torch.optim.Optimizer):
         at the start of the next step, in their one pass over memory; ``state_dict()``,
         ``buffer_diagnostics()`` and a step on another backend call this first. Call it
         before reading ``cm_buffer``, ``cm_scales`` or ``cm_sum`` from ``opt.state``
-        directly. No host sync. It costs a masked insert per tensor of each group that
-        may hold one (a read and a rewrite of one slot and S, whether or not an insert is
-        pending): call it when the buffer is read, not every step."""
+        directly. No device sync. On a GPU it costs a masked insert per tensor of each
+        group that may hold one (a read and a rewrite of one slot and S, whether or not an
+        insert is pending); with CPU state only the tensors holding one are written. Call
+        it when the buffer is read, not every step."""
         for group in self.param_groups:
             if self._may_pend(group):
                 self._flush(group)
@@ -660,11 +661,18 @@ class CriticalOptimizer(torch.optim.Optimizer):
 
     def _flush(self, group: dict) -> None:
         self._pending_groups.discard(id(group))
+        # CPU state (eager): a host read says which tensors hold an insert, with no device
+        # to wait for, so a group flushed before every step (_graph_groups) costs nothing
+        # once written. Elsewhere, and while tracing, the masked write of every tensor.
+        read = not torch.compiler.is_compiling()
         for p in group["params"]:
             st = self.state.get(p)
             if st and "cm_pending" in st and not distributed.is_sharded_type(st["cm_buffer"]):
+                pending = st["cm_pending"]
+                if read and pending.device.type == "cpu" and pending.item() < 0:
+                    continue
                 flush_pending(st["cm_buffer"], st["cm_sum"], st.get("cm_scales"),
-                              st["exp_avg"], st["cm_pending"])
+                              st["exp_avg"], pending)
 
     def state_dict(self) -> dict:
         """torch's, with every pending insert written first (a checkpoint holds the buffer
@@ -767,10 +775,14 @@ class CriticalOptimizer(torch.optim.Optimizer):
                 if not (-1 <= j < buf.shape[0] and (j == -1 or k > 0)):
                     raise ValueError(f"checkpoint state has cm_pending={j}, which is not a "
                                      f"slot of a buffer holding {k} of {buf.shape[0]}")
+        # (torch's load replaces the group dicts and, through __setstate__, the sets of
+        # groups by id: a group whose deferring step a graph may still replay stays marked)
+        replayed = [i for i, g in enumerate(self.param_groups) if id(g) in self._graph_groups]
         super().load_state_dict(state_dict)
         self._state_version += 1
         self._lists.clear()  # (they hold the replaced state)
         self._pending_groups = {id(g) for g in self.param_groups}
+        self._graph_groups = {id(self.param_groups[i]) for i in replayed}
         # Rebuild each state from the checkpoint with our dtype rules, and copy so that the
         # optimizer never shares storage with the dict it was given.
         for pid, p in pairs:

@@ -148,6 +148,45 @@ def test_pending_inserts_across_a_switch_to_kappa0_or_to_compiled_steps(backend,
                                    rtol=1e-6, atol=1e-7)
 
 
+def test_an_always_flushed_group_is_written_once_then_costs_nothing(monkeypatch):
+    """A group whose deferring step was compiled is flushed before every step that does
+    not defer (its graph may replay unseen), also after load_state_dict. With CPU state
+    only tensors holding an insert are written: kappa=0 steps after compiled ones write
+    each pending insert once, then nothing, and stay in lock step with the reference."""
+    import cm_fused.engine as engine
+    require("cpu")
+    params, twin = make_params(CPU_SHAPES), make_params(CPU_SHAPES)
+    kw = dict(topC=2, decay=0.9, synced=False)
+    opt, ref = make("adamcm", "cpu", **kw)(params), make("adamcm", "reference", **kw)(twin)
+    torch._dynamo.reset()
+    step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+    for t in range(3):
+        for ps, fn in ((params, step), (twin, ref.step)):
+            set_grads(ps, t)
+            fn()
+    pending = sum(opt.state[p]["cm_pending"].item() >= 0 for p in params)
+    assert pending > 0  # (not vacuous)
+    written, flush = [], engine.flush_pending
+
+    def counted(*args):
+        written.append(args[-1].item())
+        flush(*args)
+
+    monkeypatch.setattr(engine, "flush_pending", counted)
+    opt.param_groups[0]["kappa"] = ref.param_groups[0]["kappa"] = 0.0
+    for t in range(3, 6):
+        for ps, fn in ((params, opt.step), (twin, ref.step)):
+            set_grads(ps, t)
+            fn()
+        assert len(written) == pending and min(written) >= 0, (t, written)
+        assert_same_state(opt, params, ref, twin, torch.float32, f"step {t}")
+    # torch's load_state_dict replaces the group dicts: the new one is marked in its turn
+    # (the compiled graph may replay the deferring step without tracing it again).
+    opt.load_state_dict(opt.state_dict())
+    opt.flush_buffers()
+    assert opt._may_pend(opt.param_groups[0])
+
+
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("phase", [Phase.REDUCE, Phase.UPDATE], ids=lambda p: p.name)
 def test_split_step_opcheck(backend, phase, request):
