@@ -82,9 +82,8 @@ class StepArgs:
     list (``momenta`` without momentum, ``extras`` without amsgrad or centered,
     ``second_moments`` for SGD, ``scales`` unless the slots are int8, the buffer's lists
     for ``*_AM``, ``memory`` for the buffered variants). The kernels tell what is in use
-    from that. For ADAM_AM,
-    ``momenta`` is d, ``second_moments`` v and ``beta1`` is beta1max; for SGD_AM,
-    ``momenta`` is d and ``beta1`` is beta_max.
+    from that. For ADAM_AM, ``momenta`` is d, ``second_moments`` v and ``beta1`` is
+    beta1max; for SGD_AM, ``momenta`` is d and ``beta1`` is beta_max.
     """
 
     params: list[Tensor] = dataclasses.field(metadata=_MUTATED)

@@ -458,7 +458,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         if not plan.params:
             return
         self.backends_in_use[plan.device.type] = plan.backend
-        if group.get("kappa") != 0 and self._defers(plan):
+        if self._defers(plan):
             self._graph_groups.add(id(group))
         added: list[tuple[dict, list[str]]] = []
         try:
@@ -566,7 +566,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
             found_inf = found_inf.to(device, non_blocking=True)
         lr = group["lr"]
         grads = plan.grads
-        defer = group.get("kappa") != 0 and self._defers(plan)
+        defer = self._defers(plan)
         if defer:
             if not torch.compiler.is_compiling():  # (see _init_group)
                 self._pending_groups.add(id(group))
@@ -635,8 +635,10 @@ class CriticalOptimizer(torch.optim.Optimizer):
         """Whether this step leaves its inserts pending (StepArgs.pending): AdamCM on a
         backend that folds the norm into its update pass, which it can only do by writing
         each insert at the start of the next step, from the momentum as stored (hence fp32
-        params, whose stored momentum is the value inserted), and not in a split step."""
-        return (self.variant == Variant.ADAM_CM and plan.exchange is None
+        params, whose stored momentum is the value inserted), and not in a split step or
+        at kappa == 0 (torch's step)."""
+        return (self.variant == Variant.ADAM_CM and plan.group.get("kappa") != 0
+                and plan.exchange is None
                 and getattr(plan.module, "DEFERS_INSERTS", False)
                 and plan.fp32)
 
