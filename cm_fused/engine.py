@@ -13,6 +13,7 @@ build one :class:`~cm_fused.contract.StepArgs` → the backend's ``step(args)``.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import logging
@@ -734,9 +735,12 @@ class CriticalOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"checkpoint param group {i} has neither 'topC' nor 'lam': it "
                                  f"was not saved by a cm_fused optimizer (a torch.optim "
                                  f"checkpoint?), so {type(self).__name__} cannot load it")
-            foreign = sorted(set(saved) - {*self.HYPERPARAMETERS, "params", "param_names"})
+            # Keys a training loop adds (a scheduler's initial_lr, a user's layer name)
+            # load back as torch's do; another optimizer's hyperparameters do not.
+            foreign = sorted((set(saved) & _other_hyperparameters()) - {*self.HYPERPARAMETERS})
             if foreign:
-                raise ValueError(f"checkpoint param group {i} has {foreign}, which "
+                raise ValueError(f"checkpoint param group {i} has {foreign}, which are "
+                                 f"hyperparameters of other optimizers that "
                                  f"{type(self).__name__} does not take: it was saved by "
                                  f"another optimizer")
             if buffered and saved["topC"] != group["topC"]:
@@ -792,6 +796,32 @@ class CriticalOptimizer(torch.optim.Optimizer):
                 continue
             self.state[p] = {key: _restore(key, value, p)
                              for key, value in saved_state[pid].items()}
+
+
+@functools.cache
+def _other_hyperparameters() -> frozenset[str]:
+    """Every keyword of the package's and of torch.optim's optimizers: a saved group
+    holding one that an optimizer does not take was written by another optimizer."""
+    names = set()
+    classes = [*_subclasses(CriticalOptimizer), *_subclasses(torch.optim.Optimizer)]
+    for cls in classes:
+        try:
+            sig = inspect.signature(cls.__init__)
+        except (TypeError, ValueError):
+            continue
+        names |= {n for n, p in sig.parameters.items()
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return frozenset(names - {"self", "params", "backend", "defaults", "base_optimizer",
+                              "hyperparameters"})
+
+
+def _subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        if sub.__module__.startswith(("torch.optim", "cm_fused")):
+            found.append(sub)
+        found += _subclasses(sub)
+    return found
 
 
 def _check_top_c(group: dict, backend: str, module: ModuleType) -> None:
