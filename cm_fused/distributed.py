@@ -45,6 +45,22 @@ def any_dtensor(tensors: list[Tensor]) -> bool:
     return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
 
 
+def refuse_flattened(name: str, params: list[Tensor]) -> None:
+    """Refuse FSDP1's flattened parameters, on which a per-tensor norm (a priority key,
+    the adaptive-memory sums) would silently become a per-shard one: the
+    ``FlatParameter`` (``use_orig_params=False``) and the original parameters viewing it
+    (``use_orig_params=True``: each process holds a flat piece of each), both of which
+    torch marks ``_fsdp_flattened``. DeepSpeed ZeRO hands the optimizer flat partitions
+    too, unmarked: not detectable here (docs/trainers.md says so)."""
+    for p in params:
+        if getattr(p, "_fsdp_flattened", False):
+            raise TypeError(
+                f"{name} cannot step FSDP1 (FullyShardedDataParallel) parameters: they are "
+                f"flattened shards of several tensors, so each tensor's gradient norm would "
+                f"silently be a shard's. Use FSDP2 (torch.distributed.fsdp.fully_shard), "
+                f"whose DTensor parameters {name} steps exactly")
+
+
 _LOCAL = operator.attrgetter("_local_tensor")
 
 

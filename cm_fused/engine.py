@@ -172,6 +172,11 @@ class CriticalOptimizer(torch.optim.Optimizer):
             raise validation.bad("lr", lr, "must be >= 0")
         self._check_backend_flags(full)
         super().add_param_group(param_group)
+        try:
+            distributed.refuse_flattened(type(self).__name__, self.param_groups[-1]["params"])
+        except TypeError:
+            self.param_groups.pop()
+            raise
         # Choose the group's backend now (it may load or build the C++ extension, and
         # warns if 'auto' falls back), so that steps only look it up: torch.compile can
         # trace a lookup, not a build. A choice that fails raises at the first step, or
@@ -332,6 +337,8 @@ class CriticalOptimizer(torch.optim.Optimizer):
             return _Plan(group, params, device, last.backend, last.module, roles, grads,
                          settled=True, exchange=last.exchange, fp32=last.fp32)
         self._check_states(group, params, roles)
+        # (again here: a wrapper may put partitions into the groups after construction)
+        distributed.refuse_flattened(type(self).__name__, params)
         exchange = distributed.exchange_for(type(self).__name__, params, grads)
         # The dtypes of the whole group, not only of this step's tensors: one choice per
         # group, whichever of its tensors have gradients.
