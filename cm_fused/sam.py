@@ -98,6 +98,9 @@ class SAM(torch.optim.Optimizer):
                     p.copy_(w)
         self._perturbed = False
         self.base_optimizer.step()
+        # An LR scheduler counts SAM.step calls (torch wraps it): the two-step use is a
+        # step too, else the scheduler warns that it stepped before the optimizer.
+        self._opt_called = True
         if zero_grad:
             self.zero_grad()
 

@@ -134,6 +134,28 @@ def test_sam_restores_the_weights_exactly(dtype):
         assert torch.equal(p, before)
 
 
+@pytest.mark.parametrize("two_step", [True, False])
+def test_a_scheduler_on_sam_counts_either_use_as_a_step(two_step):
+    """torch's schedulers warn when they step before the optimizer: first_step and
+    second_step count as a step too, not only step(closure)."""
+    import warnings
+    params = make_params([(4,)])
+    opt = cm_fused.SAM(params, cm_fused.AdamCM, lr=1e-2, backend="reference")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for t in range(2):
+            set_grads(params, t)
+            if two_step:
+                opt.first_step(zero_grad=True)
+                set_grads(params, t + 10)
+                opt.second_step(zero_grad=True)
+            else:
+                opt.step(lambda: set_grads(params, t + 10))
+            sched.step()
+    assert opt.param_groups[0]["lr"] == 1e-2 * 0.25
+
+
 def test_sam_add_param_group_reaches_the_base():
     params = _model()
     opt = cm_fused.SAM(params[:1], cm_fused.AdamCM, rho=0.05, lr=1e-2)
