@@ -28,6 +28,18 @@ import torch
 from torch import Tensor
 
 
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a backend declares about itself, once (its module's ``CAPABILITIES``); the
+    engine reads nothing else of a backend but its three functions (cm_fused/registry.py).
+    """
+    # AdamCM with fp32 params: the norm is folded into the update pass, and each insert
+    # is written at the start of the next step (StepArgs.pending).
+    defers_inserts: bool = False
+    # The largest topC the backend takes (None: any); the optimizer refuses a larger one.
+    max_top_c: int | None = None
+
+
 class Variant(enum.IntEnum):
     """Which update the step computes. The values are part of the op's ABI: csrc/step.h
     and cm_fused/triton/kernels.py use the same numbers."""
@@ -102,7 +114,7 @@ class StepArgs:
     counts: list[Tensor] = dataclasses.field(metadata=_MUTATED)   # 0-dim int64: filled slots
     inserts: list[Tensor] = dataclasses.field(metadata=_MUTATED)  # 0-dim int64: inserts so far
     sums: list[Tensor] = dataclasses.field(metadata=_MUTATED)     # like p: sum of the slots
-    # ADAM_CM on a backend that defers inserts (DEFERS_INSERTS), else an empty list: 0-dim
+    # ADAM_CM on a backend that defers inserts (Capabilities), else an empty list: 0-dim
     # int64 per tensor, the slot whose insert of the momentum (momenta[i], as stored) a
     # step decided but has not written yet (-1: none); the next step writes it first.
     pending: list[Tensor] = dataclasses.field(metadata=_MUTATED)

@@ -26,14 +26,13 @@ import time
 from pathlib import Path
 
 import torch
-from .contract import StepArgs, define_op
+from .contract import Capabilities, StepArgs, define_op
 from .registry import FUSED_DTYPES
 
 log = logging.getLogger("cm_fused")
 OP = "cm_fused::step_"
-# AdamCM with fp32 params: the norm is folded into the update pass, and each insert is
-# written at the start of the next step (StepArgs.pending; csrc/step.cpp).
-DEFERS_INSERTS = True
+# AdamCM with fp32 params defers its inserts (csrc/step.cpp).
+CAPABILITIES = Capabilities(defers_inserts=True)
 _TAG = b"CM_FUSED_BUILT_WITH_TORCH="
 _PACKAGE_DIR = Path(__file__).resolve().parent
 

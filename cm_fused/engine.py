@@ -1,5 +1,6 @@
 """The step engine every optimizer of the package runs on: groups, validation, state,
-backend choice, dispatch, GradScaler and checkpoints.
+backend choice, dispatch and GradScaler; checkpoints' checks and dtype rules are in
+cm_fused/checkpoint.py.
 
 An optimizer (cm_fused/optimizers.py) is a thin subclass of :class:`CriticalOptimizer`
 that says four things about itself: its :class:`~cm_fused.contract.Variant`, its
@@ -13,7 +14,6 @@ build one :class:`~cm_fused.contract.StepArgs` → the backend's ``step(args)``.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import itertools
 import logging
@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from . import distributed, registry, validation
+from . import checkpoint, distributed, registry, validation
 from .contract import Phase, StepArgs, Tensors, Variant, sum_dtype
 from .quantize import n_blocks
 from .reference import flush_pending, unscaled
@@ -41,16 +41,6 @@ def _attrs(name: str, tensors: list[Tensor]) -> list:
     if torch.compiler.is_compiling():
         return [getattr(t, name) for t in tensors]
     return list(map(operator.attrgetter(name), tensors))
-
-# State entries that keep their own dtype (torch's load_state_dict would cast them to the
-# param's dtype, which breaks bf16 slots, fp32 keys and sums, and the integer count).
-_OWN_DTYPE = {"cm_keys": torch.float32, "cm_count": torch.int64, "cm_inserts": torch.int64,
-              "step": torch.float32, "memory": torch.float32, "cm_scales": torch.float32,
-              "cm_pending": torch.int64}
-# (cm_scales: int8 slots only; cm_pending: AdamCM only)
-BUFFER_STATE = ("cm_buffer", "cm_keys", "cm_count", "cm_inserts", "cm_sum", "cm_scales",
-                "cm_pending")
-
 
 @dataclass
 class _Checked:
@@ -412,7 +402,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
                                f"parameter's buffer is {buf.dtype}; it cannot change after "
                                f"the first step")
         if want == torch.int8:
-            _check_scales(st.get("cm_scales"), buf, p)
+            checkpoint.check_scales(st.get("cm_scales"), buf, p)
 
     def _resolve(self, device: torch.device, dtypes: frozenset,
                  fused: bool | None = None) -> tuple[str, ModuleType]:
@@ -647,7 +637,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         at kappa == 0 (torch's step)."""
         return (self.variant == Variant.ADAM_CM and plan.group.get("kappa") != 0
                 and plan.exchange is None
-                and getattr(plan.module, "DEFERS_INSERTS", False)
+                and plan.module.CAPABILITIES.defers_inserts
                 and plan.fp32)
 
     def flush_buffers(self) -> None:
@@ -731,63 +721,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------ checkpoints
 
     def load_state_dict(self, state_dict: dict) -> None:
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"checkpoint has {len(saved_groups)} param groups, this "
-                             f"optimizer has {len(self.param_groups)}")
-        pairs = []
-        buffered = self.variant.buffered
-        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if not {"topC", "lam"} & set(saved):  # no cm_fused optimizer's mark
-                raise ValueError(f"checkpoint param group {i} has neither 'topC' nor 'lam': it "
-                                 f"was not saved by a cm_fused optimizer (a torch.optim "
-                                 f"checkpoint?), so {type(self).__name__} cannot load it")
-            # Keys a training loop adds (a scheduler's initial_lr, a user's layer name)
-            # load back as torch's do; another optimizer's hyperparameters do not.
-            foreign = sorted((set(saved) & _other_hyperparameters()) - {*self.HYPERPARAMETERS})
-            if foreign:
-                raise ValueError(f"checkpoint param group {i} has {foreign}, which are "
-                                 f"hyperparameters of other optimizers that "
-                                 f"{type(self).__name__} does not take: it was saved by "
-                                 f"another optimizer")
-            if buffered and saved["topC"] != group["topC"]:
-                raise ValueError(f"checkpoint param group {i} has topC={saved['topC']!r} "
-                                 f"but this optimizer's group {i} has topC={group['topC']!r}; "
-                                 f"critical buffers cannot be resized")
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"checkpoint param group {i} has {len(saved['params'])} "
-                                 f"params, this optimizer's has {len(group['params'])}")
-            pairs += zip(saved["params"], group["params"])
-        saved_state = state_dict["state"]
-        known = {*self.STATE_KEYS, *(BUFFER_STATE if buffered else ())}
-        for pid, p in pairs:
-            foreign = sorted(set(saved_state.get(pid, {})) - known)
-            if foreign:
-                raise ValueError(f"checkpoint state has {foreign}, which "
-                                 f"{type(self).__name__} does not keep: it was saved by "
-                                 f"another optimizer")
-            if distributed.is_sharded_type(p) and any(
-                    isinstance(v, Tensor) and v.dim() > 0 and not distributed.is_sharded_type(v)
-                    and k not in _OWN_DTYPE for k, v in saved_state.get(pid, {}).items()):
-                raise ValueError("checkpoint state is plain tensors but its parameters are "
-                                 "DTensors: load sharded optimizer state with "
-                                 "torch.distributed.checkpoint (set_optimizer_state_dict)")
-            buf = saved_state.get(pid, {}).get("cm_buffer")
-            if buf is not None and tuple(buf.shape[1:]) != tuple(p.shape):
-                raise ValueError(f"checkpoint buffer of shape {tuple(buf.shape)} does not fit "
-                                 f"a parameter of shape {tuple(p.shape)}")
-            if buf is not None and buf.dtype == torch.int8:
-                try:
-                    _check_scales(saved_state[pid].get("cm_scales"), buf, p)
-                except RuntimeError as e:
-                    raise ValueError(f"checkpoint state: {e}") from None
-            pending = saved_state.get(pid, {}).get("cm_pending")
-            if pending is not None and buf is not None:
-                # (a kernel writes the slot it names: out of range would be out of bounds)
-                j, k = int(pending), int(saved_state[pid].get("cm_count", 0))
-                if not (-1 <= j < buf.shape[0] and (j == -1 or k > 0)):
-                    raise ValueError(f"checkpoint state has cm_pending={j}, which is not a "
-                                     f"slot of a buffer holding {k} of {buf.shape[0]}")
+        pairs = checkpoint.loadable_pairs(self, state_dict)  # (refuses before any change)
         # (torch's load replaces the group dicts and, through __setstate__, the sets of
         # groups by id: a group whose deferring step a graph may still replay stays marked)
         replayed = [i for i, g in enumerate(self.param_groups) if id(g) in self._graph_groups]
@@ -796,45 +730,16 @@ class CriticalOptimizer(torch.optim.Optimizer):
         self._lists.clear()  # (they hold the replaced state)
         self._pending_groups = {id(g) for g in self.param_groups}
         self._graph_groups = {id(self.param_groups[i]) for i in replayed}
-        # Rebuild each state from the checkpoint with our dtype rules, and copy so that the
-        # optimizer never shares storage with the dict it was given.
+        saved_state = state_dict["state"]
         for pid, p in pairs:
-            if pid not in saved_state:
-                continue
-            self.state[p] = {key: _restore(key, value, p)
-                             for key, value in saved_state[pid].items()}
-
-
-@functools.cache
-def _other_hyperparameters() -> frozenset[str]:
-    """Every keyword of the package's and of torch.optim's optimizers: a saved group
-    holding one that an optimizer does not take was written by another optimizer."""
-    names = set()
-    classes = [*_subclasses(CriticalOptimizer), *_subclasses(torch.optim.Optimizer)]
-    for cls in classes:
-        try:
-            sig = inspect.signature(cls.__init__)
-        except (TypeError, ValueError):
-            continue
-        names |= {n for n, p in sig.parameters.items()
-                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return frozenset(names - {"self", "params", "backend", "defaults", "base_optimizer",
-                              "hyperparameters"})
-
-
-def _subclasses(cls: type) -> list[type]:
-    found = []
-    for sub in cls.__subclasses__():
-        if sub.__module__.startswith(("torch.optim", "cm_fused")):
-            found.append(sub)
-        found += _subclasses(sub)
-    return found
+            if pid in saved_state:
+                self.state[p] = checkpoint.restored(saved_state[pid], p)
 
 
 def _check_top_c(group: dict, backend: str, module: ModuleType) -> None:
-    """A backend may bound topC (``MAX_TOP_C``: Triton's decide kernel holds a tensor's
-    keys in registers); refuse a larger one with the way out."""
-    limit = getattr(module, "MAX_TOP_C", None)
+    """A backend may bound topC (Triton's decide kernel holds a tensor's keys in
+    registers); refuse a larger one with the way out."""
+    limit = module.CAPABILITIES.max_top_c
     if limit is not None and group.get("kappa", 0) > 0 and group["topC"] > limit:
         raise ValueError(f"Invalid topC: {group['topC']} (the {backend!r} backend takes topC "
                          f"<= {limit}; use backend='reference' for a larger buffer)")
@@ -842,15 +747,6 @@ def _check_top_c(group: dict, backend: str, module: ModuleType) -> None:
 
 def _no_pending(p: Tensor) -> Tensor:
     return torch.full((), -1, dtype=torch.int64, device=p.device)
-
-
-def _check_scales(scales: Tensor | None, buf: Tensor, p: Tensor) -> None:
-    """int8 slots need their scales: fp32 [topC, n_blocks] (cm_fused/quantize.py)."""
-    want = (buf.shape[0], n_blocks(p.numel()))
-    if scales is None or tuple(scales.shape) != want or scales.dtype != torch.float32:
-        got = "none" if scales is None else f"{scales.dtype} {tuple(scales.shape)}"
-        raise RuntimeError(f"int8 slots need 'cm_scales', float32 of shape {want} for a "
-                           f"parameter of shape {tuple(p.shape)}; got {got}")
 
 
 def _restore_if_found_inf(found_inf: Tensor, tensors: list[Tensor]):
@@ -868,18 +764,6 @@ def _restore_if_found_inf(found_inf: Tensor, tensors: list[Tensor]):
             t.copy_(torch.where(skip, old, t))
 
     return restore
-
-
-def _restore(key: str, value: Any, p: Tensor) -> Any:
-    if not isinstance(value, Tensor):
-        return value
-    if key in _OWN_DTYPE:
-        dtype = _OWN_DTYPE[key]
-    elif key in ("cm_buffer", "cm_sum"):
-        dtype = value.dtype
-    else:
-        dtype = p.dtype
-    return value.to(device=p.device, dtype=dtype, copy=True).contiguous()
 
 
 def _any_none(values: list) -> bool:

@@ -17,10 +17,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .contract import Phase, StepArgs, Variant
+from .contract import Capabilities, Phase, StepArgs, Variant
 from .quantize import dequantize, quantize
 
 # The floor of AdamAM's 1 - beta1max * prod (docs/SPEC.md): fp32's smallest normal.
+CAPABILITIES = Capabilities()  # every insert written in its own step, any topC
 TINY = torch.finfo(torch.float32).tiny
 
 

@@ -7,7 +7,9 @@ A backend is a module with three functions:
 - ``unsupported_reason(device, dtypes) -> str | None``: why it cannot take tensors of that
   device and those dtypes, or None;
 - ``step(args)``: the kappa > 0 step of one param group, from a
-  :class:`cm_fused.contract.StepArgs` (the one declaration of its inputs).
+  :class:`cm_fused.contract.StepArgs` (the one declaration of its inputs);
+
+and declares what it can do in ``CAPABILITIES``, a :class:`cm_fused.contract.Capabilities`.
 """
 from __future__ import annotations
 

@@ -87,7 +87,7 @@ def _configs(full: bool):
                             dict(kw=EVERY[name].configs[cfg], dtype=dtype, scaler=True)))
         for name, member in EVERY.items():
             if member.buffered:
-                for c in (1, 2, 3, 5, 8, 16, 32, 64, 128, 256):  # triton.MAX_TOP_C
+                for c in (1, 2, 3, 5, 8, 16, 32, 64, 128, 256):  # triton's max_top_c
                     for slot in (torch.bfloat16, torch.float16, torch.int8):
                         out.append((f"{name}/topC{c}/{slot}", name,
                                     dict(kw=dict(topC=c, buffer_dtype=slot))))

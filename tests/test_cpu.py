@@ -1,6 +1,7 @@
 """What is particular to the C++ CPU backend (cm_fused::step_): thread-count determinism,
 the op (opcheck, argument checks), the kernel builds, loading and fallbacks. Its lock step
 with the reference, for every optimizer, is in test_matrix.py."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -115,7 +116,8 @@ def test_one_pass_has_the_two_pass_bits(slot, scaled, monkeypatch):
                 for p in ps:
                     p.grad.mul_(scale)
                 o.grad_scale = scale
-            monkeypatch.setattr(cpu_backend, "DEFERS_INSERTS", defer)
+            monkeypatch.setattr(cpu_backend, "CAPABILITIES",
+                                dataclasses.replace(cpu_backend.CAPABILITIES, defers_inserts=defer))
             torch.manual_seed(t)
             o.step()
         for p, q in zip(one, two):

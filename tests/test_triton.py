@@ -217,9 +217,9 @@ def test_unaligned_storage_takes_the_masked_path_and_matches(small_chunks):
 
 def test_topc_beyond_the_backends_bound_is_refused_at_construction():
     p = torch.nn.Parameter(torch.ones(3, device=DEVICE))
-    AdamCM([p], backend="triton", topC=triton_backend.MAX_TOP_C)
+    AdamCM([p], backend="triton", topC=triton_backend.CAPABILITIES.max_top_c)
     with pytest.raises(ValueError, match="takes topC <= 256"):
-        AdamCM([p], backend="triton", topC=triton_backend.MAX_TOP_C + 1)
+        AdamCM([p], backend="triton", topC=triton_backend.CAPABILITIES.max_top_c + 1)
     opt = AdamCM([p], backend="triton", topC=3)
     with pytest.raises(ValueError, match="takes topC <= 256"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2, device=DEVICE))],

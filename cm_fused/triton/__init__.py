@@ -15,18 +15,15 @@ import os
 
 import torch
 
-from ..contract import StepArgs
+from ..contract import Capabilities, StepArgs
 from ..registry import FUSED_DTYPES
 
 _import_error: str | None = None
 
 # The decide kernel holds a tile of every tensor's keys in registers: up to 256 slots it
 # compiles without spills for sm_80 and sm_90 (tests/test_compile_gate.py; 512 spills
-# 360 bytes on sm_90). The optimizer refuses a larger topC with this backend.
-MAX_TOP_C = 256
-# AdamCM with fp32 params: the norm is summed in the update pass, and each insert is
-# written at the start of the next step's (StepArgs.pending; kernels._update_kernel).
-DEFERS_INSERTS = True
+# 360 bytes on sm_90). AdamCM with fp32 params defers its inserts (kernels._update_kernel).
+CAPABILITIES = Capabilities(defers_inserts=True, max_top_c=256)
 
 
 def _op_module():

@@ -1,0 +1,157 @@
+"""What an optimizer's checkpoint holds and how it loads back: the checks that tell this
+optimizer's checkpoint from another's (before anything changes), and the dtype each
+saved state entry is restored in.
+
+A group of a saved checkpoint keeps every key it had, as torch's optimizers do: keys a
+training loop adds (a scheduler's ``initial_lr``, a user's ``layer_id``) load back. What
+identifies another optimizer's checkpoint is what that optimizer really has and this one
+does not: a hyperparameter of another optimizer (of the package or of torch.optim), a
+state entry this one does not keep, or no mark of the package at all.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from . import distributed
+from .quantize import n_blocks
+
+if TYPE_CHECKING:
+    from .engine import CriticalOptimizer
+
+# State entries that keep their own dtype (torch's load_state_dict would cast them to the
+# param's dtype, which breaks bf16 slots, fp32 keys and sums, and the integer count).
+OWN_DTYPE = {"cm_keys": torch.float32, "cm_count": torch.int64, "cm_inserts": torch.int64,
+             "step": torch.float32, "memory": torch.float32, "cm_scales": torch.float32,
+             "cm_pending": torch.int64}
+# (cm_scales: int8 slots only; cm_pending: AdamCM only)
+BUFFER_STATE = ("cm_buffer", "cm_keys", "cm_count", "cm_inserts", "cm_sum", "cm_scales",
+                "cm_pending")
+
+
+def check_scales(scales: Tensor | None, buf: Tensor, p: Tensor) -> None:
+    """int8 slots need their scales: fp32 [topC, n_blocks] (cm_fused/quantize.py)."""
+    want = (buf.shape[0], n_blocks(p.numel()))
+    if scales is None or tuple(scales.shape) != want or scales.dtype != torch.float32:
+        got = "none" if scales is None else f"{scales.dtype} {tuple(scales.shape)}"
+        raise RuntimeError(f"int8 slots need 'cm_scales', float32 of shape {want} for a "
+                           f"parameter of shape {tuple(p.shape)}; got {got}")
+
+
+def loadable_pairs(opt: CriticalOptimizer, state_dict: dict) -> list[tuple[Any, Tensor]]:
+    """The (saved id, parameter) pairs of ``state_dict`` for ``opt``, or a ValueError that
+    says why ``opt`` cannot load it. Reads only: nothing is changed either way."""
+    name = type(opt).__name__
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(f"checkpoint has {len(saved_groups)} param groups, this "
+                         f"optimizer has {len(opt.param_groups)}")
+    buffered = opt.variant.buffered
+    pairs = []
+    for i, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
+        _check_group(i, group, saved, opt, name, buffered)
+        pairs += zip(saved["params"], group["params"])
+    saved_state = state_dict["state"]
+    known = {*opt.STATE_KEYS, *(BUFFER_STATE if buffered else ())}
+    for pid, p in pairs:
+        _check_state(saved_state.get(pid, {}), p, known, name)
+    return pairs
+
+
+def _check_group(i: int, group: dict, saved: dict, opt: CriticalOptimizer, name: str,
+                 buffered: bool) -> None:
+    if not {"topC", "lam"} & set(saved):  # no cm_fused optimizer's mark
+        raise ValueError(f"checkpoint param group {i} has neither 'topC' nor 'lam': it "
+                         f"was not saved by a cm_fused optimizer (a torch.optim "
+                         f"checkpoint?), so {name} cannot load it")
+    foreign = sorted((set(saved) & other_hyperparameters()) - {*opt.HYPERPARAMETERS})
+    if foreign:
+        raise ValueError(f"checkpoint param group {i} has {foreign}, which are "
+                         f"hyperparameters of other optimizers that {name} does not "
+                         f"take: it was saved by another optimizer")
+    if buffered and saved["topC"] != group["topC"]:
+        raise ValueError(f"checkpoint param group {i} has topC={saved['topC']!r} "
+                         f"but this optimizer's group {i} has topC={group['topC']!r}; "
+                         f"critical buffers cannot be resized")
+    if len(saved["params"]) != len(group["params"]):
+        raise ValueError(f"checkpoint param group {i} has {len(saved['params'])} "
+                         f"params, this optimizer's has {len(group['params'])}")
+
+
+def _check_state(st: dict, p: Tensor, known: set, name: str) -> None:
+    foreign = sorted(set(st) - known)
+    if foreign:
+        raise ValueError(f"checkpoint state has {foreign}, which {name} does not keep: "
+                         f"it was saved by another optimizer")
+    if distributed.is_sharded_type(p) and any(
+            isinstance(v, Tensor) and v.dim() > 0 and not distributed.is_sharded_type(v)
+            and k not in OWN_DTYPE for k, v in st.items()):
+        raise ValueError("checkpoint state is plain tensors but its parameters are "
+                         "DTensors: load sharded optimizer state with "
+                         "torch.distributed.checkpoint (set_optimizer_state_dict)")
+    buf = st.get("cm_buffer")
+    if buf is None:
+        return
+    if tuple(buf.shape[1:]) != tuple(p.shape):
+        raise ValueError(f"checkpoint buffer of shape {tuple(buf.shape)} does not fit "
+                         f"a parameter of shape {tuple(p.shape)}")
+    if buf.dtype == torch.int8:
+        try:
+            check_scales(st.get("cm_scales"), buf, p)
+        except RuntimeError as e:
+            raise ValueError(f"checkpoint state: {e}") from None
+    pending = st.get("cm_pending")
+    if pending is not None:
+        # (a kernel writes the slot it names: out of range would be out of bounds)
+        j, k = int(pending), int(st.get("cm_count", 0))
+        if not (-1 <= j < buf.shape[0] and (j == -1 or k > 0)):
+            raise ValueError(f"checkpoint state has cm_pending={j}, which is not a "
+                             f"slot of a buffer holding {k} of {buf.shape[0]}")
+
+
+def restored(saved: dict, p: Tensor) -> dict:
+    """A parameter's state rebuilt from its checkpoint entry with the dtype rules, in
+    copies: the optimizer never shares storage with the dict it was given."""
+    return {key: _restored(key, value, p) for key, value in saved.items()}
+
+
+def _restored(key: str, value: Any, p: Tensor) -> Any:
+    if not isinstance(value, Tensor):
+        return value
+    if key in OWN_DTYPE:
+        dtype = OWN_DTYPE[key]
+    elif key in ("cm_buffer", "cm_sum"):
+        dtype = value.dtype
+    else:
+        dtype = p.dtype
+    return value.to(device=p.device, dtype=dtype, copy=True).contiguous()
+
+
+@functools.cache
+def other_hyperparameters() -> frozenset[str]:
+    """Every keyword of the package's and of torch.optim's optimizers (all of them
+    subclasses of torch.optim.Optimizer): a saved group holding one that an optimizer
+    does not take was written by another optimizer."""
+    names = set()
+    for cls in _subclasses(torch.optim.Optimizer):
+        try:
+            sig = inspect.signature(cls.__init__)
+        except (TypeError, ValueError):
+            continue
+        names |= {n for n, p in sig.parameters.items()
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return frozenset(names - {"self", "params", "backend", "defaults", "base_optimizer",
+                              "hyperparameters"})
+
+
+def _subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        if sub.__module__.startswith(("torch.optim", "cm_fused")):
+            found.append(sub)
+        found += _subclasses(sub)
+    return found
