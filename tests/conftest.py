@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+from family import ADAPTIVE, FAMILY
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -59,6 +61,20 @@ def _interpreter_patches_the_language_once_per_launch():
 
 
 _interpreter_patches_the_language_once_per_launch()
+
+
+@pytest.fixture(params=list(FAMILY))
+def family_ref(request):
+    """Every buffered optimizer, as a constructor on the reference backend."""
+    cls = FAMILY[request.param].cls
+    return lambda params, **kw: cls(params, backend="reference", **kw)
+
+
+@pytest.fixture(params=list(ADAPTIVE))
+def adaptive_ref(request):
+    """AdamAM and SGDAM, as constructors on the reference backend."""
+    cls = ADAPTIVE[request.param].cls
+    return lambda params, **kw: cls(params, backend="reference", **kw)
 
 
 @pytest.fixture

@@ -31,6 +31,30 @@ class Member:
     def buffered(self) -> bool:
         return self.cls.variant.buffered
 
+    @property
+    def error_inputs(self) -> list[tuple[str, object]]:
+        """(keyword, value) pairs its constructor must refuse with a ValueError naming the
+        keyword: the rows of BAD_VALUES for the keywords it takes."""
+        return [(arg, value) for arg in self.cls.HYPERPARAMETERS
+                for value in BAD_VALUES.get(arg, ())]
+
+
+# Error inputs, by keyword: values every optimizer taking the keyword must refuse.
+# test_validation.py checks that each optimizer's every keyword has a row here.
+NAN = float("nan")
+BAD_VALUES = {
+    "lr": (-1e-3, NAN), "eps": (-1.0,), "weight_decay": (-0.1,),
+    "betas": ((1.0, 0.999), (0.9, -0.1), (0.9,)),
+    "decay": (1.5, -0.1), "topC": (0, 2.5, True), "kappa": (-1.0,),
+    "critical_test": (1.5, -0.1), "buffer_dtype": (torch.float64, torch.uint8, "bf16"),
+    "amsgrad": (1,), "synced": ("yes",), "momentum": (-0.5,), "dampening": (NAN, "0.1"),
+    "alpha": (1.5, -0.1), "centered": (1,), "nesterov": (True,),  # (without momentum)
+    "lam": (-0.1, NAN), "beta_max": (1.0, -0.1),
+    "decoupled_weight_decay": (True,),  # (AdamCG: only at kappa=0)
+    "maximize": ("yes",), "foreach": ("no",), "fused": (1,), "capturable": ("yes",),
+    "differentiable": (True,),
+}
+
 
 # Configurations every optimizer runs (fill/replace both happen in each: the lock-step
 # gradients' scale rises and falls).
@@ -108,6 +132,11 @@ def cases(configs=None, members=None):
     return [pytest.param(name, cfg, id=f"{name}-{cfg}")
             for name, m in (FAMILY if members is None else members).items()
             for cfg in m.configs if configs is None or cfg in configs]
+
+
+def ref(params, **kw):
+    """AdamCM on the reference backend: the tests' plain optimizer."""
+    return cm_fused.AdamCM(params, backend="reference", **kw)
 
 
 def require(backend: str) -> None:

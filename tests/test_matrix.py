@@ -499,7 +499,7 @@ def test_kappa_zero_is_torch_bit_for_bit(name, i, backend, request):
     """Params and full state bit-identical to torch's optimizer every step, 30 steps,
     some gradients missing (none on the first step: torch's fused SGD itself fails when a
     tensor's first momentum step comes after the others'; ours takes that case, tested
-    in test_optimizer.py)."""
+    in test_steps.py)."""
     shapes = use(backend, request)
     kw = KAPPA0_CONFIGS[name][i]
     params_a = make_params(shapes)
