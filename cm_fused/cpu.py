@@ -31,7 +31,7 @@ from .registry import FUSED_DTYPES
 
 log = logging.getLogger("cm_fused")
 OP = "cm_fused::step_"
-# AdamCM with fp32 params defers its inserts (csrc/step.cpp).
+# AdamCM with fp32 params defers its inserts (csrc/buffered.cpp).
 CAPABILITIES = Capabilities(defers_inserts=True)
 _TAG = b"CM_FUSED_BUILT_WITH_TORCH="
 _PACKAGE_DIR = Path(__file__).resolve().parent

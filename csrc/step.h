@@ -1,10 +1,11 @@
 // Shared declarations of the fused CPU step (docs/SPEC.md; kappa > 0 for the buffered
 // variants).
 //
-// step.cpp validates the op's arguments, computes the per-tensor decisions (keys,
-// insert slot, counts, steps, bias corrections; adaptive memory: beta) and drives the
-// parallel passes; the vectorised per-chunk kernels live in step_kernels.h, compiled once
-// per CPU capability (kernels_default.cpp, kernels_avx2.cpp) and picked at run time.
+// step.cpp is the op's boundary (argument checks, registration); buffered.cpp and
+// adaptive.cpp compute the per-tensor decisions (keys, insert slot, counts, steps, bias
+// corrections, with decide.h's rules; adaptive memory: beta) and drive the parallel
+// passes (passes.h); the vectorised per-chunk kernels live in step_kernels.h, compiled
+// once per CPU capability (kernels_default.cpp, kernels_avx2.cpp) and picked at run time.
 #pragma once
 
 #include <cstdint>
@@ -39,7 +40,7 @@ enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kNumDTypes = 3, kI8 = 3, kNumS
 
 // int8 slots: one fp32 scale per kQBlock elements of a slot (cm_fused/quantize.py, whose
 // QBLOCK this must equal: step_cpu checks the scales' sizes). It divides kChunk
-// (step.cpp), so a block never straddles two chunks.
+// (passes.h), so a block never straddles two chunks.
 constexpr int64_t kQBlock = 256;
 
 // Everything the update pass needs for one tensor. Pointers are to element 0; a state

@@ -54,7 +54,7 @@ def _run_with_threads(threads, shapes, name, **kw):
 @pytest.mark.parametrize("cfg", ["defaults", "all"])
 @pytest.mark.parametrize("name", list(EVERY))
 def test_bit_identical_whatever_the_thread_count(name, cfg):
-    # Over 65536 elements in all (csrc/step.cpp kSerialBelow) and many 16384-element
+    # Over 65536 elements in all (csrc/passes.h kSerialBelow) and many 16384-element
     # chunks: with 2 threads the chunks are split between threads, with 1 they are not.
     shapes = [(300001,), (70000,), (17,), (), (0,), (40000,)]
     kw = EVERY[name].configs[cfg]

@@ -56,7 +56,8 @@ def test_both_build_commands_make_a_platform_wheel_with_the_stripped_kernel(chec
         size = z.getinfo(lib).file_size
         meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert size < 2 * 2 ** 20, f"{lib} is {size} bytes: not stripped?"
-    for src in ("step.cpp", "step.h", "step_kernels.h", "build.json"):  # JIT fallback
+    for src in ("step.cpp", "buffered.cpp", "adaptive.cpp", "step.h", "passes.h", "decide.h",
+                "step_kernels.h", "build.json"):  # JIT fallback
         assert f"cm_fused/csrc/{src}" in names
     assert any(n.endswith("licenses/LICENSE") for n in names)
     for line in ("Name: cm_fused", "License-Expression: MIT", "Requires-Dist: torch>=2.7",
