@@ -56,7 +56,7 @@ class _Checked:
 
 
 @dataclass
-class _Plan:
+class GroupPlan:
     """What one group's step will do, decided before anything is changed."""
     group: dict
     params: list[Tensor]
@@ -101,6 +101,9 @@ class CriticalOptimizer(torch.optim.Optimizer):
     # The step's decision reads sums over every group (SGDAM): the engine splits the step
     # into Phase.REDUCE over all groups, then Phase.UPDATE over all groups.
     SPLIT_ACROSS_GROUPS: ClassVar[bool] = False
+    # Hyperparameters every param group must share, and why (SGDAM: one beta for the
+    # whole optimizer, from lam and beta_max).
+    SHARED_ACROSS_GROUPS: ClassVar[tuple[tuple[str, ...], str]] = ((), "")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -276,25 +279,31 @@ class CriticalOptimizer(torch.optim.Optimizer):
             self._run(plan, grad_scale, found_inf, Phase.UPDATE, reduced)
         return loss
 
-    def _begin_split(self, plans: list[_Plan]) -> None:
+    def _begin_split(self, plans: list[GroupPlan]) -> None:
         """Before a step split into phases (SPLIT_ACROSS_GROUPS): check that the groups
         can share one decision, and reset the sums the REDUCE phase adds into (a hook)."""
         raise NotImplementedError
 
-    def _sum_split_over_shards(self, plans: list[_Plan]) -> None:
+    def _sum_split_over_shards(self, plans: list[GroupPlan]) -> None:
         """Between the phases of a step split across groups: sum what REDUCE added up
         over the processes that hold shards of the tensors (a hook)."""
         raise NotImplementedError
 
-    def _plan(self, group: dict) -> _Plan:
+    def _plan(self, group: dict) -> GroupPlan:
         validation.validate(group, self.HYPERPARAMETERS)
+        names, why = self.SHARED_ACROSS_GROUPS
+        if names:
+            shared = {tuple(g[n] for n in names) for g in self.param_groups}
+            if len(shared) > 1:
+                raise ValueError(f"{type(self).__name__}: every param group must have the "
+                                 f"same {' and '.join(names)} ({why}), got {sorted(shared)}")
         params = group["params"]
         grads = _attrs("grad", params)
         if _any_none(grads):
             params = [p for p, g in zip(params, grads) if g is not None]
             grads = [g for g in grads if g is not None]
             if not params:
-                return _Plan(group, [], None, "reference", None)
+                return GroupPlan(group, [], None, "reference", None)
         dtypes = _attrs("dtype", params)
         # The state checks and the backend choice depend on the params, their dtypes and
         # device, the hyperparameters and the state: skipped while none of these changed
@@ -324,7 +333,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         if last is not None and last.device == device:
             if last.exchange is not None:
                 distributed.check_gradients(type(self).__name__, params, grads)
-            return _Plan(group, params, device, last.backend, last.module, roles, grads,
+            return GroupPlan(group, params, device, last.backend, last.module, roles, grads,
                          settled=True, exchange=last.exchange, fp32=last.fp32)
         self._check_states(group, params, roles)
         # (again here: a wrapper may put partitions into the groups after construction)
@@ -339,7 +348,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         if not torch.compiler.is_compiling():
             self._checked[id(group)] = _Checked(checked, exchange, _attrs("shape", params),
                                                 device, backend, module, fp32)
-        return _Plan(group, params, device, backend, module, roles, grads, exchange=exchange,
+        return GroupPlan(group, params, device, backend, module, roles, grads, exchange=exchange,
                      fp32=fp32)
 
     def _check_grads(self, params: list[Tensor], grads: list[Tensor], dtypes: list,
@@ -530,11 +539,11 @@ class CriticalOptimizer(torch.optim.Optimizer):
                 "cm_sum": torch.zeros_like(p, dtype=sum_dtype(slot),
                                            memory_format=torch.contiguous_format)}
 
-    def _memory(self, plan: _Plan) -> list[Tensor]:
+    def _memory(self, plan: GroupPlan) -> list[Tensor]:
         """StepArgs.memory of the group (the adaptive-memory scalars; a hook)."""
         return []
 
-    def _run(self, plan: _Plan, grad_scale: Tensor | None, found_inf: Tensor | None,
+    def _run(self, plan: GroupPlan, grad_scale: Tensor | None, found_inf: Tensor | None,
              phase: Phase = Phase.ALL, reduced: Tensor | None = None) -> None:
         """The group's step, or one phase of it (the StepArgs built for the first phase
         serve the second)."""
@@ -552,7 +561,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         if phase != Phase.REDUCE and plan.write_back is not None:
             plan.write_back()
 
-    def _step_args(self, plan: _Plan, grad_scale: Tensor | None,
+    def _step_args(self, plan: GroupPlan, grad_scale: Tensor | None,
                    found_inf: Tensor | None) -> StepArgs | None:
         """The group's StepArgs (None after running torch's step, at kappa == 0)."""
         group, params, device, states = plan.group, plan.params, plan.device, plan.states
@@ -629,7 +638,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
             maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,
             rand=None, phase=int(Phase.ALL))
 
-    def _defers(self, plan: _Plan) -> bool:
+    def _defers(self, plan: GroupPlan) -> bool:
         """Whether this step leaves its inserts pending (StepArgs.pending): AdamCM on a
         backend that folds the norm into its update pass, which it can only do by writing
         each insert at the start of the next step, from the momentum as stored (hence fp32
@@ -680,7 +689,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         self.flush_buffers()
         return super().state_dict()
 
-    def _run_torch(self, plan: _Plan, grads, lr, grad_scale, found_inf) -> None:
+    def _run_torch(self, plan: GroupPlan, grads, lr, grad_scale, found_inf) -> None:
         """kappa == 0: torch's own code, fused (or foreach) unless the reference is asked
         for; torch paths without GradScaler inputs get unscaled gradients and are undone
         on the device where found_inf is set."""
@@ -772,7 +781,7 @@ def _any_none(values: list) -> bool:
     return any(map(operator.is_, values, itertools.repeat(None)))
 
 
-def _sharded(plans: list[_Plan]) -> bool:
+def _sharded(plans: list[GroupPlan]) -> bool:
     return any(plan.exchange for plan in plans)
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from . import distributed
 from .contract import Variant
 from .diagnostics import BufferDiagnostics
-from .engine import CriticalOptimizer, _Plan
+from .engine import CriticalOptimizer, GroupPlan
 
 
 def _steps_on_device(states) -> bool:
@@ -238,7 +238,7 @@ class AdamAM(_AdaptiveMemory):
         # (prod of the past betas, previous lr, last beta)
         return {"memory": torch.tensor([1.0, 0.0, 0.0], device=p.device)}
 
-    def _memory(self, plan: _Plan) -> list[Tensor]:
+    def _memory(self, plan: GroupPlan) -> list[Tensor]:
         return [s["memory"] for s in plan.states]
 
     def _betas(self):
@@ -256,6 +256,7 @@ class SGDAM(_AdaptiveMemory):
     variant = Variant.SGD_AM
     STATE_KEYS = ("step", "d")
     SPLIT_ACROSS_GROUPS = True
+    SHARED_ACROSS_GROUPS = (("lam", "beta_max"), "one beta for the whole optimizer")
 
     def __init__(self, params, lr=0.1, *, beta_max=0.9, lam=0.1, weight_decay=0.0,
                  maximize=False, fused=None, backend="auto"):
@@ -279,19 +280,12 @@ class SGDAM(_AdaptiveMemory):
     def _new_state(self, p, group):
         return {}
 
-    def _plan(self, group):
-        shared = {(g["lam"], g["beta_max"]) for g in self.param_groups}
-        if len(shared) > 1:
-            raise ValueError(f"SGDAM: every param group must have the same lam and beta_max "
-                             f"(one beta for the whole optimizer), got {sorted(shared)}")
-        return super()._plan(group)
-
     def _totals_on(self, device) -> Tensor:
         if self._totals is None or self._totals.device != device:
             self._totals = torch.zeros(3, device=device)  # D, N, last beta
         return self._totals
 
-    def _memory(self, plan: _Plan) -> list[Tensor]:
+    def _memory(self, plan: GroupPlan) -> list[Tensor]:
         return [self._totals_on(plan.device)]
 
     def _begin_split(self, plans):
