@@ -26,10 +26,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from . import checkpoint, distributed, registry, validation
+from . import checkpoint, distributed, registry, torch_step, validation
 from .contract import Phase, StepArgs, Tensors, Variant, sum_dtype
 from .quantize import n_blocks
-from .reference import flush_pending, unscaled
+from .reference import flush_pending
 
 log = logging.getLogger("cm_fused")
 
@@ -233,6 +233,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_shared()
         if torch.compiler.is_compiling():  # (first: before the traced code reads the state)
             for group in self.param_groups:
                 self._init_group(group)
@@ -279,6 +280,15 @@ class CriticalOptimizer(torch.optim.Optimizer):
             self._run(plan, grad_scale, found_inf, Phase.UPDATE, reduced)
         return loss
 
+    def _check_shared(self) -> None:
+        """The hyperparameters every group must share (SHARED_ACROSS_GROUPS) agree."""
+        names, why = self.SHARED_ACROSS_GROUPS
+        if names:
+            shared = {tuple(g[n] for n in names) for g in self.param_groups}
+            if len(shared) > 1:
+                raise ValueError(f"{type(self).__name__}: every param group must have the "
+                                 f"same {' and '.join(names)} ({why}), got {sorted(shared)}")
+
     def _begin_split(self, plans: list[GroupPlan]) -> None:
         """Before a step split into phases (SPLIT_ACROSS_GROUPS): check that the groups
         can share one decision, and reset the sums the REDUCE phase adds into (a hook)."""
@@ -291,12 +301,6 @@ class CriticalOptimizer(torch.optim.Optimizer):
 
     def _plan(self, group: dict) -> GroupPlan:
         validation.validate(group, self.HYPERPARAMETERS)
-        names, why = self.SHARED_ACROSS_GROUPS
-        if names:
-            shared = {tuple(g[n] for n in names) for g in self.param_groups}
-            if len(shared) > 1:
-                raise ValueError(f"{type(self).__name__}: every param group must have the "
-                                 f"same {' and '.join(names)} ({why}), got {sorted(shared)}")
         params = group["params"]
         grads = _attrs("grad", params)
         if _any_none(grads):
@@ -334,7 +338,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
             if last.exchange is not None:
                 distributed.check_gradients(type(self).__name__, params, grads)
             return GroupPlan(group, params, device, last.backend, last.module, roles, grads,
-                         settled=True, exchange=last.exchange, fp32=last.fp32)
+                             settled=True, exchange=last.exchange, fp32=last.fp32)
         self._check_states(group, params, roles)
         # (again here: a wrapper may put partitions into the groups after construction)
         distributed.refuse_flattened(type(self).__name__, params)
@@ -348,8 +352,8 @@ class CriticalOptimizer(torch.optim.Optimizer):
         if not torch.compiler.is_compiling():
             self._checked[id(group)] = _Checked(checked, exchange, _attrs("shape", params),
                                                 device, backend, module, fp32)
-        return GroupPlan(group, params, device, backend, module, roles, grads, exchange=exchange,
-                     fp32=fp32)
+        return GroupPlan(group, params, device, backend, module, roles, grads,
+                         exchange=exchange, fp32=fp32)
 
     def _check_grads(self, params: list[Tensor], grads: list[Tensor], dtypes: list,
                      shapes: list | None = None) -> bool:
@@ -586,7 +590,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         if group.get("kappa") == 0:
             if isinstance(lr, Tensor):  # torch's code takes the tensor as it is
                 lr = lr.to(device, non_blocking=True)
-            self._run_torch(plan, grads, lr, grad_scale, found_inf)
+            torch_step.run(self, plan, grads, lr, grad_scale, found_inf)
             return None
         if isinstance(lr, Tensor):
             # Once here, so no backend copies it: every backend reads a 0-dim fp32 lr on
@@ -689,44 +693,6 @@ class CriticalOptimizer(torch.optim.Optimizer):
         self.flush_buffers()
         return super().state_dict()
 
-    def _run_torch(self, plan: GroupPlan, grads, lr, grad_scale, found_inf) -> None:
-        """kappa == 0: torch's own code, fused (or foreach) unless the reference is asked
-        for; torch paths without GradScaler inputs get unscaled gradients and are undone
-        on the device where found_inf is set."""
-        group, params, states = plan.group, plan.params, plan.states
-        self._state_version += 1  # torch's code may add state (SGD's momentum buffer)
-        # torch's implementation: as the group's foreach/fused flags ask, else fused (or
-        # foreach) on the fused backends and the for-loop on the reference. Under
-        # torch.compile the for-loop: torch marks its fused kernels not traceable, and its
-        # foreach code does not trace on CPU.
-        compiling = torch.compiler.is_compiling()
-        fast = plan.backend != "reference" and not compiling
-        foreach = group.get("foreach")
-        if (group.get("fused") or (fast and foreach is None)) and not compiling \
-                and self._torch_fused_ok(group, states):
-            self._torch_step(group, params, grads, states, lr, fused=True,
-                             grad_scale=grad_scale, found_inf=found_inf)
-            return
-        impl = dict(foreach=(fast if foreach is None else foreach) and not compiling)
-        if grad_scale is not None:
-            grads = [unscaled(g, grad_scale).to(g.dtype) for g in grads]
-        if found_inf is None:
-            self._torch_step(group, params, grads, states, lr, **impl)
-            return
-        restore = _restore_if_found_inf(found_inf, [*params, *(
-            t for s in states for t in s.values() if isinstance(t, Tensor))])
-        before = [set(s) for s in states]
-        self._torch_step(group, params, grads, states, lr, **impl)
-        restore()
-        created = [(s, set(s) - keys) for s, keys in zip(states, before) if set(s) - keys]
-        # State torch created in this step (SGD's momentum buffer, on a tensor's first
-        # momentum step) cannot be undone on the device: whether it stays takes a host
-        # sync, once per tensor, on that first step only.
-        if created and found_inf.item() != 0:
-            for s, keys in created:
-                for key in keys:
-                    del s[key]
-
     # ------------------------------------------------------ checkpoints
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -756,23 +722,6 @@ def _check_top_c(group: dict, backend: str, module: ModuleType) -> None:
 
 def _no_pending(p: Tensor) -> Tensor:
     return torch.full((), -1, dtype=torch.int64, device=p.device)
-
-
-def _restore_if_found_inf(found_inf: Tensor, tensors: list[Tensor]):
-    """Snapshot ``tensors``; the returned callable puts them back where found_inf is set.
-
-    torch's for-loop (and foreach) steps take no found_inf, so such a kappa=0 step is done
-    and then undone on the device, without a host sync (it costs one copy of the params
-    and their state while it runs).
-    """
-    skip = found_inf != 0
-    saved = [t.clone() for t in tensors]
-
-    def restore():
-        for t, old in zip(tensors, saved):
-            t.copy_(torch.where(skip, old, t))
-
-    return restore
 
 
 def _any_none(values: list) -> bool:

@@ -35,10 +35,14 @@ def _interpreter_patches_the_language_once_per_launch():
             or not hasattr(interpreter, "_LangPatchScope"):
         return
     swapped = []  # the language modules the running launch swapped (none between launches)
+    found = {}  # id(a module's globals) -> the language modules it names
 
     def languages(fn):
-        return {id(v) for v in fn.__globals__.values()
-                if v is interpreter.tl or v is interpreter.tl.core}
+        key = id(fn.__globals__)
+        if key not in found:
+            found[key] = {id(v) for v in fn.__globals__.values()
+                          if v is interpreter.tl or v is interpreter.tl.core}
+        return found[key]
 
     def patch_lang(fn):
         if swapped and languages(fn) <= swapped[-1]:
