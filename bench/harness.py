@@ -141,7 +141,7 @@ def bytes_per_step(kind: str, numel: int, param_dtype: torch.dtype,
 
 def single_pass(prov: "Provider", optimizer: str, param_dtype: torch.dtype) -> bool:
     """Whether a provider's step makes one pass over memory: AdamCM with fp32 params on
-    the C++ backend, eager or compiled (cm_fused/engine.py: CriticalOptimizer._defers)."""
+    the C++ backend, eager or compiled (cm_fused/pending.py: PendingInserts.defers)."""
     return (prov.kind == "cm" and prov.option == "cpu"
             and optimizer == "adamcm" and param_dtype == torch.float32)
 

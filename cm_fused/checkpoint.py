@@ -56,7 +56,7 @@ def loadable_pairs(opt: CriticalOptimizer, state_dict: dict) -> list[tuple[Any, 
         _check_group(i, group, saved, opt, name, buffered)
         pairs += zip(saved["params"], group["params"])
     saved_state = state_dict["state"]
-    known = {*opt.STATE_KEYS, *(BUFFER_STATE if buffered else ())}
+    known = {*opt.spec.state_keys, *(BUFFER_STATE if buffered else ())}
     for pid, p in pairs:
         _check_state(saved_state.get(pid, {}), p, known, name)
     return pairs

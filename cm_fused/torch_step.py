@@ -11,15 +11,19 @@ from torch import Tensor
 from .reference import unscaled
 
 if TYPE_CHECKING:
-    from .engine import CriticalOptimizer, GroupPlan
+    from .planning import GroupPlan
+    from .spec import OptimizerSpec
+    from .state_store import StateStore
 
 
-def run(opt: CriticalOptimizer, plan: GroupPlan, grads, lr, grad_scale, found_inf) -> None:
-    """kappa == 0: torch's own code, fused (or foreach) unless the reference is asked
-    for; torch paths without GradScaler inputs get unscaled gradients and are undone
-    on the device where found_inf is set."""
-    group, params, states = plan.group, plan.params, plan.states
-    opt._state_version += 1  # torch's code may add state (SGD's momentum buffer)
+def run(spec: OptimizerSpec, store: StateStore, plan: GroupPlan, lr, grad_scale,
+        found_inf) -> None:
+    """kappa == 0: torch's own code (``spec.torch_step``), fused (or foreach) unless the
+    reference is asked for; torch paths without GradScaler inputs get unscaled gradients
+    and are undone on the device where found_inf is set."""
+    group, params, grads, states = plan.group, plan.params, plan.grads, plan.states
+    if not torch.compiler.is_compiling():  # (traced: CriticalOptimizer._init_group does)
+        store.changed()  # torch's code may add state (SGD's momentum buffer)
     # torch's implementation: as the group's foreach/fused flags ask, else fused (or
     # foreach) on the fused backends and the for-loop on the reference. Under
     # torch.compile the for-loop: torch marks its fused kernels not traceable, and its
@@ -28,20 +32,20 @@ def run(opt: CriticalOptimizer, plan: GroupPlan, grads, lr, grad_scale, found_in
     fast = plan.backend != "reference" and not compiling
     foreach = group.get("foreach")
     if (group.get("fused") or (fast and foreach is None)) and not compiling \
-            and opt._torch_fused_ok(group, states):
-        opt._torch_step(group, params, grads, states, lr, fused=True,
-                         grad_scale=grad_scale, found_inf=found_inf)
+            and spec.torch_fused is not None and spec.torch_fused(group, states):
+        spec.torch_step(group, params, grads, states, lr, fused=True,
+                        grad_scale=grad_scale, found_inf=found_inf)
         return
     impl = dict(foreach=(fast if foreach is None else foreach) and not compiling)
     if grad_scale is not None:
         grads = [unscaled(g, grad_scale).to(g.dtype) for g in grads]
     if found_inf is None:
-        opt._torch_step(group, params, grads, states, lr, **impl)
+        spec.torch_step(group, params, grads, states, lr, **impl)
         return
     restore = _restore_if_found_inf(found_inf, [*params, *(
         t for s in states for t in s.values() if isinstance(t, Tensor))])
     before = [set(s) for s in states]
-    opt._torch_step(group, params, grads, states, lr, **impl)
+    spec.torch_step(group, params, grads, states, lr, **impl)
     restore()
     created = [(s, set(s) - keys) for s, keys in zip(states, before) if set(s) - keys]
     # State torch created in this step (SGD's momentum buffer, on a tensor's first

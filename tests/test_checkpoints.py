@@ -139,12 +139,12 @@ def test_an_optimizer_pickled_by_an_older_version_unpickles_with_new_attributes(
     opt = ref(params)
     set_grads(params, 0)
     opt.step()
-    for attr in ("_backend_cache", "backends_in_use"):  # as if an older version pickled it
+    for attr in ("_backends", "_runner", "backends_in_use"):  # as an older version pickled it
         del opt.__dict__[attr]
     for group in opt.param_groups:
         del group["critical_test"]
     clone = pickle.loads(pickle.dumps(opt))
-    assert clone._backend_cache == {} and clone.param_groups[0]["critical_test"] == 0.0
+    assert clone._backends._cache == {} and clone.param_groups[0]["critical_test"] == 0.0
     set_grads(clone.param_groups[0]["params"], 1)
     clone.step()
 

@@ -9,7 +9,7 @@ the one call-site save it tolerates);
 16-byte vector global loads in the full-block loops of aligned fp32 buckets (and none
 where the bucket is unaligned); and, with int8 slots, the quantizer's rounding constant
 in the code (not folded away). ``python -m pytest tests/test_compile_gate.py -s``
-prints the table; the default run compiles a representative subset, ``-m slow`` every
+prints the table (``-m aot`` selects the gate alone); the default run compiles a representative subset, ``-m slow`` every
 configuration of every optimizer, dtype and topC up to 256 (the Triton backend's bound).
 """
 from __future__ import annotations
@@ -29,6 +29,8 @@ try:
     import triton  # noqa: F401
 except ImportError as e:
     pytest.skip(f"triton is not importable ({e})", allow_module_level=True)
+
+pytestmark = pytest.mark.aot
 
 ARCHS = (90, 80)
 SHAPES = [(64,), (3, 5), (2, 33), ()]
@@ -107,6 +109,9 @@ def _variants(full: bool) -> dict:
 
 def _compile(variants: list[dict]) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # (the checkout's package, whether or not it is installed)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(HERE),
+                                                      env.get("PYTHONPATH")]))
     out = subprocess.run([sys.executable, os.path.join(HERE, "compile_gate.py"),
                           *(f"--arch={a}" for a in ARCHS)], input=json.dumps(variants),
                          capture_output=True, text=True, env=env, timeout=1500)

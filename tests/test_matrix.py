@@ -153,7 +153,7 @@ def test_an_always_flushed_group_is_written_once_then_costs_nothing(monkeypatch)
     not defer (its graph may replay unseen), also after load_state_dict. With CPU state
     only tensors holding an insert are written: kappa=0 steps after compiled ones write
     each pending insert once, then nothing, and stay in lock step with the reference."""
-    import cm_fused.engine as engine
+    import cm_fused.pending as pending_inserts
     require("cpu")
     params, twin = make_params(CPU_SHAPES), make_params(CPU_SHAPES)
     kw = dict(topC=2, decay=0.9, synced=False)
@@ -166,13 +166,13 @@ def test_an_always_flushed_group_is_written_once_then_costs_nothing(monkeypatch)
             fn()
     pending = sum(opt.state[p]["cm_pending"].item() >= 0 for p in params)
     assert pending > 0  # (not vacuous)
-    written, flush = [], engine.flush_pending
+    written, flush = [], pending_inserts.flush_pending
 
     def counted(*args):
         written.append(args[-1].item())
         flush(*args)
 
-    monkeypatch.setattr(engine, "flush_pending", counted)
+    monkeypatch.setattr(pending_inserts, "flush_pending", counted)
     opt.param_groups[0]["kappa"] = ref.param_groups[0]["kappa"] = 0.0
     for t in range(3, 6):
         for ps, fn in ((params, opt.step), (twin, ref.step)):
@@ -184,7 +184,7 @@ def test_an_always_flushed_group_is_written_once_then_costs_nothing(monkeypatch)
     # (the compiled graph may replay the deferring step without tracing it again).
     opt.load_state_dict(opt.state_dict())
     opt.flush_buffers()
-    assert opt._may_pend(opt.param_groups[0])
+    assert opt._pending.may_pend(opt.param_groups[0])
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)

@@ -217,7 +217,7 @@ def test_int8_slots_with_sharded_parameters_are_refused_and_change_nothing(monke
     set_grads(params, 0)
     monkeypatch.setattr(distributed, "is_sharded_type", lambda t: True)
     with pytest.raises(NotImplementedError, match="int8 with sharded"):
-        opt._new_state(params[0], opt.param_groups[0])
+        opt._store.new_buffer(params[0], opt.param_groups[0])
 
 
 def test_a_state_allocation_that_fails_changes_nothing():
@@ -295,9 +295,10 @@ def test_a_step_with_nothing_changed_skips_the_state_checks_and_allocation(monke
         set_grads(params, t)
         opt.step()
     calls = []
-    real_check, real_alloc = opt._check_states, opt._state_for
-    monkeypatch.setattr(opt, "_check_states", lambda *a: calls.append("check") or real_check(*a))
-    monkeypatch.setattr(opt, "_state_for", lambda *a: calls.append("alloc") or real_alloc(*a))
+    store = opt._store
+    real_check, real_alloc = store.check, store._state_for
+    monkeypatch.setattr(store, "check", lambda *a: calls.append("check") or real_check(*a))
+    monkeypatch.setattr(store, "_state_for", lambda *a: calls.append("alloc") or real_alloc(*a))
     set_grads(params, 2)
     opt.step()
     assert calls == []
@@ -336,3 +337,30 @@ def test_a_state_reset_by_the_user_steps_as_fresh(reset):
     opt.step()
     assert opt.state[params[0]]["step"].item() == 1
     assert opt.state[params[0]]["cm_count"].item() == 1
+
+
+def test_entries_taken_back_from_a_stepped_state_are_allocated_again():
+    """A failed allocation takes back what it added to a state that already had entries
+    (a checkpoint of a version without insert counts); the next step must not count that
+    group as settled (the state's version changed), whatever else is unchanged."""
+    params = make_params([(4,), (3,)])
+    opt = ref(params, lr=1e-2)
+    for t in range(2):
+        set_grads(params, t)
+        opt.step()
+    sd = opt.state_dict()
+    for st in sd["state"].values():
+        del st["cm_inserts"]  # (an older version's checkpoint)
+    old = ref(params, lr=1e-2)
+    old.load_state_dict(sd)
+    big = torch.nn.Parameter(torch.ones(1000))
+    old.add_param_group({"params": [big], "topC": 10 ** 12})
+    big.grad = torch.ones(1000)
+    with pytest.raises(RuntimeError):
+        old.step()
+    assert all("cm_inserts" not in old.state[p] for p in params)  # (taken back)
+    old.param_groups.pop()  # the user drops the group that could not be allocated
+    old.state.pop(big, None)
+    set_grads(params, 3)
+    old.step()
+    assert all(old.state[p]["cm_inserts"].item() >= 0 for p in params)
