@@ -164,15 +164,17 @@ class Tensors(tuple):
     serials are never reused). A launcher may key its host-side tables on the serial
     instead of reading every tensor's address each step (cm_fused/triton/launch.py).
     What the serial cannot see is a tensor whose storage is swapped in place (``.data =``,
-    ``set_``): the optimizer gives state tensors out only through ``state`` entries, and a
-    replaced entry makes a new serial."""
+    ``set_``): the launcher compares addresses for that. ``plans`` holds a launcher's
+    host-side tables for the group this list belongs to, freed with it."""
 
     serial: int
+    plans: dict
     _serials = itertools.count()
 
     def __new__(cls, tensors):
         self = super().__new__(cls, tensors)
         self.serial = next(cls._serials)
+        self.plans = {}
         return self
 
     def __reduce__(self):  # a copy or a pickle is a plain tuple: it vouches for nothing

@@ -49,7 +49,7 @@ class PendingInserts:
             return False
         if not torch.compiler.is_compiling():  # (traced: marked by traced_step)
             self._pending.add(id(group))
-            if plan.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            if plan.device.type == "cuda" and _capturing_on(plan.device):
                 self._replayed.add(id(group))
         return True
 
@@ -88,3 +88,9 @@ class PendingInserts:
         replayed = {i for i, g in enumerate(old) if id(g) in self._replayed}
         self._pending = {id(g) for g in new}
         self._replayed = {id(g) for i, g in enumerate(new) if i in replayed}
+
+
+def _capturing_on(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` (not of the current device) captures."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()

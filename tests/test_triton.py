@@ -18,37 +18,8 @@ from compare import (TOLERANCE, assert_bit_identical, copy_params, make_params, 
                      run_lockstep, set_grads)
 from family import EVERY, FAMILY, make
 
-try:
-    import triton  # noqa: F401
-except ImportError as e:  # the only reason to skip: no Triton at all
-    pytest.skip(f"triton is not importable ({e})", allow_module_level=True)
-
-import cm_fused.triton as triton_backend  # noqa: E402
-
-# Triton imports, so the backend must work: a kernel that fails to load (or a
-# TRITON_INTERPRET=0 without a CUDA device) fails every test, with the reason.
-REASON = triton_backend.unavailable_reason()
-
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-# Shapes for lock-step runs: 0-dim, 1, odd, empty, and 4097 (several chunks, the last
-# one a single element, with the chunk sizes set below).
-SHAPES = [(), (1,), (4097,), (3, 5), (0,), (2, 33)]
-
-
-@pytest.fixture(autouse=True)
-def _available(small_chunks):
-    if REASON is not None:
-        pytest.fail(f"triton is importable but the triton backend is unavailable: {REASON}",
-                    pytrace=False)
-
-
-def tri(**kw):
-    return lambda params: AdamCM(params, backend="triton", **kw)
-
-
-def ref(**kw):
-    return lambda params: AdamCM(params, backend="reference", **kw)
+from triton_common import (DEVICE, HAS_CUDA, REASON, SHAPES, backend_available,  # noqa: F401
+                           ref, tri, triton_backend)
 
 
 def lockstep(cfg, shapes=SHAPES, steps=12, dtype=torch.float32, name="adamcm", **kw):
@@ -195,26 +166,6 @@ def test_changing_hyperparameters_does_not_respecialise_kernels(small_chunks, te
     assert all(spec.count("fp32") >= 2 for _, spec, _ in specs[0][2:])  # decide, update
 
 
-def test_unaligned_storage_takes_the_masked_path_and_matches(small_chunks):
-    """Params that are views at an odd offset (4-byte aligned only): the bucket is not
-    marked aligned (no 16-byte vector hints), and the step is still right."""
-    def odd_views(make):
-        def f(params):
-            for p in params:
-                flat = torch.zeros(p.numel() + 1, dtype=p.dtype, device=p.device)
-                flat[1:] = p.data.flatten()
-                p.data = flat[1:].view(p.shape)
-            return make(params)
-        return f
-    shapes = [(4097,), (3, 5), ()]
-    run_lockstep(odd_views(tri(topC=2)), odd_views(ref(topC=2)), shapes, 4, device=DEVICE)
-    aligned = [b.aligned for plan in small_chunks._cache.values() for b in plan.buckets]
-    assert aligned[-1] is False
-    run_lockstep(tri(topC=2), ref(topC=2), [(64,), (8, 4)], 2, device=DEVICE)
-    aligned = [b.aligned for plan in small_chunks._cache.values() for b in plan.buckets]
-    assert aligned[-1] is True
-
-
 def test_topc_beyond_the_backends_bound_is_refused_at_construction():
     p = torch.nn.Parameter(torch.ones(3, device=DEVICE))
     AdamCM([p], backend="triton", topC=triton_backend.CAPABILITIES.max_top_c)
@@ -226,106 +177,6 @@ def test_topc_beyond_the_backends_bound_is_refused_at_construction():
                              "topC": 300})
     assert len(opt.param_groups) == 1
     AdamCM([p], backend="reference", topC=300)  # the reference has no bound
-
-
-def test_plans_a_captured_graph_uses_are_never_freed(small_chunks, monkeypatch):
-    """While a CUDA graph captures (simulated: the check is patched), a plan the step
-    uses is kept outside the LRU cache, so that a flood of other plans cannot free the
-    tables the graph reads; a step with tensors never stepped eagerly is refused then,
-    with the reason (its tables would need host-to-device copies)."""
-    params = make_params(SHAPES)
-    opt = AdamCM(params, backend="triton")
-    set_grads(params, 0)
-    opt.step()  # warm-up: state and tables
-    monkeypatch.setattr(small_chunks, "_capturing", lambda t: True)
-    opt.step()  # "captured" (a graph's gradients are static tensors: the same pointers)
-    assert len(small_chunks._captured) == 1
-    other = make_params([(3,)])
-    set_grads(other, 0)
-    fresh = AdamCM(other, backend="triton")
-    with pytest.raises(RuntimeError, match="warm-up"):
-        fresh.step()
-    monkeypatch.setattr(small_chunks, "_capturing", lambda t: False)
-    for i in range(small_chunks.CACHE_SIZE + 2):  # evict everything from the LRU cache
-        ps = make_params([(i + 1,)])
-        set_grads(ps, 0)
-        AdamCM(ps, backend="triton").step()
-    builds = small_chunks.stats["builds"]
-    opt.step()
-    assert small_chunks.stats["builds"] == builds  # the captured plan was still there
-    (graph_plan,) = small_chunks._captured.values()
-    held = graph_plan.grad_ptrs
-    keep = [p.grad for p in params]
-    monkeypatch.setattr(small_chunks, "_capturing", lambda t: True)
-    set_grads(params, 1)  # new gradients while capturing: refused, nothing rewritten
-    with pytest.raises(RuntimeError, match="warm-up"):
-        opt.step()
-    monkeypatch.setattr(small_chunks, "_capturing", lambda t: False)
-    set_grads(params, 1)  # new gradients after the capture: the graph's tables stay
-    opt.step()
-    assert graph_plan.grad_ptrs == held and small_chunks.stats["builds"] == builds + 1
-    assert graph_plan in small_chunks._graph_held
-    small_chunks.release_captured_plans()
-    assert not small_chunks._captured and not small_chunks._graph_held
-    del keep
-
-
-def test_alignment_is_decided_per_tensor(small_chunks):
-    """One odd tensor (15 fp32 elements: its slots are not 16-byte aligned) in a group of
-    aligned ones gets a bucket of its own; the others keep the vector path."""
-    shapes = [(64,), (3, 5), (8, 4), (128,)]
-    run_lockstep(tri(topC=2), ref(topC=2), shapes, 2, device=DEVICE)
-    plan = next(reversed(small_chunks._cache.values()))
-    buckets = {b.aligned: b.n for b in plan.buckets}
-    assert buckets == {True: 3, False: 1}
-
-
-def test_a_cache_hit_rebuilds_nothing_and_new_gradients_move_only_their_rows(small_chunks):
-    """Unchanged tensors: every step a plan-cache hit. New gradient tensors (what
-    zero_grad(set_to_none=True) hands out): only the gradient rows of the tables are
-    rewritten, no rebuild, and the step reads the new gradients (it matches the
-    reference). A replaced state entry, or a gradient no longer 16-byte aligned in an
-    aligned bucket, rebuilds."""
-    shapes = [(64,), (8, 8), (3, 5), (4097,)]
-    params = make_params(shapes, device=DEVICE)
-    twins = copy_params(params)
-    opt, twin = AdamCM(params, backend="triton", topC=3), AdamCM(twins, backend="reference",
-                                                                  topC=3)
-
-    def step(i, regrad):
-        for ps, o in ((params, opt), (twins, twin)):
-            if regrad:
-                set_grads(ps, i)
-            o.step()
-        atol, rtol = TOLERANCE[torch.float32]
-        for a, b in zip(params, twins):
-            torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
-
-    step(0, regrad=True)
-    builds, hits, moves = (small_chunks.stats[k] for k in ("builds", "hits", "grad_refreshes"))
-    keep = []
-    for i in range(1, 4):
-        keep += [p.grad for p in params]  # alive: the new gradients' addresses must differ
-        step(i, regrad=True)
-    for p in params:  # the same gradient storage, new values: a plain hit
-        p.grad.copy_(torch.randn_like(p.grad))
-    for p, twin_p in zip(params, twins):
-        twin_p.grad.copy_(p.grad)
-    step(4, regrad=False)
-    assert small_chunks.stats["builds"] == builds
-    assert small_chunks.stats["grad_refreshes"] == moves + 3
-    assert small_chunks.stats["hits"] == hits + 4
-
-    opt.state[params[0]]["exp_avg"] = opt.state[params[0]]["exp_avg"].clone()
-    step(5, regrad=False)
-    assert small_chunks.stats["builds"] == builds + 1  # a replaced state entry is seen
-
-    storage = torch.zeros(64 + 1, device=DEVICE)  # a gradient at an address 4 bytes off
-    params[0].grad = storage[1:].copy_(params[0].grad)
-    twins[0].grad = params[0].grad.clone()
-    step(6, regrad=False)
-    assert small_chunks.stats["builds"] == builds + 2
-    del keep
 
 
 def test_pending_inserts_it_cannot_defer_are_refused_and_change_nothing():
@@ -441,7 +292,7 @@ def test_gpu_cuda_graph_replay_matches_eager():
     with torch.cuda.graph(graph):
         graphed.step()
     from cm_fused.triton import launch
-    for i in range(launch.CACHE_SIZE + 2):  # evict the LRU cache: the graph's plan stays
+    for i in range(launch.CACHE_SIZE + 2):  # other plans come and go: the graph's stays
         ps = make_params([(i + 1,)], device="cuda")
         set_grads(ps, 0)
         AdamCM(ps, backend="triton").step()

@@ -12,9 +12,9 @@ is the same for all buckets.
 
 Tables are built on the host from shapes and ``data_ptr()`` values only (nothing is read
 from the device), uploaded once per distinct set of pointers (pinned memory and a
-non-blocking copy on CUDA), and cached keyed on the pointers, numels and dtypes, so a
-step with unchanged tensors does no host-to-device copy at all. No step reads a device
-value on the host.
+non-blocking copy on CUDA), and kept by the param group they belong to (plan_for), keyed
+on the pointers, numels and dtypes, so a step with unchanged tensors does no
+host-to-device copy at all. No step reads a device value on the host.
 
 Block sizes: not measured (this code was written without access to a GPU); chosen from
 the compiled kernels (PTX and ptxas register counts for sm_90, compiled without a GPU)
@@ -25,6 +25,7 @@ tensor; they are read at every call.
 from __future__ import annotations
 
 import collections
+import itertools
 import operator
 import struct
 from dataclasses import dataclass, field
@@ -53,8 +54,8 @@ NUM_WARPS = 4
 RBLOCK = 1024
 # Tensors per program of the decide pass (a [TB, next_pow2(topC)] tile of keys).
 DECIDE_TB = 128
-# Distinct pointer sets kept (each group of each optimizer is one entry; a new set of
-# grad pointers is another).
+# Distinct pointer sets kept for steps whose group owns no plans (plan_for): traced
+# steps and direct calls of the op.
 CACHE_SIZE = 32
 
 # The storage dtypes the kernels take (params, state and slots: registry.FUSED_DTYPES;
@@ -99,6 +100,14 @@ class _Plan:
     keepalive: list = field(default_factory=list)
     grad_rows: torch.Tensor | None = None  # (pinned) host copy of the last grad-row rewrite
     in_graph: bool = False  # used while a CUDA graph captured: its tables never change
+    state_ptrs: tuple = ()  # the state tensors' addresses in the tables (_state_ptrs)
+    key: tuple = ()  # what the tables were built for (_key)
+    # CUDA: the streams (cuda_stream handles) the buffers are known to be used on, the
+    # one they were allocated on first; None elsewhere.
+    streams: set | None = None
+
+    def device_buffers(self) -> list:
+        return [self.partials, self.sumsq, self.dec_i, self.dec_f, self.keepalive[-1]]
 
 
 _cache: collections.OrderedDict = collections.OrderedDict()
@@ -108,7 +117,7 @@ _captured: dict = {}
 _graph_held: list = []
 # For tests: how often tables were built, found, and had only their gradient rows
 # rewritten (new gradient addresses, as zero_grad(set_to_none=True) gives).
-stats = {"builds": 0, "hits": 0, "grad_refreshes": 0}
+stats = {"builds": 0, "hits": 0, "grad_refreshes": 0, "stale": 0}
 
 
 _data_ptr = torch.Tensor.data_ptr
@@ -231,14 +240,31 @@ def _build(args: StepArgs, ns: int, chunk: int, block: int) -> _Plan:
         bucket_order=torch.tensor([i for b in buckets for i in b.idx], dtype=torch.int64),
         in_aligned=torch.tensor([i for b in buckets if b.aligned for i in b.idx],
                                 dtype=torch.int64),
-        keepalive=[*keepalive, dev])
+        keepalive=[*keepalive, dev], state_ptrs=_state_ptrs(args),
+        streams={torch.cuda.current_stream(device).cuda_stream}
+        if device.type == "cuda" else None)
 
 
 def plan_for(args: StepArgs, ns: int, chunk: int, block: int) -> _Plan:
-    """The tables of this group's tensors (``ns`` sums per tensor in the reduce pass)."""
+    """The tables of this group's tensors (``ns`` sums per tensor in the reduce pass).
+
+    A group the optimizer vouches for (``args.steps`` a contract.Tensors, one per group
+    and per set of step counters) owns its plans: they live in that list's ``plans``, as
+    long as the group's lists do, so any number of groups and optimizers step without a
+    rebuild. Other calls (a traced step, the op called directly) share an LRU cache."""
     key = _key(args, ns, chunk, block)
     capturing = _capturing(args.params[0])
-    plan = _cache.get(key) or _captured.get(key)
+    owner = args.steps if type(args.steps) is Tensors else None
+    if owner is not None:
+        held = owner.plans.get((ns, chunk, block))
+        plan = held if held is not None and held.key == key else _captured.get(key)
+    else:
+        plan = _cache.get(key) or _captured.get(key)
+    if plan is not None and plan.state_ptrs != _state_ptrs(args):
+        # A state tensor's storage was swapped in place (.data =, set_): its table rows
+        # hold a freed address. Rebuilt (refused while capturing, below).
+        stats["stale"] += 1
+        plan = None
     if plan is not None:
         grads = _ptrs(args.grads)
         # (not while capturing: the graph would hold the upload's host buffer)
@@ -253,22 +279,47 @@ def plan_for(args: StepArgs, ns: int, chunk: int, block: int) -> _Plan:
         if capturing:
             raise RuntimeError(
                 "cm_fused (triton): a CUDA graph is capturing a step whose tensors this "
-                "process has not stepped yet (new parameters, state or gradient tensors); "
+                "process has not stepped yet (new parameters, state or gradient tensors, "
+                "or storage swapped in place since the last step); "
                 "building their tables needs host-to-device copies, which a capture cannot "
                 "hold. Run one eager step with the same tensors first (the usual warm-up "
                 "before capture, with the gradients the graph will use).")
         plan = _build(args, ns, chunk, block)
+        plan.key = key
         stats["builds"] += 1
-        _cache[key] = plan
-        _cache.move_to_end(key)
         _captured.pop(key, None)  # (a graph's own plan stays alive in _graph_held)
-        while len(_cache) > CACHE_SIZE:
-            _cache.popitem(last=False)
+        if owner is not None:
+            owner.plans[(ns, chunk, block)] = plan
+        else:
+            _cache[key] = plan
+            _cache.move_to_end(key)
+            while len(_cache) > CACHE_SIZE:
+                _cache.popitem(last=False)
+    if plan.streams is not None:
+        _used_on_current_stream(plan)
     if capturing and not plan.in_graph:  # the graph holds the tables' addresses
         plan.in_graph = True
         _captured[key] = plan
         _graph_held.append(plan)
     return plan
+
+
+def _used_on_current_stream(plan: _Plan) -> None:
+    """The plan's device buffers were allocated on the stream current when it was built;
+    launched on another, they must not be handed out again before that stream is done
+    with them (the caching allocator only waits for the stream it allocated on)."""
+    stream = torch.cuda.current_stream(plan.partials.device)
+    if stream.cuda_stream not in plan.streams:
+        plan.streams.add(stream.cuda_stream)
+        for t in plan.device_buffers():
+            t.record_stream(stream)
+
+
+def _state_ptrs(args: StepArgs) -> tuple:
+    """Every state tensor's address, in one C-level pass: what the serials in the key
+    cannot see (a storage swapped in place)."""
+    return tuple(map(_data_ptr, itertools.chain.from_iterable(
+        map(getattr, itertools.repeat(args), _STATE_LISTS))))
 
 
 def _move_grads(plan: _Plan, grads: tuple) -> bool:
