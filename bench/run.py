@@ -168,41 +168,8 @@ TABLE_HEAD = (f"{'optimizer':<9} {'set':<11} {'dtype':<5} {'buf':<4} {'C':>2}  "
               f"{'MB/step':>8} {'GB/s':>6} {'peak+MiB':>8} {'cpu%':>4}")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.list:
-        for n in param_sets.SETS:
-            print(param_sets.describe(n))
-        for p in H.PROVIDERS.values():
-            print(f"{p.name}: {p.doc}")
-        for o in H.OPTIMIZERS.values():
-            print(f"{o.name}: cm_fused.{o.cm.__name__} vs torch.optim.{o.torch.__name__}")
-        return 0
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    reps = args.reps or (100 if device.type == "cuda" else 30)
-    jobs = plan(args, device)
-
-    t_start = time.perf_counter()
-    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    meta = dict(device=H.device_name(device), device_type=device.type, **H.versions(),
-                commit=H.git_commit(), run_id=run_id, threads=torch.get_num_threads())
-    progress(f"cm_fused bench: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
-             f"{len(jobs)} rows, {reps} timed steps each")
-    for name, status in H.cm_fused.backends().items():
-        progress(f"backend {name}: {short(status, 300)}")
-    progress("measuring copy bandwidth ...")
-    copy_gbps = H.copy_bandwidth(device) / 1e9
-    meta["device_copy_gbps"] = round(copy_gbps, 2)
-    if device.type == "cpu" and H.COPY_CPU_SHARE[0] is not None:
-        meta["device_copy_cpu_share"] = round(H.COPY_CPU_SHARE[0], 3)
-
+def _measure_rows(args, jobs, device, reps, meta) -> list[dict]:
+    """Every row of the plan, measured (or skipped, or failed, saying why)."""
     rows, baseline, data, why = [], {}, {}, {}
     for i, (oname, sname, dname, bname, topC, pname) in enumerate(jobs, 1):
         prov, opt = H.PROVIDERS[pname], H.OPTIMIZERS[oname]
@@ -282,8 +249,11 @@ def main(argv=None):
         rows.append(row)
     data.clear()
 
-    elapsed = time.perf_counter() - t_start
+    return rows
 
+
+def _report(meta, rows, device, reps, copy_gbps, elapsed) -> None:
+    """The table and its legend, on stdout."""
     print(f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
           f"commit {meta['commit']} | {meta['threads']} threads")
     share = H.COPY_CPU_SHARE[0] if device.type == "cpu" else None
@@ -314,6 +284,48 @@ def main(argv=None):
         print(f"WARNING: this process got a median {100 * shares[len(shares) // 2]:.0f}% of its "
               f"{meta['threads']} threads' time while timing: other processes were using the "
               f"cores, so these times are inflated and noisy. Re-run on a quiet machine.")
+
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.list:
+        for n in param_sets.SETS:
+            print(param_sets.describe(n))
+        for p in H.PROVIDERS.values():
+            print(f"{p.name}: {p.doc}")
+        for o in H.OPTIMIZERS.values():
+            print(f"{o.name}: cm_fused.{o.cm.__name__} vs torch.optim.{o.torch.__name__}")
+        return 0
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps = args.reps or (100 if device.type == "cuda" else 30)
+    jobs = plan(args, device)
+
+    t_start = time.perf_counter()
+    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    meta = dict(device=H.device_name(device), device_type=device.type, **H.versions(),
+                commit=H.git_commit(), run_id=run_id, threads=torch.get_num_threads())
+    progress(f"cm_fused bench: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
+             f"{len(jobs)} rows, {reps} timed steps each")
+    for name, status in H.cm_fused.backends().items():
+        progress(f"backend {name}: {short(status, 300)}")
+    progress("measuring copy bandwidth ...")
+    copy_gbps = H.copy_bandwidth(device) / 1e9
+    meta["device_copy_gbps"] = round(copy_gbps, 2)
+    if device.type == "cpu" and H.COPY_CPU_SHARE[0] is not None:
+        meta["device_copy_cpu_share"] = round(H.COPY_CPU_SHARE[0], 3)
+
+    rows = _measure_rows(args, jobs, device, reps, meta)
+    elapsed = time.perf_counter() - t_start
+
+    _report(meta, rows, device, reps, copy_gbps, elapsed)
 
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

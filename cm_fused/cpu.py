@@ -83,7 +83,10 @@ def _load_prebuilt() -> str | None:
     except (ImportError, ValueError) as e:
         return f"cannot look up cm_fused._C: {e}"
     if spec is None or not spec.origin or not os.path.isfile(spec.origin):
-        return "no prebuilt extension (installed with CM_FUSED_NO_EXT=1, or its build failed)"
+        where = os.path.dirname(os.path.abspath(__file__))
+        return (f"no prebuilt extension next to {where} (a source checkout that was not "
+                f"installed with `pip install -e .`, an install with CM_FUSED_NO_EXT=1, or "
+                f"a failed build)")
     tag = build_tag(spec.origin)
     if tag != torch.__version__:
         return (f"the prebuilt extension {spec.origin} was built for torch {tag or '(unknown)'}, "

@@ -158,6 +158,9 @@ def test_mixed_group_exchanges_only_the_sharded_rows(tmp_path):
             for i, (a, b) in enumerate(zip(placed["params"], whole["params"])):
                 assert _close(a, b, 1e-5), (name, i)
             for i, st in whole["state"].items():
-                for key in ("cm_count", "step"):
+                for key in ("cm_count", "cm_inserts", "step"):
                     if key in st:
                         assert torch.equal(placed["state"][i][key], st[key]), (name, i, key)
+                if "cm_keys" in st:  # (a wrong exchange made them 17-26% too large)
+                    assert _close(placed["state"][i]["cm_keys"], st["cm_keys"], 1e-5), (name, i)
+                    assert st["cm_inserts"].item() >= 2, (name, i)  # (not vacuous)

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+import cm_fused
 from cm_fused.quantize import QBLOCK, dequantize, n_blocks, quantize
+from family import BACKENDS, require
 
 
 def model(x: torch.Tensor):
@@ -95,3 +97,31 @@ def test_dequantize_takes_a_whole_buffer_of_slots():
     both = dequantize(q, s)
     for j in range(C):
         assert torch.equal(both[j], dequantize(q[j], s[j]))
+
+
+# A block whose largest magnitude is subnormal: a / 127 rounds to a scale so coarse that
+# a / scale is 190, which only the clamp keeps at 127 (in int8, 190 would wrap to -66).
+SUBNORMAL_BLOCK = torch.tensor([190 * 2.0 ** -149, -95 * 2.0 ** -149, 2.0 ** -149, 0.0])
+
+
+def test_a_block_with_a_subnormal_scale_stores_its_max_as_127():
+    q, s = quantize(SUBNORMAL_BLOCK)
+    q_model, s_model = model(SUBNORMAL_BLOCK)
+    assert torch.equal(q, q_model) and torch.equal(s, s_model)
+    assert q[0].item() == 127 and s.item() == 2.0 ** -149
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_stores_a_subnormal_block_as_the_quantizer_does(backend):
+    """SGDCG at lr 0 inserts the gradient as it is: slot 0 holds the quantizer's bytes,
+    and S what the slot holds."""
+    require(backend)
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = SUBNORMAL_BLOCK.clone()
+    opt = cm_fused.SGDCG([p], lr=0.0, topC=2, buffer_dtype=torch.int8, backend=backend)
+    opt.step()
+    opt.flush_buffers()
+    st = opt.state[p]
+    q, s = quantize(SUBNORMAL_BLOCK)
+    assert torch.equal(st["cm_buffer"][0], q) and torch.equal(st["cm_scales"][0], s)
+    assert torch.equal(st["cm_sum"], dequantize(q, s))

@@ -29,20 +29,25 @@ def _model(seed=0):
 
 # ------------------------------------------------------------ SAM
 
-def test_sam_is_the_base_step_at_the_perturbed_point():
-    params, x = _model(), torch.randn(5, 4)
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_sam_is_the_base_step_at_the_perturbed_point(adaptive):
+    """By hand: SAM's e = rho·g/‖g‖; ASAM's (Kwon et al. 2021) e = rho·|w|²⊙g/‖|w|⊙g‖;
+    the norms over every parameter."""
+    rho = 0.5 if adaptive else 0.1
+    params, x = _model(int(adaptive)), torch.randn(5, 4)
     mine = [p.detach().clone() for p in params]
-    opt = cm_fused.SAM(params, torch.optim.SGD, rho=0.1, lr=0.05)
+    opt = cm_fused.SAM(params, torch.optim.SGD, rho=rho, adaptive=adaptive, lr=0.05)
     for _ in range(3):
         _loss(params, x).backward()
         opt.first_step(zero_grad=True)
         _loss(params, x).backward()
         opt.second_step(zero_grad=True)
-        # by hand: w - lr * grad(w + rho g / ||g||)
         ws = [w.clone().requires_grad_() for w in mine]
         g = torch.autograd.grad(_loss(ws, x), ws)
-        norm = torch.linalg.vector_norm(torch.stack([gi.norm() for gi in g]))
-        shifted = [(w + 0.1 * gi / (norm + 1e-12)).requires_grad_() for w, gi in zip(mine, g)]
+        t = [w.abs() if adaptive else torch.ones_like(w) for w in mine]
+        norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g)))
+        shifted = [(w + rho * ti * ti * gi / (norm + 1e-12)).requires_grad_()
+                   for w, ti, gi in zip(mine, t, g)]
         g2 = torch.autograd.grad(_loss(shifted, x), shifted)
         mine = [w - 0.05 * gi for w, gi in zip(mine, g2)]
     for p, w in zip(params, mine):
