@@ -36,7 +36,26 @@ def test_smoke_run_writes_every_result_and_figure(tmp_path):
     for png in ("trajectories_goldstein_price", "trajectories_ackley", "trajectories_levy",
                 "trajectories_ackley_rosenbrock", "escape_ratio", "buffer_over_training"):
         assert (tmp_path / f"{png}.png").stat().st_size > 1000
-    assert "Escape ratio" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Escape ratio" in summary
+    # --smoke has one start and one seed: no spread to print (no "± 0.000").
+    assert r["meta"]["settings"]["seeds"] == 1 and r["real_tasks"]["settings"]["seeds"] == 1
+    assert "±" not in summary and "| Adam | " in summary
+
+
+def test_default_output_is_untracked(monkeypatch):
+    """A run without --out never overwrites the committed bench/paper/results/: it goes
+    to a folder .gitignore ignores."""
+    monkeypatch.syspath_prepend(str(PAPER))
+    import run
+    root = PAPER.parent.parent
+    out = run.DEFAULT_OUT.resolve()
+    assert out != (PAPER / "results").resolve() and root.resolve() in out.parents
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "-C", str(root), "check-ignore", "-q",
+                              str(out / "results.json")], capture_output=True)
+    assert ignored.returncode == 0, f"{out} is not ignored by git"
 
 
 def test_sharpness_is_the_top_hessian_eigenvalue(paper):

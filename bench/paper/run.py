@@ -1,9 +1,14 @@
 #!/usr/bin/env python
 """The paper's experiments (Malviya et al., TMLR 2024) as one command, on a CPU.
 
-    python bench/paper/run.py            # the default set: about 5 minutes on 2 cores
-    python bench/paper/run.py --quick    # fewer steps, starts and seeds: under 2 minutes
+    python bench/paper/run.py            # the default set: 9 to 16 minutes on 2 cores
+    python bench/paper/run.py --quick    # fewer steps, starts and seeds: 1 to 3.5 minutes
     python bench/paper/run.py --smoke    # a few steps of everything (the tests run it)
+
+Times on this project's 2-core CPU machine: the default set 964 s with the test suite
+running alongside (2026-11-24, the committed run) and 554 s idle (the run before it,
+without the int8 row; docs/paper.md); --quick 63 s idle and 211 s with a test run
+alongside (2026-12-03, ``time python bench/paper/run.py --quick --out /tmp/paper_quick``).
 
 Runs the toy trajectories (Goldstein-Price, Ackley, Levy, Ackley+Rosenbrock), the final
 loss and sharpness table on Goldstein-Price and Levy (Table 5), the escape ratio from a
@@ -11,7 +16,9 @@ sharp well against its sharpness and against topC (Fig. 5 and 12), the buffer's 
 and agreement over training (Fig. 10), and two small real tasks (a character LSTM on
 Python's documentation, a CNN on scikit-learn's digits), with the public optimizer
 classes on their default backend. Writes ``results.json``, ``summary.md`` and PNGs to
-``--out`` (default: bench/paper/results/).
+``--out`` (default: bench/runs/paper/, untracked). The committed results in
+bench/paper/results/ (shown by docs/paper.md) are regenerated with
+``python bench/paper/run.py --out bench/paper/results``.
 """
 from __future__ import annotations
 
@@ -35,9 +42,13 @@ import tasks  # noqa: E402
 import toy  # noqa: E402
 from common import NAMES  # noqa: E402
 
+# Untracked (.gitignore: /bench/runs/), as bench/run.py's runs: a user's run never
+# overwrites the committed results in bench/paper/results/ (regenerate those with
+# --out bench/paper/results).
+DEFAULT_OUT = HERE.parent / "runs" / "paper"
+
 # (toy steps, table seeds, escape starts, escape steps, sharpness values, topC values,
-#  task seeds, LSTM steps, CNN epochs, diagnostics epochs). The default set takes about
-# 5 minutes on 2 cores, --quick about 1.
+#  task seeds, LSTM steps, CNN epochs, diagnostics epochs). Run times: the docstring.
 SIZES = {
     "default": dict(steps=500, seeds=20, starts=100, escape_steps=300,
                     sharpness=[1, 2, 4, 8, 16], top_cs=[1, 2, 5, 10, 20], task_seeds=3,
@@ -55,7 +66,9 @@ def main(argv=None) -> dict:
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true")
     size.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--out", default=str(DEFAULT_OUT),
+                    help=f"output folder (default: {DEFAULT_OUT.relative_to(HERE.parent.parent)}"
+                         ", untracked; the published results: --out bench/paper/results)")
     args = ap.parse_args(argv)
     name = "smoke" if args.smoke else "quick" if args.quick else "default"
     cfg = SIZES[name]
@@ -96,17 +109,29 @@ def main(argv=None) -> dict:
     return results
 
 
+def _pm(mean: float, std: float, fmt: str, std_fmt: str, single: bool) -> str:
+    """``mean ± std``; the mean alone from a single run (its std, 0, is no spread)."""
+    return f"{mean:{fmt}}" if single else f"{mean:{fmt}} ± {std:{std_fmt}}"
+
+
+def _over(n: int, what: str) -> str:
+    return f"one {what}" if n == 1 else f"mean ± std over {n} {what}s"
+
+
 def summary(r: dict) -> str:
     m = r["meta"]
     lines = [f"Suite size `{m['size']}`, {m['when']}, torch {m['torch']}, cm_fused "
              f"{m['cm_fused']}, {m['cores']} cores, {m['seconds']} s.", "",
-             "Final loss and sharpness (top Hessian eigenvalue), mean ± std over "
-             f"{m['settings']['seeds']} random starts, {m['settings']['steps']} steps:", "",
+             "Final loss and sharpness (top Hessian eigenvalue), "
+             f"{_over(m['settings']['seeds'], 'random start')}, {m['settings']['steps']} "
+             "steps:", "",
              "| surface | optimizer | loss | sharpness |", "| --- | --- | ---: | ---: |"]
+    one = m["settings"]["seeds"] == 1  # a single start or seed: no spread to print
     for surface, rows in r["table5"].items():
         for name, v in rows.items():
-            lines.append(f"| {surface} | {name} | {v['loss_mean']:.4g} ± {v['loss_std']:.2g} "
-                         f"| {v['sharpness_mean']:.4g} ± {v['sharpness_std']:.2g} |")
+            lines.append(f"| {surface} | {name} | "
+                         f"{_pm(v['loss_mean'], v['loss_std'], '.4g', '.2g', one)} | "
+                         f"{_pm(v['sharpness_mean'], v['sharpness_std'], '.4g', '.2g', one)} |")
     e = r["escape"]
     lines += ["", f"Escape ratio from the sharp well ({e['starts']} starts, "
               f"{e['steps']} steps, lr {e['lr']}), by sharpness {e['sharpness']}; in "
@@ -119,18 +144,19 @@ def summary(r: dict) -> str:
     lines += ["", f"Adam+CM at sharpness {e['sharpness_for_topC']}, by topC "
               f"{e['topC']}: " + ", ".join(f"{x:.2f}" for x in e["by_topC"]), ""]
     t = r["real_tasks"]
-    lines += [f"Real tasks, mean ± std over {t['settings']['seeds']} seeds "
+    lines += [f"Real tasks, {_over(t['settings']['seeds'], 'seed')} "
               f"(LSTM {t['settings']['lstm_steps']} steps, CNN {t['settings']['cnn_epochs']} "
               "epochs):", "",
               "| optimizer | char LSTM val. perplexity | digits CNN test accuracy | "
               "CNN train loss | CNN sharpness |", "| --- | ---: | ---: | ---: | ---: |"]
+    one = t["settings"]["seeds"] == 1
     for name in t["char_lstm"]:
         ppl = t["char_lstm"][name]["val_perplexity"]
         c = t["digits_cnn"][name]
-        lines.append(f"| {name} | {ppl['mean']:.3f} ± {ppl['std']:.3f} | "
-                     f"{c['test_accuracy']['mean']:.4f} ± {c['test_accuracy']['std']:.4f} | "
-                     f"{c['train_loss']['mean']:.4f} ± {c['train_loss']['std']:.4f} | "
-                     f"{c['sharpness']['mean']:.3f} ± {c['sharpness']['std']:.3f} |")
+        lines.append(f"| {name} | {_pm(ppl['mean'], ppl['std'], '.3f', '.3f', one)} | "
+                     + " | ".join(_pm(c[k]["mean"], c[k]["std"], fmt, fmt, one) for k, fmt in
+                                  (("test_accuracy", ".4f"), ("train_loss", ".4f"),
+                                   ("sharpness", ".3f"))) + " |")
     d = r["buffer_over_training"]
     lines += ["", "Buffer over training (digits CNN), last record: " + "; ".join(
         f"{name}: variance {tr[-1]['variance']:.3g}, agreement {tr[-1]['agreement']:.3f}"
