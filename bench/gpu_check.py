@@ -1,18 +1,33 @@
 #!/usr/bin/env python
 """Every GPU figure in one command, for a session that is lent a CUDA device.
 
-    python bench/gpu_check.py            # the GPU tests, the compile gate, host time and
-                                         # the benchmark's quick sets for every optimizer
+    python bench/gpu_check.py            # the GPU tests, host time, the benchmark's quick
+                                         # sets for every optimizer and the GPU rows of
+                                         # bench/gpu_rows.py
     python bench/gpu_check.py --full     # and the full sweep for AdamCM (longer)
 
-Each part has a time limit (together 7.5 minutes for the default run, so it fits a
-device call even if every part hits its limit); none of this has run on a GPU yet: the
-limits are guesses, not measurements.
+Each part has a time limit, so that the default run fits one device call even if every
+part hits its limit (``plan``: 485 s in all, under ~9 minutes):
+
+    200 s  GPU tests (pytest -m gpu; the whole-iteration CUDA graph for every optimizer)
+     60 s  host time per step (bench/host_time.py, six optimizers)
+    150 s  benchmark (bench/run.py --optimizer all --buffer-dtype none,int8, the fused
+           providers: torch_foreach, torch_fused, cm_triton)
+     75 s  GPU rows (bench/gpu_rows.py: a CUDA-graph training iteration, 10,000 small
+           tensors, 48 param groups, every optimizer against its torch counterpart on
+           GPT-2-124M in fp32 and bf16 with slots as params and int8); it starts no row
+           after 60 s, and keeps every row it finished
+
+None of this has run on a GPU yet: the limits are guesses, not measurements. (The
+compile gate needs no GPU: it runs in the default test command.) A part that
+fails or runs out of time is reported (its status and last lines), and the next runs.
 
 Writes under bench/results/ (commit them): ``gpu_check_<stamp>.txt``, a summary (device,
 versions, commit, each part's outcome and its last lines), the test log, the host-time
-table, and the benchmark's rows appended to ``results.jsonl`` with its table in
-``gpu_<stamp>.txt``. Without a CUDA device it says so and exits with status 2.
+table, the benchmark's rows appended to ``results.jsonl`` with its table in
+``gpu_<stamp>.txt``, and the GPU rows appended to ``gpu_rows.jsonl`` with their table in
+``gpu_rows_<stamp>.txt`` (their log in ``gpu_rows_log_<stamp>.txt``). Without a CUDA
+device it says so and exits with status 2.
 """
 from __future__ import annotations
 
@@ -48,6 +63,30 @@ def run(label: str, cmd: list[str], out_path: str, timeout: int) -> dict:
                 tail=tail)
 
 
+ROWS_S = 75  # the GPU rows' limit; it starts no row in its last 15 s (a row takes seconds)
+
+
+def plan(out_dir: str, stamp: str, full: bool = False) -> list[tuple[str, list[str], str, int]]:
+    """The parts: (label, arguments of the interpreter, log name, time limit in seconds)."""
+    results = os.path.join(out_dir, "results.jsonl")
+    parts = [
+        ("GPU tests", ["-m", "pytest", "-q", "-m", "gpu", "tests/"], "gpu_tests", 200),
+        ("host time per step", ["bench/host_time.py", "--optimizer",
+                                "adamcm,adamcg,sgdcg,rmspropcg,adamam,sgdam"], "host_time", 60),
+        # (the fused paths only: the reference and torch's for-loop on GPT-2-124M would
+        # not fit the limit, and run.py writes its rows at the end)
+        ("benchmark", ["bench/run.py", "--optimizer", "all", "--buffer-dtype", "none,int8",
+                       "--providers", "torch_foreach,torch_fused,cm_triton",
+                       "--out", results], "gpu", 150),
+        ("GPU rows", ["bench/gpu_rows.py", "--out-dir", out_dir, "--stamp", stamp,
+                      "--budget-s", str(ROWS_S - 15)], "gpu_rows_log", ROWS_S),
+    ]
+    if full:
+        parts.append(("benchmark, full sweep", ["bench/run.py", "--full", "--out", results],
+                      "gpu_full", 600))
+    return parts
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true",
@@ -66,24 +105,8 @@ def main(argv=None) -> int:
     def path(name):
         return os.path.join(args.out_dir, f"{name}_{stamp}.txt")
 
-    py = sys.executable
-    parts = [
-        run("GPU tests", [py, "-m", "pytest", "-q", "-m", "gpu", "tests/"],
-            path("gpu_tests"), 150),
-        run("compile gate (default set)", [py, "-m", "pytest", "-q", "-s",
-                                           "tests/test_compile_gate.py"],
-            path("compile_gate"), 90),
-        run("host time per step", [py, "bench/host_time.py",
-                                   "--optimizer", "adamcm,adamcg,sgdcg,rmspropcg,adamam,sgdam"],
-            path("host_time"), 60),
-        run("benchmark", [py, "bench/run.py", "--optimizer", "all", "--buffer-dtype", "none,int8",
-                          "--out", os.path.join(args.out_dir, "results.jsonl")],
-            path("gpu"), 150),
-    ]
-    if args.full:
-        parts.append(run("benchmark, full sweep", [py, "bench/run.py", "--full", "--out",
-                                                   os.path.join(args.out_dir, "results.jsonl")],
-                         path("gpu_full"), 600))
+    parts = [run(label, [sys.executable, *cmd], path(name), limit)
+             for label, cmd, name, limit in plan(args.out_dir, stamp, args.full)]
     dev = torch.device("cuda")
     summary = [f"gpu_check {stamp}",
                f"device: {H.device_name(dev)} | versions: {H.versions()} | commit "

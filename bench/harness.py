@@ -180,14 +180,18 @@ PROVIDERS = {p.name: p for p in [
 
 
 def make_optimizer(prov: Provider, params, topC: int | None, buffer_dtype,
-                   optimizer: str = "adamcm"):
+                   optimizer: str = "adamcm", **overrides):
+    """The provider's optimizer with the benchmark's hyperparameters; ``overrides`` replace
+    or add keywords (a tensor lr, capturable=True for a CUDA graph)."""
     opt = OPTIMIZERS[optimizer]
     if prov.kind == "torch":
         flags = {"forloop": dict(foreach=False), "foreach": dict(foreach=True),
                  "fused": dict(fused=True)}[prov.option]
-        return opt.torch(params, **opt.hyper, **(opt.torch_hyper or {}), **flags)
+        return opt.torch(params, **{**opt.hyper, **(opt.torch_hyper or {}), **flags,
+                                    **overrides})
     buffer = dict(topC=topC, buffer_dtype=buffer_dtype) if opt.buffered else {}
-    return opt.cm(params, **opt.hyper, **opt.cm_hyper, **buffer, backend=prov.option)
+    return opt.cm(params, **{**opt.hyper, **opt.cm_hyper, **buffer, **overrides},
+                  backend=prov.option)
 
 
 def why_not(prov: Provider, device: torch.device, dtype: torch.dtype,
@@ -257,12 +261,15 @@ def quantiles(times_ms: list[float]) -> dict:
 
 
 def time_steps(step: Callable[[], object], params, grads, device: torch.device,
-               reps: int, start: int = 0) -> list[float]:
+               reps: int, start: int = 0, host_ms: list[float] | None = None) -> list[float]:
     """Time `reps` steps; gradients rotate among the pre-made sets outside the timed region.
 
     CUDA: a pair of CUDA events around each step, L2 flushed (a 256 MiB write) before each,
     one synchronize at the end (triton.testing.do_bench's method, per step). CPU: the steps
-    are synchronous, so time.perf_counter() around each one.
+    are synchronous, so time.perf_counter() around each one. ``host_ms`` (if given) gets
+    each step's wall time as the host saw it: on CUDA the return of step() without a
+    synchronize (the launches' Python work, a step's floor with many small tensors); on
+    CPU the step time itself.
     """
     times = []
     if device.type == "cuda":
@@ -273,8 +280,12 @@ def time_steps(step: Callable[[], object], params, grads, device: torch.device,
             set_grads(params, grads[(start + i) % len(grads)])
             flush.zero_()
             e0.record()
+            t0 = time.perf_counter()
             step()
+            t1 = time.perf_counter()
             e1.record()
+            if host_ms is not None:
+                host_ms.append((t1 - t0) * 1e3)
         torch.cuda.synchronize(device)
         return [e0.elapsed_time(e1) for e0, e1 in events]
     for i in range(reps):
@@ -282,6 +293,8 @@ def time_steps(step: Callable[[], object], params, grads, device: torch.device,
         t0 = time.perf_counter()
         step()
         times.append((time.perf_counter() - t0) * 1e3)
+    if host_ms is not None:
+        host_ms.extend(times)
     return times
 
 
@@ -399,21 +412,24 @@ COPY_CPU_SHARE = [None]  # cpu share of the last CPU copy_bandwidth measurement
 
 def measure(prov: Provider, shapes_params, grads, device: torch.device, *, topC, buffer_dtype,
             reps: int, warmup: int, optimizer: str = "adamcm",
-            baseline: Provider | None = None) -> dict:
+            baseline: Provider | None = None,
+            groups: Callable[[list], list] | None = None) -> dict:
     """Warm up, time `reps` steps, then measure one step's peak extra memory.
 
     With a ``baseline`` provider, both step their own copy of the parameters in
     alternation (ABBA: provider, baseline, baseline, provider, ...), one step each per
     round on the same gradients, and the ratio comes from the paired samples (median and
     20/80 quantiles of provider/baseline per round), so that drift of the machine over
-    the run cancels out of it.
+    the run cancels out of it. ``groups`` turns the parameter list into param groups
+    (e.g. a learning rate per layer); without it the optimizer gets one group.
+    ``host_median_ms``: the median host time of a step (see :func:`time_steps`).
     """
     runs = [(prov, topC, buffer_dtype)] + ([(baseline, None, None)] if baseline else [])
     made = []
     try:
         for p_, c_, b_ in runs:
             params = [torch.nn.Parameter(t.clone()) for t in shapes_params]
-            opt = make_optimizer(p_, params, c_, b_, optimizer)
+            opt = make_optimizer(p_, groups(params) if groups else params, c_, b_, optimizer)
             step = opt.step
             if p_.compiled:
                 torch._dynamo.reset()  # each compiled provider compiles from scratch
@@ -427,12 +443,14 @@ def measure(prov: Provider, shapes_params, grads, device: torch.device, *, topC,
             time_steps(step, params, grads, device, n_warm)
         warm_s = time.perf_counter() - t0
         times: list[list[float]] = [[] for _ in made]
+        host: list[list[float]] = [[] for _ in made]
         cpu0, wall0 = time.process_time(), time.perf_counter()
         for i in range(reps):
             order = range(len(made)) if i % 2 == 0 else reversed(range(len(made)))
             for k in order:
                 _, step, params = made[k]
-                times[k] += time_steps(step, params, grads, device, 1, start=n_warm + i)
+                times[k] += time_steps(step, params, grads, device, 1, start=n_warm + i,
+                                       host_ms=host[k])
         cpu1, wall1 = time.process_time(), time.perf_counter()
         # Share of the torch threads' time this process got while timing: near 1 on an idle
         # machine (memory stalls count as busy), well under 1 when others compete for cores.
@@ -445,12 +463,14 @@ def measure(prov: Provider, shapes_params, grads, device: torch.device, *, topC,
                 raise FloatingPointError("non-finite parameter after the timed steps")
         out = dict(**quantiles(times[0]), peak_extra_bytes=peak, warmup_steps=n_warm,
                    cpu_share=round(cpu_share, 3) if device.type == "cpu" else None,
-                   warmup_s=round(warm_s, 3), reps=reps)
+                   warmup_s=round(warm_s, 3), reps=reps,
+                   host_median_ms=statistics.median(host[0]))
         if baseline is not None:
             ratios = quantiles([a / b for a, b in zip(times[0], times[1])])
             base = quantiles(times[1])
             out.update(paired_ratio=ratios["median_ms"], paired_ratio_p20=ratios["p20_ms"],
-                       paired_ratio_p80=ratios["p80_ms"], paired_baseline_ms=base["median_ms"])
+                       paired_ratio_p80=ratios["p80_ms"], paired_baseline_ms=base["median_ms"],
+                       paired_baseline_host_ms=statistics.median(host[1]))
         return out
     finally:
         del made

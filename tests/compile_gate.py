@@ -1,13 +1,16 @@
 """Compile Triton kernel variants for a CUDA target without a GPU, and report what the
 compiler made of them (the child process of tests/test_compile_gate.py).
 
-Reads a JSON list of variants on stdin, each ``{"kernel", "args", "constexprs"}`` as
+Reads a JSON list of variants on stdin, each ``{"kernel", "args", "constexprs",
+"options"}`` as
 ``launch.launch_log`` recorded a launch of the real launcher; compiles each for every
 ``--arch`` through Triton's own compiler (its bundled ptxas; no device, no interpreter:
 TRITON_INTERPRET must be unset here, which is why this is a separate process), and
 writes a JSON list of results: registers, stack frame and spill bytes (the report of
-Triton's own ``ptxas -v`` run, with its flags), and the 16-byte vector global loads and
-stores in the PTX.
+Triton's own ``ptxas -v`` run, with its flags), the 16- and 8-byte vector global loads
+and stores in the PTX, and the loads a loop iteration issues after its first store
+(``late_ld``, in the TTGIR's program order: neither LLVM nor ptxas moves a global load
+above a store that may alias it, so each such load waits on memory a second time).
 """
 from __future__ import annotations
 
@@ -62,6 +65,25 @@ def _ptxas_report(log: str) -> dict:
             "spill": int(frame.group(2)) + int(frame.group(3))}
 
 
+def late_loads(ttgir: str) -> int:
+    """Loads after the first store of their loop's body, in program order (every scf.for;
+    an scf.if's regions count in text order, so a load in an else after a store in the
+    then is counted too: an upper bound)."""
+    lines = ttgir.splitlines()
+    late, i = 0, 0
+    while i < len(lines):
+        if "scf.for" in lines[i] and lines[i].rstrip().endswith("{"):
+            depth, stored, i = 1, False, i + 1
+            while i < len(lines) and depth:
+                stored = stored or "tt.store" in lines[i]
+                late += stored and "tt.load" in lines[i]
+                depth += lines[i].count("{") - lines[i].count("}")
+                i += 1
+        else:
+            i += 1
+    return late
+
+
 def compile_variant(variant: dict, arch: int) -> dict:
     fn = KERNELS[variant["kernel"]]
     consts = {k: _constexpr(v) for k, v in variant["constexprs"]}
@@ -75,14 +97,15 @@ def compile_variant(variant: dict, arch: int) -> dict:
     try:
         with contextlib.redirect_stdout(log):  # where Triton prints its ptxas -v log
             k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                               options=dict(num_warps=variant["num_warps"],
-                                            enable_fp_fusion=False))
+                               options=dict(**variant["options"], enable_fp_fusion=False))
     except Exception as e:  # noqa: BLE001 - reported to the test, which fails on it
         return {**out, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
     ptx = k.asm["ptx"]
     return {**out, **_ptxas_report(log.getvalue()),
             "v4_loads": len(re.findall(r"ld\.global(?:\.[a-z0-9]+)*\.v4\.", ptx)),
             "v4_stores": len(re.findall(r"st\.global(?:\.[a-z0-9]+)*\.v4\.", ptx)),
+            "v2_loads": len(re.findall(r"ld\.global(?:\.[a-z0-9]+)*\.v2\.", ptx)),
+            "late_ld": late_loads(k.asm["ttgir"]),
             # 1.5 * 2**23, the int8 slots' round-half-even constant: present unless the
             # compiler folded (y + c) - c into y
             "rne_const": ptx.count("0f4B400000")}

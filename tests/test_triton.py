@@ -314,6 +314,64 @@ def test_gpu_cuda_graph_replay_matches_eager():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none in this process)")
+@pytest.mark.parametrize("name", list(EVERY))
+def test_gpu_whole_iteration_graph_matches_eager(name):
+    """torch's whole-iteration recipe (docs/backends.md): warm-up on a side stream,
+    zero_grad(set_to_none=True), then forward, backward and step in one capture, whose
+    backward allocates new gradient tensors; the replays match the same model trained
+    eagerly, with a scheduler changing the tensor lr in place."""
+    import copy
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(),
+                                torch.nn.Linear(64, 8)).cuda()
+    twin = copy.deepcopy(model)
+    cls = EVERY[name].cls
+
+    def make_opt(m):
+        lr = torch.tensor(2e-3, device="cuda")
+        return cls(m.parameters(), **{**EVERY[name].configs["tensor_lr"], "lr": lr},
+                   backend="triton")
+    opt, eager = make_opt(model), make_opt(twin)
+    batches = [(torch.randn(16, 32, device="cuda"), torch.randn(16, 8, device="cuda"))
+               for _ in range(12)]
+    static_x, static_y = (t.clone() for t in batches[0])
+
+    def iteration(m, o, x, y):
+        o.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(m(x), y).backward()
+        o.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x, y in batches[:3]:
+            static_x.copy_(x)
+            static_y.copy_(y)
+            iteration(model, opt, static_x, static_y)
+            iteration(twin, eager, x, y)
+    torch.cuda.current_stream().wait_stream(side)
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.nn.functional.mse_loss(model(static_x), static_y).backward()
+        opt.step()
+    for t, (x, y) in enumerate(batches[3:], start=3):
+        for o in (opt, eager):
+            o.param_groups[0]["lr"].fill_(2e-3 / (1 + t))
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        iteration(twin, eager, x, y)
+    torch.cuda.synchronize()
+    atol, rtol = TOLERANCE[torch.float32]  # (the two backward passes may pick other GEMMs)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+    from cm_fused.triton import launch
+    launch.release_captured_plans()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none in this process)")
 def test_gpu_steps_on_the_current_stream():
     """Gradients written on a side stream and the step launched on it (no sync between):
     the kernels must run on that stream, after the writes."""

@@ -225,3 +225,62 @@ def test_gpu_a_plan_used_on_a_side_stream_is_held_for_it():
     atol, rtol = TOLERANCE[torch.float32]
     for a, b in zip(params, twins):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+def _grad_rows(plan) -> list:
+    """The gradient addresses the plan's tables hold, in the group's tensor order."""
+    rows = {}
+    for b in plan.buckets:
+        grad_row = b.tab[b.n:2 * b.n].tolist()  # (kernels.BUCKET_ROWS: p, g, ...)
+        rows.update(zip(b.idx, grad_row))
+    return [rows[i] for i in range(plan.T)]
+
+
+@pytest.mark.parametrize("name", ["adamcm", "adamam"])
+def test_a_whole_iteration_capture_takes_the_gradients_its_backward_allocates(
+        small_chunks, monkeypatch, name):
+    """torch's whole-iteration recipe: zero_grad(set_to_none=True), then forward,
+    backward and step in one capture, so the step meets gradient tensors it has never
+    seen (simulated: the capture check is patched, and on the CPU the captured copies run
+    at once). Their rows are written by copies the graph would replay, with no rebuild;
+    an eager step with those gradients writes them again (it may come before any
+    replay); other gradients then get tables of their own, never the graph's; every step
+    in lock step with the reference."""
+    cls = EVERY[name].cls
+    params = make_params(SHAPES, device=DEVICE)
+    twins = copy_params(params)
+    opt, twin = cls(params, backend="triton"), cls(twins, backend="reference")
+    atol, rtol = TOLERANCE[torch.float32]
+    keep = []
+
+    def step(t, capturing=False):
+        for ps in (params, twins):
+            set_grads(ps, t)
+        keep.extend(p.grad for p in params)  # (alive: every step's addresses differ)
+        monkeypatch.setattr(small_chunks, "_capturing", lambda _: capturing)
+        opt.step()
+        twin.step()
+        monkeypatch.setattr(small_chunks, "_capturing", lambda _: False)
+        for a, b in zip(params, twins):
+            torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+    step(0)
+    step(1)  # warm-up
+    builds, moves = small_chunks.stats["builds"], small_chunks.stats["grad_refreshes"]
+    step(2, capturing=True)
+    (plan,) = small_chunks._graph_held[-1:]
+    graph_grads = [p.grad.data_ptr() for p in params]
+    assert small_chunks.stats["builds"] == builds
+    assert plan.in_graph and plan.rows_on_replay and _grad_rows(plan) == graph_grads
+    assert any(t.device.type == "cpu" and t.dtype == torch.int64 for t in plan.keepalive[:-1])
+
+    for p, twin_p in zip(params, twins):  # an eager step on the graph's own gradients
+        p.grad.copy_(torch.randn_like(p.grad))
+        twin_p.grad = p.grad.clone()
+    opt.step()
+    twin.step()
+    assert small_chunks.stats["grad_refreshes"] == moves + 2 and not plan.rows_on_replay
+    step(3)  # other gradients: a plan of their own; the graph's rows stay
+    assert small_chunks.stats["builds"] == builds + 1
+    assert _grad_rows(plan) == graph_grads and plan in small_chunks._graph_held
+    small_chunks.release_captured_plans()

@@ -275,14 +275,6 @@ def _lerp(start, end, w):
 
 
 @triton.jit
-def _second_moment(ptr, mask, u, beta, one_minus_beta, DT: tl.constexpr):
-    """sq <- beta * sq + (1 - beta) * u^2 (Adam's v, RMSprop's square average), stored."""
-    new = _ld(ptr, mask).to(tl.float32) * beta + (one_minus_beta * u) * u
-    _st(ptr, _narrow(new, DT), mask)
-    return new
-
-
-@triton.jit
 def _round_half_even(y):
     """Round to the nearest integer, ties to even, for |y| < 2**22: adding and taking away
     1.5 * 2**23 leaves no fraction bits, and fp32 addition rounds ties to even (exact
@@ -291,88 +283,139 @@ def _round_half_even(y):
 
 
 @triton.jit
-def _insert(idx, mask, new, S, slot_ptr, q_ptr, s_ptr, B_DT: tl.constexpr,
-            S_DT: tl.constexpr, QB: tl.constexpr, BLOCK: tl.constexpr):
-    """S <- (S - B[j]) + round(new), B[j] <- round(new) (int8 slots: quantized, with the
-    scales at q_ptr); returns the new S."""
+def _slot_read(idx, mask, slot_ptr, q_ptr, B_DT: tl.constexpr, S_DT: tl.constexpr,
+               QB: tl.constexpr, BLOCK: tl.constexpr):
+    """A slot's values as the running sum S saw them when they went in (int8 slots:
+    dequantized with their blocks' scales at q_ptr)."""
     if B_DT == tl.int8:
-        S_new = _insert_quantized(idx, mask, new, S, slot_ptr, q_ptr, s_ptr, QB, BLOCK)
+        R: tl.constexpr = BLOCK // QB
+        rows = tl.min(tl.reshape(idx, (R, QB)), axis=1) // QB  # each row's block of the slot
+        if mask is None:
+            rmask = None
+        else:
+            rmask = tl.max(tl.reshape(mask, (R, QB)).to(tl.int32), axis=1) > 0
+        q = tl.reshape(_ld(slot_ptr + idx, mask), (R, QB)).to(tl.float32)
+        old = tl.reshape(q * _ld(q_ptr + rows, rmask)[:, None], (BLOCK,))
     else:
-        rounded = _narrow(new, B_DT)
         old = _ld(slot_ptr + idx, mask).to(S_DT).to(tl.float32)
-        S_new = (S - old) + rounded.to(S_DT).to(tl.float32)
-        _st(slot_ptr + idx, rounded, mask)
-        _st(s_ptr + idx, _narrow(S_new, S_DT), mask)
-    return S_new
+    return old
 
 
 @triton.jit
-def _insert_quantized(idx, mask, new, S, slot_ptr, q_ptr, s_ptr, QB: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    """The insert into an int8 slot, blocks of QB elements (cm_fused/quantize.py, the same
-    operations in the same order): quantize ``new``, write the slot, its scales and
-    S <- (S - q_old * scale_old) + q * scale; returns the new S."""
-    R: tl.constexpr = BLOCK // QB
-    idx = tl.reshape(idx, (R, QB))
-    x = tl.reshape(new, (R, QB))
-    S = tl.reshape(S, (R, QB))
-    if mask is None:
-        rmask = None
+def _slot_code(new, mask, B_DT: tl.constexpr, S_DT: tl.constexpr, QB: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """What a slot stores for ``new``: (its code in B_DT, the scale of each block of QB
+    elements (int8 slots; cm_fused/quantize.py, the same operations in the same order),
+    the value S adds). Float slots: new rounded to B_DT, and no scales."""
+    if B_DT == tl.int8:
+        R: tl.constexpr = BLOCK // QB
+        x = tl.reshape(new, (R, QB))
+        if mask is not None:  # zeros change neither the absmax nor finiteness
+            x = tl.where(tl.reshape(mask, (R, QB)), x, 0.0)
+        amax = tl.max(tl.abs(x), axis=1)
+        bad = tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1) > 0
+        scale = tl.where(bad, float("nan"), tl.div_rn(amax, 127.0))
+        ok = scale > 0.0  # False for NaN: the block stores zeros
+        r = _round_half_even(tl.div_rn(x, scale[:, None]))
+        r = tl.where(ok[:, None], tl.minimum(tl.maximum(r, -127.0), 127.0), 0.0)
+        code = tl.reshape(r, (BLOCK,))
+        value = tl.reshape(r * scale[:, None], (BLOCK,))
     else:
-        mask = tl.reshape(mask, (R, QB))
-        x = tl.where(mask, x, 0.0)  # zeros change neither the absmax nor finiteness
-        rmask = tl.max(mask.to(tl.int32), axis=1) > 0
-    rows = tl.min(idx, axis=1) // QB  # each row's block of the slot
-    amax = tl.max(tl.abs(x), axis=1)
-    bad = tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1) > 0
-    scale = tl.where(bad, float("nan"), tl.div_rn(amax, 127.0))
-    ok = scale > 0.0  # False for NaN: the block stores zeros
-    r = _round_half_even(tl.div_rn(x, scale[:, None]))
-    r = tl.where(ok[:, None], tl.minimum(tl.maximum(r, -127.0), 127.0), 0.0)
-    old = _ld(slot_ptr + idx, mask).to(tl.float32) * _ld(q_ptr + rows, rmask)[:, None]
-    S_new = (S - old) + r * scale[:, None]
-    _st(s_ptr + idx, S_new, mask)
-    _st(slot_ptr + idx, r.to(tl.int8), mask)
-    _st(q_ptr + rows, scale, rmask)
-    return tl.reshape(S_new, (BLOCK,))
+        code = _narrow(new, B_DT)
+        scale = tl.zeros([1], dtype=tl.float32)
+        value = code.to(S_DT).to(tl.float32)
+    return code, scale, value
+
+
+@triton.jit
+def _no_slot_code(B_DT: tl.constexpr, QB: tl.constexpr, BLOCK: tl.constexpr):
+    """_slot_code's types, for an insert that may not happen."""
+    value = tl.zeros([BLOCK], dtype=tl.float32)
+    if B_DT == tl.int8:
+        return value, tl.zeros([BLOCK // QB], dtype=tl.float32), value
+    else:
+        return value.to(B_DT), tl.zeros([1], dtype=tl.float32), value
+
+
+@triton.jit
+def _slot_write(idx, mask, code, scale, slot_ptr, q_ptr, B_DT: tl.constexpr,
+                QB: tl.constexpr, BLOCK: tl.constexpr):
+    if B_DT == tl.int8:
+        R: tl.constexpr = BLOCK // QB
+        rows = tl.min(tl.reshape(idx, (R, QB)), axis=1) // QB
+        if mask is None:
+            rmask = None
+        else:
+            rmask = tl.max(tl.reshape(mask, (R, QB)).to(tl.int32), axis=1) > 0
+        _st(slot_ptr + idx, code.to(tl.int8), mask)
+        _st(q_ptr + rows, scale, rmask)
+    else:
+        _st(slot_ptr + idx, code, mask)
 
 
 @triton.jit
 def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, q_ptr, s_ptr,
                   replace, first, k_before, scale, lr, beta1, one_minus_beta1, beta2,
                   one_minus_beta2, eps, weight_decay, decay_factor, one_minus_dampening,
-                  step_size, sqrt_bc2, flush, fslot_ptr, fq_ptr, VARIANT: tl.constexpr,
-                  P_DT: tl.constexpr, M_DT: tl.constexpr, V_DT: tl.constexpr,
-                  X_DT: tl.constexpr, B_DT: tl.constexpr, S_DT: tl.constexpr,
-                  HAS_SCALE: tl.constexpr, HAS_MOM: tl.constexpr, HAS_X: tl.constexpr,
-                  MAXIMIZE: tl.constexpr, DEFER: tl.constexpr, QB: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  step_size, sqrt_bc2, flush, fslot_ptr, fq_ptr,
+                  VARIANT: tl.constexpr, P_DT: tl.constexpr, M_DT: tl.constexpr,
+                  V_DT: tl.constexpr, X_DT: tl.constexpr, B_DT: tl.constexpr,
+                  S_DT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MOM: tl.constexpr,
+                  HAS_X: tl.constexpr, MAXIMIZE: tl.constexpr, DEFER: tl.constexpr,
+                  QB: tl.constexpr, BLOCK: tl.constexpr):
     """One block of the update of variant VARIANT: the direction u and the value
     inserted (what the variants differ in), the insert (shared), the base rule. DEFER
     (ADAM_CM): first the insert an earlier step left pending (``flush``: the momentum as
-    stored goes into the slot at fslot_ptr), which this step's mean then includes.
-    Returns the unscaled gradient (the sum of squares of a single-pass step)."""
+    stored goes into the slot at fslot_ptr), which this step's mean then includes. (Its
+    slot is never the one this step reads as ``old``: a tensor's first step, the only
+    insert of a DEFER update pass, has none pending, since the decide kernel leaves one
+    pending only from a step that found the buffer non-empty, and checkpoint.py refuses a
+    state that says otherwise.) Returns the unscaled gradient (the sum of squares of a
+    single-pass step).
+
+    Every load of the block comes before its first store: the compiler may not move a
+    load above a store through pointers it cannot tell apart, and a load issued after
+    a store waits on memory a second time (tests/compile_gate.py counts them: none)."""
+    USES_M: tl.constexpr = (VARIANT == ADAM_CM) | (VARIANT == ADAM_CG) | HAS_MOM
+    USES_V: tl.constexpr = (VARIANT != SGD_CG)
     g = _ld(g_ptr + idx, mask).to(tl.float32)
+    x = _ld(p_ptr + idx, mask).to(tl.float32)
+    S = _ld(s_ptr + idx, mask).to(tl.float32)
+    if USES_M:
+        m_old = _ld(m_ptr + idx, mask).to(tl.float32)
+    else:
+        m_old = g
+    if USES_V:
+        v_old = _ld(v_ptr + idx, mask).to(tl.float32)
+    else:
+        v_old = g
+    if HAS_X:  # amsgrad's running max, centered RMSprop's gradient average
+        e_old = _ld(x_ptr + idx, mask).to(tl.float32)
+    else:
+        e_old = g
+    # A kept slot is neither read nor written.
+    old = tl.zeros([BLOCK], dtype=tl.float32)
+    if replace:
+        old = _slot_read(idx, mask, slot_ptr, q_ptr, B_DT, S_DT, QB, BLOCK)
+    if DEFER:
+        # The pending insert in the same block, not in a pass of its own over the chunk:
+        # the S it makes is the S the mean reads, with no second trip to memory.
+        f_code, f_scale, f_value = _no_slot_code(B_DT, QB, BLOCK)
+        if flush:
+            f_old = _slot_read(idx, mask, fslot_ptr, fq_ptr, B_DT, S_DT, QB, BLOCK)
+            f_code, f_scale, f_value = _slot_code(m_old, mask, B_DT, S_DT, QB, BLOCK)
+            S = (S - f_old) + f_value
+
     if HAS_SCALE:
         g = tl.div_rn(g, scale)
     unscaled = g
     if MAXIMIZE:
         g = -g
-    x = _ld(p_ptr + idx, mask).to(tl.float32)
-    S = _ld(s_ptr + idx, mask).to(tl.float32)
-    # The pending insert in the same block, not in a pass of its own over the chunk: the S
-    # written here is the S the mean reads, with no second trip to memory (ptxas for
-    # sm_90: 94 registers for the aligned fp32 variant, 80 with a pass of its own).
-    if DEFER:
-        if flush:
-            S = _insert(idx, mask, _ld(m_ptr + idx, mask).to(tl.float32), S, fslot_ptr,
-                        fq_ptr, s_ptr, B_DT, S_DT, QB, BLOCK)
     mean = tl.div_rn(S, k_before)  # the buffer as it was before this step's insert
 
     if VARIANT == ADAM_CM:
         x = x * decay_factor  # decoupled weight decay (AdamW)
-        m_new = tl.where(first, 0.0, _lerp(_ld(m_ptr + idx, mask).to(tl.float32), g,
-                                           one_minus_beta1))
+        m_new = tl.where(first, 0.0, _lerp(m_old, g, one_minus_beta1))
         u = tl.where(first, 0.0, m_new + mean)  # the aggregate
         new = tl.where(first, g, m_new)  # SPEC quirk: the first slot is the raw gradient
     elif VARIANT == SGD_CG:
@@ -389,47 +432,61 @@ def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, q_ptr,
         new = g
         m_new = u  # not used
 
-    # insert: a kept slot is neither read nor written
-    if replace:
-        _insert(idx, mask, new, S, slot_ptr, q_ptr, s_ptr, B_DT, S_DT, QB, BLOCK)
-
     if VARIANT == SGD_CG:
         if HAS_MOM:  # the first momentum step copies d
-            buf = _ld(m_ptr + idx, mask).to(tl.float32)
-            u = tl.where(first, u, buf * beta1 + one_minus_dampening * u)
-            _st(m_ptr + idx, _narrow(u, M_DT), mask)
+            u = tl.where(first, u, m_old * beta1 + one_minus_dampening * u)
+            m_store = u
         p_new = x - lr * u
     elif VARIANT == RMSPROP_CG:
-        sq = _second_moment(v_ptr + idx, mask, u, beta2, one_minus_beta2, V_DT)
+        sq = v_old * beta2 + (one_minus_beta2 * u) * u
         if HAS_X:  # centered
-            ga = _lerp(_ld(x_ptr + idx, mask).to(tl.float32), u, one_minus_beta2)
-            _st(x_ptr + idx, _narrow(ga, X_DT), mask)
+            ga = _lerp(e_old, u, one_minus_beta2)
             avg = tl.sqrt_rn(sq - ga * ga) + eps
         else:
             avg = tl.sqrt_rn(sq) + eps
         if HAS_MOM:
-            buf = _ld(m_ptr + idx, mask).to(tl.float32) * beta1 + tl.div_rn(u, avg)
-            _st(m_ptr + idx, _narrow(buf, M_DT), mask)
-            p_new = x - lr * buf
+            m_store = m_old * beta1 + tl.div_rn(u, avg)
+            p_new = x - lr * m_store
         else:
             p_new = x - lr * tl.div_rn(u, avg)
     else:  # Adam: CM's v tracks the aggregate, CG's the aggregated gradient
         if VARIANT == ADAM_CG:
-            m_new = _lerp(_ld(m_ptr + idx, mask).to(tl.float32), u, one_minus_beta1)
+            m_new = _lerp(m_old, u, one_minus_beta1)
             num = m_new
         else:
             num = u
-        v_new = _second_moment(v_ptr + idx, mask, u, beta2, one_minus_beta2, V_DT)
+        sq = v_old * beta2 + (one_minus_beta2 * u) * u
+        v_new = sq
         if HAS_X:  # amsgrad
-            vm = _ld(x_ptr + idx, mask).to(tl.float32)
-            v_new = tl.maximum(vm, v_new, propagate_nan=tl.PropagateNan.ALL)
-            _st(x_ptr + idx, _narrow(v_new, X_DT), mask)
-        _st(m_ptr + idx, _narrow(m_new, M_DT), mask)
+            v_new = tl.maximum(e_old, sq, propagate_nan=tl.PropagateNan.ALL)
+        m_store = m_new
         denom = tl.div_rn(tl.sqrt_rn(v_new), sqrt_bc2) + eps
         p_new = x - tl.div_rn(step_size * num, denom)
         if VARIANT == ADAM_CM:
             # SPEC: no Adam update on CM's first step (with eps == 0 it would be 0/0)
             p_new = tl.where(first, x, p_new)
+
+    # Stores, after every load.
+    if DEFER:
+        if flush:
+            _slot_write(idx, mask, f_code, f_scale, fslot_ptr, fq_ptr, B_DT, QB, BLOCK)
+    if replace:
+        code, q_scale, value = _slot_code(new, mask, B_DT, S_DT, QB, BLOCK)
+        _slot_write(idx, mask, code, q_scale, slot_ptr, q_ptr, B_DT, QB, BLOCK)
+        _st(s_ptr + idx, _narrow((S - old) + value, S_DT), mask)
+    else:
+        if DEFER:
+            if flush:
+                _st(s_ptr + idx, _narrow(S, S_DT), mask)
+    if USES_M:
+        _st(m_ptr + idx, _narrow(m_store, M_DT), mask)
+    if USES_V:
+        _st(v_ptr + idx, _narrow(sq, V_DT), mask)
+    if HAS_X:
+        if VARIANT == RMSPROP_CG:
+            _st(x_ptr + idx, _narrow(ga, X_DT), mask)
+        else:
+            _st(x_ptr + idx, _narrow(v_new, X_DT), mask)
     _st(p_ptr + idx, _narrow(p_new, P_DT), mask)
     return unscaled
 
@@ -552,8 +609,8 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
                           x_ptr, slot_ptr, q_ptr, s_ptr, replace, first, k_before, scale, lr,
                           beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
                           decay_factor, one_minus_dampening, step_size, sqrt_bc2, flush,
-                          fslot_ptr, fq_ptr, VARIANT, P_DT, M_DT, V_DT, X_DT, B_DT, S_DT,
-                          HAS_SCALE, HAS_MOM, HAS_X, MAXIMIZE, DEFER, QB, BLOCK)
+                          fslot_ptr, fq_ptr, VARIANT, P_DT, M_DT, V_DT, X_DT, B_DT,
+                          S_DT, HAS_SCALE, HAS_MOM, HAS_X, MAXIMIZE, DEFER, QB, BLOCK)
         if DEFER:
             acc += g * g
     for off in range(full_end, end, BLOCK):  # the tensor's last, short block (0 or 1)
@@ -562,9 +619,9 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
         g = _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, q_ptr,
                           s_ptr, replace, first, k_before, scale, lr, beta1, one_minus_beta1,
                           beta2, one_minus_beta2, eps, weight_decay, decay_factor,
-                          one_minus_dampening, step_size, sqrt_bc2, flush, fslot_ptr, fq_ptr,
-                          VARIANT, P_DT, M_DT, V_DT, X_DT, B_DT, S_DT, HAS_SCALE, HAS_MOM,
-                          HAS_X, MAXIMIZE, DEFER, QB, BLOCK)
+                          one_minus_dampening, step_size, sqrt_bc2, flush, fslot_ptr,
+                          fq_ptr, VARIANT, P_DT, M_DT, V_DT, X_DT, B_DT, S_DT,
+                          HAS_SCALE, HAS_MOM, HAS_X, MAXIMIZE, DEFER, QB, BLOCK)
         if DEFER:
             acc += tl.where(mask, g * g, 0.0)
     if DEFER:

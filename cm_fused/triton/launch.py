@@ -45,11 +45,19 @@ from . import kernels as K
 # tensor makes 262144 partials for its reduce program to sum.
 CHUNK = 8192
 # Elements per loop iteration within a chunk: 512 with 4 warps = 4 elements per thread
-# per tensor, one 16-byte vector per fp32 stream when the bucket is 16-byte aligned
-# (ptxas for sm_90: 55-61 registers for the update, no spills; with 1024 elements it
-# took 120-168 registers, which caps the resident warps per SM at a third or less).
+# per tensor, one 16-byte vector per fp32 stream when the bucket is 16-byte aligned.
+# An aligned bucket with a 2-byte stream (bf16/fp16 params, gradients or state) takes
+# twice as many, an unaligned bucket half as many (_block_for). Registers for sm_90 in
+# bench/results/compile_gate_sm90_sm80.txt (no variant spills).
 BLOCK = 512
 NUM_WARPS = 4
+# ptxas's register ceiling for the streamed kernels (norm, update, adaptive memory), as
+# .maxnreg: 168 keeps at least 3 programs of 4 warps resident per SM (65536 registers),
+# and stated, it also keeps ptxas from what it did unprompted for sm_80: hold some
+# update variants to 96 registers and save values on the stack around the slow path of
+# an IEEE division. A variant that needs more spills, which tests/test_compile_gate.py
+# refuses. (The decide kernel keeps its tile of keys in registers: no ceiling.)
+MAXNREG = 168
 # Partials summed per iteration by the reduce pass (one program per tensor).
 RBLOCK = 1024
 # Tensors per program of the decide pass (a [TB, next_pow2(topC)] tile of keys).
@@ -98,8 +106,14 @@ class _Plan:
     bucket_order: torch.Tensor  # host int64: the group's tensors, bucket after bucket
     in_aligned: torch.Tensor  # host int64: the tensors in aligned buckets
     keepalive: list = field(default_factory=list)
+    # CUDA: a pinned host buffer for the gradient rows a CUDA graph's capture uploads
+    # (allocated with the tables: a capture can neither pin memory nor copy from
+    # pageable memory); the graph reads it at every replay, so it is the plan's for good.
+    capture_rows: torch.Tensor | None = None
     grad_rows: torch.Tensor | None = None  # (pinned) host copy of the last grad-row rewrite
     in_graph: bool = False  # used while a CUDA graph captured: its tables never change
+    # (but for rows that graph writes itself when it replays, as it found them captured)
+    rows_on_replay: bool = False  # the gradient rows are written by a graph's replays
     state_ptrs: tuple = ()  # the state tensors' addresses in the tables (_state_ptrs)
     key: tuple = ()  # what the tables were built for (_key)
     # CUDA: the streams (cuda_stream handles) the buffers are known to be used on, the
@@ -241,6 +255,8 @@ def _build(args: StepArgs, ns: int, chunk: int, block: int) -> _Plan:
         in_aligned=torch.tensor([i for b in buckets if b.aligned for i in b.idx],
                                 dtype=torch.int64),
         keepalive=[*keepalive, dev], state_ptrs=_state_ptrs(args),
+        capture_rows=torch.empty(T, dtype=torch.int64, pin_memory=True)
+        if device.type == "cuda" else None,
         streams={torch.cuda.current_stream(device).cuda_stream}
         if device.type == "cuda" else None)
 
@@ -267,23 +283,30 @@ def plan_for(args: StepArgs, ns: int, chunk: int, block: int) -> _Plan:
         plan = None
     if plan is not None:
         grads = _ptrs(args.grads)
-        # (not while capturing: the graph would hold the upload's host buffer)
-        if grads == plan.grad_ptrs or (not (plan.in_graph or capturing)
-                                       and _move_grads(plan, grads)):
+        if grads == plan.grad_ptrs:
+            if plan.rows_on_replay:
+                # A graph captured the writes of these rows: until it replays they hold
+                # the gradients before it. Written again by this step (eagerly, or by
+                # this capture, which cannot count on the other graph's replays).
+                _move_grads(plan, grads, capturing)
+        elif plan.in_graph or not _move_grads(plan, grads, capturing):
+            # (a graph reads these tables as they are: other gradients get their own)
+            plan = None
+        if plan is not None:
             if key in _cache:
                 _cache.move_to_end(key)
             stats["hits"] += 1
-        else:
-            plan = None
     if plan is None:
         if capturing:
             raise RuntimeError(
                 "cm_fused (triton): a CUDA graph is capturing a step whose tensors this "
-                "process has not stepped yet (new parameters, state or gradient tensors, "
-                "or storage swapped in place since the last step); "
-                "building their tables needs host-to-device copies, which a capture cannot "
-                "hold. Run one eager step with the same tensors first (the usual warm-up "
-                "before capture, with the gradients the graph will use).")
+                "process has not stepped yet (new parameters or state tensors, a storage "
+                "swapped in place since the last step, gradients no longer 16-byte "
+                "aligned, or new gradients for tables an earlier graph captured); "
+                "building their tables needs a host upload a capture cannot hold. Run "
+                "eager steps with the same parameters first (the usual warm-up on a side "
+                "stream before capture); gradients the captured backward allocates are "
+                "fine.")
         plan = _build(args, ns, chunk, block)
         plan.key = key
         stats["builds"] += 1
@@ -322,24 +345,37 @@ def _state_ptrs(args: StepArgs) -> tuple:
         map(getattr, itertools.repeat(args), _STATE_LISTS))))
 
 
-def _move_grads(plan: _Plan, grads: tuple) -> bool:
+def _move_grads(plan: _Plan, grads: tuple, capturing: bool) -> bool:
     """Rewrite the gradient rows of the plan's bucket tables for new gradient addresses
     (zero_grad(set_to_none=True) hands out new tensors each step). False when the tables
     cannot take them as they are: a gradient no longer 16-byte aligned in an aligned
-    bucket (the plan is then rebuilt)."""
+    bucket (the plan is then rebuilt).
+
+    While a CUDA graph captures (a whole iteration, whose backward allocated these
+    gradients in the graph's pool, at addresses fixed for its replays), the upload and
+    the row copies are captured: each replay writes the rows before its kernels read
+    them, from the plan's pinned ``capture_rows`` (a plan in a graph takes one set of
+    gradients, so one buffer serves every capture of it).
+    """
     ptrs = torch.tensor(grads, dtype=torch.int64)  # (on the host: no device sync below)
     if bool((ptrs[plan.in_aligned] % 16).any()):
         return False
     host = ptrs[plan.bucket_order]
     device = plan.partials.device
-    if device.type == "cuda":
+    if capturing and plan.capture_rows is not None:
+        host = plan.capture_rows.copy_(host)  # (a host copy: the capture sees none)
+    elif device.type == "cuda":
         host = host.pin_memory()
     dev = host.to(device, non_blocking=True)
     offset = 0
     for b in plan.buckets:  # (device-side copies, in stream order after the upload)
         b.tab[_GRAD_ROW * b.n:(_GRAD_ROW + 1) * b.n].copy_(dev[offset:offset + b.n])
         offset += b.n
-    plan.grad_rows = host  # the upload may still be reading it (a new one next time)
+    if capturing:
+        plan.keepalive.insert(0, host)  # (while the graph may replay; [-1]: the tables)
+    else:
+        plan.grad_rows = host  # the upload may still be reading it (a new one next time)
+    plan.rows_on_replay = capturing
     plan.grad_ptrs = grads
     stats["grad_refreshes"] += 1
     return True
@@ -360,8 +396,9 @@ def release_captured_plans() -> None:
 
 # Launch log for tests: when a list, each launch appends (kernel name, grid, the
 # specialisation of its arguments: dtype of tensors, "int"/"fp32" for scalars and the
-# value of constexprs, num_warps). Hyperparameters must show up as "fp32", never as
-# values. (tests/test_compile_gate.py compiles what it records for sm_80 and sm_90.)
+# value of constexprs, the compile options: num_warps, maxnreg). Hyperparameters must
+# show up as "fp32", never as values. (tests/test_compile_gate.py compiles what it
+# records for sm_80 and sm_90.)
 launch_log: list | None = None
 
 
@@ -380,16 +417,39 @@ def _split(x: float) -> tuple[float, float]:
     return hi, _fp32(x - hi)
 
 
-def _launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int) -> None:
+def _launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int,
+            maxnreg: int | None = None) -> None:
     if launch_log is not None:
         spec = tuple(str(a.dtype) if isinstance(a, torch.Tensor) else
                      "int" if isinstance(a, int) else "fp32" if isinstance(a, float) else
                      repr(a) for a in args)
         launch_log.append((_kname(kernel), grid, spec, tuple(sorted((k, str(v)) for k, v in
-                                                    constexprs.items())), num_warps))
+                                                    constexprs.items())),
+                           dict(num_warps=num_warps, maxnreg=maxnreg)))
     # enable_fp_fusion=False: no fma contraction, so every operation rounds as torch's
     # separate kernels do (explicit tl.fma where torch fuses).
-    kernel[grid](*args, **constexprs, num_warps=num_warps, enable_fp_fusion=False)
+    options = dict(num_warps=num_warps, enable_fp_fusion=False)
+    if maxnreg is not None:  # (an option of Triton's CUDA backend only)
+        options["maxnreg"] = maxnreg
+    kernel[grid](*args, **constexprs, **options)
+
+
+_NARROW = (tl.bfloat16, tl.float16)
+
+
+def _block_for(b: _Bucket, block: int, chunk: int, least: int = 1) -> int:
+    """Elements per loop iteration for the bucket's streamed launches (at least
+    ``least``: the int8 slots' QBLOCK). Doubled where a 2-byte stream read every step
+    (params, gradients, state; not the slots, read only on an insert) would otherwise
+    move 8 bytes per load, in an aligned bucket whose chunks start at multiples of it.
+    Halved in an unaligned bucket: it loads element by element, each with an address
+    of its own (ptxas for sm_90: AdamCM's single-pass update took 189 registers at 512,
+    56 at 256)."""
+    if not b.aligned:
+        return max(block // 2, least)
+    if chunk % (2 * block) == 0 and any(b.dtypes[k] in _NARROW for k in "pgmvx"):
+        return 2 * block
+    return block
 
 
 def _kname(kernel):
@@ -420,8 +480,9 @@ def _step(args: StepArgs) -> None:
     C = int(args.buffers[0].shape[0])
     block = int(BLOCK)
     chunk = int(CHUNK)
+    least = 1
     if args.scales:  # int8 slots: a program's blocks hold whole blocks of QBLOCK elements
-        block = max(block, QBLOCK)
+        block, least = max(block, QBLOCK), QBLOCK
         chunk = -(-chunk // block) * block
     plan = plan_for(args, 1, chunk, block)
     T = plan.T
@@ -435,7 +496,8 @@ def _step(args: StepArgs) -> None:
                         (b.tab, b.n, b.chunk_t, b.chunk_s, b.partials,
                          dummy if grad_scale is None else grad_scale, chunk),
                         dict(G_DT=b.dtypes["g"], HAS_SCALE=grad_scale is not None,
-                             ALIGNED=b.aligned, BLOCK=block), NUM_WARPS)
+                             ALIGNED=b.aligned, BLOCK=_block_for(b, block, chunk, least)),
+                        NUM_WARPS, MAXNREG)
 
     lr = float(args.lr)
     defer = bool(args.pending)
@@ -463,8 +525,9 @@ def _step(args: StepArgs) -> None:
                              HAS_SCALE=grad_scale is not None,
                              HAS_FOUND_INF=found_inf is not None, HAS_MOM=bool(args.momenta),
                              HAS_X=bool(args.extras), MAXIMIZE=bool(args.maximize),
-                             ALIGNED=b.aligned, DEFER=defer, QB=QBLOCK, BLOCK=block),
-                        NUM_WARPS)
+                             ALIGNED=b.aligned, DEFER=defer, QB=QBLOCK,
+                             BLOCK=_block_for(b, block, chunk, least)),
+                        NUM_WARPS, MAXNREG)
 
     # A single-pass step (pending inserts) updates first and sums the norms as it goes;
     # the decisions come after it. Otherwise: norms, decisions, update.
@@ -533,7 +596,8 @@ def _step_adaptive(args: StepArgs) -> None:
                              HAS_SCALE=grad_scale is not None,
                              HAS_FOUND_INF=found_inf is not None,
                              MAXIMIZE=bool(args.maximize), REDUCE=reduce, NS=ns,
-                             ALIGNED=b.aligned, BLOCK=block), NUM_WARPS)
+                             ALIGNED=b.aligned, BLOCK=_block_for(b, block, chunk)),
+                        NUM_WARPS, MAXNREG)
 
     # ADAM_AM's split step hands its sums over in args.reduced (summed over processes);
     # SGD_AM's adds them into memory[0] (summed over groups) in the decide kernel.
