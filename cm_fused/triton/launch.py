@@ -47,10 +47,11 @@ CHUNK = 8192
 # Elements per loop iteration within a chunk: 512 with 4 warps = 4 elements per thread
 # per tensor, one 16-byte vector per fp32 stream when the bucket is 16-byte aligned.
 # An aligned bucket with a 2-byte stream (bf16/fp16 params, gradients or state) takes
-# twice as many, an unaligned bucket half as many (_block_for). Registers for sm_90 in
-# bench/results/compile_gate_sm90_sm80.txt (no variant spills).
+# twice as many, an unaligned bucket at most UNALIGNED_BLOCK (_block_for). Registers for
+# sm_90 in bench/results/compile_gate_sm90_sm80.txt (no variant spills).
 BLOCK = 512
 NUM_WARPS = 4
+UNALIGNED_BLOCK = 256  # (_block_for)
 # ptxas's register ceiling for the streamed kernels (norm, update, adaptive memory), as
 # .maxnreg: 168 keeps at least 3 programs of 4 warps resident per SM (65536 registers),
 # and stated, it also keeps ptxas from what it did unprompted for sm_80: hold some
@@ -442,11 +443,11 @@ def _block_for(b: _Bucket, block: int, chunk: int, least: int = 1) -> int:
     ``least``: the int8 slots' QBLOCK). Doubled where a 2-byte stream read every step
     (params, gradients, state; not the slots, read only on an insert) would otherwise
     move 8 bytes per load, in an aligned bucket whose chunks start at multiples of it.
-    Halved in an unaligned bucket: it loads element by element, each with an address
-    of its own (ptxas for sm_90: AdamCM's single-pass update took 189 registers at 512,
-    56 at 256)."""
+    At most UNALIGNED_BLOCK in an unaligned bucket: it loads element by element, each
+    with an address of its own (ptxas for sm_90: AdamCM's single-pass update took 189
+    registers at 512, 56 at 256)."""
     if not b.aligned:
-        return max(block // 2, least)
+        return max(min(block, UNALIGNED_BLOCK), least)
     if chunk % (2 * block) == 0 and any(b.dtypes[k] in _NARROW for k in "pgmvx"):
         return 2 * block
     return block
