@@ -92,6 +92,7 @@ class _Bucket:
     dtypes: dict
     aligned: bool  # all pointers 16-byte aligned, every slot too: vector loads
     idx: tuple  # the group's tensors in the bucket, in table order
+    block: int = 0  # elements per loop iteration of its streamed launches (_block_for)
 
 
 @dataclass
@@ -246,6 +247,8 @@ def _build(args: StepArgs, ns: int, chunk: int, block: int) -> _Plan:
             chunk_s=view(3 * b + 2), partials=partials[pbase * ns:(pbase + max(nch, 1)) * ns],
             dtypes={k: (_tl_dtype(d) if d is not None else tl.float32)
                     for k, d in zip(_DTYPE_NAMES, dts)}, aligned=aligned))
+        buckets[-1].block = _block_for(buckets[-1], block, chunk,
+                                       QBLOCK if args.scales else 1)
     return _Plan(
         T=T, gtab=view(3 * len(bucket_specs)), buckets=buckets, partials=partials,
         sumsq=torch.empty(T * ns, dtype=torch.float32, device=device),
@@ -373,7 +376,7 @@ def _move_grads(plan: _Plan, grads: tuple, capturing: bool) -> bool:
         b.tab[_GRAD_ROW * b.n:(_GRAD_ROW + 1) * b.n].copy_(dev[offset:offset + b.n])
         offset += b.n
     if capturing:
-        plan.keepalive.insert(0, host)  # (while the graph may replay; [-1]: the tables)
+        plan.capture_rows = host  # (what the graph reads at every replay: kept with it)
     else:
         plan.grad_rows = host  # the upload may still be reading it (a new one next time)
     plan.rows_on_replay = capturing
@@ -481,9 +484,8 @@ def _step(args: StepArgs) -> None:
     C = int(args.buffers[0].shape[0])
     block = int(BLOCK)
     chunk = int(CHUNK)
-    least = 1
     if args.scales:  # int8 slots: a program's blocks hold whole blocks of QBLOCK elements
-        block, least = max(block, QBLOCK), QBLOCK
+        block = max(block, QBLOCK)
         chunk = -(-chunk // block) * block
     plan = plan_for(args, 1, chunk, block)
     T = plan.T
@@ -497,7 +499,7 @@ def _step(args: StepArgs) -> None:
                         (b.tab, b.n, b.chunk_t, b.chunk_s, b.partials,
                          dummy if grad_scale is None else grad_scale, chunk),
                         dict(G_DT=b.dtypes["g"], HAS_SCALE=grad_scale is not None,
-                             ALIGNED=b.aligned, BLOCK=_block_for(b, block, chunk, least)),
+                             ALIGNED=b.aligned, BLOCK=b.block),
                         NUM_WARPS, MAXNREG)
 
     lr = float(args.lr)
@@ -527,7 +529,7 @@ def _step(args: StepArgs) -> None:
                              HAS_FOUND_INF=found_inf is not None, HAS_MOM=bool(args.momenta),
                              HAS_X=bool(args.extras), MAXIMIZE=bool(args.maximize),
                              ALIGNED=b.aligned, DEFER=defer, QB=QBLOCK,
-                             BLOCK=_block_for(b, block, chunk, least)),
+                             BLOCK=b.block),
                         NUM_WARPS, MAXNREG)
 
     # A single-pass step (pending inserts) updates first and sums the norms as it goes;
@@ -597,7 +599,7 @@ def _step_adaptive(args: StepArgs) -> None:
                              HAS_SCALE=grad_scale is not None,
                              HAS_FOUND_INF=found_inf is not None,
                              MAXIMIZE=bool(args.maximize), REDUCE=reduce, NS=ns,
-                             ALIGNED=b.aligned, BLOCK=_block_for(b, block, chunk)),
+                             ALIGNED=b.aligned, BLOCK=b.block),
                         NUM_WARPS, MAXNREG)
 
     # ADAM_AM's split step hands its sums over in args.reduced (summed over processes);
