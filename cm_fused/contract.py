@@ -140,6 +140,10 @@ class StepArgs:
     grad_scale: Optional[Tensor]  # divide gradients by it (GradScaler)
     found_inf: Optional[Tensor]   # nonzero: the step changes nothing at all
     rand: Optional[Tensor]        # fp32 [len(params)] coin draws for critical_test
+    # int64 [len(params), 2], on the params' device: stochastic rounding of bf16/fp16
+    # params, each tensor's (key, element offset) (cm_fused/rounding.py); None: the
+    # params are rounded to nearest.
+    rounding: Optional[Tensor]
     # fp64 [len(params), NS], Phase.REDUCE/UPDATE of every variant but SGD_AM (else None):
     # the reduce pass's sums per tensor (NS = 1: the gradient's sum of squares; ADAM_AM:
     # NS = 4, the sums D, M, X, Y), written by REDUCE and read by UPDATE. (With found_inf

@@ -8,7 +8,7 @@ import operator
 import torch
 from torch import Tensor
 
-from . import distributed, torch_step
+from . import distributed, rounding, torch_step
 from .contract import Phase, StepArgs, Tensors
 from .pending import PendingInserts
 from .planning import GroupPlan
@@ -21,9 +21,10 @@ class GroupRunner:
     ``backends_in_use``, updated here."""
 
     def __init__(self, spec: OptimizerSpec, store: StateStore, pending: PendingInserts,
-                 shared: SharedDecision | None, in_use: dict) -> None:
+                 shared: SharedDecision | None, in_use: dict, groups) -> None:
         self.spec, self.store, self.pending, self.shared = spec, store, pending, shared
         self.in_use = in_use
+        self.groups = groups  # () -> the optimizer's param groups
         # Per group: each state entry's tensors as given to the last step (Tensors).
         self._lists: dict = {}
 
@@ -120,7 +121,27 @@ class GroupRunner:
             **self.spec.scalars(group)._asdict(),
             lam=group.get("lam", 0.0), synced=group.get("synced", False),
             maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,
-            rand=None, phase=int(Phase.ALL))
+            rand=None, rounding=self._rounding(plan, last), phase=int(Phase.ALL))
+
+    def _rounding(self, plan: GroupPlan, last: dict) -> Tensor | None:
+        """StepArgs.rounding of the group's step (None unless stochastic_rounding): each
+        tensor's key from the seed and its index among the optimizer's parameters, and
+        the offset of its local shard (kept while the tensors and the seed are the
+        same)."""
+        if not plan.group["stochastic_rounding"]:
+            return None
+        seed = plan.group["rounding_seed"]
+        which = (seed, [id(p) for p in plan.params])
+        cached = last.get("__rounding__")
+        if cached is not None and cached[0] == which:
+            return cached[1]
+        index = {id(p): i for i, p in enumerate(
+            p for group in self.groups() for p in group["params"])}
+        rows = [(rounding.tensor_key(seed, index[id(p)]), distributed.element_offset(p))
+                for p in plan.params]
+        table = torch.tensor(rows, dtype=torch.int64).to(plan.device, non_blocking=True)
+        last["__rounding__"] = (which, table)
+        return table
 
 
 def _as_is(tensors: list[Tensor]) -> list[Tensor]:

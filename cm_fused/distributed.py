@@ -134,6 +134,19 @@ def sum_over_shards(reduced: Tensor, exchange: Exchange) -> None:
             reduced[rows] = part
 
 
+def element_offset(p: Tensor) -> int:
+    """Where p's local shard starts in the whole tensor, in elements of its row-major
+    order (0 for a plain tensor): for a shard of dimension 0 (FSDP2's), element e of the
+    shard is element offset + e of the whole."""
+    if not isinstance(p, DTensor):
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, start = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    stride = torch.empty(p.shape, device="meta").stride()
+    return sum(o * s for o, s in zip(start, stride))
+
+
 def same_coins(rand: Tensor, params: list[Tensor]) -> None:
     """critical_test's coin draws, made the same on every process of the parameters'
     meshes (broadcast from coordinate 0 of each dimension in turn): ranks whose random

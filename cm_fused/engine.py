@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from . import backend_choice, checkpoint, distributed, split_step, validation
+from . import backend_choice, checkpoint, clipping, distributed, split_step, validation
 from .backend_choice import BackendChoice
 from .contract import Variant
 from .dispatch import GroupRunner
@@ -36,6 +36,13 @@ class CriticalOptimizer(torch.optim.Optimizer):
     raise if they cannot run). ``self.backends_in_use`` maps device type to the backend
     that last ran there; ``self.shared_decision`` is the spec's
     :class:`~cm_fused.spec.SharedDecision` (None for an optimizer without one).
+
+    ``max_grad_norm``: clip the gradients by their global norm inside the step, as
+    ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` before it would
+    (cm_fused/clipping.py); ``self.grad_norm`` is then the last step's norm, before
+    clipping: a 0-dim device tensor each step overwrites (clone it to keep it).
+    ``stochastic_rounding``: bf16/fp16 params are rounded stochastically, with bits
+    drawn from ``rounding_seed`` (cm_fused/rounding.py).
     """
 
     _step_supports_amp_scaling = True
@@ -55,6 +62,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
     def __init__(self, params, hyperparameters: dict, backend: str = "auto"):
         backend_choice.check_name(backend)
         self.backend = backend
+        self.grad_norm: Tensor | None = None
         self.backends_in_use: dict[str, str] = {}
         self._assemble()
         defaults = {name: hyperparameters[name] for name in self.HYPERPARAMETERS}
@@ -72,7 +80,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         self._pending = PendingInserts(spec.variant)
         self.shared_decision = spec.shared_decision() if spec.shared_decision else None
         self._runner = GroupRunner(spec, self._store, self._pending, self.shared_decision,
-                                   self.backends_in_use)
+                                   self.backends_in_use, lambda: self.param_groups)
 
     def __setstate__(self, state: dict) -> None:
         """Unpickling, and torch's load_state_dict (which calls it with the new groups).
@@ -85,6 +93,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         if "_runner" not in self.__dict__:  # unpickled: fresh caches
             self.__dict__.setdefault("backend", "auto")
             self.backends_in_use = {}
+            self.grad_norm = None
             self._assemble()
             # (a pickled state may hold pending inserts: every group is flushed when read)
             self._pending.replaced([], self.param_groups)
@@ -103,6 +112,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         backend_choice.check_flags(self.backend, full)
         super().add_param_group(param_group)
         try:
+            validation.check_rounding(type(self).__name__, self.param_groups[-1])
             self._choose_backend(self.param_groups[-1])
         except (TypeError, ValueError, RuntimeError):
             self.param_groups.pop()
@@ -150,6 +160,11 @@ class CriticalOptimizer(torch.optim.Optimizer):
         self._store.allocate(self.state, plans)
         grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler
         found_inf = getattr(self, "found_inf", None)
+        max_norm = self.param_groups[0].get("max_grad_norm") if active else None
+        if max_norm is not None:  # (every group has the same: Planner.check_shared)
+            norm, grad_scale, found_inf = clipping.clipped(active, max_norm, grad_scale,
+                                                           found_inf)
+            self._norm_buffer(active[0].device).copy_(norm)
         if split:
             split_step.across_groups(self._runner, self.shared_decision, active, self.state,
                                      grad_scale, found_inf)
@@ -170,12 +185,22 @@ class CriticalOptimizer(torch.optim.Optimizer):
         plan = self._planner.plan(group, self.state, self.backend)
         if not plan.params:
             return
+        if group.get("max_grad_norm") is not None:
+            self._norm_buffer(plan.device)
         self.backends_in_use[plan.device.type] = plan.backend
         self._pending.traced_step(plan)
         self._store.allocate(self.state, [plan])
         self._store.changed()  # (the traced step may add state: torch's code at kappa=0)
         if self.shared_decision is not None:
             self.shared_decision.memory(plan.device)  # (its sums, allocated here)
+
+    def _norm_buffer(self, device: torch.device) -> Tensor:
+        """``self.grad_norm``, made once per device: a traced step writes into it (dynamo
+        does not replay a step's attribute assignments on an optimizer), as does a captured
+        one (a CUDA graph replays into the same memory)."""
+        if self.grad_norm is None or self.grad_norm.device != device:
+            self.grad_norm = torch.zeros((), dtype=torch.float32, device=device)
+        return self.grad_norm
 
     def flush_buffers(self) -> None:
         """Write the critical-buffer inserts that steps decided but left pending, so that

@@ -82,7 +82,8 @@ class AdamCM(BufferDiagnostics, CriticalOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, *, weight_decay=0.0,
                  amsgrad=False, topC=5, decay=0.7, kappa=1.0, synced=True, critical_test=0.0,
                  buffer_dtype=None, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None, backend="auto"):
+                 differentiable=False, fused=None, max_grad_norm=None,
+                 stochastic_rounding=False, rounding_seed=0, backend="auto"):
         super().__init__(params, locals(), backend)
 
 
@@ -101,7 +102,8 @@ class AdamCG(BufferDiagnostics, CriticalOptimizer):
                  amsgrad=False, topC=10, decay=0.7, kappa=1.0, synced=True, critical_test=0.0,
                  buffer_dtype=None, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
-                 backend="auto"):
+                 max_grad_norm=None, stochastic_rounding=False,
+                 rounding_seed=0, backend="auto"):
         super().__init__(params, locals(), backend)
 
 
@@ -162,7 +164,8 @@ class SGDCG(BufferDiagnostics, CriticalOptimizer):
     def __init__(self, params, lr=1e-3, *, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  topC=10, decay=0.7, kappa=1.0, synced=True, critical_test=0.0,
                  buffer_dtype=None, nesterov=False, maximize=False, foreach=None,
-                 differentiable=False, fused=None, backend="auto"):
+                 differentiable=False, fused=None, max_grad_norm=None,
+                 stochastic_rounding=False, rounding_seed=0, backend="auto"):
         super().__init__(params, locals(), backend)
 
 
@@ -208,7 +211,8 @@ class RMSpropCG(BufferDiagnostics, CriticalOptimizer):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False, *, topC=10, decay=0.7, kappa=1.0, synced=True,
                  buffer_dtype=None, capturable=False, foreach=None, maximize=False,
-                 differentiable=False, backend="auto"):
+                 differentiable=False, max_grad_norm=None, stochastic_rounding=False,
+                 rounding_seed=0, backend="auto"):
         super().__init__(params, locals(), backend)
 
 
@@ -262,7 +266,8 @@ class AdamAM(_AdaptiveMemory):
                          memory=lambda states: [s["memory"] for s in states])
 
     def __init__(self, params, lr=1e-3, betas=(0.89, 0.999), eps=1e-8, *, weight_decay=0.0,
-                 lam=0.1, maximize=False, fused=None, backend="auto"):
+                 lam=0.1, maximize=False, fused=None, max_grad_norm=None,
+                 stochastic_rounding=False, rounding_seed=0, backend="auto"):
         super().__init__(params, locals(), backend)
 
     def _betas(self):
@@ -331,7 +336,8 @@ class SGDAM(_AdaptiveMemory):
                          shared_decision=_OneBeta)
 
     def __init__(self, params, lr=0.1, *, beta_max=0.9, lam=0.1, weight_decay=0.0,
-                 maximize=False, fused=None, backend="auto"):
+                 maximize=False, fused=None, max_grad_norm=None, stochastic_rounding=False,
+                 rounding_seed=0, backend="auto"):
         super().__init__(params, locals(), backend)
 
     def _betas(self):

@@ -76,13 +76,14 @@ class Planner:
 
     def check_shared(self, groups: list[dict]) -> None:
         """The hyperparameters every group must share (OptimizerSpec.shared) agree."""
-        names = self.spec.shared
+        names = (*self.spec.shared, "max_grad_norm")
         if names:
             shared = {tuple(g[n] for n in names) for g in groups}
             if len(shared) > 1:
+                why = self.spec.shared_why + ("; " if self.spec.shared_why else "")
                 raise ValueError(f"{self.name}: every param group must have the same "
-                                 f"{' and '.join(names)} ({self.spec.shared_why}), got "
-                                 f"{sorted(shared)}")
+                                 f"{' and '.join(names)} ({why}max_grad_norm: one norm "
+                                 f"over every group), got {sorted(shared, key=repr)}")
 
     def plan(self, group: dict, state: dict, asked: str) -> GroupPlan:
         """``asked``: the backend the optimizer was asked for."""
@@ -95,6 +96,8 @@ class Planner:
             if not params:
                 return GroupPlan(group, [], None, "reference", None)
         dtypes = attrs("dtype", params)
+        if group["stochastic_rounding"]:
+            validation.check_rounding(self.name, group, dtypes)
         # The state checks and the backend choice depend on the params, their dtypes and
         # device, the hyperparameters and the state: skipped while none of these changed
         # since they last passed.

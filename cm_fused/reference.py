@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .contract import Capabilities, Phase, StepArgs, Variant
 from .quantize import dequantize, quantize
+from .rounding import round_param
 
 # The floor of AdamAM's 1 - beta1max * prod (docs/SPEC.md): fp32's smallest normal.
 CAPABILITIES = Capabilities()  # every insert written in its own step, any topC
@@ -90,9 +91,6 @@ def step(args: StepArgs) -> None:
         norms = gradient_keys(grads, args.synced)
     lr = args.lr if args.lr_tensor is None else args.lr_tensor
 
-    def role(tensors: list[Tensor], i: int) -> Tensor | None:
-        return tensors[i] if tensors else None
-
     for i, p in enumerate(args.params):
         lucky = None if args.rand is None else args.rand[i] < args.critical_test
         first, j, replace, k_before = decide(args.keys[i], args.counts[i], norms[i], lucky,
@@ -100,7 +98,12 @@ def step(args: StepArgs) -> None:
         _one_tensor(Variant(args.variant), args, lr, keep, first, j, replace, k_before, p,
                     grads[i], role(args.momenta, i), role(args.second_moments, i),
                     role(args.extras, i), args.buffers[i], role(args.scales, i), args.sums[i],
-                    args.steps[i])
+                    args.steps[i], role(args.rounding, i))
+
+
+def role(tensors, i: int) -> Tensor | None:
+    """Entry ``i`` of a role's per-tensor list, None where the role is unused."""
+    return tensors[i] if tensors is not None and len(tensors) else None
 
 
 def _commit(dst: Tensor, new: Tensor, keep: Tensor | None) -> None:
@@ -182,8 +185,14 @@ def flush_pending(B: Tensor, S: Tensor, scales: Tensor | None, m: Tensor,
     pending.fill_(-1)
 
 
+def _store_param(p: Tensor, x_new: Tensor, keep: Tensor | None, rounding: Tensor | None,
+                 step_new: Tensor) -> None:
+    """``p ← x_new``, rounded to p's dtype stochastically where ``rounding`` is given."""
+    _commit(p, round_param(x_new, p.dtype, rounding, step_new), keep)
+
+
 def _one_tensor(variant, a: StepArgs, lr, keep, first, j, replace, k_before, p, g, mom, sq,
-                extra, B, scales, S, step):
+                extra, B, scales, S, step, rounding):
     cdt = compute_dtype(p.dtype)
     x = p.to(cdt)
     zero = torch.zeros_like(g)
@@ -255,7 +264,7 @@ def _one_tensor(variant, a: StepArgs, lr, keep, first, j, replace, k_before, p, 
             x_new = x - lr * buf
         else:
             x_new = x - lr * (u / avg)
-    _commit(p, x_new, keep)
+    _store_param(p, x_new, keep, rounding, step_new)
 
 
 # ---------------------------------------------------------------- adaptive memory
@@ -291,10 +300,10 @@ def _adaptive_memory(a: StepArgs, grads: list[Tensor], keep: Tensor | None) -> N
     _commit(totals[2], beta, keep)
     coef_d = (beta + a.lam) / (1 + a.lam)
     coef_g = (1 - beta) / (1 + a.lam)
-    for p, g, d, step in zip(a.params, gs, a.momenta, a.steps):
+    for i, (p, g, d, step) in enumerate(zip(a.params, gs, a.momenta, a.steps)):
         d_new = torch.where(step == 0, g, coef_d * d.to(g.dtype) + coef_g * g)
         _commit(d, d_new, keep)
-        _commit(p, p.to(g.dtype) - lr * d_new, keep)
+        _store_param(p, p.to(g.dtype) - lr * d_new, keep, role(a.rounding, i), step + 1)
         _commit(step, step + 1, keep)
 
 
@@ -370,7 +379,8 @@ def _adam_am_tensor(a: StepArgs, lr, keep, p, g, d_state, v_state, step, memory,
     beta = adam_am_beta(a, sums, step == 0, prev_lr, lr)
     d_new = ((1 - beta) * g + (a.lam * P + beta) * d) * (P * W)  # ... / R
     _commit(d_state, d_new, keep)
-    _commit(p, _decayed(x, a, lr) - lr * d_new * (R * W), keep)  # ... − lr·d/P
+    _store_param(p, _decayed(x, a, lr) - lr * d_new * (R * W), keep,  # ... − lr·d/P
+                 role(a.rounding, i), step_new)
     _commit(step, step_new, keep)
     eta = torch.as_tensor(lr, dtype=torch.float32, device=memory.device)
     _commit(memory, torch.stack([prod * beta, eta, beta]), keep)

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from torch import Tensor
 
-from . import registry
+from . import registry, rounding
 
 
 def bad(name: str, value: Any, rule: str) -> ValueError:
@@ -113,6 +113,37 @@ def _buffer_dtype(name, d, group):
                            "torch.int8 (8-bit slots, blockwise quantized)")
 
 
+def _max_grad_norm(name, x, group):
+    if x is not None and not (_is_real(x) and 0 < x < float("inf")):
+        raise bad(name, x, "must be None (no clip) or a finite number > 0")
+
+
+def _rounding_seed(name, x, group):
+    if not (isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2 ** 32):
+        raise bad(name, x, "must be an int in [0, 2**32)")
+
+
+def _stochastic_rounding(name, x, group):
+    _flag(name, x, group)
+    if x and group.get("kappa") == 0:
+        raise bad(name, x, "kappa=0 runs torch's own step, which rounds to nearest; "
+                           "stochastic rounding needs kappa > 0")
+
+
+def check_rounding(name: str, group: dict, dtypes=None) -> None:
+    """With stochastic_rounding, every param of the group is bf16 or fp16 (the step
+    rounds its fp32 result to them; an fp32 param has nothing to round)."""
+    if not group.get("stochastic_rounding"):
+        return
+    if dtypes is None:
+        dtypes = [p.dtype for p in group["params"]]
+    other = sorted({str(d) for d in dtypes if d not in rounding.DTYPES})
+    if other:
+        raise ValueError(f"{name}: stochastic_rounding=True rounds bf16 and fp16 "
+                         f"parameters; this group has {', '.join(other)} parameters (put "
+                         f"them in a group with stochastic_rounding=False)")
+
+
 RULES: dict[str, Callable[[str, Any, dict], None]] = {
     "lr": _lr, "betas": _betas, "eps": _nonnegative, "weight_decay": _nonnegative,
     "amsgrad": _flag, "momentum": _nonnegative, "dampening": _real, "alpha": _unit_interval,
@@ -123,6 +154,9 @@ RULES: dict[str, Callable[[str, Any, dict], None]] = {
     # torch.optim's implementation keywords
     "maximize": _flag, "foreach": _optional_flag, "fused": _optional_flag,
     "capturable": _flag, "differentiable": _differentiable, "nesterov": _nesterov,
+    # inside the step: the global-norm clip, stochastic rounding of bf16/fp16 params
+    "max_grad_norm": _max_grad_norm, "stochastic_rounding": _stochastic_rounding,
+    "rounding_seed": _rounding_seed,
     # AdamCG's weight decay is coupled, as the authors' (AdamCM is the decoupled one)
     "decoupled_weight_decay": _kappa_zero_only("decoupled weight decay in AdamCG (AdamCM "
                                                "is the decoupled one)"),
@@ -132,5 +166,6 @@ RULES: dict[str, Callable[[str, Any, dict], None]] = {
 def validate(group: dict, names) -> None:
     """Raise ValueError naming the first invalid hyperparameter of a param group (in the
     order of ``names``; the rules that read other hyperparameters, after those)."""
-    for name in sorted(names, key=lambda n: n in ("topC", "nesterov", "decoupled_weight_decay")):
+    for name in sorted(names, key=lambda n: n in ("topC", "nesterov", "decoupled_weight_decay",
+                                                  "stochastic_rounding")):
         RULES[name](name, group[name], group)

@@ -103,6 +103,7 @@ void adaptive_step(const StepInputs& in) {
       mem[1] = lr_f;
       mem[2] = a.beta;
       *step[i] = *step[i] + 1.f;
+      set_rounding(in, i, *step[i], &a);
     }
   } else {
     if (in.phase != kPhaseUpdate) {
@@ -129,6 +130,7 @@ void adaptive_step(const StepInputs& in) {
       args[i].coef_d = coef_d;
       args[i].coef_g = coef_g;
       *step[i] = *step[i] + 1.f;
+      set_rounding(in, i, *step[i], &args[i]);
     }
   }
 

@@ -96,6 +96,7 @@ UpdateArgs update_args(const StepInputs& in, size_t i, const Decision& d, float 
   a.step_size = static_cast<float>(in.lr_from_tensor ? in.lr / bc1 : (1.0 / bc1) * in.lr);
   a.sqrt_bc2 = static_cast<float>(std::sqrt(bc2));
   a.eps = static_cast<float>(in.eps);
+  set_rounding(in, i, step_f, &a);
   return a;
 }
 

@@ -89,10 +89,21 @@ struct StepInputs {
   float scale;          // -scale under maximize
   bool defer;           // pending inserts (AdamCM, fp32 params, a whole step)
   const float* rand;    // critical_test's coins, one per tensor, or nullptr
+  const int64_t* rounding;  // stochastic rounding: (key, offset) per tensor, or nullptr
   double* reduced;      // a split step's exchanged sums, fp64 [T, NS], or nullptr
   std::vector<int> pdt;  // the params' DType
   std::vector<int> sdt;  // the slots' DType (buffered variants)
 };
+
+// Tensor i's stochastic rounding (if the step has it) for the step that brings its
+// count to step_after: the hash's per-step half, mix(key ^ step_after).
+inline void set_rounding(const StepInputs& in, size_t i, float step_after, UpdateArgs* a) {
+  if (in.rounding == nullptr) return;
+  a->round = true;
+  const uint32_t step = static_cast<uint32_t>(static_cast<int64_t>(step_after));
+  a->round_key = mix(static_cast<uint32_t>(in.rounding[2 * i]) ^ step);
+  a->round_offset = static_cast<uint32_t>(in.rounding[2 * i + 1]);
+}
 
 void buffered_step(const StepInputs& in);  // buffered.cpp
 void adaptive_step(const StepInputs& in);  // adaptive.cpp

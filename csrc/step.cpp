@@ -255,6 +255,7 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
               const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf,
               const std::optional<at::Tensor>& rand,
+              const std::optional<at::Tensor>& rounding,
               const std::optional<at::Tensor>& reduced) {
   StepInputs in{params, grads, momenta, second_moments, extras, buffers, scales, keys,
                 counts, inserts, sums, pending, steps, memory};
@@ -268,6 +269,24 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
                     rand->is_contiguous() && rand->numel() >= static_cast<int64_t>(T),
                 "cm_fused::step_: rand must be a contiguous float32 CPU tensor with one value "
                 "per tensor");
+  }
+  if (rounding) {
+    TORCH_CHECK(rounding->device().is_cpu() && rounding->scalar_type() == at::kLong &&
+                    rounding->is_contiguous() && rounding->dim() == 2 &&
+                    rounding->size(0) == static_cast<int64_t>(T) && rounding->size(1) == 2,
+                "cm_fused::step_: rounding must be a contiguous int64 CPU tensor of shape [",
+                T, ", 2], got ", rounding->scalar_type(), " ", rounding->sizes(), " on ",
+                rounding->device());
+    const int64_t* row = rounding->data_ptr<int64_t>();
+    for (size_t i = 0; i < T; ++i) {
+      TORCH_CHECK(in.pdt[i] != kF32, "cm_fused::step_: stochastic rounding rounds bfloat16 and "
+                  "float16 params, params[", i, "] is float32");
+      TORCH_CHECK(row[2 * i] >= 0 && row[2 * i] <= int64_t{0xFFFFFFFF},
+                  "cm_fused::step_: rounding[", i, "]'s key must be a uint32 value, got ",
+                  row[2 * i]);
+      TORCH_CHECK(row[2 * i + 1] >= 0, "cm_fused::step_: rounding[", i,
+                  "]'s element offset must be >= 0, got ", row[2 * i + 1]);
+    }
   }
   const bool scaled = grad_scale.has_value();
   const double scale_value = scaled ? scalar_value(grad_scale, "grad_scale") : 1.0;
@@ -292,6 +311,7 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
   in.scale = static_cast<float>(maximize ? -scale_value : scale_value);
   in.defer = layout.defer;
   in.rand = rand ? rand->data_ptr<float>() : nullptr;
+  in.rounding = rounding ? rounding->data_ptr<int64_t>() : nullptr;
   in.reduced = layout.exchange ? reduced->data_ptr<double>() : nullptr;
   if (layout.am) {
     adaptive_step(in);

@@ -43,6 +43,16 @@ enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kNumDTypes = 3, kI8 = 3, kNumS
 // (passes.h), so a block never straddles two chunks.
 constexpr int64_t kQBlock = 256;
 
+// cm_fused/rounding.py's mixer, a bijection of uint32 (wrapping arithmetic): the hash
+// the stochastic rounding of the params draws its bits from, the same on every backend.
+inline uint32_t mix(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21f0aaadu;
+  x ^= x >> 15;
+  x *= 0x735a2d97u;
+  return x ^ (x >> 15);
+}
+
 // Everything the update pass needs for one tensor. Pointers are to element 0; a state
 // role the variant or the configuration does not use is nullptr.
 struct UpdateArgs {
@@ -62,6 +72,12 @@ struct UpdateArgs {
   bool has_wd = false;
   bool scaled = false;    // divide gradients by grad_scale
   bool sum_squares = false;  // the update also sums the gradient's squares (deferring)
+  // Stochastic rounding of the param's stores (bf16/fp16 params; cm_fused/rounding.py):
+  // element e draws mix(round_key ^ (round_offset + e)), round_key = mix(key ^ step)
+  // with this step's count after it (the per-step half of the hash, done once here).
+  bool round = false;
+  uint32_t round_key = 0;
+  uint32_t round_offset = 0;  // the tensor's element offset, mod 2^32
   float grad_scale = 1.f;
   float wd = 0.f;         // weight decay (coupled variants)
   float wd_factor = 1.f;  // 1 - lr * weight_decay (decoupled: AdamCM)

@@ -144,6 +144,57 @@ double norm_kernel(const void* g_, int64_t begin, int64_t end, bool scaled, floa
   return s.total();
 }
 
+// ---------------------------------------------------------------- stochastic rounding
+
+// The store of kW new param values x (cm_fused/rounding.py: stochastic_round): y, x
+// rounded to nearest, or n, y's neighbour on x's side, where u < |x - y| / |n - y|. A
+// 16-bit float is sign and magnitude: one step up of its pattern is the neighbour
+// farther from 0, one step down the nearer, whatever the sign. The reference's other
+// conditions need no test: where they keep y (x == y, a NaN x, an infinite y) the ratio
+// is 0 or NaN (inf / inf; there n may differ from the reference's), which u >= 0 never
+// passes. y and n convert back to their own bits (a NaN to those the plain store
+// writes). e: x0's element index in the tensor (the padded tail block draws past the
+// tensor's end: those lanes are not copied back).
+template <typename T>
+inline void store_stochastic(const UpdateArgs& a, T* p, int64_t e, const Vec& x0,
+                             const Vec& x1) {
+  const Vectorized<T> y = at::vec::convert_from_float<T>(x0, x1);
+  Vec y0, y1;
+  std::tie(y0, y1) = at::vec::convert_to_float<T>(y);
+  uint16_t bits[kW], up[kW], down[kW];
+  float u[kW];
+  y.store(bits);
+  // Plain loops over fixed-size arrays, which the compiler vectorises (unsigned
+  // arithmetic wraps, as the hash needs: at::vec has no unsigned 32-bit vector).
+  const uint32_t base = a.round_offset + static_cast<uint32_t>(e);
+  for (int64_t l = 0; l < kW; ++l) {
+    up[l] = static_cast<uint16_t>(bits[l] + 1u);
+    down[l] = static_cast<uint16_t>(bits[l] - 1u);
+    const uint32_t r = mix(a.round_key ^ (base + static_cast<uint32_t>(l)));
+    // (r >> 8 < 2^24: exact in fp32, and a signed conversion vectorises)
+    u[l] = static_cast<float>(static_cast<int32_t>(r >> 8)) * 0x1p-24f;
+  }
+  Vec a0, a1, b0, b1;
+  std::tie(a0, a1) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(up));
+  std::tie(b0, b1) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(down));
+  // n: up where up and x lie on the same side of y, else down
+  const Vec n0 = Vec::blendv(a0, b0, (x0 > y0) ^ (a0 > y0));
+  const Vec n1 = Vec::blendv(a1, b1, (x1 > y1) ^ (a1 > y1));
+  const Vec take0 = Vec::loadu(u) < (x0 - y0).abs() / (n0 - y0).abs();
+  const Vec take1 = Vec::loadu(u + kV) < (x1 - y1).abs() / (n1 - y1).abs();
+  IO<T>::store(p, Vec::blendv(y0, n0, take0), Vec::blendv(y1, n1, take1));
+}
+
+// The store of the new param values: rounded to nearest, or SR: stochastically.
+template <typename T, bool SR>
+inline void store_param(const UpdateArgs& a, T* p, int64_t e, const Vec& x0, const Vec& x1) {
+  if constexpr (SR) {
+    store_stochastic<T>(a, p, e, x0, x1);
+  } else {
+    IO<T>::store(p, x0, x1);
+  }
+}
+
 // ---------------------------------------------------------------- update pass
 
 // g / grad_scale (by -grad_scale with maximize: see step.cpp), as the update passes read it.
@@ -201,10 +252,11 @@ inline void flush_insert(const float* m, TS* slot, float* sum) {
 // direction u the base rule takes and the value inserted into the buffer come first
 // (they are what the variants differ in), then the insert (shared), then the base rule.
 // STAGE (int8 slots): the value inserted is only written to `slot`, an fp32 staging
-// area; quantize_insert() then quantizes it and updates S block by block.
-template <int V, typename T, typename TS, bool STAGE = false>
-inline void update_block(const UpdateArgs& a, T* p, const T* g, T* mom, T* sq, T* extra,
-                         TS* slot, float* sum) {
+// area; quantize_insert() then quantizes it and updates S block by block. SR: the param
+// is rounded stochastically (a.round); e: p's element index in the tensor.
+template <int V, typename T, typename TS, bool STAGE, bool SR>
+inline void update_block(const UpdateArgs& a, int64_t e, T* p, const T* g, T* mom, T* sq,
+                         T* extra, TS* slot, float* sum) {
   Vec g0, g1, x0, x1, s0, s1;
   load_gradient<T>(a, g, g0, g1);
   IO<T>::load(p, x0, x1);
@@ -290,13 +342,13 @@ inline void update_block(const UpdateArgs& a, T* p, const T* g, T* mom, T* sq, T
     }
     IO<T>::store(mom, m0, m1);
     if (V == kAdamCM && a.first) {  // no Adam update on CM's first step (eps 0: 0/0)
-      IO<T>::store(p, x0, x1);
+      store_param<T, SR>(a, p, e, x0, x1);
       return;
     }
     const Vec sqrt_bc2(a.sqrt_bc2), eps(a.eps), step_size(a.step_size);
     const Vec d0 = v0.sqrt() / sqrt_bc2 + eps;
     const Vec d1 = v1.sqrt() / sqrt_bc2 + eps;
-    IO<T>::store(p, x0 - (step_size * num0) / d0, x1 - (step_size * num1) / d1);
+    store_param<T, SR>(a, p, e, x0 - (step_size * num0) / d0, x1 - (step_size * num1) / d1);
   } else if constexpr (V == kRMSpropCG) {
     Vec q0, q1, d0, d1;
     second_moment<T>(a, sq, u0, u1, q0, q1);
@@ -321,9 +373,9 @@ inline void update_block(const UpdateArgs& a, T* p, const T* g, T* mom, T* sq, T
       b0 = b0 * mu + u0 / d0;
       b1 = b1 * mu + u1 / d1;
       IO<T>::store(mom, b0, b1);
-      IO<T>::store(p, x0 - lr * b0, x1 - lr * b1);
+      store_param<T, SR>(a, p, e, x0 - lr * b0, x1 - lr * b1);
     } else {
-      IO<T>::store(p, x0 - lr * (u0 / d0), x1 - lr * (u1 / d1));
+      store_param<T, SR>(a, p, e, x0 - lr * (u0 / d0), x1 - lr * (u1 / d1));
     }
   } else {  // kSGDCG
     if (mom != nullptr) {  // the first momentum step copies d
@@ -337,7 +389,7 @@ inline void update_block(const UpdateArgs& a, T* p, const T* g, T* mom, T* sq, T
       IO<T>::store(mom, u0, u1);
     }
     const Vec lr(a.lr);
-    IO<T>::store(p, x0 - lr * u0, x1 - lr * u1);
+    store_param<T, SR>(a, p, e, x0 - lr * u0, x1 - lr * u1);
   }
 }
 
@@ -351,7 +403,7 @@ inline void update_block(const UpdateArgs& a, T* p, const T* g, T* mom, T* sq, T
 // (begin must be the chunk's start or an even number of blocks after it); summed here,
 // from the block just updated, the one pass measured about 1% faster than with a second
 // loop over each chunk's gradient (bench/results/norm_in_update_gpt2-11m_cpu.txt).
-template <int V, typename T, typename TS, bool STAGE, typename TF = void>
+template <int V, typename T, typename TS, bool STAGE, bool SR, typename TF = void>
 void update_range(const UpdateArgs& a, int64_t begin, int64_t end, TS* slot_base,
                   int64_t origin, SumSq* norm = nullptr) {
   constexpr bool FLUSH = !std::is_void_v<TF>;
@@ -359,9 +411,10 @@ void update_range(const UpdateArgs& a, int64_t begin, int64_t end, TS* slot_base
   static_assert(!FLUSH || (std::is_same_v<T, float> && !std::is_same_v<TF, int8_t>),
                 "deferred inserts are written here for fp32 momenta into fp slots only");
   TFS* fslot = FLUSH ? static_cast<TFS*>(a.flush_slot) : nullptr;  // (int8: elsewhere)
-  auto block = [&](T* p, const T* g, T* m, T* v, T* e, TS* s, float* sm, TFS* f) {
+  auto block = [&](int64_t index, T* p, const T* g, T* m, T* v, T* e, TS* s, float* sm,
+                   TFS* f) {
     if constexpr (FLUSH) flush_insert<TF>(m, f, sm);
-    update_block<V, T, TS, STAGE>(a, p, g, m, v, e, s, sm);
+    update_block<V, T, TS, STAGE, SR>(a, index, p, g, m, v, e, s, sm);
   };
   T* p = static_cast<T*>(a.p);
   const T* g = static_cast<const T*>(a.g);
@@ -380,7 +433,7 @@ void update_range(const UpdateArgs& a, int64_t begin, int64_t end, TS* slot_base
     } else {  // (the flushed slot's stream too)
       prefetch_ahead(i, p, g, mom, sq, extra, slot_base, sum, fslot);
     }
-    block(p + i, g + i, at(mom, i), at(sq, i), at(extra, i), slot_at(i), sum + i,
+    block(i, p + i, g + i, at(mom, i), at(sq, i), at(extra, i), slot_at(i), sum + i,
           at(fslot, i));
     if (norm != nullptr) {  // (g + i is in L1)
       if (b & 1) {
@@ -413,7 +466,7 @@ void update_range(const UpdateArgs& a, int64_t begin, int64_t end, TS* slot_base
   in(ts, slot_at(i), sizeof(TS));
   in(tf, at(fslot, i), sizeof(TFS));
   in(tsum, sum + i, sizeof(float));
-  block(tp, tg, mom ? tm : nullptr, sq ? tv : nullptr, extra ? te : nullptr,
+  block(i, tp, tg, mom ? tm : nullptr, sq ? tv : nullptr, extra ? te : nullptr,
         slot_base ? ts : nullptr, tsum, fslot ? tf : nullptr);
   if (norm != nullptr) {  // (zero padding adds nothing)
     sq_block<T>(tg, a.scaled, scale, n.a0, n.a1);
@@ -481,27 +534,27 @@ inline void flush_quantized(const UpdateArgs& a, int64_t b, int64_t e) {
                   a.flush_scales + b / kQBlock, a.sum + b);
 }
 
-template <int V, typename T, typename TS>
-double update_kernel(const UpdateArgs& a, int64_t begin, int64_t end) {
+template <int V, typename T, typename TS, bool SR>
+double update_chunk(const UpdateArgs& a, int64_t begin, int64_t end) {
   constexpr bool kInt8 = std::is_same_v<TS, int8_t>;
   SumSq sumsq;
   SumSq* norm = a.sum_squares ? &sumsq : nullptr;
   if constexpr (V == kAdamCM && std::is_same_v<T, float>) {
     if (a.flush_slot != nullptr) {  // a deferred insert, then the update (no insert)
       if constexpr (!kInt8) {
-        update_range<V, T, float, false, TS>(a, begin, end, nullptr, 0, norm);
+        update_range<V, T, float, false, false, TS>(a, begin, end, nullptr, 0, norm);
       } else {  // one block of the quantizer at a time (measured faster)
         for (int64_t b = begin; b < end; b += kQBlock) {
           const int64_t e = std::min(end, b + kQBlock);
           flush_quantized(a, b, e);
-          update_range<V, T, float, false>(a, b, e, nullptr, 0, norm);
+          update_range<V, T, float, false, false>(a, b, e, nullptr, 0, norm);
         }
       }
       return sumsq.total();
     }
   }
   if constexpr (!kInt8) {
-    update_range<V, T, TS, false>(a, begin, end, static_cast<TS*>(a.slot), 0, norm);
+    update_range<V, T, TS, false, SR>(a, begin, end, static_cast<TS*>(a.slot), 0, norm);
   } else {
     // Block by block (begin is a multiple of kQBlock): the update stages the values
     // inserted, then the block is quantized.
@@ -509,11 +562,21 @@ double update_kernel(const UpdateArgs& a, int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; b += kQBlock) {
       const int64_t e = std::min(end, b + kQBlock);
       float stage[kQBlock];
-      update_range<V, T, float, true>(a, b, e, q ? stage : nullptr, b, norm);
+      update_range<V, T, float, true, SR>(a, b, e, q ? stage : nullptr, b, norm);
       if (q) quantize_insert(stage, e - b, q + b, a.slot_scales + b / kQBlock, a.sum + b);
     }
   }
   return sumsq.total();
+}
+
+// Rounding or not is decided here, once per chunk: the loops of the plain store carry
+// no trace of it. (fp32 params have nothing to round: step.cpp refuses them.)
+template <int V, typename T, typename TS>
+double update_kernel(const UpdateArgs& a, int64_t begin, int64_t end) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (a.round) return update_chunk<V, T, TS, true>(a, begin, end);
+  }
+  return update_chunk<V, T, TS, false>(a, begin, end);
 }
 
 // ---------------------------------------------------------------- adaptive memory
@@ -563,10 +626,12 @@ struct Tail {
 };
 
 // One block of kW elements of variant V (kAdamAM, kSGDAM). REDUCE: add the block's terms
-// to acc (kAMSums rows of kW lanes), write nothing; else: the update, with beta decided.
-// One body for both passes, so g, v and P are the same bits in each.
-template <int V, typename T, bool REDUCE, typename Sink>
-inline void am_block(const UpdateArgs& a, T* p, const T* g, T* d, T* v, Sink& sum) {
+// to acc (kAMSums rows of kW lanes), write nothing; else: the update, with beta decided
+// (SR: the param rounded stochastically; e: p's element index in the tensor). One body
+// for both passes, so g, v and P are the same bits in each.
+template <int V, typename T, bool REDUCE, bool SR, typename Sink>
+inline void am_block(const UpdateArgs& a, int64_t e, T* p, const T* g, T* d, T* v,
+                     Sink& sum) {
   Vec g0, g1, x0, x1, d0, d1;
   load_gradient<T>(a, g, g0, g1);
   IO<T>::load(p, x0, x1);
@@ -591,7 +656,7 @@ inline void am_block(const UpdateArgs& a, T* p, const T* g, T* d, T* v, Sink& su
       }
       IO<T>::store(d, g0, g1);
       const Vec lr(a.lr);
-      IO<T>::store(p, x0 - lr * g0, x1 - lr * g1);
+      store_param<T, SR>(a, p, e, x0 - lr * g0, x1 - lr * g1);
     }
   } else {  // kAdamAM
     Vec q0, q1;
@@ -627,7 +692,7 @@ inline void am_block(const UpdateArgs& a, T* p, const T* g, T* d, T* v, Sink& su
         x1 = x1 * f;
       }
       const Vec lr(a.lr);
-      IO<T>::store(p, x0 - (lr * n0) * (R0 * w0), x1 - (lr * n1) * (R1 * w1));
+      store_param<T, SR>(a, p, e, x0 - (lr * n0) * (R0 * w0), x1 - (lr * n1) * (R1 * w1));
     }
   }
 }
@@ -646,7 +711,7 @@ void am_reduce_kernel(const UpdateArgs& a, int64_t begin, int64_t end, double* s
     const int64_t stop = std::min(end - kW, i + (kFlush - 1) * kW);
     for (; i <= stop; i += kW) {
       prefetch_ahead(i, p, g, d, v);
-      am_block<V, T, true>(a, p + i, g + i, d + i, v ? v + i : nullptr, regs);
+      am_block<V, T, true, false>(a, i, p + i, g + i, d + i, v ? v + i : nullptr, regs);
     }
     regs.flush(lanes);
   }
@@ -658,7 +723,7 @@ void am_reduce_kernel(const UpdateArgs& a, int64_t begin, int64_t end, double* s
     std::memcpy(static_cast<void*>(td), d + i, r * sizeof(T));
     if (v) std::memcpy(static_cast<void*>(tv), v + i, r * sizeof(T));
     Tail tail{lanes, r};
-    am_block<V, T, true>(a, tp, tg, td, v ? tv : nullptr, tail);
+    am_block<V, T, true, false>(a, i, tp, tg, td, v ? tv : nullptr, tail);
   }
   for (int s = 0; s < kAMSums; ++s) {
     double sum = 0.0;
@@ -667,8 +732,8 @@ void am_reduce_kernel(const UpdateArgs& a, int64_t begin, int64_t end, double* s
   }
 }
 
-template <int V, typename T>
-void am_update_kernel(const UpdateArgs& a, int64_t begin, int64_t end) {
+template <int V, typename T, bool SR>
+void am_update_range(const UpdateArgs& a, int64_t begin, int64_t end) {
   Registers none;  // the update pass sums nothing
   T* p = static_cast<T*>(a.p);
   const T* g = static_cast<const T*>(a.g);
@@ -677,7 +742,7 @@ void am_update_kernel(const UpdateArgs& a, int64_t begin, int64_t end) {
   int64_t i = begin;
   for (; i + kW <= end; i += kW) {
     prefetch_ahead(i, p, g, d, v);
-    am_block<V, T, false>(a, p + i, g + i, d + i, v ? v + i : nullptr, none);
+    am_block<V, T, false, SR>(a, i, p + i, g + i, d + i, v ? v + i : nullptr, none);
   }
   if (i == end) return;
   const int64_t r = end - i;  // the tail: zero-padded copies, then copy back
@@ -686,10 +751,22 @@ void am_update_kernel(const UpdateArgs& a, int64_t begin, int64_t end) {
   std::memcpy(static_cast<void*>(tg), g + i, r * sizeof(T));
   std::memcpy(static_cast<void*>(td), d + i, r * sizeof(T));
   if (v) std::memcpy(static_cast<void*>(tv), v + i, r * sizeof(T));
-  am_block<V, T, false>(a, tp, tg, td, v ? tv : nullptr, none);
+  am_block<V, T, false, SR>(a, i, tp, tg, td, v ? tv : nullptr, none);
   std::memcpy(static_cast<void*>(p + i), tp, r * sizeof(T));
   std::memcpy(static_cast<void*>(d + i), td, r * sizeof(T));
   if (v) std::memcpy(static_cast<void*>(v + i), tv, r * sizeof(T));
+}
+
+// As update_kernel: rounding or not, decided once per chunk.
+template <int V, typename T>
+void am_update_kernel(const UpdateArgs& a, int64_t begin, int64_t end) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (a.round) {
+      am_update_range<V, T, true>(a, begin, end);
+      return;
+    }
+  }
+  am_update_range<V, T, false>(a, begin, end);
 }
 
 }  // namespace

@@ -227,5 +227,6 @@ def op_args(variant=None, extras=True, slot=torch.float32, dtype=torch.float32,
         maximize=variant == Variant.ADAM_CG,
         grad_scale=on(torch.tensor(2.0)) if optional else None,
         found_inf=on(torch.tensor(0.0)) if optional else None,
-        rand=on(torch.rand(len(shapes), generator=g)) if optional else None)
+        rand=on(torch.rand(len(shapes), generator=g)) if optional else None,
+        rounding=None)
     return args

@@ -156,7 +156,9 @@ def snapshot(model, opt) -> dict:
         state[i]["__types__"] = {k: type(v).__name__ for k, v in st.items()}
         state[i]["__placements__"] = {k: str(tuple(v.placements)) for k, v in st.items()
                                       if hasattr(v, "placements")}
-    return {"params": [_full(p).detach().clone() for p in params], "state": state}
+    norm = getattr(opt, "grad_norm", None)  # (max_grad_norm: the last step's norm)
+    return {"params": [_full(p).detach().clone() for p in params], "state": state,
+            "grad_norm": None if norm is None else norm.clone()}
 
 
 # ------------------------------------------------------------------ scenarios

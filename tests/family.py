@@ -53,6 +53,8 @@ BAD_VALUES = {
     "decoupled_weight_decay": (True,),  # (AdamCG: only at kappa=0)
     "maximize": ("yes",), "foreach": ("no",), "fused": (1,), "capturable": ("yes",),
     "differentiable": (True,),
+    "max_grad_norm": (0.0, -1.0, float("inf"), NAN, "1.0", True),
+    "stochastic_rounding": (1, "yes"), "rounding_seed": (-1, 2 ** 32, 1.5, True),
 }
 
 
@@ -158,6 +160,14 @@ def require(backend: str) -> None:
         pytest.fail(f"triton is importable but the triton backend cannot run: {reason}",
                     pytrace=False)
     pytest.skip(f"backend {backend!r} cannot run on CPU tensors here: {reason}")
+
+
+def use(backend: str, request) -> None:
+    """``require(backend)``; the Triton one gets interpreter-sized chunks (conftest's
+    small_chunks)."""
+    require(backend)
+    if backend == "triton":
+        request.getfixturevalue("small_chunks")
 
 
 def make(name: str, backend: str, **kw):

@@ -149,6 +149,19 @@ def test_an_optimizer_pickled_by_an_older_version_unpickles_with_new_attributes(
     clone.step()
 
 
+def test_a_pickled_clipping_optimizer_clips_and_reports_its_norm():
+    params = make_params([(4,), (3,)])
+    opt = ref(params, max_grad_norm=0.5)
+    set_grads(params, 0)
+    opt.step()
+    clone = pickle.loads(pickle.dumps(opt))
+    assert clone.grad_norm is None and clone.param_groups[0]["max_grad_norm"] == 0.5
+    set_grads(clone.param_groups[0]["params"], 1)
+    want = torch.linalg.vector_norm(torch.cat([p.grad for p in clone.param_groups[0]["params"]]))
+    clone.step()
+    torch.testing.assert_close(clone.grad_norm, want)
+
+
 def test_a_checkpoint_of_another_cm_fused_optimizer_is_named_as_such():
     params = make_params([(3,)])
     adam = AdamCM(params, backend="reference", topC=10)

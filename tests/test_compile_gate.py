@@ -85,6 +85,12 @@ def _configs(full: bool):
     out.append(("adamcg/int8/bf16", "adamcg",  # (the doubled block with int8 slots)
                 dict(kw={**EVERY["adamcg"].configs["all"], "buffer_dtype": torch.int8},
                      dtype=torch.bfloat16)))
+    # Stochastic rounding of bf16/fp16 params: the update kernels' ROUNDING variants
+    # (every optimizer; fp16 and an unaligned bucket under -m slow).
+    for name, member in EVERY.items():
+        out.append((f"{name}/rounding/bf16", name,
+                    dict(kw={**member.configs["all"], "stochastic_rounding": True},
+                         dtype=torch.bfloat16)))
     out.append(("adamcm/unaligned", "adamcm", dict(kw={}, odd=True)))
     out.append(("adamam/unaligned", "adamam", dict(kw={}, odd=True)))
     out.append(("sgdam/two groups", "sgdam", dict(kw=dict(lr=1e-2), groups=2)))
@@ -95,6 +101,10 @@ def _configs(full: bool):
                 out.append((f"{name}/{cfg}/{dtype}", name,
                             dict(kw=EVERY[name].configs[cfg], dtype=dtype, scaler=True)))
         for name, member in EVERY.items():
+            rounded = {**member.configs["all"], "stochastic_rounding": True}
+            out.append((f"{name}/rounding/fp16", name, dict(kw=rounded, dtype=torch.float16)))
+            out.append((f"{name}/rounding/bf16/unaligned", name,
+                        dict(kw=rounded, dtype=torch.bfloat16, odd=True)))
             if member.buffered:
                 for c in (1, 2, 3, 5, 8, 16, 32, 64, 128, 256):  # triton's max_top_c
                     for slot in (torch.bfloat16, torch.float16, torch.int8):

@@ -29,27 +29,45 @@ def _spec(name: str, **kw) -> dict:
     return {"optimizer": member.cls.__name__, **config}
 
 
-# Every optimizer on every backend with its "all" configuration (the critical_test coin
-# included), plus the defaults (synced keys) and torch's own step (kappa = 0).
-SPECS = {f"{name}-{backend}": _spec(name, backend=backend)
-         for name in EVERY for backend in BACKENDS}
+# Every optimizer on the reference and C++ backends with its "all" configuration (the
+# critical_test coin included), the fused ones also clipping by the global norm (the
+# worker's gradient norms swing around 1: about half the steps clip); plus the defaults
+# (synced keys), torch's own step (kappa = 0) and HSDP. The Triton backend (interpreted:
+# ~20 s a run) takes AdamCM (single-pass norm, deferred inserts) and SGDAM (one decision
+# over groups) by default, its other optimizers under -m slow.
+CLIP = {"max_grad_norm": 1.0}
+SPECS = {f"{name}-{backend}": _spec(name, backend=backend,
+                                    **(CLIP if backend != "reference" else {}))
+         for name in EVERY for backend in BACKENDS
+         if backend != "triton" or name in ("adamcm", "sgdam")}
 SPECS["adamcm-synced-cpu"] = _spec("adamcm", backend="cpu", synced=True, critical_test=0.0)
-SPECS["adamcm-kappa0-cpu"] = _spec("adamcm", backend="cpu", kappa=0.0)
-SPECS["adamcm-hsdp-cpu"] = _spec("adamcm", backend="cpu", hsdp=True)
+SPECS["adamcm-kappa0-cpu"] = _spec("adamcm", backend="cpu", kappa=0.0, **CLIP)
+SPECS["adamcm-hsdp-cpu"] = _spec("adamcm", backend="cpu", hsdp=True, **CLIP)
 SPECS["adamam-hsdp-cpu"] = _spec("adamam", backend="cpu", hsdp=True)
+SLOW_SPECS = {f"{name}-triton": _spec(name, backend="triton", **CLIP)
+              for name in EVERY if f"{name}-triton" not in SPECS}
 
 
 def _load(path):
     return torch.load(path, weights_only=False)
 
 
-@pytest.fixture(scope="module")
-def fsdp(tmp_path_factory):
+def _launch(tmp_path_factory, specs):
     for backend in BACKENDS:
         require(backend)
     tmp = tmp_path_factory.mktemp("fsdp")
-    W.launch(W.fsdp_vs_single, WORLD, tmp, (SPECS,))
+    W.launch(W.fsdp_vs_single, WORLD, tmp, (specs,))
     return tmp
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory):
+    return _launch(tmp_path_factory, SPECS)
+
+
+@pytest.fixture(scope="module")
+def fsdp_slow(tmp_path_factory):
+    return _launch(tmp_path_factory, SLOW_SPECS)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
@@ -60,6 +78,16 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
 
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_fsdp2_matches_one_process(fsdp, name):
+    _check_fsdp2(fsdp, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SLOW_SPECS))
+def test_fsdp2_matches_one_process_triton(fsdp_slow, name):
+    _check_fsdp2(fsdp_slow, name)
+
+
+def _check_fsdp2(fsdp, name):
     ranks = [_load(fsdp / f"fsdp-{name}-rank{r}.pt") for r in range(WORLD)]
     single, sharded = ranks[0]["single"], ranks[0]["sharded"]
     # The last layer (1 row) has an empty shard on rank 1: the uneven case is exercised.
@@ -67,6 +95,12 @@ def test_fsdp2_matches_one_process(fsdp, name):
     for r in ranks[1:]:  # every rank holds the same model after gathering
         for a, b in zip(r["sharded"]["params"], sharded["params"]):
             assert torch.equal(a, b)
+    # The clip's norm is over every shard: the one process's, on every rank.
+    assert (single["grad_norm"] is None) == ("max_grad_norm" not in SPECS.get(
+        name, SLOW_SPECS.get(name)))
+    if single["grad_norm"] is not None:
+        for r in ranks:
+            assert _close(r["sharded"]["grad_norm"], single["grad_norm"], 1e-5)
     for i, (a, b) in enumerate(zip(sharded["params"], single["params"])):
         assert _close(a, b, 1e-5), f"param {i}: {(a - b).abs().max()}"
     for i, st in single["state"].items():

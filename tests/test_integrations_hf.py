@@ -242,6 +242,30 @@ def test_trainer_clips_before_our_step(hf_trainer, tmp_path_factory):
     assert all(clipped.losses[s] != free.losses[s] for s in (3, 4)), (clipped.losses, free.losses)
 
 
+@pytest.mark.parametrize("route", ROUTES)
+def test_the_fused_clip_is_the_trainers_clip(hf_trainer, tmp_path_factory, route):
+    """The Trainer's clip (``max_grad_norm`` in TrainingArguments) against our optimizer's
+    (``max_grad_norm=0`` for the Trainer, ``max_grad_norm`` to the optimizer): the same
+    losses and parameters to rounding, every step clipped, and the optimizer's
+    ``grad_norm`` is the norm the Trainer logged."""
+    kw = _trainer_kwargs("adamcm", "cpu")
+    runs = {}
+    for where in ("trainer", "optimizer"):
+        out = tmp_path_factory.mktemp(f"fused-clip-{where}-{route}")
+        fused = where == "optimizer"
+        runs[where] = hf_trainer.train(
+            str(out), 4, route=route, max_grad_norm=0.0 if fused else 0.05,
+            **{**kw, "optimizer_kwargs": {**kw["optimizer_kwargs"],
+                                          **({"max_grad_norm": 0.05} if fused else {})}})
+    trainer, ours = runs["trainer"], runs["optimizer"]
+    assert all(trainer.grad_norms[s] > 0.5 for s in (1, 2, 3, 4))  # every step clipped
+    assert ours.losses == pytest.approx(trainer.losses, rel=1e-5)
+    for a, b in zip(trainer.trainer.model.parameters(), ours.trainer.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    opt = getattr(ours.trainer.optimizer, "optimizer", ours.trainer.optimizer)
+    assert opt.grad_norm.item() == pytest.approx(trainer.grad_norms[4], rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------------
 # accelerate
 

@@ -106,7 +106,8 @@ def test_many_chunks_per_tensor_and_short_last_chunks(small_chunks, monkeypatch)
 STRUCTURAL_CONSTEXPRS = {"G_DT", "HAS_SCALE", "BLOCK", "RBLOCK", "SYNCED", "HAS_RAND",
                          "HAS_FOUND_INF", "CP", "TB", "VARIANT", "P_DT", "M_DT", "V_DT",
                          "X_DT", "B_DT", "S_DT", "LR_IS_PTR", "HAS_MOM", "HAS_X", "MAXIMIZE",
-                         "ALIGNED", "NS", "REDUCE", "PHASE", "QB", "DEFER"}
+                         "ALIGNED", "NS", "REDUCE", "PHASE", "QB", "DEFER",
+                         "ROUNDING"}
 
 
 def _specialisations(launch, opt, params, lrs):

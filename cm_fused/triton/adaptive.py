@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from .kernels import (ADAM_AM, FLAG_FIRST, ROW_G, ROW_M, ROW_MEM, ROW_P, ROW_STEP, ROW_V,
-                      SGD_AM, _chunk, _f64, _ld, _lr_and_decay, _narrow, _pow64, _st)
+                      SGD_AM, _chunk, _f64, _ld, _lr_and_decay, _narrow, _param_code, _pow64,
+                      _rounding_key, _st)
 
 TINY = tl.constexpr(1.1754943508222875e-38)  # fp32's smallest normal: the floor of c
 PHASE_ALL, PHASE_REDUCE, PHASE_UPDATE = (tl.constexpr(i) for i in range(3))
@@ -41,8 +42,9 @@ def _adam_am_scalars(step, prod, beta1, beta2_hi, beta2_lo):
 @triton.jit
 def _am_block(idx, mask, p_ptr, g_ptr, d_ptr, v_ptr, scale, first, c, inv_sqrt_bc2, beta,
               coef_d, coef_g, lr, decay_factor, beta2, one_minus_beta2, eps, weight_decay,
-              lam, VARIANT: tl.constexpr, P_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
-              MAXIMIZE: tl.constexpr, REDUCE: tl.constexpr):
+              lam, rkey, roffset, VARIANT: tl.constexpr, P_DT: tl.constexpr,
+              HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, REDUCE: tl.constexpr,
+              ROUNDING: tl.constexpr):
     """One block: REDUCE returns the NS terms (0 outside the mask); else stores the
     update."""
     g = _ld(g_ptr + idx, mask).to(tl.float32)
@@ -77,7 +79,7 @@ def _am_block(idx, mask, p_ptr, g_ptr, d_ptr, v_ptr, scale, first, c, inv_sqrt_b
             _st(d_ptr + idx, _narrow(d_new, P_DT), mask)
             _st(v_ptr + idx, _narrow(v_new, P_DT), mask)
             x_new = x * decay_factor - (lr * d_new) * (R * w)
-            _st(p_ptr + idx, _narrow(x_new, P_DT), mask)
+            _st(p_ptr + idx, _param_code(x_new, idx, rkey, roffset, P_DT, ROUNDING), mask)
             return g, g, g, g  # not used
     else:  # SGD_AM
         g = tl.where(weight_decay != 0.0, g + weight_decay * x, g)  # coupled L2
@@ -92,7 +94,8 @@ def _am_block(idx, mask, p_ptr, g_ptr, d_ptr, v_ptr, scale, first, c, inv_sqrt_b
         else:
             d_new = tl.where(first, g, coef_d * d + coef_g * g)
             _st(d_ptr + idx, _narrow(d_new, P_DT), mask)
-            _st(p_ptr + idx, _narrow(x - lr * d_new, P_DT), mask)
+            _st(p_ptr + idx, _param_code(x - lr * d_new, idx, rkey, roffset, P_DT, ROUNDING),
+                mask)
             return g, g, g, g  # not used
 
 
@@ -100,10 +103,15 @@ def _am_block(idx, mask, p_ptr, g_ptr, d_ptr, v_ptr, scale, first, c, inv_sqrt_b
 def _am_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, gtab_ptr, T, partial_ptr,
                dec_i_ptr, dec_f_ptr, lr_hi, wd_factor, lr_ptr, scale_ptr, found_inf_ptr,
                chunk_len, beta1, beta2_hi, beta2_lo, beta2, one_minus_beta2, eps,
-               weight_decay, lam, one_plus_lam, VARIANT: tl.constexpr, P_DT: tl.constexpr,
-               G_DT: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
-               HAS_FOUND_INF: tl.constexpr, MAXIMIZE: tl.constexpr, REDUCE: tl.constexpr,
-               NS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+               weight_decay, lam, one_plus_lam, rounding_ptr, VARIANT: tl.constexpr,
+               P_DT: tl.constexpr, G_DT: tl.constexpr, LR_IS_PTR: tl.constexpr,
+               HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, MAXIMIZE: tl.constexpr,
+               REDUCE: tl.constexpr, NS: tl.constexpr, ALIGNED: tl.constexpr,
+               ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
+    """REDUCE: the chunk's partial sums; else the update (ROUNDING: bf16/fp16 params
+    rounded stochastically with their tensor's row of rounding_ptr, StepArgs.rounding).
+    """
+    tl.static_assert(not (ROUNDING and REDUCE))  # (_rounding_key reads the step decided)
     beta1 = tl.cast(beta1, tl.float32)
     beta2 = tl.cast(beta2, tl.float32)
     one_minus_beta2 = tl.cast(one_minus_beta2, tl.float32)
@@ -142,6 +150,7 @@ def _am_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, gtab_ptr, T, partial_pt
         beta = tl.load(dec_f_ptr + 3 * gi).to(tl.float32)
         c = tl.load(dec_f_ptr + 3 * gi + 1).to(tl.float32)
         inv_sqrt_bc2 = tl.load(dec_f_ptr + 3 * gi + 2).to(tl.float32)
+    rkey, roffset = _rounding_key(rounding_ptr, gtab_ptr, T, gi, ROUNDING)
     coef_d = tl.div_rn(beta + lam, tl.cast(one_plus_lam, tl.float32))
     coef_g = tl.div_rn(1.0 - beta, tl.cast(one_plus_lam, tl.float32))
     if HAS_SCALE:
@@ -161,7 +170,8 @@ def _am_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, gtab_ptr, T, partial_pt
         t0, t1, t2, t3 = _am_block(
             off + tl.arange(0, BLOCK), None, p_ptr, g_ptr, d_ptr, v_ptr, scale, first, c,
             inv_sqrt_bc2, beta, coef_d, coef_g, lr, decay_factor, beta2, one_minus_beta2, eps,
-            weight_decay, lam, VARIANT, P_DT, HAS_SCALE, MAXIMIZE, REDUCE)
+            weight_decay, lam, rkey, roffset, VARIANT, P_DT, HAS_SCALE, MAXIMIZE, REDUCE,
+            ROUNDING)
         if REDUCE:
             a0 += t0
             a1 += t1
@@ -172,7 +182,7 @@ def _am_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, gtab_ptr, T, partial_pt
         t0, t1, t2, t3 = _am_block(
             idx, idx < end, p_ptr, g_ptr, d_ptr, v_ptr, scale, first, c, inv_sqrt_bc2, beta,
             coef_d, coef_g, lr, decay_factor, beta2, one_minus_beta2, eps, weight_decay,
-            lam, VARIANT, P_DT, HAS_SCALE, MAXIMIZE, REDUCE)
+            lam, rkey, roffset, VARIANT, P_DT, HAS_SCALE, MAXIMIZE, REDUCE, ROUNDING)
         if REDUCE:
             a0 += t0
             a1 += t1

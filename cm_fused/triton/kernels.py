@@ -28,7 +28,8 @@ Hyperparameters are runtime arguments (never ``tl.constexpr``), so a scheduler c
 lr does not recompile; floats that the reference uses in fp64 (lr, the betas of the bias
 corrections) travel as two fp32 halves. ``found_inf``, ``grad_scale`` and a tensor lr
 are read on the device. Math is fp32 (the bias corrections fp64): narrow dtypes are
-widened on load and narrowed on store (round to nearest even). The arithmetic follows
+widened on load and narrowed on store (round to nearest even, or stochastically for
+bf16/fp16 params with ``ROUNDING``: ``_param_code``). The arithmetic follows
 the reference operation by operation (the launchers turn off fp contraction; an
 explicit fma where torch's lerp has one; IEEE division and square root), so that in the
 tests, fp32 included, the two differ only by the summation order of the norms (keys).
@@ -86,6 +87,55 @@ def _narrow(x, DT: tl.constexpr):
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DT)
+
+
+@triton.jit
+def _mix(x):
+    """cm_fused/rounding.mix on uint32: the products wrap where the reference masks them."""
+    x ^= x >> 16
+    x *= 0x21F0AAAD
+    x ^= x >> 15
+    x *= 0x735A2D97
+    return x ^ (x >> 15)
+
+
+@triton.jit
+def _rounding_key(rounding_ptr, gtab_ptr, T, gi, ROUNDING: tl.constexpr):
+    """Tensor gi's part of its elements' rounding bits for this step (rounding.element_bits):
+    (mix(key ^ step), element offset), uint32, from its row of StepArgs.rounding. The step
+    count is read from the state, where the decide kernel has already written this
+    step's (the update runs only when the step does). Without ROUNDING, placeholders."""
+    if ROUNDING:
+        step_ptr = tl.load(gtab_ptr + ROW_STEP * T + gi).to(tl.pointer_type(tl.float32))
+        key = tl.load(rounding_ptr + 2 * gi).to(tl.uint32)
+        offset = tl.load(rounding_ptr + 2 * gi + 1).to(tl.uint32)  # (mod 2^32, as the hash)
+        return _mix(key ^ tl.load(step_ptr).to(tl.uint32)), offset
+    else:
+        return 0, 0
+
+
+@triton.jit
+def _param_code(x, idx, rkey, roffset, DT: tl.constexpr, ROUNDING: tl.constexpr):
+    """What a param of dtype DT stores for its stepped value x: x rounded to nearest, or
+    (ROUNDING: bf16/fp16) stochastically, with the bits of element idx of the tensor
+    (cm_fused/rounding.py: round to nearest y, or y's neighbour n on x's side when
+    u < |x - y| / |n - y|)."""
+    y = _narrow(x, DT)
+    if ROUNDING:
+        r = _mix(rkey ^ (roffset + idx.to(tl.uint32)))
+        u = (r >> 8).to(tl.float32) * 5.9604644775390625e-08  # the top 24 bits, * 2^-24
+        yf = y.to(tl.float32)
+        bits = y.to(tl.int16, bitcast=True)
+        # y's bit pattern, as int16, steps away from zero where x lies farther out than y
+        # (a negative value's pattern is negative: its magnitude grows with -1).
+        outward = (x > yf) == (bits >= 0)
+        n = (bits + tl.where(outward, 1, -1).to(tl.int16)).to(DT, bitcast=True)
+        # Neighbours differ by a power of two (or n is inf: p = 0), so p is exact. NaN x,
+        # y = ±inf (x - y or |n - y| infinite: p NaN) and x == y (p = 0) keep y, as u < p
+        # is false for them.
+        p = tl.div_rn(tl.abs(x - yf), tl.abs(n.to(tl.float32) - yf))
+        y = tl.where(u < p, n, y)
+    return y
 
 
 @triton.jit
@@ -357,12 +407,12 @@ def _slot_write(idx, mask, code, scale, slot_ptr, q_ptr, B_DT: tl.constexpr,
 def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, q_ptr, s_ptr,
                   replace, first, k_before, scale, lr, beta1, one_minus_beta1, beta2,
                   one_minus_beta2, eps, weight_decay, decay_factor, one_minus_dampening,
-                  step_size, sqrt_bc2, flush, fslot_ptr, fq_ptr,
+                  step_size, sqrt_bc2, flush, fslot_ptr, fq_ptr, rkey, roffset,
                   VARIANT: tl.constexpr, P_DT: tl.constexpr, M_DT: tl.constexpr,
                   V_DT: tl.constexpr, X_DT: tl.constexpr, B_DT: tl.constexpr,
                   S_DT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MOM: tl.constexpr,
                   HAS_X: tl.constexpr, MAXIMIZE: tl.constexpr, DEFER: tl.constexpr,
-                  QB: tl.constexpr, BLOCK: tl.constexpr):
+                  ROUNDING: tl.constexpr, QB: tl.constexpr, BLOCK: tl.constexpr):
     """One block of the update of variant VARIANT: the direction u and the value
     inserted (what the variants differ in), the insert (shared), the base rule. DEFER
     (ADAM_CM): first the insert an earlier step left pending (``flush``: the momentum as
@@ -487,7 +537,7 @@ def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, q_ptr,
             _st(x_ptr + idx, _narrow(ga, X_DT), mask)
         else:
             _st(x_ptr + idx, _narrow(v_new, X_DT), mask)
-    _st(p_ptr + idx, _narrow(p_new, P_DT), mask)
+    _st(p_ptr + idx, _param_code(p_new, idx, rkey, roffset, P_DT, ROUNDING), mask)
     return unscaled
 
 
@@ -513,18 +563,21 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
                    lr_hi, lr_lo, wd_factor, lr_ptr, scale_ptr, found_inf_ptr, chunk_len,
                    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
                    one_minus_dampening, gtab_ptr, T, partial_ptr, beta1_hi, beta1_lo,
-                   beta2_hi, beta2_lo, VARIANT: tl.constexpr, P_DT: tl.constexpr,
-                   G_DT: tl.constexpr, M_DT: tl.constexpr, V_DT: tl.constexpr,
-                   X_DT: tl.constexpr, B_DT: tl.constexpr, S_DT: tl.constexpr,
-                   LR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   beta2_hi, beta2_lo, rounding_ptr, VARIANT: tl.constexpr,
+                   P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr,
+                   V_DT: tl.constexpr, X_DT: tl.constexpr, B_DT: tl.constexpr,
+                   S_DT: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
                    HAS_FOUND_INF: tl.constexpr, HAS_MOM: tl.constexpr, HAS_X: tl.constexpr,
                    MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, DEFER: tl.constexpr,
-                   QB: tl.constexpr, BLOCK: tl.constexpr):
+                   ROUNDING: tl.constexpr, QB: tl.constexpr, BLOCK: tl.constexpr):
     """The update pass (see the module docstring). DEFER (ADAM_CM, a single-pass step):
     the decisions come after this pass, so it reads what it needs from the state (the
     fill count, the step count; on a tensor's first step slot 0 is filled here, that
     much is decided), writes the insert an earlier step left pending first, and sums the
-    unscaled gradient's squares per chunk into partial_ptr, as _norm_kernel would."""
+    unscaled gradient's squares per chunk into partial_ptr, as _norm_kernel would.
+    ROUNDING: bf16/fp16 params are rounded stochastically, with their tensor's row of
+    rounding_ptr (StepArgs.rounding; never with DEFER, whose params are fp32)."""
+    tl.static_assert(not (ROUNDING and DEFER))  # (_rounding_key reads the step decided)
     beta1 = tl.cast(beta1, tl.float32)
     one_minus_beta1 = tl.cast(one_minus_beta1, tl.float32)
     beta2 = tl.cast(beta2, tl.float32)
@@ -591,6 +644,7 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
         fslot_ptr = tl.multiple_of(fslot_ptr, 16)
         start = tl.multiple_of(start, BLOCK)
 
+    rkey, roffset = _rounding_key(rounding_ptr, gtab_ptr, T, gi, ROUNDING)
     step_size = (lr64 / bc1).to(tl.float32)  # lr / bc1 in fp64, as the reference
     if HAS_SCALE:
         scale = tl.load(scale_ptr).to(tl.float32)
@@ -609,8 +663,9 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
                           x_ptr, slot_ptr, q_ptr, s_ptr, replace, first, k_before, scale, lr,
                           beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
                           decay_factor, one_minus_dampening, step_size, sqrt_bc2, flush,
-                          fslot_ptr, fq_ptr, VARIANT, P_DT, M_DT, V_DT, X_DT, B_DT,
-                          S_DT, HAS_SCALE, HAS_MOM, HAS_X, MAXIMIZE, DEFER, QB, BLOCK)
+                          fslot_ptr, fq_ptr, rkey, roffset, VARIANT, P_DT, M_DT, V_DT, X_DT,
+                          B_DT, S_DT, HAS_SCALE, HAS_MOM, HAS_X, MAXIMIZE, DEFER, ROUNDING,
+                          QB, BLOCK)
         if DEFER:
             acc += g * g
     for off in range(full_end, end, BLOCK):  # the tensor's last, short block (0 or 1)
@@ -620,8 +675,8 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
                           s_ptr, replace, first, k_before, scale, lr, beta1, one_minus_beta1,
                           beta2, one_minus_beta2, eps, weight_decay, decay_factor,
                           one_minus_dampening, step_size, sqrt_bc2, flush, fslot_ptr,
-                          fq_ptr, VARIANT, P_DT, M_DT, V_DT, X_DT, B_DT, S_DT,
-                          HAS_SCALE, HAS_MOM, HAS_X, MAXIMIZE, DEFER, QB, BLOCK)
+                          fq_ptr, rkey, roffset, VARIANT, P_DT, M_DT, V_DT, X_DT, B_DT, S_DT,
+                          HAS_SCALE, HAS_MOM, HAS_X, MAXIMIZE, DEFER, ROUNDING, QB, BLOCK)
         if DEFER:
             acc += tl.where(mask, g * g, 0.0)
     if DEFER:

@@ -456,6 +456,13 @@ def _block_for(b: _Bucket, block: int, chunk: int, least: int = 1) -> int:
     return block
 
 
+def _rounding(args: StepArgs, b: _Bucket) -> torch.Tensor | None:
+    """StepArgs.rounding where the bucket's params are bf16 or fp16 (an fp32 param is
+    stored as computed), else None. The kernels index it by the tensor's position in the
+    group, so it is passed as it is: no table of the plan depends on it."""
+    return args.rounding if args.rounding is not None and b.dtypes["p"] in _NARROW else None
+
+
 def _kname(kernel):
     fn = getattr(kernel, "fn", kernel)
     return getattr(fn, "__name__", str(kernel))
@@ -478,6 +485,13 @@ def _step(args: StepArgs) -> None:
     if args.pending and (args.variant != Variant.ADAM_CM or args.phase != Phase.ALL):
         raise ValueError("cm_fused (triton): pending inserts are AdamCM's, in a whole step "
                          "(StepArgs.pending)")
+    r = args.rounding
+    if r is not None and (r.dtype != torch.int64 or r.shape != (len(args.params), 2)
+                          or not r.is_contiguous() or r.device != args.params[0].device):
+        # (the kernels read row i at 2 * i, unchecked)
+        raise ValueError(f"cm_fused (triton): StepArgs.rounding must be a contiguous int64 "
+                         f"[{len(args.params)}, 2] tensor on {args.params[0].device}, got "
+                         f"{r.dtype} {tuple(r.shape)} on {r.device}")
     if not Variant(args.variant).buffered:
         _step_adaptive(args)
         return
@@ -512,6 +526,7 @@ def _step(args: StepArgs) -> None:
         for b in plan.buckets:
             if b.n_chunks:
                 d = b.dtypes
+                rounding = _rounding(args, b)
                 _launch(K._update_kernel, (b.n_chunks,),
                         (b.tab, b.n, b.chunk_t, b.chunk_s, plan.dec_i, plan.dec_f,
                          *_split(lr), 1.0 - lr * float(args.weight_decay),
@@ -521,15 +536,16 @@ def _step(args: StepArgs) -> None:
                          float(args.beta1), 1.0 - float(args.beta1), float(args.beta2),
                          1.0 - float(args.beta2), float(args.eps), float(args.weight_decay),
                          1.0 - float(args.dampening), plan.gtab, T, b.partials,
-                         *_split(args.beta1), *_split(args.beta2)),
+                         *_split(args.beta1), *_split(args.beta2),
+                         dummy if rounding is None else rounding),
                         dict(VARIANT=int(args.variant), P_DT=d["p"], G_DT=d["g"], M_DT=d["m"],
                              V_DT=d["v"], X_DT=d["x"], B_DT=d["b"], S_DT=d["s"],
                              LR_IS_PTR=lr_tensor is not None,
                              HAS_SCALE=grad_scale is not None,
                              HAS_FOUND_INF=found_inf is not None, HAS_MOM=bool(args.momenta),
                              HAS_X=bool(args.extras), MAXIMIZE=bool(args.maximize),
-                             ALIGNED=b.aligned, DEFER=defer, QB=QBLOCK,
-                             BLOCK=b.block),
+                             ALIGNED=b.aligned, DEFER=defer, ROUNDING=rounding is not None,
+                             QB=QBLOCK, BLOCK=b.block),
                         NUM_WARPS, MAXNREG)
 
     # A single-pass step (pending inserts) updates first and sums the norms as it goes;
@@ -585,6 +601,7 @@ def _step_adaptive(args: StepArgs) -> None:
     def am_kernel(reduce: bool) -> None:
         for b in plan.buckets:
             if b.n_chunks:
+                rounding = None if reduce else _rounding(args, b)
                 _launch(A._am_kernel, (b.n_chunks,),
                         (b.tab, b.n, b.chunk_t, b.chunk_s, plan.gtab, T, b.partials,
                          plan.dec_i, plan.dec_f, lr_hi, 1.0 - lr * float(args.weight_decay),
@@ -593,13 +610,15 @@ def _step_adaptive(args: StepArgs) -> None:
                          dummy if found_inf is None else found_inf, chunk,
                          float(args.beta1), beta2_hi, beta2_lo, float(args.beta2),
                          1.0 - float(args.beta2), float(args.eps), float(args.weight_decay),
-                         float(args.lam), 1.0 + float(args.lam)),
+                         float(args.lam), 1.0 + float(args.lam),
+                         dummy if rounding is None else rounding),
                         dict(VARIANT=int(args.variant), P_DT=b.dtypes["p"], G_DT=b.dtypes["g"],
                              LR_IS_PTR=lr_tensor is not None,
                              HAS_SCALE=grad_scale is not None,
                              HAS_FOUND_INF=found_inf is not None,
                              MAXIMIZE=bool(args.maximize), REDUCE=reduce, NS=ns,
-                             ALIGNED=b.aligned, BLOCK=b.block),
+                             ALIGNED=b.aligned, ROUNDING=rounding is not None,
+                             BLOCK=b.block),
                         NUM_WARPS, MAXNREG)
 
     # ADAM_AM's split step hands its sums over in args.reduced (summed over processes);

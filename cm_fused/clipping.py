@@ -1,0 +1,56 @@
+"""The fused gradient clip (``max_grad_norm``): ``clip_grad_norm_`` folded into the step.
+
+The step's kernels already divide every gradient by GradScaler's scale as they read it;
+clipping by ``c = min(1, max_norm / (norm + 1e-6))`` is dividing by ``scale / c``
+instead, so the clipped gradient is never written: what the clip adds to a step is one
+read of the gradients to sum their squares (and, for sharded parameters, one all-reduce
+of those sums per param group). The norm is global: over every group of the optimizer
+and, for DTensor parameters, every shard, of the unscaled gradients, as
+``clip_grad_norm_`` after ``GradScaler.unscale_`` computes it.
+
+A non-finite norm skips the step (it changes nothing, as GradScaler's found_inf does):
+``clip_grad_norm_`` would scale the gradients by 0 or NaN and step with them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import distributed
+from .planning import GroupPlan
+
+EPS = 1e-6  # clip_grad_norm_'s: c = max_norm / (norm + 1e-6)
+
+
+def global_norm(plans: list[GroupPlan], grad_scale: Tensor | None) -> Tensor:
+    """The L2 norm of every gradient the step reads, unscaled: fp32, 0-dim, on the first
+    group's device (no host sync)."""
+    device = plans[0].device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for plan in plans:
+        grads = distributed.local(plan.grads) if plan.exchange is not None else plan.grads
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        sums = torch.stack(norms).double().square().unsqueeze(1)
+        if plan.exchange:  # sharded tensors: their squares summed over the processes
+            distributed.sum_over_shards(sums, plan.exchange)
+        total += sums.sum().to(device)
+    norm = total.sqrt().float()
+    return norm if grad_scale is None else norm / _scalar(grad_scale, device)
+
+
+def clipped(plans: list[GroupPlan], max_norm: float, grad_scale: Tensor | None,
+            found_inf: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(norm, grad_scale, found_inf) for a step that clips: the kernels divide by the
+    returned scale (GradScaler's, over the clip coefficient) and skip the step where the
+    returned found_inf is nonzero (GradScaler's, or a non-finite norm)."""
+    norm = global_norm(plans, grad_scale)
+    coef = (max_norm / (norm + EPS)).clamp(max=1.0)
+    scale = 1.0 / coef if grad_scale is None else _scalar(grad_scale, norm.device) / coef
+    bad = (~norm.isfinite()).float()
+    skip = bad if found_inf is None else _scalar(found_inf, norm.device) + bad
+    return norm, scale, skip
+
+
+def _scalar(t: Tensor, device) -> Tensor:
+    """GradScaler's one-element tensors as 0-dim fp32, as the step's own."""
+    return t.to(device, torch.float32).reshape(())
