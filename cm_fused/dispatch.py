@@ -126,19 +126,20 @@ class GroupRunner:
     def _rounding(self, plan: GroupPlan, last: dict) -> Tensor | None:
         """StepArgs.rounding of the group's step (None unless stochastic_rounding): each
         tensor's key from the seed and its index among the optimizer's parameters, and
-        the offset of its local shard (kept while the tensors and the seed are the
-        same)."""
+        the offset of its local shard (kept while the tensors, their indices, the device
+        and the seed are the same)."""
         if not plan.group["stochastic_rounding"]:
             return None
         seed = plan.group["rounding_seed"]
-        which = (seed, [id(p) for p in plan.params])
+        # (positions among every group's params: another group's change can move them)
+        index = {id(p): i for i, p in enumerate(
+            p for group in self.groups() for p in group["params"])}
+        which = (seed, plan.device, [(id(p), index[id(p)]) for p in plan.params])
         cached = last.get("__rounding__")
         if cached is not None and cached[0] == which:
             return cached[1]
-        index = {id(p): i for i, p in enumerate(
-            p for group in self.groups() for p in group["params"])}
-        rows = [(rounding.tensor_key(seed, index[id(p)]), distributed.element_offset(p))
-                for p in plan.params]
+        rows = [(rounding.tensor_key(seed, i), distributed.element_offset(p))
+                for p, (_, i) in zip(plan.params, which[2])]
         table = torch.tensor(rows, dtype=torch.int64).to(plan.device, non_blocking=True)
         last["__rounding__"] = (which, table)
         return table

@@ -134,6 +134,18 @@ def sum_over_shards(reduced: Tensor, exchange: Exchange) -> None:
             reduced[rows] = part
 
 
+def refuse_rounding(name: str, params: list[Tensor]) -> None:
+    """Stochastic rounding draws by element index in the whole tensor, which a shard of a
+    dimension other than 0 does not hold contiguously (element_offset): refused."""
+    for p in params:
+        if isinstance(p, DTensor) and any(pl.is_shard() and pl.dim != 0
+                                          for pl in p.placements):
+            raise NotImplementedError(
+                f"{name}: stochastic_rounding=True with a parameter placed as "
+                f"{tuple(p.placements)}: only Shard(0) and Replicate placements (FSDP2's) "
+                f"are supported")
+
+
 def element_offset(p: Tensor) -> int:
     """Where p's local shard starts in the whole tensor, in elements of its row-major
     order (0 for a plain tensor): for a shard of dimension 0 (FSDP2's), element e of the

@@ -132,6 +132,8 @@ class Planner:
         # (again here: a wrapper may put partitions into the groups after construction)
         distributed.refuse_flattened(self.name, params)
         exchange = distributed.exchange_for(self.name, params, grads)
+        if exchange is not None and group["stochastic_rounding"]:
+            distributed.refuse_rounding(self.name, params)
         # The dtypes of the whole group, not only of this step's tensors: one choice per
         # group, whichever of its tensors have gradients.
         backend, module = self.backends.resolve(

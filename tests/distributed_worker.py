@@ -269,6 +269,15 @@ def refusals(rank: int, world: int, tmp: Path) -> None:
     opt = cm_fused.AdamCM([partial], backend="cpu")
     attempt("partial", opt.step, [partial], opt)
 
+    # stochastic rounding counts elements in the whole tensor: a dim-1 shard's are not
+    # contiguous there (a plain bf16 tensor in the group first: nothing may step)
+    plain = P(torch.ones(3, dtype=torch.bfloat16))
+    plain.grad = torch.ones(3, dtype=torch.bfloat16)
+    col = P(distribute_tensor(torch.ones(4, 6, dtype=torch.bfloat16), mesh, [Shard(1)]))
+    col.grad = distribute_tensor(torch.ones(4, 6, dtype=torch.bfloat16), mesh, [Shard(1)])
+    opt = cm_fused.AdamCM([plain, col], backend="cpu", stochastic_rounding=True)
+    attempt("rounding_dim1", opt.step, [plain, col], opt)
+
     torch.manual_seed(0)
     p = P(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
     p.grad = distribute_tensor(torch.randn(4, 3), mesh, [Replicate()])

@@ -160,13 +160,16 @@ def test_dcp_resume_in_fresh_processes_is_bit_identical(tmp_path, name):
 
 
 def test_refusals_change_nothing(tmp_path):
-    """Placements the step cannot take, and a plain-tensor checkpoint for DTensor
-    parameters, raise a clear error before anything changes."""
+    """Placements the step cannot take (stochastic rounding of a dim-1 shard among them),
+    and a plain-tensor checkpoint for DTensor parameters, raise a clear error before
+    anything changes."""
     require("cpu")
     W.launch(W.refusals, WORLD, tmp_path)
     for r in range(WORLD):
         got = _load(tmp_path / f"refusals-rank{r}.pt")
         assert got["partial"][0] == "NotImplementedError" and "Partial" in got["partial"][1]
+        assert got["rounding_dim1"][0] == "NotImplementedError"
+        assert "stochastic_rounding" in got["rounding_dim1"][1]
         assert got["misplaced_grad"][0] == "RuntimeError"
         assert "placed as the parameter" in got["misplaced_grad"][1]
         assert got["misplaced_grad_settled"][0] == "RuntimeError"

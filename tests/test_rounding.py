@@ -15,6 +15,7 @@ from family import BACKENDS, EVERY, FAMILY, FUSED_BACKENDS, make, use
 
 NARROW = (torch.bfloat16, torch.float16)
 SHAPES = [(), (1,), (4097,), (3, 5), (0,), (2, 33)]
+CPU_SHAPES = SHAPES + [(40000,)]  # several of the C++ kernel's chunks, a ragged tail
 STEPS = {"cpu": 24, "triton": 8, "reference": 24}
 
 
@@ -134,7 +135,8 @@ def test_fused_backends_write_the_reference_bits(name, backend, dtype, request):
     kw = {**EVERY[name].configs["all"], "lr": 1e-3, "stochastic_rounding": True,
           "rounding_seed": 77}
     exact = EVERY[name].buffered
-    params_a = make_params(SHAPES, dtype)
+    # (AdamAM/SGDAM: their fp32-summed beta drifts more over the C++ kernel's big tensor)
+    params_a = make_params(CPU_SHAPES if backend == "cpu" and exact else SHAPES, dtype)
     params_b, params_n = copy_params(params_a), copy_params(params_a)
     opt_a = make(name, backend, **kw)(params_a)
     opt_b = make(name, "reference", **kw)(params_b)
@@ -146,8 +148,10 @@ def test_fused_backends_write_the_reference_bits(name, backend, dtype, request):
             torch.manual_seed(t)
             opt.step()
         for i, (pa, pb) in enumerate(zip(params_a, params_b)):
-            if exact:
-                assert torch.equal(pa.view(torch.int16), pb.view(torch.int16)), (t, i)
+            if exact:  # (a NaN's bits are the conversion's: torch's CPU one and c10's differ;
+                # centered RMSprop's fp16 state underflows to NaN, as torch's does)
+                same = (pa.view(torch.int16) == pb.view(torch.int16)) | (pa.isnan() & pb.isnan())
+                assert bool(same.all()), (t, i)
             else:
                 assert _within_an_ulp(pa, pb, dtype), (t, i)
                 equal, total = equal + int((pa == pb).sum()), total + pa.numel()
@@ -205,6 +209,26 @@ def test_resume_midway_is_bit_identical(name, backend, request):
     _drive(fresh, half, steps, steps)
     for a, b in zip(params, half):
         assert torch.equal(a, b)
+
+
+def test_a_tensor_draws_by_its_position_among_all_params():
+    """The keys follow the optimizer's params: a param removed from an earlier group
+    moves the later ones' positions, and the next step draws with their new keys (the
+    table a group's step built is not kept past such a change)."""
+    ps = make_params([(64,), (64,), (64,)], torch.bfloat16)
+    opt = EVERY["sgdcg"].cls([{"params": ps[:2]}, {"params": ps[2:]}], lr=1e-2,
+                             stochastic_rounding=True, rounding_seed=9, backend="reference")
+
+    def keys():
+        for p in ps:
+            p.grad = torch.full_like(p, 0.3)
+        opt.step()
+        tables = [opt._runner._lists[id(g)]["__rounding__"][1] for g in opt.param_groups]
+        return [int(k) for t in tables for k in t[:, 0]]
+
+    assert keys() == [rounding.tensor_key(9, i) for i in range(3)]
+    opt.param_groups[0]["params"].pop(0)
+    assert keys() == [rounding.tensor_key(9, i) for i in range(2)]
 
 
 def test_the_seed_and_the_tensor_change_the_bits():
