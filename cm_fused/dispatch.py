@@ -128,7 +128,7 @@ class GroupRunner:
         tensor's key from the seed and its index among the optimizer's parameters, and
         the offset of its local shard (kept while the tensors, their indices, the device
         and the seed are the same)."""
-        if not plan.group["stochastic_rounding"]:
+        if not plan.group.get("stochastic_rounding"):  # (an optimizer without the keyword)
             return None
         seed = plan.group["rounding_seed"]
         # (positions among every group's params: another group's change can move them)

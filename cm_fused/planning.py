@@ -78,7 +78,7 @@ class Planner:
         """The hyperparameters every group must share (OptimizerSpec.shared) agree."""
         names = (*self.spec.shared, "max_grad_norm")
         if names:
-            shared = {tuple(g[n] for n in names) for g in groups}
+            shared = {tuple(g.get(n) for n in names) for g in groups}
             if len(shared) > 1:
                 why = self.spec.shared_why + ("; " if self.spec.shared_why else "")
                 raise ValueError(f"{self.name}: every param group must have the same "
@@ -96,7 +96,7 @@ class Planner:
             if not params:
                 return GroupPlan(group, [], None, "reference", None)
         dtypes = attrs("dtype", params)
-        if group["stochastic_rounding"]:
+        if group.get("stochastic_rounding"):
             validation.check_rounding(self.name, group, dtypes)
         # The state checks and the backend choice depend on the params, their dtypes and
         # device, the hyperparameters and the state: skipped while none of these changed
@@ -132,7 +132,7 @@ class Planner:
         # (again here: a wrapper may put partitions into the groups after construction)
         distributed.refuse_flattened(self.name, params)
         exchange = distributed.exchange_for(self.name, params, grads)
-        if exchange is not None and group["stochastic_rounding"]:
+        if exchange is not None and group.get("stochastic_rounding"):
             distributed.refuse_rounding(self.name, params)
         # The dtypes of the whole group, not only of this step's tensors: one choice per
         # group, whichever of its tensors have gradients.

@@ -162,6 +162,15 @@ def require(backend: str) -> None:
     pytest.skip(f"backend {backend!r} cannot run on CPU tensors here: {reason}")
 
 
+def interpreted(cases, keep) -> list:
+    """pytest params of ``cases`` (tuples whose last item is the backend), the Triton
+    backend's (interpreted on CPU: ~10 s a run) marked slow unless ``keep(case)``: the
+    default run keeps a representative few, -m slow runs them all."""
+    return [pytest.param(*c, id="-".join(map(str, c)),
+                         marks=pytest.mark.slow if c[-1] == "triton" and not keep(c) else ())
+            for c in cases]
+
+
 def use(backend: str, request) -> None:
     """``require(backend)``; the Triton one gets interpreter-sized chunks (conftest's
     small_chunks)."""
