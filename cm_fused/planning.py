@@ -75,15 +75,15 @@ class Planner:
         self._checked: dict = {}
 
     def check_shared(self, groups: list[dict]) -> None:
-        """The hyperparameters every group must share (OptimizerSpec.shared) agree."""
+        """The hyperparameters every group must share (OptimizerSpec.shared, and
+        max_grad_norm) agree."""
         names = (*self.spec.shared, "max_grad_norm")
-        if names:
-            shared = {tuple(g.get(n) for n in names) for g in groups}
-            if len(shared) > 1:
-                why = self.spec.shared_why + ("; " if self.spec.shared_why else "")
-                raise ValueError(f"{self.name}: every param group must have the same "
-                                 f"{' and '.join(names)} ({why}max_grad_norm: one norm "
-                                 f"over every group), got {sorted(shared, key=repr)}")
+        shared = {tuple(g.get(n) for n in names) for g in groups}
+        if len(shared) > 1:
+            why = self.spec.shared_why + ("; " if self.spec.shared_why else "")
+            raise ValueError(f"{self.name}: every param group must have the same "
+                             f"{' and '.join(names)} ({why}max_grad_norm: one norm over "
+                             f"every group), got {sorted(shared, key=repr)}")
 
     def plan(self, group: dict, state: dict, asked: str) -> GroupPlan:
         """``asked``: the backend the optimizer was asked for."""
