@@ -29,10 +29,7 @@ def global_norm(plans: list[GroupPlan], grad_scale: Tensor | None) -> Tensor:
     total = torch.zeros((), dtype=torch.float64, device=device)
     for plan in plans:
         grads = distributed.local(plan.grads) if plan.exchange is not None else plan.grads
-        # (fp32: torch's fp64 norm of fp32 tensors is ~70x slower on CPU; the price is a
-        # limit, docs/SPEC.md: a scaled gradient norm past ~1.8e19 reads as inf)
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        sums = torch.stack(norms).double().square().unsqueeze(1)
+        sums = _square_sums(plan, grads).unsqueeze(1)
         if plan.exchange:  # sharded tensors: their squares summed over the processes
             distributed.sum_over_shards(sums, plan.exchange)
         total += sums.sum().to(device)
@@ -40,6 +37,18 @@ def global_norm(plans: list[GroupPlan], grad_scale: Tensor | None) -> Tensor:
     if grad_scale is not None:
         norm = norm / _scalar(grad_scale, device).double()
     return norm.float()
+
+
+def _square_sums(plan: GroupPlan, grads: list[Tensor]) -> Tensor:
+    """Each gradient's sum of squares, fp64: the backend's own pass where it has one (the
+    C++ backend's, at the step's bandwidth), else torch's norms."""
+    own = getattr(plan.module, "square_sums", None)
+    if own is not None:
+        return own(grads)
+    # (fp32: torch's fp64 norm of fp32 tensors is ~70x slower on CPU; the price is a
+    # limit, docs/SPEC.md: a scaled gradient norm past ~1.8e19 reads as inf)
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+    return torch.stack(norms).double().square()
 
 
 def clipped(plans: list[GroupPlan], max_norm: float, grad_scale: Tensor | None,

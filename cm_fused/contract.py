@@ -31,7 +31,7 @@ from torch import Tensor
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
     """What a backend declares about itself, once (its module's ``CAPABILITIES``); the
-    engine reads nothing else of a backend but its three functions (cm_fused/registry.py).
+    engine reads nothing else of a backend but its functions (cm_fused/registry.py).
     """
     # AdamCM with fp32 params: the norm is folded into the update pass, and each insert
     # is written at the start of the next step (StepArgs.pending).

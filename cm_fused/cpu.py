@@ -158,6 +158,8 @@ def load() -> str | None:
                     reasons.append(why)
             if _status["source"] is None:
                 _status["reason"] = "the C++ extension is unavailable: " + "; ".join(reasons)
+            else:
+                _register_fakes()
             _status["done"] = True
         return _status["reason"]
 
@@ -203,3 +205,26 @@ def step(args: StepArgs) -> None:
     if reason:
         raise RuntimeError(reason)
     torch.ops.cm_fused.step_(*args.op_args())
+
+
+def square_sums(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Each tensor's sum of squares, fp64 ``[len(tensors)]``: the fused clip's norm
+    (cm_fused/clipping.py) at the bandwidth of the step, where torch's CPU norm is
+    compute-bound (csrc/step.cpp)."""
+    reason = _status["reason"] if _status["done"] else load()
+    if reason:
+        raise RuntimeError(reason)
+    if not tensors:  # (the dispatcher needs a tensor to pick the CPU kernel)
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.ops.cm_fused.square_sums(tensors)
+
+
+def _square_sums_fake(tensors):
+    return torch.empty((len(tensors),), dtype=torch.float64)
+
+
+def _register_fakes() -> None:
+    """The fake (shape) implementation of the ops the library defines, for torch.compile;
+    the schema of square_sums is the library's own (csrc/step.cpp)."""
+    if torch._C._dispatch_has_kernel_for_dispatch_key("cm_fused::square_sums", "CPU"):
+        torch.library.register_fake("cm_fused::square_sums")(_square_sums_fake)

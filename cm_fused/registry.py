@@ -9,6 +9,9 @@ A backend is a module with three functions:
 - ``step(args)``: the kappa > 0 step of one param group, from a
   :class:`cm_fused.contract.StepArgs` (the one declaration of its inputs);
 
+optionally ``square_sums(tensors) -> Tensor``, each tensor's sum of squares (fp64) for the
+fused clip's norm, where the backend sums faster than torch's ``_foreach_norm``;
+
 and declares what it can do in ``CAPABILITIES``, a :class:`cm_fused.contract.Capabilities`.
 """
 from __future__ import annotations

@@ -209,6 +209,35 @@ def test_op_refuses_bad_arguments_and_changes_nothing():
             torch.ops.cm_fused.step_(*args.op_args())
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_square_sums_is_each_tensors_sum_of_squares(threads):
+    """The fused clip's norm pass on the C++ backend: per tensor, whatever the thread
+    count (several chunks, ragged tails, 16-bit dtypes, a strided tensor, zero elements);
+    refuses what it cannot read."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_square_sums()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_square_sums():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(n, generator=g) * s for n, s in
+               [(1, 3.0), (0, 1.0), (40000, 0.01), (16384, 1.0), (17, 1e-20), (100003, 2.0)]]
+    tensors += [torch.randn(999, generator=g).bfloat16(), torch.randn(70, generator=g).half(),
+                torch.randn(300, 200, generator=g).t()]
+    got = cpu_backend.square_sums(tensors)
+    want = torch.stack([t.double().square().sum() for t in tensors])
+    assert got.dtype == torch.float64 and got.shape == (len(tensors),)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert cpu_backend.square_sums([]).shape == (0,)
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] is Long"):
+        cpu_backend.square_sums([torch.ones(3), torch.ones(3, dtype=torch.long)])
+    torch.library.opcheck(torch.ops.cm_fused.square_sums.default, (tensors[:3],))
+
+
 def test_kernel_build_matches_this_cpu():
     name = cpu_backend.kernel_name()
     assert name in ("AVX2", "DEFAULT")
