@@ -19,7 +19,8 @@ from cm_fused.contract import MUTATED, Phase, Variant
 from compare import (TOLERANCE, assert_bit_identical, assert_same_state,
                      checkpoint_roundtrip, copy_params, make_params, op_args, run_lockstep,
                      scaler_lockstep, set_grads, settled, snapshot, assert_unchanged)
-from family import BACKENDS, EVERY, FAMILY, FUSED_BACKENDS, cases, make, require
+from family import (BACKENDS, EVERY, FAMILY, FUSED_BACKENDS, cases, interpreted, make,
+                    require)
 
 # 0-dim, 1, 4097 (several Triton chunks, the last one element), empty, 2-d; the C++
 # backend also gets a tensor of several 16384-element chunks with a ragged tail.
@@ -208,8 +209,11 @@ def assert_tensors(got: list, want: list, exact: bool) -> None:
 
 # ------------------------------------------------------------ fused vs reference
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
-@pytest.mark.parametrize("name,cfg", cases(members=EVERY))
+# (AdamAM's interpreted Triton kernels are the slowest: its defaults and "all" by default,
+# its other configurations under -m slow)
+@pytest.mark.parametrize("name,cfg,backend", interpreted(
+    [(c.values[0], c.values[1], b) for c in cases(members=EVERY) for b in FUSED_BACKENDS],
+    keep=lambda c: c[0] != "adamam" or c[1] in ("defaults", "all")))
 def test_lockstep_with_reference(name, cfg, backend, request):
     shapes = use(backend, request)
     kw = EVERY[name].configs[cfg]
@@ -439,9 +443,11 @@ def test_non_contiguous_params_match_reference(name, backend, request):
 
 # ------------------------------------------------------------ checkpoints
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(EVERY))
+# (Triton, interpreted: AdamCM in both dtypes and SGDAM by default, the others under
+# -m slow; the checkpoint code is the engine's, the same for every backend)
+@pytest.mark.parametrize("name,dtype,backend", interpreted(
+    [(n, d, b) for n in EVERY for d in (torch.float32, torch.bfloat16) for b in BACKENDS],
+    keep=lambda c: c[0] == "adamcm" or (c[0] == "sgdam" and c[1] == torch.float32)))
 def test_save_load_midway_continues_bit_identically(name, backend, dtype, request):
     """Saved through bytes, loaded with weights_only=True into a fresh optimizer: the rest
     of the run is bit-identical to an uninterrupted one (critical_test included: the

@@ -36,7 +36,9 @@ COMMANDS = {
 }
 
 
-@pytest.mark.parametrize("command", list(COMMANDS))
+# ("build": the same setup.py through another front end, under -m slow)
+@pytest.mark.parametrize("command", [pytest.param(c, marks=pytest.mark.slow if c == "build"
+                                                  else ()) for c in COMMANDS])
 def test_both_build_commands_make_a_platform_wheel_with_the_stripped_kernel(checkout,
                                                                             tmp_path, command):
     if command == "build":

@@ -53,7 +53,8 @@ def test_every_backend_takes_the_one_step_contract():
 
 # ------------------------------------------------------------ long runs, chunking
 
-@pytest.mark.parametrize("name", list(FAMILY))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == "adamcm" else pytest.mark.slow)
+                                  for n in FAMILY])  # (the others under -m slow)
 def test_long_run_matches_reference(small_chunks, monkeypatch, name):
     """60 steps (keys rise and fall many times over, the buffer keeps turning over) on
     small tensors, one of three 16-element chunks (the last one short), some gradients
