@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from .quantize import n_blocks
+from .quantize import dequantize_moment, n_blocks, quantize_moment, slot_sum
+from .state_store import MOMENT_SCALES, eight_bit_moments, keeps_sum
 
 if TYPE_CHECKING:
     from .engine import CriticalOptimizer
@@ -27,10 +28,13 @@ if TYPE_CHECKING:
 # param's dtype, which breaks bf16 slots, fp32 keys and sums, and the integer count).
 OWN_DTYPE = {"cm_keys": torch.float32, "cm_count": torch.int64, "cm_inserts": torch.int64,
              "step": torch.float32, "memory": torch.float32, "cm_scales": torch.float32,
-             "cm_pending": torch.int64}
+             "cm_pending": torch.int64, MOMENT_SCALES: torch.float32}
 # (cm_scales: int8 slots only; cm_pending: AdamCM only)
 BUFFER_STATE = ("cm_buffer", "cm_keys", "cm_count", "cm_inserts", "cm_sum", "cm_scales",
                 "cm_pending")
+# The hyperparameters of the state's layout: the optimizer's own are kept on loading a
+# checkpoint, whose state is converted to them (in_layout).
+LAYOUT = ("state_dtype", "min_8bit_size")
 
 
 def check_scales(scales: Tensor | None, buf: Tensor, p: Tensor) -> None:
@@ -56,7 +60,7 @@ def loadable_pairs(opt: CriticalOptimizer, state_dict: dict) -> list[tuple[Any, 
         _check_group(i, group, saved, opt, name, buffered)
         pairs += zip(saved["params"], group["params"])
     saved_state = state_dict["state"]
-    known = {*opt.spec.state_keys, *(BUFFER_STATE if buffered else ())}
+    known = {*opt.spec.state_keys, *(BUFFER_STATE if buffered else ()), MOMENT_SCALES}
     for pid, p in pairs:
         _check_state(saved_state.get(pid, {}), p, known, name)
     return pairs
@@ -93,6 +97,15 @@ def _check_state(st: dict, p: Tensor, known: set, name: str) -> None:
         raise ValueError("checkpoint state is plain tensors but its parameters are "
                          "DTensors: load sharded optimizer state with "
                          "torch.distributed.checkpoint (set_optimizer_state_dict)")
+    codes = [k for k, v in st.items() if isinstance(v, Tensor) and v.dtype == torch.uint8]
+    if codes:
+        scales = st.get(MOMENT_SCALES)
+        want = (2, n_blocks(p.numel()))
+        if scales is None or tuple(scales.shape) != want:
+            got = "none" if scales is None else tuple(scales.shape)
+            raise ValueError(f"checkpoint state has 8-bit moments {codes} but no "
+                             f"'{MOMENT_SCALES}' of shape {want} for a parameter of shape "
+                             f"{tuple(p.shape)} (got {got})")
     buf = st.get("cm_buffer")
     if buf is None:
         return
@@ -124,11 +137,44 @@ def _restored(key: str, value: Any, p: Tensor) -> Any:
         return value
     if key in OWN_DTYPE:
         dtype = OWN_DTYPE[key]
-    elif key in ("cm_buffer", "cm_sum"):
+    elif key in ("cm_buffer", "cm_sum") or value.dtype == torch.uint8:  # (moment codes)
         dtype = value.dtype
     else:
         dtype = p.dtype
     return value.to(device=p.device, dtype=dtype, copy=True).contiguous()
+
+
+def layout(group: dict) -> dict:
+    """A group's state-layout hyperparameters (those it has)."""
+    return {k: group[k] for k in LAYOUT if k in group}
+
+
+def in_layout(st: dict, p: Tensor, group: dict, roles) -> dict:
+    """A restored state converted to the group's layout: moments quantized to 8-bit codes
+    or dequantized to the param's dtype, and the running sum of int8 slots dropped or
+    summed from the slots, as the group keeps them (docs/SPEC.md "Checkpoints")."""
+    eight = eight_bit_moments(group, p)
+    for role, second in (("momenta", False), ("second_moments", True)):
+        key = getattr(roles, role)
+        t = st.get(key) if key is not None else None
+        if t is None or (t.dtype == torch.uint8) == eight:
+            continue
+        if eight:
+            scales = st.setdefault(MOMENT_SCALES, torch.zeros(
+                2, n_blocks(p.numel()), dtype=torch.float32, device=p.device))
+            st[key], scales[int(second)] = quantize_moment(t.float(), second)
+        else:
+            st[key] = dequantize_moment(t, st[MOMENT_SCALES][int(second)],
+                                        second).to(p.dtype)
+    if not eight:
+        st.pop(MOMENT_SCALES, None)
+    buf = st.get("cm_buffer")
+    if buf is not None and buf.dtype == torch.int8 and group.get("kappa", 0) > 0:
+        if not keeps_sum(group):
+            st.pop("cm_sum", None)
+        elif "cm_sum" not in st:
+            st["cm_sum"] = slot_sum(buf, st["cm_scales"])
+    return st
 
 
 @functools.cache

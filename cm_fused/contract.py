@@ -38,6 +38,8 @@ class Capabilities:
     defers_inserts: bool = False
     # The largest topC the backend takes (None: any); the optimizer refuses a larger one.
     max_top_c: int | None = None
+    # Steps 8-bit moments (state_dtype=torch.int8) and slots without a sum.
+    eight_bit_moments: bool = False
 
 
 class Variant(enum.IntEnum):
@@ -110,10 +112,17 @@ class StepArgs:
     # int8 slots only (else an empty list): fp32 [topC, n_blocks] per tensor, one scale
     # per block of quantize.QBLOCK elements of a slot (cm_fused/quantize.py).
     scales: list[Tensor] = dataclasses.field(metadata=_MUTATED)
+    # 8-bit moments (state_dtype=torch.int8), else an empty list: per tensor, fp32
+    # [2, n_blocks] (row 0 the scales of momenta[i], row 1 of second_moments[i]) where
+    # that tensor's moments are uint8 codes, an empty tensor where they are not (below
+    # min_8bit_size) (cm_fused/quantize.py, docs/SPEC.md "8-bit moments").
+    moment_scales: list[Tensor] = dataclasses.field(metadata=_MUTATED)
     keys: list[Tensor] = dataclasses.field(metadata=_MUTATED)     # [topC] fp32
     counts: list[Tensor] = dataclasses.field(metadata=_MUTATED)   # 0-dim int64: filled slots
     inserts: list[Tensor] = dataclasses.field(metadata=_MUTATED)  # 0-dim int64: inserts so far
-    sums: list[Tensor] = dataclasses.field(metadata=_MUTATED)     # like p: sum of the slots
+    # like p: the sum of the slots; an empty list where no sum is kept (8-bit moments
+    # and slots, topC <= 8: the update sums the slots)
+    sums: list[Tensor] = dataclasses.field(metadata=_MUTATED)
     # ADAM_CM on a backend that defers inserts (Capabilities), else an empty list: 0-dim
     # int64 per tensor, the slot whose insert of the momentum (momenta[i], as stored) a
     # step decided but has not written yet (-1: none); the next step writes it first.

@@ -13,7 +13,7 @@ from .contract import Phase, StepArgs, Tensors
 from .pending import PendingInserts
 from .planning import GroupPlan
 from .spec import OptimizerSpec, SharedDecision
-from .state_store import StateStore
+from .state_store import MOMENT_SCALES, StateStore, keeps_sum
 
 
 class GroupRunner:
@@ -104,6 +104,7 @@ class GroupRunner:
             return vouched(key, shaped([s[key] for s in states])) if buffered else []
 
         quantized = group.get("buffer_dtype") == torch.int8
+        summed = buffered and keeps_sum(group)
         if self.shared is not None:
             memory = self.shared.memory(device)
         else:
@@ -112,9 +113,10 @@ class GroupRunner:
             params=params, grads=grads, momenta=gather("momenta"),
             second_moments=gather("second_moments"), extras=gather("extras"),
             buffers=buffer("cm_buffer"), scales=buffer("cm_scales") if quantized else [],
+            moment_scales=self._moment_scales(group, states, last, device),
             keys=buffer("cm_keys", _as_is),
             counts=buffer("cm_count", _as_is), inserts=buffer("cm_inserts", _as_is),
-            sums=buffer("cm_sum"), pending=buffer("cm_pending", _as_is) if defer else [],
+            sums=buffer("cm_sum") if summed else [], pending=buffer("cm_pending", _as_is) if defer else [],
             steps=gather("steps", _as_is), memory=vouched("memory", memory),
             variant=int(self.spec.variant), lr=0.0 if isinstance(lr, Tensor) else float(lr),
             lr_tensor=lr if isinstance(lr, Tensor) else None,
@@ -122,6 +124,21 @@ class GroupRunner:
             lam=group.get("lam", 0.0), synced=group.get("synced", False),
             maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,
             rand=None, rounding=self._rounding(plan, last), phase=int(Phase.ALL))
+
+    @staticmethod
+    def _moment_scales(group: dict, states: list[dict], last: dict,
+                       device: torch.device) -> list[Tensor]:
+        """StepArgs.moment_scales: empty unless the group has 8-bit moments; then each
+        tensor's scales, or an empty tensor for one below min_8bit_size."""
+        if group.get("state_dtype") != torch.int8:
+            return []
+        found = [s.get(MOMENT_SCALES) for s in states]
+        if all(f is None for f in found):  # (no tensor of the group is that large)
+            return []
+        empty = last.get("__no_scales__")
+        if empty is None:
+            empty = last["__no_scales__"] = torch.empty(0, device=device)
+        return [empty if f is None else f for f in found]
 
     def _rounding(self, plan: GroupPlan, last: dict) -> Tensor | None:
         """StepArgs.rounding of the group's step (None unless stochastic_rounding): each

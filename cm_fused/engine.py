@@ -130,7 +130,7 @@ class CriticalOptimizer(torch.optim.Optimizer):
         try:
             name, module = self._backends.resolve(
                 self.backend, devices.pop(), frozenset(p.dtype for p in group["params"]),
-                group.get("fused"))
+                group.get("fused"), group.get("state_dtype") == torch.int8)
         except RuntimeError:
             if group.get("fused"):
                 raise
@@ -227,11 +227,19 @@ class CriticalOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         pairs = checkpoint.loadable_pairs(self, state_dict)  # (refuses before any change)
         old_groups = list(self.param_groups)
+        layouts = [checkpoint.layout(g) for g in old_groups]
         super().load_state_dict(state_dict)
         self._store.changed()
         self._runner.forget_lists()  # (they hold the replaced state)
         self._pending.replaced(old_groups, self.param_groups)
         saved_state = state_dict["state"]
+        group_of = {}
+        for group, layout in zip(self.param_groups, layouts):
+            group.update(layout)  # (the optimizer's state layout, not the checkpoint's)
+            group_of.update((id(p), group) for p in group["params"])
         for pid, p in pairs:
             if pid in saved_state:
-                self.state[p] = checkpoint.restored(saved_state[pid], p)
+                group = group_of[id(p)]
+                self.state[p] = checkpoint.in_layout(
+                    checkpoint.restored(saved_state[pid], p), p, group,
+                    self.spec.roles(group))

@@ -83,7 +83,9 @@ class AdamCM(BufferDiagnostics, CriticalOptimizer):
                  amsgrad=False, topC=5, decay=0.7, kappa=1.0, synced=True, critical_test=0.0,
                  buffer_dtype=None, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, max_grad_norm=None,
-                 stochastic_rounding=False, rounding_seed=0, backend="auto"):
+                 stochastic_rounding=False, rounding_seed=0, state_dtype=None,
+                 min_8bit_size=4096,
+                 backend="auto"):
         super().__init__(params, locals(), backend)
 
 
@@ -103,7 +105,8 @@ class AdamCG(BufferDiagnostics, CriticalOptimizer):
                  buffer_dtype=None, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  max_grad_norm=None, stochastic_rounding=False,
-                 rounding_seed=0, backend="auto"):
+                 rounding_seed=0, state_dtype=None, min_8bit_size=4096,
+                 backend="auto"):
         super().__init__(params, locals(), backend)
 
 
@@ -165,7 +168,9 @@ class SGDCG(BufferDiagnostics, CriticalOptimizer):
                  topC=10, decay=0.7, kappa=1.0, synced=True, critical_test=0.0,
                  buffer_dtype=None, nesterov=False, maximize=False, foreach=None,
                  differentiable=False, fused=None, max_grad_norm=None,
-                 stochastic_rounding=False, rounding_seed=0, backend="auto"):
+                 stochastic_rounding=False, rounding_seed=0, state_dtype=None,
+                 min_8bit_size=4096,
+                 backend="auto"):
         super().__init__(params, locals(), backend)
 
 
@@ -212,7 +217,8 @@ class RMSpropCG(BufferDiagnostics, CriticalOptimizer):
                  centered=False, *, topC=10, decay=0.7, kappa=1.0, synced=True,
                  buffer_dtype=None, capturable=False, foreach=None, maximize=False,
                  differentiable=False, max_grad_norm=None, stochastic_rounding=False,
-                 rounding_seed=0, backend="auto"):
+                 rounding_seed=0, state_dtype=None, min_8bit_size=4096,
+                 backend="auto"):
         super().__init__(params, locals(), backend)
 
 
@@ -267,7 +273,9 @@ class AdamAM(_AdaptiveMemory):
 
     def __init__(self, params, lr=1e-3, betas=(0.89, 0.999), eps=1e-8, *, weight_decay=0.0,
                  lam=0.1, maximize=False, fused=None, max_grad_norm=None,
-                 stochastic_rounding=False, rounding_seed=0, backend="auto"):
+                 stochastic_rounding=False, rounding_seed=0, state_dtype=None,
+                 min_8bit_size=4096,
+                 backend="auto"):
         super().__init__(params, locals(), backend)
 
     def _betas(self):
@@ -337,7 +345,8 @@ class SGDAM(_AdaptiveMemory):
 
     def __init__(self, params, lr=0.1, *, beta_max=0.9, lam=0.1, weight_decay=0.0,
                  maximize=False, fused=None, max_grad_norm=None, stochastic_rounding=False,
-                 rounding_seed=0, backend="auto"):
+                 rounding_seed=0, state_dtype=None, min_8bit_size=4096,
+                 backend="auto"):
         super().__init__(params, locals(), backend)
 
     def _betas(self):

@@ -78,7 +78,7 @@ class PendingInserts:
                 pending = st["cm_pending"]
                 if read and pending.device.type == "cpu" and pending.item() < 0:
                     continue
-                flush_pending(st["cm_buffer"], st["cm_sum"], st.get("cm_scales"),
+                flush_pending(st["cm_buffer"], st.get("cm_sum"), st.get("cm_scales"),
                               st["exp_avg"], pending)
 
     def replaced(self, old: list[dict], new: list[dict]) -> None:

@@ -137,7 +137,8 @@ class Planner:
         # The dtypes of the whole group, not only of this step's tensors: one choice per
         # group, whichever of its tensors have gradients.
         backend, module = self.backends.resolve(
-            asked, device, frozenset(p.dtype for p in group["params"]), group.get("fused"))
+            asked, device, frozenset(p.dtype for p in group["params"]), group.get("fused"),
+            group.get("state_dtype") == torch.int8)
         backend_choice.check_top_c(group, backend, module)
         fp32 = all(d is torch.float32 for d in dtypes)
         if not torch.compiler.is_compiling():

@@ -18,11 +18,12 @@ import torch
 from torch import Tensor
 
 from .contract import Capabilities, Phase, StepArgs, Variant
-from .quantize import dequantize, quantize
+from .quantize import QuantizedMoment, dequantize, quantize, slot_sum
 from .rounding import round_param
 
 # The floor of AdamAM's 1 - beta1max * prod (docs/SPEC.md): fp32's smallest normal.
-CAPABILITIES = Capabilities()  # every insert written in its own step, any topC
+# Every insert written in its own step, any topC, 8-bit moments.
+CAPABILITIES = Capabilities(eight_bit_moments=True)
 TINY = torch.finfo(torch.float32).tiny
 
 
@@ -96,9 +97,9 @@ def step(args: StepArgs) -> None:
         first, j, replace, k_before = decide(args.keys[i], args.counts[i], norms[i], lucky,
                                              keep, args.key_decay, args.inserts[i])
         _one_tensor(Variant(args.variant), args, lr, keep, first, j, replace, k_before, p,
-                    grads[i], role(args.momenta, i), role(args.second_moments, i),
-                    role(args.extras, i), args.buffers[i], role(args.scales, i), args.sums[i],
-                    args.steps[i], role(args.rounding, i))
+                    grads[i], moment(args, "momenta", i), moment(args, "second_moments", i),
+                    role(args.extras, i), args.buffers[i], role(args.scales, i),
+                    role(args.sums, i), args.steps[i], role(args.rounding, i))
 
 
 def role(tensors, i: int) -> Tensor | None:
@@ -106,8 +107,21 @@ def role(tensors, i: int) -> Tensor | None:
     return tensors[i] if tensors is not None and len(tensors) else None
 
 
-def _commit(dst: Tensor, new: Tensor, keep: Tensor | None) -> None:
+def moment(a: StepArgs, name: str, i: int) -> Tensor | QuantizedMoment | None:
+    """Tensor ``i``'s ``momenta`` or ``second_moments``: the tensor, or its 8-bit codes
+    with their scales (docs/SPEC.md "8-bit moments")."""
+    t = role(getattr(a, name), i)
+    if t is None or t.dtype != torch.uint8:
+        return t
+    second = name == "second_moments"
+    return QuantizedMoment(t, a.moment_scales[i][int(second)], second)
+
+
+def _commit(dst: Tensor | QuantizedMoment, new: Tensor, keep: Tensor | None) -> None:
     """Write ``new`` into ``dst``, unless the step is skipped (``keep``, from found_inf)."""
+    if isinstance(dst, QuantizedMoment):
+        dst.commit(new, keep)
+        return
     dst.copy_(new if keep is None else torch.where(keep, dst, new))
 
 
@@ -147,36 +161,40 @@ def decide(K: Tensor, k: Tensor, n: Tensor, lucky: Tensor | None, keep: Tensor |
     return first, j, replace, k_before
 
 
-def insert(B: Tensor, S: Tensor, j: Tensor, replace: Tensor, new: Tensor,
+def insert(B: Tensor, S: Tensor | None, j: Tensor, replace: Tensor, new: Tensor,
            scales: Tensor | None = None) -> None:
     """``S ← S − B[j]``, ``B[j] ← new`` (rounded to the slot dtype; int8 slots: quantized,
     with their ``scales``), ``S ← S + B[j]`` where ``replace``, S adding and subtracting
-    the values the slots hold. Unfilled slots hold zeros, so this also fills a free
-    slot."""
+    the values the slots hold (S None: no running sum is kept). Unfilled slots hold
+    zeros, so this also fills a free slot."""
     if B.dtype == torch.int8:
         q, s = quantize(new)
         old_q, old_s = B.index_select(0, j)[0], scales.index_select(0, j)[0]
-        S_new = S - dequantize(old_q, old_s).to(S.dtype) + dequantize(q, s).to(S.dtype)
+        if S is not None:
+            S_new = S - dequantize(old_q, old_s).to(S.dtype) + dequantize(q, s).to(S.dtype)
         scales.index_copy_(0, j, torch.where(replace, s, old_s).unsqueeze(0))
         new, old = q, old_q
     else:
         new = new.to(B.dtype)
         old = B.index_select(0, j)[0]
-        S_new = S - old.to(S.dtype) + new.to(S.dtype)  # S is fp32 or wider
-    S.copy_(torch.where(replace, S_new, S))
+        if S is not None:
+            S_new = S - old.to(S.dtype) + new.to(S.dtype)  # S is fp32 or wider
+    if S is not None:
+        S.copy_(torch.where(replace, S_new, S))
     B.index_copy_(0, j, torch.where(replace, new, old).unsqueeze(0))
+
 
 
 def flush_all(args: StepArgs) -> None:
     """Write every insert ``args.pending`` holds, for a backend that writes inserts in the
     step that decides them (found_inf does not matter: an earlier step decided them)."""
     for i, pending in enumerate(args.pending):
-        flush_pending(args.buffers[i], args.sums[i], args.scales[i] if args.scales else None,
-                      args.momenta[i], pending)
+        flush_pending(args.buffers[i], role(args.sums, i), role(args.scales, i),
+                      moment(args, "momenta", i), pending)
 
 
-def flush_pending(B: Tensor, S: Tensor, scales: Tensor | None, m: Tensor,
-                  pending: Tensor) -> None:
+def flush_pending(B: Tensor, S: Tensor | None, scales: Tensor | None,
+                  m: Tensor | QuantizedMoment, pending: Tensor) -> None:
     """Write a deferred insert (StepArgs.pending): the momentum ``m`` as stored goes into
     slot ``pending`` as :func:`insert` would have written it in the step that decided it,
     if ``pending >= 0``; then nothing is pending. Device values only."""
@@ -196,7 +214,8 @@ def _one_tensor(variant, a: StepArgs, lr, keep, first, j, replace, k_before, p, 
     cdt = compute_dtype(p.dtype)
     x = p.to(cdt)
     zero = torch.zeros_like(g)
-    mean = S.to(cdt) / k_before.to(cdt)  # the buffer as it was before this step's insert
+    held = S if S is not None else slot_sum(B, scales)
+    mean = held.to(cdt) / k_before.to(cdt)  # the buffer as it was before this step's insert
     wd = a.weight_decay
 
     # ---- the direction u the base rule takes, and the value inserted into the buffer
@@ -282,15 +301,16 @@ def _adaptive_memory(a: StepArgs, grads: list[Tensor], keep: Tensor | None) -> N
     lr = _lr(a)
     if a.variant == Variant.ADAM_AM:
         for i, p in enumerate(a.params):
-            _adam_am_tensor(a, lr, keep, p, grads[i], a.momenta[i], a.second_moments[i],
-                            a.steps[i], a.memory[i], i)
+            _adam_am_tensor(a, lr, keep, p, grads[i], moment(a, "momenta", i),
+                            moment(a, "second_moments", i), a.steps[i], a.memory[i], i)
         return
     totals = a.memory[0]
+    moms = [moment(a, "momenta", i) for i in range(len(a.params))]
     gs = [g + a.weight_decay * p.to(g.dtype) if a.weight_decay != 0 else g
           for p, g in zip(a.params, grads)]
     if a.phase != Phase.UPDATE:
         sums = torch.zeros(2, dtype=torch.float64, device=totals.device)
-        for g, d, step in zip(gs, a.momenta, a.steps):
+        for g, d, step in zip(gs, moms, a.steps):
             sums += torch.where(step == 0, 0.0, sgd_am_sums(g, d.to(g.dtype), a.lam))
         if a.phase == Phase.REDUCE:
             totals[:2] += sums.float()
@@ -300,7 +320,7 @@ def _adaptive_memory(a: StepArgs, grads: list[Tensor], keep: Tensor | None) -> N
     _commit(totals[2], beta, keep)
     coef_d = (beta + a.lam) / (1 + a.lam)
     coef_g = (1 - beta) / (1 + a.lam)
-    for i, (p, g, d, step) in enumerate(zip(a.params, gs, a.momenta, a.steps)):
+    for i, (p, g, d, step) in enumerate(zip(a.params, gs, moms, a.steps)):
         d_new = torch.where(step == 0, g, coef_d * d.to(g.dtype) + coef_g * g)
         _commit(d, d_new, keep)
         _store_param(p, p.to(g.dtype) - lr * d_new, keep, role(a.rounding, i), step + 1)

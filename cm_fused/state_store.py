@@ -36,13 +36,21 @@ class StateStore:
     def check(self, state: dict, group: dict, params: list[Tensor], roles: Roles) -> None:
         """Refuse a param whose dtype, shape or device, or a group whose buffer
         hyperparameters, changed since its first step."""
-        moment = roles.second_moments or roles.momenta  # stored in the param's dtype
+        moment = roles.second_moments or roles.momenta  # the param's dtype, or uint8 codes
         for p in params:
             st = state.get(p)
             if not st:
                 continue
             m = st.get(moment) if moment else None
-            if m is not None and m.dtype != p.dtype:
+            if m is not None and (m.dtype == torch.uint8) != eight_bit_moments(group, p):
+                raise RuntimeError(
+                    f"this parameter's moments are {m.dtype} but the group's state_dtype "
+                    f"{group.get('state_dtype')} and min_8bit_size "
+                    f"{group.get('min_8bit_size')} ask for "
+                    f"{'8-bit' if m.dtype != torch.uint8 else 'full-precision'} ones: they "
+                    f"cannot change after the first step (load_state_dict converts a "
+                    f"checkpoint's)")
+            if m is not None and m.dtype not in (p.dtype, torch.uint8):
                 raise RuntimeError(f"this parameter is {p.dtype} but its optimizer state "
                                    f"is {m.dtype}: a parameter's dtype cannot change "
                                    f"after its first step")
@@ -86,8 +94,18 @@ class StateStore:
         st = state[p]
         fresh = not st
         new: dict[str, Tensor] = {}
+        eight = eight_bit_moments(group, p)
+        if eight and distributed.is_sharded_type(p):
+            raise NotImplementedError(
+                f"{self.name}: state_dtype=torch.int8 with sharded (DTensor) parameters is "
+                f"not supported yet (a shard's quantization blocks would not be the whole "
+                f"tensor's); use state_dtype=None")
         for role, key in zip(Roles._fields, roles):
             if key is not None and key not in st:
+                if role in MOMENT_ROLES and eight:  # codes (cm_fused/quantize.py)
+                    new[key] = torch.zeros_like(p, dtype=torch.uint8,
+                                                memory_format=torch.contiguous_format)
+                    continue
                 if role != "steps":
                     new[key] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     continue
@@ -97,6 +115,9 @@ class StateStore:
                 meta0 = group.get("kappa") == 0 and p.device.type == "meta"
                 new[key] = torch.zeros((), dtype=torch.float32,
                                        device="cpu" if meta0 else p.device)
+        if eight and (roles.momenta or roles.second_moments) and MOMENT_SCALES not in st:
+            new[MOMENT_SCALES] = torch.zeros(2, n_blocks(p.numel()), dtype=torch.float32,
+                                             device=p.device)
         if fresh:
             if self.spec.variant.buffered and group["kappa"] > 0:
                 new.update(self.new_buffer(p, group))
@@ -132,12 +153,13 @@ class StateStore:
         if self.spec.variant == Variant.ADAM_CM:  # (see StepArgs.pending)
             extra["cm_pending"] = no_pending(p)
         # (shaped like p: DTensors for DTensor params, cm_fused/distributed.py)
+        if keeps_sum(group):
+            extra["cm_sum"] = torch.zeros_like(p, dtype=sum_dtype(slot),
+                                               memory_format=torch.contiguous_format)
         return {**extra, "cm_buffer": distributed.slots_like(p, C, slot),
                 "cm_keys": torch.zeros(C, dtype=torch.float32, device=p.device),
                 "cm_count": torch.zeros((), dtype=torch.int64, device=p.device),
-                "cm_inserts": torch.zeros((), dtype=torch.int64, device=p.device),
-                "cm_sum": torch.zeros_like(p, dtype=sum_dtype(slot),
-                                           memory_format=torch.contiguous_format)}
+                "cm_inserts": torch.zeros((), dtype=torch.int64, device=p.device)}
 
 
 def _check_buffer(st: dict, p: Tensor, group: dict) -> None:
@@ -158,6 +180,27 @@ def _check_buffer(st: dict, p: Tensor, group: dict) -> None:
                            f"the first step")
     if want == torch.int8:
         checkpoint.check_scales(st.get("cm_scales"), buf, p)
+    if ("cm_sum" in st) != keeps_sum(group):
+        raise RuntimeError(f"this parameter's buffer {'keeps' if 'cm_sum' in st else 'has no'} "
+                           f"running sum (cm_sum), which state_dtype, buffer_dtype and topC "
+                           f"of the group do not ask for; they cannot change after the "
+                           f"first step")
+
+
+MOMENT_ROLES = ("momenta", "second_moments")  # the roles 8-bit moments code
+MOMENT_SCALES = "moment_scales"  # their blocks' scales, fp32 [2, n_blocks]
+
+
+def eight_bit_moments(group: dict, p: Tensor) -> bool:
+    """Whether ``p``'s moments are 8-bit codes (docs/SPEC.md "8-bit moments")."""
+    return group.get("state_dtype") == torch.int8 and p.numel() >= group["min_8bit_size"]
+
+
+def keeps_sum(group: dict) -> bool:
+    """Whether the group's buffers keep their running sum ``S`` (``cm_sum``): not with
+    8-bit moments and slots and topC <= 8, whose update sums the slots instead."""
+    return not (group.get("state_dtype") == torch.int8
+                and group.get("buffer_dtype") == torch.int8 and group["topC"] <= 8)
 
 
 def no_pending(p: Tensor) -> Tensor:

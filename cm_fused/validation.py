@@ -9,6 +9,7 @@ from __future__ import annotations
 from numbers import Real
 from typing import Any, Callable
 
+import torch
 from torch import Tensor
 
 from . import registry, rounding
@@ -130,6 +131,25 @@ def _stochastic_rounding(name, x, group):
                            "stochastic rounding needs kappa > 0")
 
 
+def _state_dtype(name, d, group):
+    if d is not None and d != torch.int8:
+        raise bad(name, d, "must be None (the param's dtype) or torch.int8 (8-bit moments, "
+                           "blockwise e4m3 codes)")
+    if d is not None and group.get("kappa") == 0:
+        raise bad(name, d, "kappa=0 runs torch's own step, which keeps full-precision "
+                           "state; 8-bit moments need kappa > 0")
+    if d is not None and group.get("centered"):
+        raise bad(name, d, "centered RMSprop divides by sqrt(square_avg - grad_avg^2), and "
+                           "8-bit codes round square_avg by up to 6%, which makes that "
+                           "negative (NaN); use state_dtype=None with centered=True")
+
+
+def _min_8bit_size(name, x, group):
+    if not (isinstance(x, int) and not isinstance(x, bool) and x >= 0):
+        raise bad(name, x, "must be an int >= 0 (tensors with fewer elements keep "
+                           "full-precision moments)")
+
+
 def check_rounding(name: str, group: dict, dtypes=None) -> None:
     """With stochastic_rounding, every param of the group is bf16 or fp16 (the step
     rounds its fp32 result to them; an fp32 param has nothing to round)."""
@@ -157,6 +177,8 @@ RULES: dict[str, Callable[[str, Any, dict], None]] = {
     # inside the step: the global-norm clip, stochastic rounding of bf16/fp16 params
     "max_grad_norm": _max_grad_norm, "stochastic_rounding": _stochastic_rounding,
     "rounding_seed": _rounding_seed,
+    # 8-bit moments, for tensors of at least min_8bit_size elements
+    "state_dtype": _state_dtype, "min_8bit_size": _min_8bit_size,
     # AdamCG's weight decay is coupled, as the authors' (AdamCM is the decoupled one)
     "decoupled_weight_decay": _kappa_zero_only("decoupled weight decay in AdamCG (AdamCM "
                                                "is the decoupled one)"),
@@ -167,5 +189,5 @@ def validate(group: dict, names) -> None:
     """Raise ValueError naming the first invalid hyperparameter of a param group (in the
     order of ``names``; the rules that read other hyperparameters, after those)."""
     for name in sorted(names, key=lambda n: n in ("topC", "nesterov", "decoupled_weight_decay",
-                                                  "stochastic_rounding")):
+                                                  "stochastic_rounding", "state_dtype")):
         RULES[name](name, group[name], group)

@@ -247,7 +247,8 @@ void check_tensors(StepInputs* out, const Layout& layout) {
 
 void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momenta,
               at::TensorList second_moments, at::TensorList extras, at::TensorList buffers,
-              at::TensorList scales, at::TensorList keys, at::TensorList counts,
+              at::TensorList scales, at::TensorList moment_scales, at::TensorList keys,
+              at::TensorList counts,
               at::TensorList inserts, at::TensorList sums, at::TensorList pending,
               at::TensorList steps, at::TensorList memory, int64_t variant, double lr,
               const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
@@ -258,6 +259,10 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
               const std::optional<at::Tensor>& rand,
               const std::optional<at::Tensor>& rounding,
               const std::optional<at::Tensor>& reduced) {
+  // (8-bit moments are stepped by the reference backend only so far: Capabilities keeps
+  // the optimizer from calling this op with them)
+  TORCH_CHECK(moment_scales.empty(), "cm_fused::step_: the C++ kernel does not step 8-bit "
+              "moments (state_dtype=torch.int8) yet: moment_scales must be empty");
   StepInputs in{params, grads, momenta, second_moments, extras, buffers, scales, keys,
                 counts, inserts, sums, pending, steps, memory};
   in.variant = variant;

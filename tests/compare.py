@@ -211,7 +211,7 @@ def op_args(variant=None, extras=True, slot=torch.float32, dtype=torch.float32,
         buffers=[(rnd((C, *s)) * 60).clamp(-127, 127).to(slot) if slot == torch.int8
                  else rnd((C, *s), slot) for s in shapes] if buffered else [],
         scales=[rnd((C, n_blocks(math.prod(s))), torch.float32).abs() for s in shapes]
-        if buffered and slot == torch.int8 else [],
+        if buffered and slot == torch.int8 else [], moment_scales=[],
         keys=[rnd((C,), torch.float32).abs() for _ in shapes] if buffered else [],
         counts=[on(torch.tensor(k)) for k in (0, 2, 3)] if buffered else [],
         inserts=[on(torch.tensor(k)) for k in (0, 4, 9)] if buffered else [],

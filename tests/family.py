@@ -55,6 +55,7 @@ BAD_VALUES = {
     "differentiable": (True,),
     "max_grad_norm": (0.0, -1.0, float("inf"), NAN, "1.0", True),
     "stochastic_rounding": (1, "yes"), "rounding_seed": (-1, 2 ** 32, 1.5, True),
+    "state_dtype": (torch.float16, torch.uint8, "int8"), "min_8bit_size": (-1, 1.5, True),
 }
 
 

@@ -25,11 +25,15 @@ def make_optimizer(name: str, params, lr: float, rho: float = 0.05, **buffer) ->
         return cm_fused.AdamCM(params, lr=lr, **buffer)
     if name == "Adam+CM int8":  # 8-bit slots: the same run at a third of the buffer's bytes
         return cm_fused.AdamCM(params, lr=lr, buffer_dtype=torch.int8, **buffer)
+    if name == "Adam+CM 8-bit":  # all state 8-bit (docs/SPEC.md "8-bit moments"), every size
+        return cm_fused.AdamCM(params, lr=lr, buffer_dtype=torch.int8, state_dtype=torch.int8,
+                               min_8bit_size=0, **buffer)
     if name == "Adam+SAM":
         return cm_fused.SAM(params, torch.optim.Adam, rho=rho, lr=lr)
     if name == "Adam+SAM+CM":
         return cm_fused.SAM(params, cm_fused.AdamCM, rho=rho, lr=lr, **buffer)
-    raise ValueError(f"unknown optimizer {name!r} (one of {(*NAMES, 'Adam+CM int8')})")
+    raise ValueError(f"unknown optimizer {name!r} (one of "
+                     f"{(*NAMES, 'Adam+CM int8', 'Adam+CM 8-bit')})")
 
 
 def train_step(opt: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor]) -> float:

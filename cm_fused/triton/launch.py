@@ -482,6 +482,9 @@ def step(args: StepArgs) -> None:
 
 
 def _step(args: StepArgs) -> None:
+    if args.moment_scales:  # (Capabilities keeps the optimizer from asking)
+        raise ValueError("cm_fused (triton): 8-bit moments (state_dtype=torch.int8) are "
+                         "not stepped by the Triton kernels yet")
     if args.pending and (args.variant != Variant.ADAM_CM or args.phase != Phase.ALL):
         raise ValueError("cm_fused (triton): pending inserts are AdamCM's, in a whole step "
                          "(StepArgs.pending)")

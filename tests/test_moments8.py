@@ -1,0 +1,409 @@
+"""8-bit moments (``state_dtype=torch.int8``) and int8 slots without a running sum:
+the e4m3 codes against torch's float8 conversion, the blockwise quantizer against a
+per-block model written from docs/SPEC.md, every optimizer's step against its
+full-precision twin fed the values the codes hold, checkpoints (resume, conversion both
+ways, refusals), the backends that do not step them yet, and the memory it saves."""
+import io
+import math
+
+import pytest
+import torch
+
+from compare import copy_params, make_params, set_grads
+from family import EVERY, FAMILY, require
+from cm_fused.quantize import (QBLOCK, dequantize, dequantize_moment, e4m3_code,
+                               e4m3_value, quantize_moment, slot_sum)
+
+INT8 = torch.int8
+MIN = 100  # min_8bit_size of the tests: the shapes below fall on both sides of it
+SHAPES = [(), (7,), (300,), (17, 40), (4097,), (0,), (99,), (100,)]
+
+
+# ---------------------------------------------------------------- the codes
+
+def test_e4m3_code_is_torchs_float8_e4m3fn_conversion():
+    """Every code's value, every midpoint between two codes (ties go to the even code)
+    and its neighbours, random values over the whole range and the subnormal range."""
+    codes = torch.arange(127, dtype=torch.int32)
+    values = e4m3_value(codes)
+    assert torch.equal(values, codes.to(torch.uint8).view(torch.float8_e4m3fn).float())
+    mids = (values[:-1] + values[1:]) / 2  # exact in fp32 (5 significant bits)
+    up, down = mids.nextafter(torch.tensor(1e9)), mids.nextafter(torch.tensor(0.0))
+    g = torch.Generator().manual_seed(0)
+    y = torch.cat([values, mids, up, down, torch.rand(100000, generator=g) * 448,
+                   torch.rand(100000, generator=g) * 2 ** -6])
+    want = y.to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
+    assert torch.equal(e4m3_code(y), want)
+    even = e4m3_code(mids)
+    assert torch.equal(even % 2, torch.zeros_like(even)), "ties go to the even code"
+
+
+def _model(x: torch.Tensor, second: bool):
+    """docs/SPEC.md's quantizer, one block at a time in Python, with torch's float8 cast
+    as E (tested above)."""
+    flat = x.reshape(-1).float()
+    codes = torch.zeros(flat.numel(), dtype=torch.uint8)
+    scales = []
+    for b in range(0, flat.numel(), QBLOCK):
+        blk = flat[b:b + QBLOCK]
+        if not bool(torch.isfinite(blk).all()):
+            scales.append(float("nan"))
+            continue
+        mag = torch.tensor([math.sqrt(v) for v in blk.double().tolist()]).float() \
+            if second else blk.abs()
+        scale = (mag.max() / 448.0).item()
+        scales.append(scale)
+        if not scale > 0:
+            continue
+        for e in range(blk.numel()):
+            c = int((mag[e].abs() / torch.tensor(scale)).clamp(max=448.0)
+                    .to(torch.float8_e4m3fn).view(torch.uint8))
+            if second and c == 0 and mag[e] > 0:
+                c = 1
+            if not second and c and blk[e] < 0:
+                c |= 0x80
+            codes[b + e] = c
+    return codes.view(x.shape), torch.tensor(scales, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("second", [False, True], ids=["momentum", "second"])
+def test_quantizer_is_the_per_block_model(second):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7 * QBLOCK + 37, generator=g) * torch.logspace(-12, 3, 7 * QBLOCK + 37)
+    if second:
+        x = x * x
+    blocks = x.view(-1)
+    blocks[QBLOCK:2 * QBLOCK] = 0.0                           # an all-zero block
+    blocks[2 * QBLOCK + 3] = float("nan")                     # a non-finite block
+    blocks[5 * QBLOCK + 9] = float("inf")                     # another
+    # the momentum's scale underflows to 0; a second moment's root cannot be that small
+    blocks[3 * QBLOCK:4 * QBLOCK] = 1e-44 if second else -1e-43
+    blocks[4 * QBLOCK + 5] = -0.0
+    # magnitudes far below the block's largest: codes round to 0 (a second moment's to 1)
+    blocks[6 * QBLOCK] = 1e10 if second else -1e5
+    blocks[6 * QBLOCK + 1:6 * QBLOCK + 4] = 1e-12 if second else -1e-7
+    codes, scales = quantize_moment(x, second)
+    want_codes, want_scales = _model(x, second)
+    assert codes.dtype == torch.uint8 and codes.shape == x.shape
+    assert torch.equal(codes, want_codes)
+    torch.testing.assert_close(scales, want_scales, rtol=0, atol=0, equal_nan=True)
+    held = dequantize_moment(codes, scales, second)
+    assert held[2 * QBLOCK:3 * QBLOCK].isnan().all(), "a non-finite block reads as NaN"
+    assert held[5 * QBLOCK:6 * QBLOCK].isnan().all()
+    tiny = held[6 * QBLOCK + 1:6 * QBLOCK + 4]
+    assert (tiny > 0).all() if second else (tiny == 0).all()
+    assert (held[QBLOCK:2 * QBLOCK] == 0).all()
+    assert second or (held[3 * QBLOCK:4 * QBLOCK] == 0).all()
+    fine = torch.ones_like(x, dtype=torch.bool)
+    fine[QBLOCK:3 * QBLOCK] = False
+    fine[3 * QBLOCK:4 * QBLOCK] = second
+    fine[5 * QBLOCK:6 * QBLOCK] = False
+    # each value within the code's precision (3 mantissa bits) of the block's normal range
+    scale_of = scales.repeat_interleave(QBLOCK)[:x.numel()]
+    mag = x.sqrt() if second else x.abs()
+    normal = fine & (mag >= scale_of * 2 ** -6)
+    got = held.sqrt() if second else held
+    rel = ((got - (mag if second else x)).abs() / mag)[normal]
+    assert rel.max() <= 2 ** -4 * (1 + 1e-6)
+    if second:  # a positive second moment never reads as 0
+        assert (held[fine & (x > 0)] > 0).all()
+    else:
+        assert (torch.sign(held[fine & (held != 0)]) == torch.sign(x[fine & (held != 0)])).all()
+
+
+# ---------------------------------------------------------------- the step
+
+def _moment_keys(opt, group):
+    roles = opt.spec.roles(group)
+    return [(k, second) for k, second in ((roles.momenta, False), (roles.second_moments, True))
+            if k is not None]
+
+
+def _feed_twin(opt8, twin, params8, params):
+    """The twin's moments := the values opt8's codes hold (and, where opt8 keeps no
+    running sum, the twin's S := the sum of its slots, as the update reads it)."""
+    group = opt8.param_groups[0]
+    for p8, p in zip(params8, params):
+        st8, st = opt8.state.get(p8), twin.state.get(p)
+        if not st8:
+            continue
+        for key, second in _moment_keys(opt8, group):
+            if st8[key].dtype == torch.uint8:
+                st[key].copy_(dequantize_moment(st8[key], st8["moment_scales"][int(second)],
+                                                second))
+        if "cm_sum" in st and "cm_sum" not in st8:  # slot 0 first, then each in turn
+            held = dequantize(st["cm_buffer"], st["cm_scales"])
+            total = held[0].clone()
+            for j in range(1, held.shape[0]):
+                total = total + held[j]
+            st["cm_sum"].copy_(total)
+
+
+def _check_against_twin(opt8, twin, params8, params, what):
+    group = opt8.param_groups[0]
+    for i, (p8, p) in enumerate(zip(params8, params)):
+        assert torch.equal(p8, p) or (p8.isnan().any() and torch.allclose(
+            p8, p, rtol=0, atol=0, equal_nan=True)), f"{what}: param {i}"
+        assert not p8.isnan().any(), f"{what}: param {i} is NaN"
+        st8, st = opt8.state.get(p8), twin.state.get(p)
+        if not st8:
+            continue
+        for key, second in _moment_keys(opt8, group):
+            if p.numel() < MIN:
+                assert torch.equal(st8[key], st[key]), f"{what}: {key} of param {i}"
+                continue
+            codes, scales = quantize_moment(st[key], second)
+            assert torch.equal(st8[key], codes), f"{what}: {key} codes of param {i}"
+            assert torch.equal(st8["moment_scales"][int(second)], scales), \
+                f"{what}: {key} scales of param {i}"
+        for key in ("cm_buffer", "cm_keys", "cm_scales", "max_exp_avg_sq", "grad_avg"):
+            if key in st:
+                assert torch.equal(st8[key], st[key]), f"{what}: {key} of param {i}"
+
+
+SLOTS = {"fp32": {}, "int8_no_sum": dict(buffer_dtype=INT8, topC=3),
+         "int8_sum": dict(buffer_dtype=INT8, topC=9)}
+# (RMSpropCG's "all" is centered, which 8-bit moments refuse: its "momentum" instead)
+STEP_CASES = [pytest.param(n, c, s, id=f"{n}-{c}-{s}") for n in EVERY
+              for c in ("defaults", "momentum" if n == "rmspropcg" else "all")
+              for s in (SLOTS if n in FAMILY else ("fp32",))]
+
+
+@pytest.mark.parametrize("name,config,slots", STEP_CASES)
+def test_the_step_is_the_full_precision_step_on_the_held_values(name, config, slots):
+    """docs/SPEC.md: the step reads a moment as the values its codes hold, computes as
+    with full-precision state, and writes the new value back quantized. Its twin (no
+    8-bit state) is given those values before every step: the params must agree to the
+    bit, and the codes must be the twin's new moments quantized. Many steps with an lr
+    schedule, a missing gradient, sizes on both sides of min_8bit_size."""
+    kw = {**EVERY[name].configs[config], **SLOTS[slots]}
+    cls = EVERY[name].cls
+    params8 = make_params(SHAPES)
+    params = copy_params(params8)
+    opt8 = cls(params8, backend="reference", state_dtype=INT8, min_8bit_size=MIN, **kw)
+    twin = cls(params, backend="reference", **kw)
+    if slots == "int8_no_sum":
+        assert all("cm_sum" not in opt8.state[p] for p in params8 if opt8.state.get(p))
+    base = [g["lr"] for g in opt8.param_groups]
+    for t in range(14):
+        for opt in (opt8, twin):
+            for g, lr in zip(opt.param_groups, base):
+                if not isinstance(lr, torch.Tensor):
+                    g["lr"] = lr * (1 + 0.5 * math.cos(t))  # a schedule
+        missing = (lambda s: {2} if s % 4 == 3 else set())(t)
+        set_grads(params8, t, missing=missing)
+        set_grads(params, t, missing=missing)
+        _feed_twin(opt8, twin, params8, params)
+        torch.manual_seed(t)  # (the same critical_test coins)
+        opt8.step()
+        torch.manual_seed(t)
+        twin.step()
+        _check_against_twin(opt8, twin, params8, params, f"{name} {config} {slots} step {t}")
+    if slots == "int8_no_sum":
+        assert all("cm_sum" not in opt8.state[p] for p in params8 if opt8.state.get(p))
+    if slots == "int8_sum":
+        assert all("cm_sum" in opt8.state[p] for p in params8 if opt8.state.get(p))
+
+
+@pytest.mark.parametrize("top_c,state_dtype,buffer_dtype,kept", [
+    (8, INT8, INT8, False), (9, INT8, INT8, True), (1, INT8, INT8, False),
+    (8, None, INT8, True), (8, INT8, None, True), (8, INT8, torch.bfloat16, True)])
+def test_which_buffers_keep_a_running_sum(top_c, state_dtype, buffer_dtype, kept):
+    """docs/SPEC.md: none with 8-bit moments, int8 slots and topC <= 8."""
+    params = make_params([(300,), (3,)])
+    opt = FAMILY["adamcg"].cls(params, backend="reference", topC=top_c, min_8bit_size=MIN,
+                               state_dtype=state_dtype, buffer_dtype=buffer_dtype)
+    _run(opt, params, 1)
+    assert all(("cm_sum" in opt.state[p]) == kept for p in params)
+
+
+@pytest.mark.parametrize("name", list(EVERY))
+def test_a_skipped_step_changes_no_code(name):
+    cls = EVERY[name].cls
+    params = make_params([(700,), (3,)])
+    opt = cls(params, backend="reference", state_dtype=INT8, min_8bit_size=MIN,
+              **EVERY[name].configs["defaults"])
+    for t in range(3):
+        set_grads(params, t)
+        opt.step()
+    before = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    p_before = [p.detach().clone() for p in params]
+    set_grads(params, 3)
+    opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
+    opt.step()
+    for k, v in opt.state[params[0]].items():
+        assert torch.equal(v, before[k]), k
+    assert all(torch.equal(a, b) for a, b in zip(params, p_before))
+
+
+def test_bf16_params_keep_8bit_moments_and_train():
+    """bf16 params: the moments are codes (not bf16), and AdamCM still descends a
+    quadratic as it does with bf16 moments."""
+    losses = {}
+    for state_dtype in (None, INT8):
+        torch.manual_seed(0)
+        target = torch.randn(4096)
+        p = torch.nn.Parameter(torch.zeros(4096, dtype=torch.bfloat16))
+        opt = FAMILY["adamcm"].cls([p], lr=1e-2, backend="reference", state_dtype=state_dtype)
+        for _ in range(150):
+            p.grad = (p.float() - target).bfloat16()
+            opt.step()
+        losses[state_dtype] = ((p.float() - target) ** 2).mean().item()
+        want = torch.uint8 if state_dtype else torch.bfloat16
+        assert opt.state[p]["exp_avg"].dtype == want
+    assert losses[INT8] < 0.05 and losses[INT8] < 2 * losses[None] + 1e-3, losses
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _run(opt, params, steps, start=0):
+    for t in range(start, start + steps):
+        set_grads(params, t)
+        opt.step()
+
+
+def _roundtrip(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("adamcm", dict(buffer_dtype=INT8, topC=3)), ("adamcg", dict(amsgrad=True)),
+    ("rmspropcg", dict(momentum=0.5, weight_decay=0.01)), ("sgdam", dict(lr=1e-2)),
+    ("adamam", {})], ids=lambda v: v if isinstance(v, str) else "")
+def test_resume_midway_is_bit_identical(name, kw):
+    cls = EVERY[name].cls
+    p_full, p_a = make_params(SHAPES), make_params(SHAPES)
+    full = cls(p_full, backend="reference", state_dtype=INT8, min_8bit_size=MIN, **kw)
+    first = cls(p_a, backend="reference", state_dtype=INT8, min_8bit_size=MIN, **kw)
+    _run(full, p_full, 10)
+    _run(first, p_a, 5)
+    sd = _roundtrip(first.state_dict())
+    p_b = copy_params(p_a)
+    second = cls(p_b, backend="reference", state_dtype=INT8, min_8bit_size=MIN, **kw)
+    second.load_state_dict(sd)
+    _run(second, p_b, 5, start=5)
+    for a, b in zip(p_full, p_b):
+        assert torch.equal(a, b)
+    for a, b in zip(p_full, p_b):
+        for k, v in full.state.get(a, {}).items():
+            assert torch.equal(v, second.state[b][k]), k
+
+
+def test_a_full_precision_checkpoint_loads_into_8bit_state_and_back():
+    """The optimizer's state_dtype wins over the checkpoint's: moments are quantized (or
+    dequantized, exactly), the running sum dropped (or summed from the slots)."""
+    kw = dict(buffer_dtype=INT8, topC=3)
+    params = make_params(SHAPES)
+    fp = FAMILY["adamcm"].cls(params, backend="reference", **kw)
+    _run(fp, params, 6)
+    sd = _roundtrip(fp.state_dict())
+    p8 = copy_params(params)
+    opt8 = FAMILY["adamcm"].cls(p8, backend="reference", state_dtype=INT8, min_8bit_size=MIN,
+                                **kw)
+    opt8.load_state_dict(sd)
+    assert opt8.param_groups[0]["state_dtype"] == INT8
+    for p, q in zip(params, p8):
+        st, st8 = fp.state[p], opt8.state[q]
+        if q.numel() >= MIN:
+            for key, second in (("exp_avg", False), ("exp_avg_sq", True)):
+                codes, scales = quantize_moment(st[key], second)
+                assert torch.equal(st8[key], codes) and \
+                    torch.equal(st8["moment_scales"][int(second)], scales)
+        else:
+            assert torch.equal(st8["exp_avg"], st["exp_avg"]) and "moment_scales" not in st8
+        assert "cm_sum" not in st8
+    _run(opt8, p8, 2, start=6)  # it steps from there
+
+    back = FAMILY["adamcm"].cls(copy_params(p8), backend="reference", **kw)
+    back.load_state_dict(_roundtrip(opt8.state_dict()))
+    assert back.param_groups[0]["state_dtype"] is None
+    for q, r in zip(p8, back.param_groups[0]["params"]):
+        st8, st = opt8.state[q], back.state[r]
+        assert "moment_scales" not in st and st["exp_avg"].dtype == torch.float32
+        if q.numel() >= MIN:
+            assert torch.equal(st["exp_avg_sq"], dequantize_moment(
+                st8["exp_avg_sq"], st8["moment_scales"][1], True))
+        assert torch.equal(st["cm_sum"], slot_sum(st8["cm_buffer"], st8["cm_scales"]))
+    _run(back, back.param_groups[0]["params"], 2, start=8)
+
+
+def test_a_checkpoint_of_codes_without_scales_is_refused_and_changes_nothing():
+    params = make_params([(300,)])
+    opt = FAMILY["adamcm"].cls(params, backend="reference", state_dtype=INT8, min_8bit_size=MIN)
+    _run(opt, params, 2)
+    sd = opt.state_dict()
+    del sd["state"][0]["moment_scales"]
+    before = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    with pytest.raises(ValueError, match="moment_scales"):
+        opt.load_state_dict(sd)
+    assert all(torch.equal(v, before[k]) for k, v in opt.state[params[0]].items())
+
+
+@pytest.mark.parametrize("change", [dict(state_dtype=None), dict(min_8bit_size=10 ** 6),
+                                    dict(buffer_dtype=INT8)])
+def test_a_layout_change_after_the_first_step_is_refused(change):
+    params = make_params([(300,)])
+    opt = FAMILY["adamcm"].cls(params, backend="reference", state_dtype=INT8, min_8bit_size=MIN,
+                               topC=3)
+    _run(opt, params, 2)
+    before = params[0].detach().clone()
+    opt.param_groups[0].update(change)
+    set_grads(params, 2)
+    with pytest.raises(RuntimeError, match="cannot change after the first step"):
+        opt.step()
+    assert torch.equal(params[0], before)
+
+
+# ---------------------------------------------------------------- backends, validation
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_fused_backends_refuse_8bit_moments_and_auto_falls_back(backend):
+    require(backend)
+    params = make_params([(300,)])
+    opt = FAMILY["adamcm"].cls(params, backend=backend, state_dtype=INT8)
+    set_grads(params, 0)
+    with pytest.raises(RuntimeError, match="8-bit moments"):
+        opt.step()
+    assert not opt.state.get(params[0])
+    with pytest.warns(UserWarning, match="8-bit moments"):
+        opt = FAMILY["adamcm"].cls(params, state_dtype=INT8)
+    opt.step()
+    assert opt.backends_in_use == {"cpu": "reference"}
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_8bit_moments_need_the_buffer(name):
+    with pytest.raises(ValueError, match="state_dtype"):
+        FAMILY[name].cls(make_params([(3,)]), kappa=0.0, state_dtype=INT8)
+
+
+def test_8bit_moments_refuse_centered_rmsprop():
+    """Rounding square_avg makes square_avg - grad_avg^2 negative (NaN params: found
+    with the twin test above)."""
+    with pytest.raises(ValueError, match="centered"):
+        FAMILY["rmspropcg"].cls(make_params([(3,)]), centered=True, state_dtype=INT8,
+                                backend="reference")
+    opt = FAMILY["rmspropcg"].cls(make_params([(3,)]), state_dtype=INT8, backend="reference")
+    opt.param_groups[0]["centered"] = True
+    with pytest.raises(ValueError, match="centered"):
+        opt.step()
+
+
+def test_memory_of_all_8bit_adamcm_on_gpt2_shapes():
+    """docs/SPEC.md's layout on the tensors of one GPT-2 block (and its embeddings) at
+    width 256: with 8-bit moments and slots at topC 5, every state tensor counted, at
+    most 8 B per parameter, fp32 AdamW's footprint."""
+    d = 256
+    shapes = [(4 * d, d), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d),
+              (4 * d,), (d, 4 * d), (d,), (d,), (d,)]
+    params = make_params(shapes)
+    opt = FAMILY["adamcm"].cls(params, backend="reference", state_dtype=INT8,
+                               buffer_dtype=INT8, topC=5)
+    _run(opt, params, 1)
+    state = sum(v.numel() * v.element_size() for st in opt.state.values()
+                for v in st.values() if isinstance(v, torch.Tensor))
+    per_param = state / sum(p.numel() for p in params)
+    assert per_param <= 8.0, per_param
