@@ -18,7 +18,9 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from .quantize import dequantize_moment, n_blocks, quantize_moment, slot_sum
+from . import validation
+from .quantize import QuantizedMoment, dequantize_moment, n_blocks, quantize_moment, slot_sum
+from .reference import flush_pending
 from .state_store import MOMENT_SCALES, eight_bit_moments, keeps_sum
 
 if TYPE_CHECKING:
@@ -61,8 +63,11 @@ def loadable_pairs(opt: CriticalOptimizer, state_dict: dict) -> list[tuple[Any, 
         pairs += zip(saved["params"], group["params"])
     saved_state = state_dict["state"]
     known = {*opt.spec.state_keys, *(BUFFER_STATE if buffered else ()), MOMENT_SCALES}
+    roles = [opt.spec.roles(g) for g in opt.param_groups]
+    moments = {k for r in roles for k in (r.momenta, r.second_moments) if k is not None}
+    like_p = moments | {r.extras for r in roles if r.extras is not None} | {"cm_sum"}
     for pid, p in pairs:
-        _check_state(saved_state.get(pid, {}), p, known, name)
+        _check_state(saved_state.get(pid, {}), p, known, moments, like_p, name)
     return pairs
 
 
@@ -86,7 +91,8 @@ def _check_group(i: int, group: dict, saved: dict, opt: CriticalOptimizer, name:
                          f"params, this optimizer's has {len(group['params'])}")
 
 
-def _check_state(st: dict, p: Tensor, known: set, name: str) -> None:
+def _check_state(st: dict, p: Tensor, known: set, moments: set, like_p: set,
+                 name: str) -> None:
     foreign = sorted(set(st) - known)
     if foreign:
         raise ValueError(f"checkpoint state has {foreign}, which {name} does not keep: "
@@ -98,6 +104,17 @@ def _check_state(st: dict, p: Tensor, known: set, name: str) -> None:
                          "DTensors: load sharded optimizer state with "
                          "torch.distributed.checkpoint (set_optimizer_state_dict)")
     codes = [k for k, v in st.items() if isinstance(v, Tensor) and v.dtype == torch.uint8]
+    if MOMENT_SCALES in st:  # (8-bit moments cast to another dtype would read as values)
+        cast = sorted(k for k in moments if k in st and st[k].dtype != torch.uint8)
+        if cast:
+            raise ValueError(f"checkpoint state has '{MOMENT_SCALES}' but its moments {cast} "
+                             f"are not uint8 codes: they were cast (to "
+                             f"{st[cast[0]].dtype}) and would be misread")
+    for k, v in st.items():  # the moments and the running sum are shaped like the param
+        if k in like_p:
+            if isinstance(v, Tensor) and tuple(v.shape) != tuple(p.shape):
+                raise ValueError(f"checkpoint state '{k}' of shape {tuple(v.shape)} does not "
+                                 f"fit a parameter of shape {tuple(p.shape)}")
     if codes:
         scales = st.get(MOMENT_SCALES)
         want = (2, n_blocks(p.numel()))
@@ -144,9 +161,46 @@ def _restored(key: str, value: Any, p: Tensor) -> Any:
     return value.to(device=p.device, dtype=dtype, copy=True).contiguous()
 
 
+def converted_states(opt: CriticalOptimizer, state_dict: dict,
+                     pairs: list[tuple[Any, Tensor]]) -> dict:
+    """Each saved param's state as ``opt`` will hold it: restored with the dtype rules and
+    converted to ``opt``'s layout (its state_dtype and min_8bit_size win over the
+    checkpoint's), or a ValueError. Changes nothing of ``opt``."""
+    saved_state = state_dict["state"]
+    group_of = {}
+    for i, (group, saved) in enumerate(zip(opt.param_groups, state_dict["param_groups"])):
+        # (what the group will be after loading: a missing hyperparameter takes its default)
+        merged = {**opt.HYPERPARAMETERS, **saved, **layout(group)}
+        if merged.get("state_dtype") is not None:
+            try:
+                validation.RULES["state_dtype"]("state_dtype", merged["state_dtype"], merged)
+            except ValueError as e:
+                raise ValueError(f"checkpoint param group {i} cannot be loaded into this "
+                                 f"optimizer's 8-bit moments: {e}") from None
+        group_of.update((id(p), merged) for p in group["params"])
+    states = {}
+    for pid, p in pairs:
+        if pid in saved_state:
+            group = group_of[id(p)]
+            if distributed.is_sharded_type(p) and eight_bit_moments(group, p):
+                raise ValueError("8-bit moments (state_dtype=torch.int8) are not supported "
+                                 "with sharded (DTensor) parameters yet")
+            states[pid] = in_layout(restored(saved_state[pid], p), p, group,
+                                    opt.spec.roles(group))
+    return states
+
+
 def layout(group: dict) -> dict:
     """A group's state-layout hyperparameters (those it has)."""
     return {k: group[k] for k in LAYOUT if k in group}
+
+
+def as_stored(st: dict, key: str, row: int):
+    """A moment as a step reads it: the tensor, or its codes with their scales."""
+    t = st[key]
+    if t.dtype != torch.uint8:
+        return t
+    return QuantizedMoment(t, st[MOMENT_SCALES][row], bool(row))
 
 
 def in_layout(st: dict, p: Tensor, group: dict, roles) -> dict:
@@ -154,6 +208,10 @@ def in_layout(st: dict, p: Tensor, group: dict, roles) -> dict:
     or dequantized to the param's dtype, and the running sum of int8 slots dropped or
     summed from the slots, as the group keeps them (docs/SPEC.md "Checkpoints")."""
     eight = eight_bit_moments(group, p)
+    pending = st.get("cm_pending")
+    if pending is not None and int(pending) >= 0:  # (written as it is stored, first)
+        flush_pending(st["cm_buffer"], st.get("cm_sum"), st.get("cm_scales"),
+                      as_stored(st, roles.momenta, 0), pending)
     for role, second in (("momenta", False), ("second_moments", True)):
         key = getattr(roles, role)
         t = st.get(key) if key is not None else None

@@ -225,21 +225,17 @@ class CriticalOptimizer(torch.optim.Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        pairs = checkpoint.loadable_pairs(self, state_dict)  # (refuses before any change)
+        # Every check and conversion before any change: a load that raises changes nothing.
+        pairs = checkpoint.loadable_pairs(self, state_dict)
+        states = checkpoint.converted_states(self, state_dict, pairs)
         old_groups = list(self.param_groups)
         layouts = [checkpoint.layout(g) for g in old_groups]
         super().load_state_dict(state_dict)
         self._store.changed()
         self._runner.forget_lists()  # (they hold the replaced state)
         self._pending.replaced(old_groups, self.param_groups)
-        saved_state = state_dict["state"]
-        group_of = {}
         for group, layout in zip(self.param_groups, layouts):
             group.update(layout)  # (the optimizer's state layout, not the checkpoint's)
-            group_of.update((id(p), group) for p in group["params"])
         for pid, p in pairs:
-            if pid in saved_state:
-                group = group_of[id(p)]
-                self.state[p] = checkpoint.in_layout(
-                    checkpoint.restored(saved_state[pid], p), p, group,
-                    self.spec.roles(group))
+            if pid in states:
+                self.state[p] = states[pid]

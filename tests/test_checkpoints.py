@@ -231,3 +231,109 @@ def test_adaptive_state_names_the_spec_entries():
     sgd.param_groups[0]["params"][0].grad = params[0].grad.clone()
     sgd.step()
     assert set(sgd.state_dict()["state"][0]) == {"step", "d"}
+
+
+# ---------------------------------------------------------------- 8-bit moments
+
+def _eight_bit(cls, params, **kw):
+    return cls(params, backend="reference", state_dtype=torch.int8, min_8bit_size=100, **kw)
+
+
+def _stepped(opt, params, steps=3):
+    for t in range(steps):
+        set_grads(params, t)
+        opt.step()
+    return opt
+
+
+def _assert_refused_unchanged(opt, params, sd, match):
+    snap, lr = snapshot(opt, params), [g["lr"] for g in opt.param_groups]
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, params, snap)
+    assert [g["lr"] for g in opt.param_groups] == lr
+
+
+def test_a_load_whose_moments_do_not_fit_changes_nothing():
+    """AdamAM keeps no buffer whose shape would be checked first: its moments' shape is
+    checked before the groups and states are replaced (the conversion raised after)."""
+    saved = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(300))]
+    sd = _stepped(cm_fused.AdamAM(saved, lr=0.5, backend="reference"), saved).state_dict()
+    params = make_params([(300,), (600,)])
+    opt = _stepped(_eight_bit(cm_fused.AdamAM, params, lr=0.1), params)
+    _assert_refused_unchanged(opt, params, sd, r"does not fit a parameter of shape \(600,\)")
+
+
+@pytest.mark.parametrize("cls,kw", [(AdamCM, dict(kappa=0.0)),
+                                    (cm_fused.RMSpropCG, dict(centered=True))],
+                         ids=["kappa0", "centered"])
+def test_a_checkpoint_8bit_moments_cannot_step_with_is_refused(cls, kw):
+    """The loading optimizer's state_dtype wins: a checkpoint whose group could not step
+    8-bit moments (kappa=0, centered RMSprop) is refused, not loaded into a dead group."""
+    saved = make_params([(300,)])
+    sd = _stepped(cls(saved, backend="reference", **kw), saved).state_dict()
+    params = make_params([(300,)])
+    opt = _stepped(_eight_bit(cls, params), params)
+    _assert_refused_unchanged(opt, params, sd, "cannot be loaded into this optimizer's 8-bit")
+
+
+def test_moments_cast_from_their_codes_are_refused():
+    """A state dict whose uint8 codes were cast (a blanket .float()) would load code
+    numbers as moment values."""
+    params = make_params([(300,)])
+    opt = _stepped(_eight_bit(AdamCM, params), params)
+    sd = opt.state_dict()
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].float()
+    for target in (opt, AdamCM(copy_params(params), backend="reference")):
+        _assert_refused_unchanged(target, target.param_groups[0]["params"], sd,
+                                  "are not uint8 codes")
+
+
+def test_wrongly_shaped_moment_scales_are_refused():
+    params = make_params([(300,)])
+    opt = _stepped(_eight_bit(AdamCM, params), params)
+    sd = opt.state_dict()
+    sd["state"][0]["moment_scales"] = sd["state"][0]["moment_scales"][:, :1]
+    _assert_refused_unchanged(opt, params, sd, "moment_scales")
+
+
+def test_a_pending_insert_is_written_as_stored_before_the_moments_convert():
+    """A checkpoint holding a pending insert (cm_pending >= 0: the momentum as stored goes
+    into that slot) loaded into an 8-bit optimizer: the slot gets the fp32 momentum, not
+    its codes."""
+    params = make_params([(300,)])
+    fp = _stepped(AdamCM(params, backend="reference", topC=3), params)
+    sd = fp.state_dict()
+    st = sd["state"][0]
+    st["cm_pending"] = torch.tensor(0)
+    want = st["exp_avg"].clone()
+    opt = _eight_bit(AdamCM, copy_params(params), topC=3)
+    opt.load_state_dict(sd)
+    loaded = opt.state[opt.param_groups[0]["params"][0]]
+    assert torch.equal(loaded["cm_buffer"][0], want) and int(loaded["cm_pending"]) == -1
+    assert loaded["exp_avg"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("cls,kw", [(AdamCM, dict(buffer_dtype=torch.int8, topC=3)),
+                                    (cm_fused.SGDCG, dict(momentum=0.9)),
+                                    (cm_fused.RMSpropCG, dict(momentum=0.5)),
+                                    (cm_fused.AdamAM, {})],
+                         ids=["adamcm", "sgdcg", "rmspropcg", "adamam"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_8bit_moments_load_back_into_full_precision_rows_and_dtype(cls, kw, dtype):
+    """Each moment dequantized with its own scale row (0: momentum, 1: second moment),
+    rounded to the param's dtype."""
+    from cm_fused.quantize import dequantize_moment
+    params = make_params([(300,), (7,)], dtype=dtype)
+    opt = _stepped(_eight_bit(cls, params, **kw), params)
+    back = cls(copy_params(params), backend="reference", **kw)
+    back.load_state_dict(through_bytes(opt.state_dict()))
+    roles = opt.spec.roles(opt.param_groups[0])
+    st8, st = opt.state[params[0]], back.state[back.param_groups[0]["params"][0]]
+    for row, key in enumerate((roles.momenta, roles.second_moments)):
+        if key is None:
+            continue
+        want = dequantize_moment(st8[key], st8["moment_scales"][row], bool(row)).to(dtype)
+        assert st[key].dtype == dtype and torch.equal(st[key], want), key
+    assert "moment_scales" not in st
+    _stepped(back, back.param_groups[0]["params"], 1)
