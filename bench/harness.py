@@ -98,7 +98,8 @@ OPTIMIZERS = {o.name: o for o in [
 
 def bytes_per_step(kind: str, numel: int, param_dtype: torch.dtype,
                    buffer_dtype: torch.dtype | None = None, replaced: bool = True,
-                   optimizer: str = "adamcm", single_pass: bool = False) -> int:
+                   optimizer: str = "adamcm", single_pass: bool = False,
+                   eight_bit: bool = False, top_c: int | None = None) -> int:
     """Fewest bytes one optimizer step must move through memory (each read once, each write once).
 
     kind "torch" (the torch counterpart, any implementation): its ``accesses`` per element
@@ -123,6 +124,12 @@ def bytes_per_step(kind: str, numel: int, param_dtype: torch.dtype,
     single_pass (see :func:`single_pass`): the norm is summed in the update pass (each
     insert written at the start of the next step's pass), so g is read once: 4 B less in
     fp32, 44 B for AdamCM.
+
+    eight_bit (state_dtype=torch.int8): each moment read and written as one byte plus
+    its block's scale (4/256 B); with int8 slots and topC <= 8 no S is kept: the C slots
+    are read instead of S, and S is not written. AdamCM fp32 params, topC 5, int8 slots:
+    28 + 4 - 4·(4 - 1 - 4/256) (moments) + 5·(1 + 4/256) (slots read) + 2·(1 + 4/256)
+    (the new slot written, the old one's scale) ≈ 27.2 B (fp32 AdamW: 28 B).
     """
     p = param_dtype.itemsize
     opt = OPTIMIZERS[optimizer]
@@ -136,6 +143,10 @@ def bytes_per_step(kind: str, numel: int, param_dtype: torch.dtype,
     slot_dtype = buffer_dtype or param_dtype
     slot, s = slot_bytes(slot_dtype), sum_dtype(slot_dtype).itemsize
     per = (accesses + (0 if single_pass else 1)) * p + s + ((s + 2 * slot) if replaced else 0)
+    if eight_bit:
+        per -= 2 * opt.moments * (p - 1 - 4 / 256)
+        if slot_dtype == torch.int8 and top_c is not None and top_c <= 8:
+            per += top_c * slot - 2 * s  # the slots summed instead of S read and written
     return round(numel * per)
 
 
@@ -413,7 +424,8 @@ COPY_CPU_SHARE = [None]  # cpu share of the last CPU copy_bandwidth measurement
 def measure(prov: Provider, shapes_params, grads, device: torch.device, *, topC, buffer_dtype,
             reps: int, warmup: int, optimizer: str = "adamcm",
             baseline: Provider | None = None,
-            groups: Callable[[list], list] | None = None) -> dict:
+            groups: Callable[[list], list] | None = None,
+            cm_overrides: dict | None = None) -> dict:
     """Warm up, time `reps` steps, then measure one step's peak extra memory.
 
     With a ``baseline`` provider, both step their own copy of the parameters in
@@ -423,13 +435,16 @@ def measure(prov: Provider, shapes_params, grads, device: torch.device, *, topC,
     the run cancels out of it. ``groups`` turns the parameter list into param groups
     (e.g. a learning rate per layer); without it the optimizer gets one group.
     ``host_median_ms``: the median host time of a step (see :func:`time_steps`).
+    ``cm_overrides``: keywords for the package's optimizer only (state_dtype=torch.int8).
     """
     runs = [(prov, topC, buffer_dtype)] + ([(baseline, None, None)] if baseline else [])
     made = []
     try:
         for p_, c_, b_ in runs:
             params = [torch.nn.Parameter(t.clone()) for t in shapes_params]
-            opt = make_optimizer(p_, groups(params) if groups else params, c_, b_, optimizer)
+            extra = (cm_overrides or {}) if p_.kind == "cm" else {}
+            opt = make_optimizer(p_, groups(params) if groups else params, c_, b_, optimizer,
+                                 **extra)
             step = opt.step
             if p_.compiled:
                 torch._dynamo.reset()  # each compiled provider compiles from scratch

@@ -58,6 +58,9 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", help="param dtypes, comma list of fp32,bf16,fp16 (default fp32)")
     ap.add_argument("--buffer-dtype", help="slot dtypes, comma list of none,fp32,bf16,fp16,int8 "
                                            "(default none: the param's dtype)")
+    ap.add_argument("--state-dtype", default="none",
+                    help="the package's optimizers' state_dtype: none (full precision, the "
+                         "default) or int8 (8-bit moments: docs/SPEC.md)")
     ap.add_argument("--reps", type=int, help="timed steps per row (default 30 on CPU, 100 on CUDA)")
     ap.add_argument("--warmup", type=int, default=5,
                     help="warm-up steps before timing; at least topC+3 are always done so the "
@@ -177,12 +180,15 @@ def _measure_rows(args, jobs, device, reps, meta) -> list[dict]:
         dtype, bdtype = H.DTYPES[dname], (H.SLOT_DTYPES[bname] if bname else None)
         shapes = param_sets.SETS[sname]
         numel = param_sets.numel(sname)
+        eight = prov.kind == "cm" and args.state_dtype == "int8"
         nbytes = H.bytes_per_step(prov.kind, numel, dtype, bdtype, optimizer=oname,
-                                  single_pass=H.single_pass(prov, oname, dtype))
+                                  single_pass=H.single_pass(prov, oname, dtype) and not eight,
+                                  eight_bit=eight, top_c=topC)
         row = dict(meta, timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(
                        timespec="seconds"),
                    optimizer=oname, provider=prov.label(opt), baseline=base_prov.label(opt),
                    param_set=sname, param_dtype=dname, buffer_dtype=bname, topC=topC,
+                   state_dtype=args.state_dtype if prov.kind == "cm" else None,
                    numel=numel, tensors=len(shapes), status="ok", reason=None, median_ms=None,
                    p20_ms=None, p80_ms=None, min_ms=None, mean_ms=None, ratio=None,
                    bytes_per_step=nbytes, gbps=None, peak_extra_bytes=None,
@@ -228,7 +234,8 @@ def _measure_rows(args, jobs, device, reps, meta) -> list[dict]:
             try:
                 res = H.measure(prov, tensors[0], tensors[1], device, topC=topC,
                                 buffer_dtype=bdtype, reps=reps, warmup=args.warmup,
-                                optimizer=oname, baseline=base_prov if paired else None)
+                                optimizer=oname, baseline=base_prov if paired else None,
+                                cm_overrides=dict(state_dtype=torch.int8) if eight else None)
             except Exception as e:  # noqa: BLE001 - the row says what broke, nothing is hidden
                 msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
                 row.update(status="error", reason=msg)

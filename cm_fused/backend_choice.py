@@ -9,6 +9,7 @@ from types import ModuleType
 import torch
 
 from . import registry
+from .contract import Variant
 
 log = logging.getLogger("cm_fused")
 
@@ -21,10 +22,11 @@ class BackendChoice:
         self._warned: set[str] = set()
 
     def resolve(self, asked: str, device: torch.device, dtypes: frozenset,
-                fused: bool | None = None, eight_bit: bool = False) -> tuple[str, ModuleType]:
+                fused: bool | None = None,
+                eight_bit: Variant | None = None) -> tuple[str, ModuleType]:
         """The backend (name, module) for tensors of this device and dtypes, when
         ``asked`` was asked for (torch's ``fused``: True requires a fused backend, False
-        means the reference; ``eight_bit``: the group has 8-bit moments)."""
+        means the reference; ``eight_bit``: the variant, where the group has 8-bit moments)."""
         key = (asked, device, dtypes, fused, eight_bit)
         hit = self._cache.get(key)
         if hit is None:
@@ -35,16 +37,18 @@ class BackendChoice:
         return hit
 
     def _choose(self, name: str, device: torch.device, dtypes: set,
-                fused: bool | None, eight_bit: bool) -> tuple[str, ModuleType]:
+                fused: bool | None, eight_bit: Variant | None) -> tuple[str, ModuleType]:
         must_run = name != "auto"
         if name == "auto":
             if fused is False:  # torch's "not the fused kernel"
                 return "reference", registry.module("reference")
             name, must_run = registry.preferred(device), bool(fused)
         reason = registry.why_not(name, device, dtypes)
-        if reason is None and eight_bit and \
-                not registry.module(name).CAPABILITIES.eight_bit_moments:
-            reason = "does not step 8-bit moments (state_dtype=torch.int8) yet"
+        steps_8bit = registry.module(name).CAPABILITIES.eight_bit_moments
+        if reason is None and eight_bit is not None and not (
+                steps_8bit is True or (steps_8bit and eight_bit in steps_8bit)):
+            reason = (f"does not step {eight_bit.name}'s 8-bit moments "
+                      "(state_dtype=torch.int8) yet")
         if fused and name == "reference":
             reason = f"no fused backend runs on {device.type} tensors"
         if reason is None:

@@ -38,8 +38,9 @@ class Capabilities:
     defers_inserts: bool = False
     # The largest topC the backend takes (None: any); the optimizer refuses a larger one.
     max_top_c: int | None = None
-    # Steps 8-bit moments (state_dtype=torch.int8) and slots without a sum.
-    eight_bit_moments: bool = False
+    # Steps 8-bit moments (state_dtype=torch.int8) and slots without a sum: True for
+    # every variant, or the frozenset of the Variants it steps them for.
+    eight_bit_moments: bool | frozenset = False
 
 
 class Variant(enum.IntEnum):

@@ -130,7 +130,8 @@ class CriticalOptimizer(torch.optim.Optimizer):
         try:
             name, module = self._backends.resolve(
                 self.backend, devices.pop(), frozenset(p.dtype for p in group["params"]),
-                group.get("fused"), group.get("state_dtype") == torch.int8)
+                group.get("fused"),
+                self.variant if group.get("state_dtype") == torch.int8 else None)
         except RuntimeError:
             if group.get("fused"):
                 raise

@@ -32,8 +32,10 @@ class PendingInserts:
         the norm into its update pass, which it can only do by writing each insert at the
         start of the next step, from the momentum as stored (hence fp32 params, whose
         stored momentum is the value inserted), and not in a split step or at kappa == 0
-        (torch's step)."""
+        (torch's step). Not with 8-bit moments either: the value inserted is the new momentum
+        before it is quantized, which the codes stored next step no longer hold."""
         return (self.variant == Variant.ADAM_CM and plan.group.get("kappa") != 0
+                and plan.group.get("state_dtype") != torch.int8
                 and plan.exchange is None
                 and plan.module.CAPABILITIES.defers_inserts
                 and plan.fp32)

@@ -138,7 +138,7 @@ class Planner:
         # group, whichever of its tensors have gradients.
         backend, module = self.backends.resolve(
             asked, device, frozenset(p.dtype for p in group["params"]), group.get("fused"),
-            group.get("state_dtype") == torch.int8)
+            self.spec.variant if group.get("state_dtype") == torch.int8 else None)
         backend_choice.check_top_c(group, backend, module)
         fp32 = all(d is torch.float32 for d in dtypes)
         if not torch.compiler.is_compiling():

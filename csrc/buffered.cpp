@@ -43,6 +43,11 @@ Decision decide_tensor(const StepInputs& in, size_t i, float key) {
                 lucky, static_cast<float>(in.key_decay));
 }
 
+// Tensor i's moments are 8-bit codes (an empty moment_scales[i]: full precision).
+bool eight_bit(const StepInputs& in, size_t i) {
+  return !in.moment_scales.empty() && in.moment_scales[i].numel() > 0;
+}
+
 void* data_or_null(at::TensorList list, size_t i) {
   return list.empty() ? nullptr : list[i].data_ptr();
 }
@@ -77,7 +82,19 @@ UpdateArgs update_args(const StepInputs& in, size_t i, const Decision& d, float 
     a.flush_scales = in.scales.empty() ? nullptr
                                        : in.scales[i].data_ptr<float>() + j_pending * nb;
   }
-  a.sum = in.sums[i].data_ptr<float>();
+  if (in.sums.empty()) {  // no running sum: the update sums the int8 slots
+    a.slots = B.data_ptr();
+    a.all_scales = in.scales[i].data_ptr<float>();
+    a.n_slots = B.size(0);
+    a.numel = n;
+  } else {
+    a.sum = in.sums[i].data_ptr<float>();
+  }
+  if (eight_bit(in, i)) {  // rows 0 and 1 of moment_scales[i]
+    float* rows = in.moment_scales[i].data_ptr<float>();
+    a.mom_scales = a.mom ? rows : nullptr;
+    a.sq_scales = a.sq ? rows + nb : nullptr;
+  }
   a.first = d.first;
   a.has_wd = in.weight_decay != 0.0;
   a.scaled = in.divide;
@@ -152,7 +169,9 @@ void buffered_step(const StepInputs& in) {
 
   // ------------------------------------------------------------ 3. update pass
   std::vector<CMUpdateFn> update(T);
-  for (size_t i = 0; i < T; ++i) update[i] = table.update[in.variant][in.pdt[i]][in.sdt[i]];
+  for (size_t i = 0; i < T; ++i) {
+    update[i] = table.update[in.variant][in.pdt[i]][in.sdt[i]][eight_bit(in, i)];
+  }
   for_each_chunk(chunks, total, [&](int64_t c) {
     const Chunk& ch = chunks[c];
     const double sumsq_chunk = update[ch.tensor](args[ch.tensor], ch.begin, ch.end);

@@ -76,7 +76,7 @@ const KernelTable& kernels();
 // use is an empty list) and the scalars as the passes read them.
 struct StepInputs {
   at::TensorList params, grads, momenta, second_moments, extras, buffers, scales, keys,
-      counts, inserts, sums, pending, steps, memory;
+      counts, inserts, sums, pending, steps, memory, moment_scales;
   int64_t variant;
   int64_t phase;
   double lr;            // lr_tensor's value when given

@@ -164,11 +164,13 @@ Layout check_layout(const StepInputs& in, const std::optional<at::Tensor>& reduc
     check_list(keys, "keys", T);
     check_list(counts, "counts", T);
     check_list(inserts, "inserts", T);
-    check_list(sums, "sums", T);
+    // (no running sum: an empty list; check_tensors checks that the slots are int8)
+    if (!sums.empty()) check_list(sums, "sums", T);
     TORCH_CHECK(memory.empty(), "cm_fused::step_: variant ", variant,
                 " takes no memory (an empty list)");
   }
   check_list(steps, "steps", T);
+  if (!in.moment_scales.empty()) check_list(in.moment_scales, "moment_scales", T);
   // Deferred inserts (StepArgs.pending): AdamCM, fp32 params, a whole step.
   const bool defer = !pending.empty();
   if (defer) {
@@ -176,6 +178,10 @@ Layout check_layout(const StepInputs& in, const std::optional<at::Tensor>& reduc
                 "are AdamCM's, in a whole step (phase 0), got variant ", variant, ", phase ",
                 phase);
     check_list(pending, "pending", T);
+    // (the insert written next step is the momentum as stored: with 8-bit moments, the
+    // codes of the step after the one that decided it)
+    TORCH_CHECK(in.moment_scales.empty(), "cm_fused::step_: pending inserts with 8-bit "
+                "moments are not supported: moment_scales must be empty");
   }
   return {am, exchange, has_mom, has_sq, has_extra, defer};
 }
@@ -204,8 +210,15 @@ void check_tensors(StepInputs* out, const Layout& layout) {
     const int64_t n = p.numel();
     check_tensor(p, "params", i, n, std::nullopt);
     check_tensor(grads[i], "grads", i, n, p.scalar_type());
-    if (has_mom) check_tensor(momenta[i], "momenta", i, n, p.scalar_type());
-    if (has_sq) check_tensor(second_moments[i], "second_moments", i, n, p.scalar_type());
+    // 8-bit moments: uint8 codes, their scales fp32 [2, blocks] (docs/SPEC.md)
+    const bool eight = !in.moment_scales.empty() && in.moment_scales[i].numel() > 0;
+    const at::ScalarType moment_dtype = eight ? at::kByte : p.scalar_type();
+    if (eight) {
+      check_tensor(in.moment_scales[i], "moment_scales", i, 2 * ((n + kQBlock - 1) / kQBlock),
+                   at::kFloat);
+    }
+    if (has_mom) check_tensor(momenta[i], "momenta", i, n, moment_dtype);
+    if (has_sq) check_tensor(second_moments[i], "second_moments", i, n, moment_dtype);
     if (has_extra) check_tensor(extras[i], "extras", i, n, p.scalar_type());
     check_tensor(steps[i], "steps", i, 1, at::kFloat);
     if (am) continue;
@@ -227,7 +240,12 @@ void check_tensors(StepInputs* out, const Layout& layout) {
       check_list(scales, "scales", T);
       check_tensor(scales[i], "scales", i, C * ((n + kQBlock - 1) / kQBlock), at::kFloat);
     }
-    check_tensor(sums[i], "sums", i, n, at::kFloat);
+    if (sums.empty()) {
+      TORCH_CHECK(sdt[i] == kI8, "cm_fused::step_: sums is empty (no running sum), which "
+                  "needs int8 slots; buffers[", i, "] is ", B.scalar_type());
+    } else {
+      check_tensor(sums[i], "sums", i, n, at::kFloat);
+    }
     check_tensor(counts[i], "counts", i, 1, at::kLong);
     check_tensor(inserts[i], "inserts", i, 1, at::kLong);
     if (defer) {
@@ -259,12 +277,13 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
               const std::optional<at::Tensor>& rand,
               const std::optional<at::Tensor>& rounding,
               const std::optional<at::Tensor>& reduced) {
-  // (8-bit moments are stepped by the reference backend only so far: Capabilities keeps
-  // the optimizer from calling this op with them)
-  TORCH_CHECK(moment_scales.empty(), "cm_fused::step_: the C++ kernel does not step 8-bit "
-              "moments (state_dtype=torch.int8) yet: moment_scales must be empty");
+  // (adaptive memory's 8-bit moments are stepped by the reference backend only so far:
+  // Capabilities keeps the optimizer from calling this op with them)
+  TORCH_CHECK(moment_scales.empty() || variant < kNumBuffered, "cm_fused::step_: the C++ "
+              "kernel does not step adaptive memory's 8-bit moments (state_dtype=torch.int8) "
+              "yet: moment_scales must be empty");
   StepInputs in{params, grads, momenta, second_moments, extras, buffers, scales, keys,
-                counts, inserts, sums, pending, steps, memory};
+                counts, inserts, sums, pending, steps, memory, moment_scales};
   in.variant = variant;
   in.phase = phase;
   const Layout layout = check_layout(in, reduced);

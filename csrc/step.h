@@ -67,7 +67,17 @@ struct UpdateArgs {
   // as stored goes into before this step reads S; nullptr: none pending.
   void* flush_slot = nullptr;
   float* flush_scales = nullptr;
-  float* sum = nullptr;   // S (always fp32)
+  float* sum = nullptr;   // S (always fp32); nullptr: none kept (int8 slots, see below)
+  // Slots without a running sum: every slot and scale of the buffer (C slots of numel
+  // elements), which the update sums block by block.
+  const void* slots = nullptr;
+  const float* all_scales = nullptr;
+  int64_t n_slots = 0;
+  int64_t numel = 0;
+  // 8-bit moments (mom, sq: uint8 codes): their per-kQBlock scales, rows 0 and 1 of the
+  // tensor's moment_scales (nullptr where the role is unused).
+  float* mom_scales = nullptr;
+  float* sq_scales = nullptr;
   bool first = false;     // count was 0: the tensor's first step
   bool has_wd = false;
   bool scaled = false;    // divide gradients by grad_scale
@@ -118,7 +128,8 @@ using AMReduceFn = void (*)(const UpdateArgs& a, int64_t begin, int64_t end, dou
 struct KernelTable {
   const char* name;
   NormFn norm[kNumDTypes];                                // by gradient dtype
-  CMUpdateFn update[kNumBuffered][kNumDTypes][kNumSlotDTypes];  // [variant][param][slot]
+  // [variant][param][slot][8-bit moments]
+  CMUpdateFn update[kNumBuffered][kNumDTypes][kNumSlotDTypes][2];
   AMReduceFn am_reduce[kNumAM][kNumDTypes];               // [variant - kAdamAM][param]
   UpdateFn am_update[kNumAM][kNumDTypes];
 };

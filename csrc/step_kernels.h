@@ -254,9 +254,10 @@ inline void flush_insert(const float* m, TS* slot, float* sum) {
 // (they are what the variants differ in), then the insert (shared), then the base rule.
 // STAGE (int8 slots): the value inserted is only written to `slot`, an fp32 staging
 // area; quantize_insert() then quantizes it and updates S block by block. SR: the param
-// is rounded stochastically (a.round); e: p's element index in the tensor.
-template <int V, typename T, typename TS, bool STAGE, bool SR>
-inline void update_block(const UpdateArgs& a, int64_t e, T* p, const T* g, T* mom, T* sq,
+// is rounded stochastically (a.round); e: p's element index in the tensor. TM: the
+// moments' storage (T; float for 8-bit moments, whose fp32 values are staged around this).
+template <int V, typename T, typename TS, bool STAGE, bool SR, typename TM = T>
+inline void update_block(const UpdateArgs& a, int64_t e, T* p, const T* g, TM* mom, TM* sq,
                          T* extra, TS* slot, float* sum) {
   Vec g0, g1, x0, x1, s0, s1;
   load_gradient<T>(a, g, g0, g1);
@@ -278,7 +279,7 @@ inline void update_block(const UpdateArgs& a, int64_t e, T* p, const T* g, T* mo
       n1 = g1;
     } else {
       Vec o0, o1;
-      IO<T>::load(mom, o0, o1);
+      IO<TM>::load(mom, o0, o1);
       m0 = lerp(o0, g0, a.one_minus_beta1);
       m1 = lerp(o1, g1, a.one_minus_beta1);
       u0 = m0 + s0 / k;  // the aggregate
@@ -323,7 +324,7 @@ inline void update_block(const UpdateArgs& a, int64_t e, T* p, const T* g, T* mo
     Vec num0, num1;  // what moves p: the aggregate (CM) or Adam's m (CG)
     if constexpr (V == kAdamCG) {
       Vec o0, o1;
-      IO<T>::load(mom, o0, o1);
+      IO<TM>::load(mom, o0, o1);
       m0 = lerp(o0, u0, a.one_minus_beta1);
       m1 = lerp(o1, u1, a.one_minus_beta1);
       num0 = m0;
@@ -333,7 +334,7 @@ inline void update_block(const UpdateArgs& a, int64_t e, T* p, const T* g, T* mo
       num1 = u1;
     }
     Vec v0, v1;  // CM: v tracks the aggregate
-    second_moment<T>(a, sq, u0, u1, v0, v1);
+    second_moment<TM>(a, sq, u0, u1, v0, v1);
     if (extra != nullptr) {  // amsgrad
       Vec w0, w1;
       IO<T>::load(extra, w0, w1);
@@ -341,7 +342,7 @@ inline void update_block(const UpdateArgs& a, int64_t e, T* p, const T* g, T* mo
       v1 = at::vec::maximum(w1, v1);
       IO<T>::store(extra, v0, v1);
     }
-    IO<T>::store(mom, m0, m1);
+    IO<TM>::store(mom, m0, m1);
     if (V == kAdamCM && a.first) {  // no Adam update on CM's first step (eps 0: 0/0)
       store_param<T, SR>(a, p, e, x0, x1);
       return;
@@ -352,7 +353,7 @@ inline void update_block(const UpdateArgs& a, int64_t e, T* p, const T* g, T* mo
     store_param<T, SR>(a, p, e, x0 - (step_size * num0) / d0, x1 - (step_size * num1) / d1);
   } else if constexpr (V == kRMSpropCG) {
     Vec q0, q1, d0, d1;
-    second_moment<T>(a, sq, u0, u1, q0, q1);
+    second_moment<TM>(a, sq, u0, u1, q0, q1);
     const Vec eps(a.eps);
     if (extra != nullptr) {  // centered
       Vec c0, c1;
@@ -369,11 +370,11 @@ inline void update_block(const UpdateArgs& a, int64_t e, T* p, const T* g, T* mo
     const Vec lr(a.lr);
     if (mom != nullptr) {
       Vec b0, b1;
-      IO<T>::load(mom, b0, b1);
+      IO<TM>::load(mom, b0, b1);
       const Vec mu(a.beta1);
       b0 = b0 * mu + u0 / d0;
       b1 = b1 * mu + u1 / d1;
-      IO<T>::store(mom, b0, b1);
+      IO<TM>::store(mom, b0, b1);
       store_param<T, SR>(a, p, e, x0 - lr * b0, x1 - lr * b1);
     } else {
       store_param<T, SR>(a, p, e, x0 - lr * (u0 / d0), x1 - lr * (u1 / d1));
@@ -382,12 +383,12 @@ inline void update_block(const UpdateArgs& a, int64_t e, T* p, const T* g, T* mo
     if (mom != nullptr) {  // the first momentum step copies d
       if (!a.first) {
         Vec o0, o1;
-        IO<T>::load(mom, o0, o1);
+        IO<TM>::load(mom, o0, o1);
         const Vec mu(a.beta1), omd(a.one_minus_dampening);
         u0 = o0 * mu + omd * u0;
         u1 = o1 * mu + omd * u1;
       }
-      IO<T>::store(mom, u0, u1);
+      IO<TM>::store(mom, u0, u1);
     }
     const Vec lr(a.lr);
     store_param<T, SR>(a, p, e, x0 - lr * u0, x1 - lr * u1);
@@ -404,7 +405,8 @@ inline void update_block(const UpdateArgs& a, int64_t e, T* p, const T* g, T* mo
 // (begin must be the chunk's start or an even number of blocks after it); summed here,
 // from the block just updated, the one pass measured about 1% faster than with a second
 // loop over each chunk's gradient (bench/results/norm_in_update_gpt2-11m_cpu.txt).
-template <int V, typename T, typename TS, bool STAGE, bool SR, typename TF = void>
+template <int V, typename T, typename TS, bool STAGE, bool SR, typename TF = void,
+          typename TM = T>
 void update_range(const UpdateArgs& a, int64_t begin, int64_t end, TS* slot_base,
                   int64_t origin, SumSq* norm = nullptr) {
   constexpr bool FLUSH = !std::is_void_v<TF>;
@@ -412,15 +414,15 @@ void update_range(const UpdateArgs& a, int64_t begin, int64_t end, TS* slot_base
   static_assert(!FLUSH || (std::is_same_v<T, float> && !std::is_same_v<TF, int8_t>),
                 "deferred inserts are written here for fp32 momenta into fp slots only");
   TFS* fslot = FLUSH ? static_cast<TFS*>(a.flush_slot) : nullptr;  // (int8: elsewhere)
-  auto block = [&](int64_t index, T* p, const T* g, T* m, T* v, T* e, TS* s, float* sm,
+  auto block = [&](int64_t index, T* p, const T* g, TM* m, TM* v, T* e, TS* s, float* sm,
                    TFS* f) {
     if constexpr (FLUSH) flush_insert<TF>(m, f, sm);
-    update_block<V, T, TS, STAGE, SR>(a, index, p, g, m, v, e, s, sm);
+    update_block<V, T, TS, STAGE, SR, TM>(a, index, p, g, m, v, e, s, sm);
   };
   T* p = static_cast<T*>(a.p);
   const T* g = static_cast<const T*>(a.g);
-  T* mom = static_cast<T*>(a.mom);
-  T* sq = static_cast<T*>(a.sq);
+  TM* mom = static_cast<TM*>(a.mom);
+  TM* sq = static_cast<TM*>(a.sq);
   T* extra = static_cast<T*>(a.extra);
   float* sum = a.sum;
   auto at = [](auto* ptr, int64_t i) { return ptr ? ptr + i : nullptr; };
@@ -448,7 +450,8 @@ void update_range(const UpdateArgs& a, int64_t begin, int64_t end, TS* slot_base
   if (i == end) return;
   // The tail of a tensor: the same block code on zero-padded copies, then copy back.
   const int64_t r = end - i;
-  T tp[kW], tg[kW], tm[kW], tv[kW], te[kW];
+  T tp[kW], tg[kW], te[kW];
+  TM tm[kW], tv[kW];
   TS ts[kW];
   TFS tf[kW];
   float tsum[kW];
@@ -461,8 +464,8 @@ void update_range(const UpdateArgs& a, int64_t begin, int64_t end, TS* slot_base
   };
   in(tp, p + i, sizeof(T));
   in(tg, g + i, sizeof(T));
-  in(tm, at(mom, i), sizeof(T));
-  in(tv, at(sq, i), sizeof(T));
+  in(tm, at(mom, i), sizeof(TM));
+  in(tv, at(sq, i), sizeof(TM));
   in(te, at(extra, i), sizeof(T));
   in(ts, slot_at(i), sizeof(TS));
   in(tf, at(fslot, i), sizeof(TFS));
@@ -474,26 +477,17 @@ void update_range(const UpdateArgs& a, int64_t begin, int64_t end, TS* slot_base
     *norm = n;
   }
   out(p + i, tp, sizeof(T));
-  out(at(mom, i), tm, sizeof(T));
-  out(at(sq, i), tv, sizeof(T));
+  out(at(mom, i), tm, sizeof(TM));
+  out(at(sq, i), tv, sizeof(TM));
   out(at(extra, i), te, sizeof(T));
   out(slot_at(i), ts, sizeof(TS));
   out(at(fslot, i), tf, sizeof(TFS));
   if ((slot_base && !STAGE) || fslot) std::memcpy(sum + i, tsum, r * sizeof(float));
 }
 
-// int8 slots (cm_fused/quantize.py, the same operations in the same order): quantize the
-// n <= kQBlock staged values x of one block into q and *scale, and update S by the
-// values the slot held and holds: S <- (S - q_old * scale_old) + q * scale.
-inline void quantize_insert(float* x, int64_t n, int8_t* q, float* scale, float* sum) {
-  const int64_t padded = (n + kV - 1) / kV * kV;  // zeros change neither absmax nor NaN
-  std::memset(static_cast<void*>(x + n), 0, (padded - n) * sizeof(float));
-  Vec amax(0.f), poison(0.f);  // poison: x * 0 is NaN for a NaN or an infinity
-  for (int64_t i = 0; i < padded; i += kV) {
-    const Vec v = Vec::loadu(x + i);
-    amax = at::vec::maximum(amax, v.abs());
-    poison = poison + v * Vec(0.f);
-  }
+// A block's scale from its lanes' largest magnitudes and the NaN poison (x * 0 per lane):
+// largest / qmax, rounded to nearest, or NaN for a block holding a NaN or an infinity.
+inline float block_scale(const Vec& amax, const Vec& poison, float qmax) {
   float lanes[kV], bad[kV];
   amax.store(lanes);
   poison.store(bad);
@@ -503,7 +497,23 @@ inline void quantize_insert(float* x, int64_t n, int8_t* q, float* scale, float*
     a = std::max(a, lanes[l]);
     finite = finite && !std::isnan(bad[l]);
   }
-  const float s = finite ? a / 127.f : std::numeric_limits<float>::quiet_NaN();
+  return finite ? a / qmax : std::numeric_limits<float>::quiet_NaN();
+}
+
+// int8 slots (cm_fused/quantize.py, the same operations in the same order): quantize the
+// n <= kQBlock staged values x of one block into q and *scale, and update S by the
+// values the slot held and holds: S <- (S - q_old * scale_old) + q * scale (sum nullptr:
+// no running sum is kept).
+inline void quantize_insert(float* x, int64_t n, int8_t* q, float* scale, float* sum) {
+  const int64_t padded = (n + kV - 1) / kV * kV;  // zeros change neither absmax nor NaN
+  std::memset(static_cast<void*>(x + n), 0, (padded - n) * sizeof(float));
+  Vec amax(0.f), poison(0.f);  // poison: x * 0 is NaN for a NaN or an infinity
+  for (int64_t i = 0; i < padded; i += kV) {
+    const Vec v = Vec::loadu(x + i);
+    amax = at::vec::maximum(amax, v.abs());
+    poison = poison + v * Vec(0.f);
+  }
+  const float s = block_scale(amax, poison, 127.f);
   const bool ok = s > 0.f;  // false for NaN: the block stores zeros
   const float s_old = *scale;
   *scale = s;
@@ -518,10 +528,122 @@ inline void quantize_insert(float* x, int64_t n, int8_t* q, float* scale, float*
   } else {
     for (int64_t i = 0; i < n; ++i) r[i] = 0.f;
   }
+  if (sum != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      sum[i] = (sum[i] - static_cast<float>(q[i]) * s_old) + r[i] * s;
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(r[i]);
+}
+
+// Slots without a running sum (docs/SPEC.md): what the n <= kQBlock elements of a block
+// sum to over the C int8 slots, ((B[0] + B[1]) + B[2]) + ..., into held. block: the
+// block's index in the tensor; n_el: the tensor's elements (the slots' stride).
+inline void slot_sum(const int8_t* slots, const float* scales, int64_t C, int64_t n_el,
+                     int64_t block, int64_t n, float* held) {
+  const int64_t nb = (n_el + kQBlock - 1) / kQBlock;
+  const int8_t* q = slots + block * kQBlock;
+  const float s0 = scales[block];
+  for (int64_t i = 0; i < n; ++i) held[i] = static_cast<float>(q[i]) * s0;
+  for (int64_t j = 1; j < C; ++j) {
+    const int8_t* qj = q + j * n_el;
+    const float sj = scales[j * nb + block];
+    for (int64_t i = 0; i < n; ++i) held[i] = held[i] + static_cast<float>(qj[i]) * sj;
+  }
+}
+
+// ---------------------------------------------------------------- 8-bit moments
+
+// e4m3 (cm_fused/quantize.py: e4m3_code, e4m3_value; docs/SPEC.md "8-bit moments").
+constexpr float kE4M3Max = 448.f;
+constexpr int32_t kSign = 0x80;
+
+inline float e4m3_value(int32_t c) {
+  const uint32_t bits = static_cast<uint32_t>(c + 960) << 20;
+  float normal;
+  std::memcpy(&normal, &bits, sizeof(normal));
+  return c < 8 ? static_cast<float>(c) * 0x1p-9f : normal;
+}
+
+// A code's value, signed by the momentum's sign bit: one table read per element instead
+// of the bit arithmetic (-D * scale is -(D * scale): rounding to nearest is symmetric).
+struct E4M3Table {
+  float value[256];
+  E4M3Table() {
+    for (int32_t c = 0; c < 256; ++c) {
+      const float d = e4m3_value(c & (kSign - 1));
+      value[c] = (c & kSign) ? -d : d;
+    }
+  }
+};
+inline const E4M3Table& e4m3_table() {
+  static const E4M3Table table;
+  return table;
+}
+
+// The fp32 values n codes of one block hold: the momentum's signed, the second moment's
+// the square of the code's value.
+template <bool SECOND>
+inline void decode_moment(const uint8_t* codes, float scale, int64_t n, float* x) {
+  const float* value = e4m3_table().value;
   for (int64_t i = 0; i < n; ++i) {
-    const float old = static_cast<float>(q[i]) * s_old;
-    q[i] = static_cast<int8_t>(r[i]);
-    sum[i] = (sum[i] - old) + r[i] * s;
+    const float t = value[codes[i]] * scale;
+    x[i] = SECOND ? t * t : t;
+  }
+}
+
+// One block's n new values x (fp32) -> codes and *scale, as quantize_moment: the
+// momentum by its magnitude and sign, the second moment by its correctly rounded root.
+// Plain loops over the block's arrays, which the compiler vectorises.
+template <bool SECOND>
+inline void encode_moment(float* x, int64_t n, uint8_t* codes, float* scale) {
+  const int64_t padded = (n + kV - 1) / kV * kV;  // zeros change neither absmax nor NaN
+  std::memset(static_cast<void*>(x + n), 0, (padded - n) * sizeof(float));
+  float mag[kQBlock];
+  Vec amax(0.f), poison(0.f);  // poison: x * 0 is NaN for a NaN or an infinity
+  for (int64_t i = 0; i < padded; i += kV) {
+    const Vec v = Vec::loadu(x + i);
+    Vec m;
+    if constexpr (SECOND) {
+      m = v.sqrt();  // (IEEE sqrt: correctly rounded)
+    } else {
+      m = v.abs();
+    }
+    m.store(mag + i);
+    amax = at::vec::maximum(amax, m);
+    poison = poison + v * Vec(0.f);
+  }
+  const float s = block_scale(amax, poison, kE4M3Max);
+  *scale = s;
+  if (!(s > 0.f)) {  // a non-finite block (NaN scale) or a zero scale: every code 0
+    std::memset(codes, 0, n);
+    return;
+  }
+  // E in two loops without a branch per element (a data-dependent branch on y < 2^-6
+  // mispredicted at random and kept the loop scalar: 3x slower): the float part with
+  // vector ops, then integer selects on the bits, which the compiler vectorises.
+  float y[kQBlock];
+  int32_t sub[kQBlock], ybits[kQBlock], xbits[kQBlock];
+  const Vec vs(s), vmax(kE4M3Max), v512(512.f);
+  for (int64_t i = 0; i < padded; i += kV) {
+    // (a division, as the reference's; min(y, 448) as its clamp)
+    const Vec r = at::vec::minimum(Vec::loadu(mag + i) / vs, vmax);
+    r.store(y + i);
+    at::vec::convert_to_int_of_same_size((r * v512).round()).store(sub + i);  // ties even
+  }
+  std::memcpy(ybits, y, n * sizeof(float));
+  std::memcpy(xbits, SECOND ? mag : x, n * sizeof(float));
+  constexpr int32_t kMinNormal = 0x3C800000;  // 2^-6's bits (y >= 0: bits order as values)
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t b = ybits[i];
+    const int32_t normal = ((b + 0x7FFFF + ((b >> 20) & 1)) >> 20) - 960;
+    int32_t c = b < kMinNormal ? sub[i] : normal;
+    if constexpr (SECOND) {  // a positive second moment never reads as 0 (w > 0: bits > 0)
+      c = (c == 0 && xbits[i] > 0) ? 1 : c;
+    } else {  // x < 0 (a -0 has code 0; a NaN makes the block non-finite)
+      c = (xbits[i] < 0 && c != 0) ? (c | kSign) : c;
+    }
+    codes[i] = static_cast<uint8_t>(c);
   }
 }
 
@@ -535,12 +657,38 @@ inline void flush_quantized(const UpdateArgs& a, int64_t b, int64_t e) {
                   a.flush_scales + b / kQBlock, a.sum + b);
 }
 
-template <int V, typename T, typename TS, bool SR>
+// A copy of a's pointers moved to element b (the block's update then runs on [0, n)),
+// the stochastic rounding's element offset with them.
+// TMS: the moments' storage (T, or uint8_t codes).
+template <typename T, typename TMS>
+inline UpdateArgs at_element(const UpdateArgs& a, int64_t b) {
+  auto move = [b](auto* ptr, size_t size) -> decltype(ptr) {
+    using P = std::conditional_t<std::is_const_v<std::remove_pointer_t<decltype(ptr)>>,
+                                 const char*, char*>;
+    return ptr ? reinterpret_cast<decltype(ptr)>(reinterpret_cast<P>(ptr) + b * size)
+               : nullptr;
+  };
+  UpdateArgs s = a;
+  s.p = move(a.p, sizeof(T));
+  s.g = move(a.g, sizeof(T));
+  s.mom = move(a.mom, sizeof(TMS));
+  s.sq = move(a.sq, sizeof(TMS));
+  s.extra = move(a.extra, sizeof(T));
+  s.sum = move(a.sum, sizeof(float));
+  s.round_offset = a.round_offset + static_cast<uint32_t>(b);
+  return s;
+}
+
+// M8: the tensor's moments are 8-bit codes (a.mom_scales, a.sq_scales). The update then
+// runs one kQBlock block at a time, as with int8 slots: the codes decoded into fp32
+// staging areas, the block updated on them, its new moments encoded.
+template <int V, typename T, typename TS, bool SR, bool M8>
 double update_chunk(const UpdateArgs& a, int64_t begin, int64_t end) {
   constexpr bool kInt8 = std::is_same_v<TS, int8_t>;
+  using TM = std::conditional_t<M8, float, T>;
   SumSq sumsq;
   SumSq* norm = a.sum_squares ? &sumsq : nullptr;
-  if constexpr (V == kAdamCM && std::is_same_v<T, float>) {
+  if constexpr (V == kAdamCM && std::is_same_v<T, float> && !M8) {
     if (a.flush_slot != nullptr) {  // a deferred insert, then the update (no insert)
       if constexpr (!kInt8) {
         update_range<V, T, float, false, false, TS>(a, begin, end, nullptr, 0, norm);
@@ -554,17 +702,55 @@ double update_chunk(const UpdateArgs& a, int64_t begin, int64_t end) {
       return sumsq.total();
     }
   }
-  if constexpr (!kInt8) {
+  if constexpr (!kInt8 && !M8) {
     update_range<V, T, TS, false, SR>(a, begin, end, static_cast<TS*>(a.slot), 0, norm);
   } else {
     // Block by block (begin is a multiple of kQBlock): the update stages the values
-    // inserted, then the block is quantized.
-    int8_t* q = static_cast<int8_t*>(a.slot);
+    // inserted (int8 slots), then the block is quantized.
+    int8_t* q = kInt8 ? static_cast<int8_t*>(a.slot) : nullptr;
     for (int64_t b = begin; b < end; b += kQBlock) {
-      const int64_t e = std::min(end, b + kQBlock);
-      float stage[kQBlock];
-      update_range<V, T, float, true, SR>(a, b, e, q ? stage : nullptr, b, norm);
-      if (q) quantize_insert(stage, e - b, q + b, a.slot_scales + b / kQBlock, a.sum + b);
+      const int64_t n = std::min(end, b + kQBlock) - b;
+      UpdateArgs s = at_element<T, std::conditional_t<M8, uint8_t, T>>(a, b);
+      float held[kQBlock], stage[kQBlock], m[kQBlock], v[kQBlock];
+      if constexpr (kInt8) {
+        if (a.sum == nullptr) {  // no running sum: the slots' sum, before this insert
+          slot_sum(static_cast<const int8_t*>(a.slots), a.all_scales, a.n_slots, a.numel,
+                   b / kQBlock, n, held);
+          s.sum = held;
+        }
+      }
+      if constexpr (M8) {
+        if (a.mom) {
+          decode_moment<false>(static_cast<const uint8_t*>(s.mom), a.mom_scales[b / kQBlock],
+                               n, m);
+          s.mom = m;
+        }
+        if (a.sq) {
+          decode_moment<true>(static_cast<const uint8_t*>(s.sq), a.sq_scales[b / kQBlock],
+                              n, v);
+          s.sq = v;
+        }
+      }
+      if constexpr (kInt8) {
+        update_range<V, T, float, true, SR, void, TM>(s, 0, n, q ? stage : nullptr, 0, norm);
+        if (q) {
+          quantize_insert(stage, n, q + b, a.slot_scales + b / kQBlock,
+                          a.sum ? a.sum + b : nullptr);
+        }
+      } else {
+        TS* slot = a.slot ? static_cast<TS*>(a.slot) + b : nullptr;
+        update_range<V, T, TS, false, SR, void, TM>(s, 0, n, slot, 0, norm);
+      }
+      if constexpr (M8) {
+        if (a.mom) {
+          encode_moment<false>(m, n, static_cast<uint8_t*>(a.mom) + b,
+                               a.mom_scales + b / kQBlock);
+        }
+        if (a.sq) {
+          encode_moment<true>(v, n, static_cast<uint8_t*>(a.sq) + b,
+                              a.sq_scales + b / kQBlock);
+        }
+      }
     }
   }
   return sumsq.total();
@@ -572,12 +758,12 @@ double update_chunk(const UpdateArgs& a, int64_t begin, int64_t end) {
 
 // Rounding or not is decided here, once per chunk: the loops of the plain store carry
 // no trace of it. (fp32 params have nothing to round: step.cpp refuses them.)
-template <int V, typename T, typename TS>
+template <int V, typename T, typename TS, bool M8>
 double update_kernel(const UpdateArgs& a, int64_t begin, int64_t end) {
   if constexpr (!std::is_same_v<T, float>) {
-    if (a.round) return update_chunk<V, T, TS, true>(a, begin, end);
+    if (a.round) return update_chunk<V, T, TS, true, M8>(a, begin, end);
   }
-  return update_chunk<V, T, TS, false>(a, begin, end);
+  return update_chunk<V, T, TS, false, M8>(a, begin, end);
 }
 
 // ---------------------------------------------------------------- adaptive memory
@@ -775,9 +961,9 @@ void am_update_kernel(const UpdateArgs& a, int64_t begin, int64_t end) {
 const KernelTable& kernel_table() {
   using c10::BFloat16;
   using c10::Half;
-#define CM_ROW(V, T)                                                                \
-  {&update_kernel<V, T, float>, &update_kernel<V, T, BFloat16>, &update_kernel<V, T, Half>, \
-   &update_kernel<V, T, int8_t>}
+#define CM_M8(V, T, TS) {&update_kernel<V, T, TS, false>, &update_kernel<V, T, TS, true>}
+#define CM_ROW(V, T) \
+  {CM_M8(V, T, float), CM_M8(V, T, BFloat16), CM_M8(V, T, Half), CM_M8(V, T, int8_t)}
 #define CM_VARIANT(V) {CM_ROW(V, float), CM_ROW(V, BFloat16), CM_ROW(V, Half)}
 #define CM_AM(F, V) {&F<V, float>, &F<V, BFloat16>, &F<V, Half>}
   static const KernelTable table{
@@ -790,6 +976,7 @@ const KernelTable& kernel_table() {
 #undef CM_AM
 #undef CM_VARIANT
 #undef CM_ROW
+#undef CM_M8
   return table;
 }
 

@@ -205,6 +205,76 @@ def test_the_step_is_the_full_precision_step_on_the_held_values(name, config, sl
         assert all("cm_sum" in opt8.state[p] for p in params8 if opt8.state.get(p))
 
 
+# The C++ backend against the reference, in lock step: every variant it steps 8-bit
+# moments of (the critical-buffer ones), one tensor of several of its 16384-element
+# chunks, its 256-element blocks cut short at a tensor's end.
+CPU_SHAPES = [*SHAPES, (40000,)]
+# (codes that round to 0: the momentum's stay 0 whatever their sign, the second
+# moment's are raised to 1)
+SPREAD = 10.0 ** (-2.5 * (torch.arange(40000) % 5))
+# (by default each variant's richest configuration in fp32 with every slot layout and in
+# bf16 without the running sum; the rest under -m slow: the reference's side is slow)
+CPU_CASES = [pytest.param(
+    n, c, s, d, id=f"{n}-{c}-{s}-{str(d)[6:]}",
+    marks=() if c != "defaults" and (d == torch.float32 or s == "int8_no_sum")
+    else pytest.mark.slow)
+    for n in FAMILY for c in ("defaults", "momentum" if n == "rmspropcg" else "all")
+    for s in SLOTS for d in (torch.float32, torch.bfloat16)]
+
+
+def _state_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and (
+        torch.equal(a, b) or (a.is_floating_point() and bool(torch.isnan(a).any())
+                              and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)))
+
+
+@pytest.mark.parametrize("name,config,slots,dtype", CPU_CASES)
+def test_cpu_steps_8bit_moments_as_the_reference(name, config, slots, dtype):
+    """The C++ kernel writes the reference's bytes: params, codes, moment scales, slots,
+    slot scales, counts, after every step (an lr schedule, missing gradients, a step
+    skipped by found_inf, an infinite gradient)."""
+    require("cpu")
+    kw = {**FAMILY[name].configs[config], **SLOTS[slots]}
+    cls = FAMILY[name].cls
+    p_cpu = make_params(CPU_SHAPES, dtype=dtype)
+    p_ref = copy_params(p_cpu)
+    opts = [cls(ps, backend=b, state_dtype=INT8, min_8bit_size=MIN, **kw)
+            for ps, b in ((p_cpu, "cpu"), (p_ref, "reference"))]
+    base = opts[0].param_groups[0]["lr"]
+    for t in range(14):
+        missing = {2, 8} if t % 4 == 3 else ({5} if t % 5 == 1 else set())
+        skip = t == 9
+        for opt, ps in zip(opts, (p_cpu, p_ref)):
+            if not isinstance(base, torch.Tensor):
+                opt.param_groups[0]["lr"] = base * (1 + 0.5 * math.cos(t))
+            set_grads(ps, t, missing=missing)
+            if ps[8].grad is not None:  # magnitudes 10 decades apart in every block
+                ps[8].grad *= SPREAD.to(dtype)
+            if ps[3].grad is not None:  # subnormal momentum scales: |x| / scale > 448
+                ps[3].grad *= 3e-42
+            if t == 13:  # a non-finite block: NaN scales, zero codes (docs/SPEC.md)
+                ps[4].grad[300] = float("inf")
+            if skip:
+                opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
+            torch.manual_seed(t)  # (the same critical_test coins)
+            opt.step()
+            if skip:
+                opt.grad_scale = opt.found_inf = None
+        assert opts[0].backends_in_use == {"cpu": "cpu"}
+        for i, (a, b) in enumerate(zip(p_cpu, p_ref)):
+            assert _state_equal(a, b), f"step {t}: param {i}"
+            st_a, st_b = opts[0].state.get(a, {}), opts[1].state.get(b, {})
+            assert st_a.keys() == st_b.keys(), f"step {t}: param {i}"
+            for k, v in st_a.items():
+                if k == "cm_keys":  # (the C++ norm sums fp32 chunks in fp64: ulps apart)
+                    torch.testing.assert_close(v, st_b[k], rtol=1e-5, atol=0, equal_nan=True)
+                elif isinstance(v, torch.Tensor):
+                    assert _state_equal(v, st_b[k]), f"step {t}: {k} of param {i}"
+    st = opts[0].state[p_cpu[-1]]
+    assert "moment_scales" in st or (name == "sgdcg" and "momentum" not in kw)
+    assert ("cm_sum" in st) == (slots != "int8_no_sum")
+
+
 @pytest.mark.parametrize("top_c,state_dtype,buffer_dtype,kept", [
     (8, INT8, INT8, False), (9, INT8, INT8, True), (1, INT8, INT8, False),
     (8, None, INT8, True), (8, INT8, None, True), (8, INT8, torch.bfloat16, True)])
@@ -217,11 +287,13 @@ def test_which_buffers_keep_a_running_sum(top_c, state_dtype, buffer_dtype, kept
     assert all(("cm_sum" in opt.state[p]) == kept for p in params)
 
 
-@pytest.mark.parametrize("name", list(EVERY))
-def test_a_skipped_step_changes_no_code(name):
+@pytest.mark.parametrize("name,backend", [(n, "reference") for n in EVERY] +
+                         [(n, "cpu") for n in FAMILY])
+def test_a_skipped_step_changes_no_code(name, backend):
+    require(backend)
     cls = EVERY[name].cls
     params = make_params([(700,), (3,)])
-    opt = cls(params, backend="reference", state_dtype=INT8, min_8bit_size=MIN,
+    opt = cls(params, backend=backend, state_dtype=INT8, min_8bit_size=MIN,
               **EVERY[name].configs["defaults"])
     for t in range(3):
         set_grads(params, t)
@@ -269,20 +341,26 @@ def _roundtrip(sd):
     return torch.load(buf, weights_only=True)
 
 
-@pytest.mark.parametrize("name,kw", [
-    ("adamcm", dict(buffer_dtype=INT8, topC=3)), ("adamcg", dict(amsgrad=True)),
-    ("rmspropcg", dict(momentum=0.5, weight_decay=0.01)), ("sgdam", dict(lr=1e-2)),
-    ("adamam", {})], ids=lambda v: v if isinstance(v, str) else "")
-def test_resume_midway_is_bit_identical(name, kw):
+RESUMES = [("adamcm", dict(buffer_dtype=INT8, topC=3)), ("adamcg", dict(amsgrad=True)),
+           ("rmspropcg", dict(momentum=0.5, weight_decay=0.01)), ("sgdam", dict(lr=1e-2)),
+           ("adamam", {})]
+
+
+@pytest.mark.parametrize("name,kw,backend", [(n, k, "reference") for n, k in RESUMES] + [
+    ("adamcm", dict(buffer_dtype=INT8, topC=3), "cpu"), ("adamcm", {}, "cpu"),
+    ("sgdcg", dict(momentum=0.9, buffer_dtype=INT8, topC=9), "cpu")],
+    ids=lambda v: v if isinstance(v, str) else "")
+def test_resume_midway_is_bit_identical(name, kw, backend):
+    require(backend)
     cls = EVERY[name].cls
     p_full, p_a = make_params(SHAPES), make_params(SHAPES)
-    full = cls(p_full, backend="reference", state_dtype=INT8, min_8bit_size=MIN, **kw)
-    first = cls(p_a, backend="reference", state_dtype=INT8, min_8bit_size=MIN, **kw)
+    full = cls(p_full, backend=backend, state_dtype=INT8, min_8bit_size=MIN, **kw)
+    first = cls(p_a, backend=backend, state_dtype=INT8, min_8bit_size=MIN, **kw)
     _run(full, p_full, 10)
     _run(first, p_a, 5)
     sd = _roundtrip(first.state_dict())
     p_b = copy_params(p_a)
-    second = cls(p_b, backend="reference", state_dtype=INT8, min_8bit_size=MIN, **kw)
+    second = cls(p_b, backend=backend, state_dtype=INT8, min_8bit_size=MIN, **kw)
     second.load_state_dict(sd)
     _run(second, p_b, 5, start=5)
     for a, b in zip(p_full, p_b):
@@ -359,19 +437,33 @@ def test_a_layout_change_after_the_first_step_is_refused(change):
 
 # ---------------------------------------------------------------- backends, validation
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_fused_backends_refuse_8bit_moments_and_auto_falls_back(backend):
+@pytest.mark.parametrize("backend,name", [("triton", "adamcm"), ("cpu", "adamam"),
+                                          ("cpu", "sgdam")])
+def test_fused_backends_refuse_8bit_moments_and_auto_falls_back(backend, name):
+    """Triton steps no 8-bit moments yet, the C++ backend not adaptive memory's."""
     require(backend)
     params = make_params([(300,)])
-    opt = FAMILY["adamcm"].cls(params, backend=backend, state_dtype=INT8)
+    cls, kw = EVERY[name].cls, EVERY[name].configs["defaults"]
+    opt = cls(params, backend=backend, state_dtype=INT8, **kw)
     set_grads(params, 0)
     with pytest.raises(RuntimeError, match="8-bit moments"):
         opt.step()
     assert not opt.state.get(params[0])
-    with pytest.warns(UserWarning, match="8-bit moments"):
-        opt = FAMILY["adamcm"].cls(params, state_dtype=INT8)
+    if backend == "cpu":  # auto prefers the cpu backend here
+        with pytest.warns(UserWarning, match="8-bit moments"):
+            opt = cls(params, state_dtype=INT8, **kw)
+        opt.step()
+        assert opt.backends_in_use == {"cpu": "reference"}
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_auto_steps_8bit_moments_of_the_critical_buffer_variants_on_cpu(name):
+    require("cpu")
+    params = make_params([(300,)])
+    opt = FAMILY[name].cls(params, state_dtype=INT8, min_8bit_size=MIN)
+    set_grads(params, 0)
     opt.step()
-    assert opt.backends_in_use == {"cpu": "reference"}
+    assert opt.backends_in_use == {"cpu": "cpu"}
 
 
 @pytest.mark.parametrize("name", list(FAMILY))
