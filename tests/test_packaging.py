@@ -57,7 +57,9 @@ def test_both_build_commands_make_a_platform_wheel_with_the_stripped_kernel(chec
         (lib,) = [n for n in names if n.startswith("cm_fused/_C") and n.endswith(".so")]
         size = z.getinfo(lib).file_size
         meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
-    assert size < 2 * 2 ** 20, f"{lib} is {size} bytes: not stripped?"
+    # (stripped: 2.4 MB since the 8-bit-moment kernels doubled the update instantiations;
+    # with debug info it was four times the stripped size)
+    assert size < 4 * 2 ** 20, f"{lib} is {size} bytes: not stripped?"
     for src in ("step.cpp", "buffered.cpp", "adaptive.cpp", "step.h", "passes.h", "decide.h",
                 "step_kernels.h", "build.json"):  # JIT fallback
         assert f"cm_fused/csrc/{src}" in names
