@@ -41,11 +41,27 @@ LAYOUT = ("state_dtype", "min_8bit_size")
 
 def check_scales(scales: Tensor | None, buf: Tensor, p: Tensor) -> None:
     """int8 slots need their scales: fp32 [topC, n_blocks] (cm_fused/quantize.py)."""
-    want = (buf.shape[0], n_blocks(p.numel()))
-    if scales is None or tuple(scales.shape) != want or scales.dtype != torch.float32:
-        got = "none" if scales is None else f"{scales.dtype} {tuple(scales.shape)}"
-        raise RuntimeError(f"int8 slots need 'cm_scales', float32 of shape {want} for a "
-                           f"parameter of shape {tuple(p.shape)}; got {got}")
+    check_table(scales, p, buf.shape[0], "int8 slots", "cm_scales", RuntimeError)
+
+
+def check_table(scales: Tensor | None, p: Tensor, rows: int, what: str, key: str,
+                error: type) -> None:
+    """8-bit state's scales: fp32, shaped as distributed.table_shape says (for a DTensor
+    parameter a DTensor, whose first dimension is the number of shards: the scales of
+    another sharding would be misread)."""
+    want = distributed.table_shape(p, rows)
+    sharded = distributed.is_sharded_type(p)
+    if scales is None or tuple(scales.shape) != want or scales.dtype != torch.float32 \
+            or distributed.is_sharded_type(scales) != sharded:
+        got = "none" if scales is None else \
+            f"{type(scales).__name__} {scales.dtype} {tuple(scales.shape)}"
+        kind = "a DTensor" if sharded else "a tensor"
+        where = f" (its shards' scales, {want[0]} shards)" if sharded else ""
+        raise error(f"{what} need '{key}', {kind} of float32 of shape {want}{where} for a "
+                    f"parameter of shape {tuple(p.shape)}; got {got}" + (
+                        "; 8-bit state saved with another number of shards cannot be "
+                        "loaded" if sharded and scales is not None
+                        and tuple(scales.shape) != want else ""))
 
 
 def loadable_pairs(opt: CriticalOptimizer, state_dict: dict) -> list[tuple[Any, Tensor]]:
@@ -57,18 +73,42 @@ def loadable_pairs(opt: CriticalOptimizer, state_dict: dict) -> list[tuple[Any, 
         raise ValueError(f"checkpoint has {len(saved_groups)} param groups, this "
                          f"optimizer has {len(opt.param_groups)}")
     buffered = opt.variant.buffered
-    pairs = []
+    pairs, saved_of = [], {}
     for i, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
         _check_group(i, group, saved, opt, name, buffered)
         pairs += zip(saved["params"], group["params"])
+        saved_of.update(dict.fromkeys(saved["params"], {**opt.HYPERPARAMETERS, **saved}))
     saved_state = state_dict["state"]
     known = {*opt.spec.state_keys, *(BUFFER_STATE if buffered else ()), MOMENT_SCALES}
     roles = [opt.spec.roles(g) for g in opt.param_groups]
     moments = {k for r in roles for k in (r.momenta, r.second_moments) if k is not None}
     like_p = moments | {r.extras for r in roles if r.extras is not None} | {"cm_sum"}
     for pid, p in pairs:
-        _check_state(saved_state.get(pid, {}), p, known, moments, like_p, name)
+        st = saved_state.get(pid, {})
+        _check_state(st, p, known, moments, like_p, name)
+        _check_not_cast(st, p, saved_of[pid], moments)
     return pairs
+
+
+def _check_not_cast(st: dict, p: Tensor, saved: dict, moments: set) -> None:
+    """8-bit state cast to another dtype would be read as values: refuse moments or slots
+    that the checkpoint's own group says were 8-bit but are not. (DCP loads a checkpoint
+    into the state the optimizer holds, casting without a check: 8-bit codes loaded into
+    full-precision state show only here.)"""
+    cast = sorted(k for k in moments if isinstance(st.get(k), Tensor)
+                  and st[k].dtype != torch.uint8 and eight_bit_moments(saved, p))
+    buf = st.get("cm_buffer")
+    if isinstance(buf, Tensor) and buf.dtype != torch.int8 \
+            and saved.get("buffer_dtype") == torch.int8:
+        cast.append("cm_buffer")
+    if cast:
+        raise ValueError(
+            f"checkpoint state {cast} is {st[cast[0]].dtype}, but its param group "
+            f"(state_dtype {saved.get('state_dtype')}, buffer_dtype "
+            f"{saved.get('buffer_dtype')}) says it was saved 8-bit: it was cast and would "
+            f"be misread (torch.distributed.checkpoint loads into the optimizer's own "
+            f"state: load it into an optimizer with the state_dtype and buffer_dtype it "
+            f"was saved with)")
 
 
 def _check_group(i: int, group: dict, saved: dict, opt: CriticalOptimizer, name: str,
@@ -116,13 +156,8 @@ def _check_state(st: dict, p: Tensor, known: set, moments: set, like_p: set,
                 raise ValueError(f"checkpoint state '{k}' of shape {tuple(v.shape)} does not "
                                  f"fit a parameter of shape {tuple(p.shape)}")
     if codes:
-        scales = st.get(MOMENT_SCALES)
-        want = (2, n_blocks(p.numel()))
-        if scales is None or tuple(scales.shape) != want:
-            got = "none" if scales is None else tuple(scales.shape)
-            raise ValueError(f"checkpoint state has 8-bit moments {codes} but no "
-                             f"'{MOMENT_SCALES}' of shape {want} for a parameter of shape "
-                             f"{tuple(p.shape)} (got {got})")
+        check_table(st.get(MOMENT_SCALES), p, 2, f"checkpoint state has 8-bit moments "
+                    f"{codes}: they", MOMENT_SCALES, ValueError)
     buf = st.get("cm_buffer")
     if buf is None:
         return
@@ -182,12 +217,33 @@ def converted_states(opt: CriticalOptimizer, state_dict: dict,
     for pid, p in pairs:
         if pid in saved_state:
             group = group_of[id(p)]
-            if distributed.is_sharded_type(p) and eight_bit_moments(group, p):
-                raise ValueError("8-bit moments (state_dtype=torch.int8) are not supported "
-                                 "with sharded (DTensor) parameters yet")
+            if distributed.is_sharded_type(p):
+                _same_layout(saved_state[pid], p, group, opt.spec.roles(group))
             states[pid] = in_layout(restored(saved_state[pid], p), p, group,
                                     opt.spec.roles(group))
     return states
+
+
+def _same_layout(st: dict, p: Tensor, group: dict, roles) -> None:
+    """A DTensor parameter's state loads only in the layout it was saved in: in_layout's
+    conversions (quantizing, dequantizing, summing int8 slots) work on whole tensors."""
+    eight = eight_bit_moments(group, p)
+    for key in (roles.momenta, roles.second_moments):
+        t = st.get(key) if key is not None else None
+        if t is not None and (t.dtype == torch.uint8) != eight:
+            raise ValueError(
+                f"checkpoint state '{key}' is {t.dtype} but this optimizer keeps "
+                f"{'8-bit' if eight else 'full-precision'} moments (state_dtype "
+                f"{group.get('state_dtype')}, min_8bit_size {group.get('min_8bit_size')}): "
+                f"sharded (DTensor) state is not converted on loading; load it into an "
+                f"optimizer with the state_dtype it was saved with")
+    buf = st.get("cm_buffer")
+    if buf is not None and buf.dtype == torch.int8 and group.get("kappa", 0) > 0 \
+            and keeps_sum(group) and "cm_sum" not in st:
+        raise ValueError("checkpoint state has int8 slots without their running sum "
+                         "('cm_sum'), which this optimizer keeps: sharded (DTensor) state "
+                         "is not converted on loading; load it into an optimizer with the "
+                         "state_dtype and topC it was saved with")
 
 
 def layout(group: dict) -> dict:

@@ -13,7 +13,7 @@ from .contract import Phase, StepArgs, Tensors
 from .pending import PendingInserts
 from .planning import GroupPlan
 from .spec import OptimizerSpec, SharedDecision
-from .state_store import MOMENT_SCALES, StateStore, keeps_sum
+from .state_store import MOMENT_ROLES, MOMENT_SCALES, StateStore, keeps_sum
 
 
 class GroupRunner:
@@ -94,14 +94,38 @@ class GroupRunner:
             last[name] = new = Tensors(ts)
             return new
 
+        def derived(key: str, found: list, make) -> list:
+            # What the kernels step of sharded 8-bit state (make(found)), made once while
+            # the tensors are the same; nothing to change unless something is sharded.
+            if plan.exchange is None:
+                return found
+            cached = last.get(("derived", key))
+            if cached is not None and len(cached[0]) == len(found) \
+                    and all(map(operator.is_, cached[0], found)):
+                return cached[1]
+            out = make(found)
+            if not compiling:
+                last[("derived", key)] = (found, out)
+            return out
+
+        eight = group.get("state_dtype") == torch.int8
+
         def gather(role: str, shaped=tensors) -> list[Tensor]:
             key = getattr(roles, role)
-            return vouched(key, shaped([s[key] for s in states])) if key is not None else []
+            if key is None:
+                return []
+            found = shaped([s[key] for s in states])
+            if eight and role in MOMENT_ROLES:
+                found = derived(key, found, lambda f: distributed.no_empty_codes(f, params))
+            return vouched(key, found)
 
         buffered = self.spec.variant.buffered
 
         def buffer(key: str, shaped=tensors) -> list[Tensor]:
             return vouched(key, shaped([s[key] for s in states])) if buffered else []
+
+        def scales(key: str, rows: int, found: list) -> list:
+            return derived(key, found, lambda f: distributed.scale_views(f, rows, params))
 
         quantized = group.get("buffer_dtype") == torch.int8
         summed = buffered and keeps_sum(group)
@@ -112,8 +136,11 @@ class GroupRunner:
         return StepArgs(
             params=params, grads=grads, momenta=gather("momenta"),
             second_moments=gather("second_moments"), extras=gather("extras"),
-            buffers=buffer("cm_buffer"), scales=buffer("cm_scales") if quantized else [],
-            moment_scales=self._moment_scales(group, states, last, device),
+            buffers=buffer("cm_buffer"),
+            scales=vouched("cm_scales", scales("cm_scales", group["topC"], [
+                s["cm_scales"] for s in states])) if quantized and buffered else [],
+            moment_scales=self._moment_scales(group, states, last, device,
+                                              lambda found: scales(MOMENT_SCALES, 2, found)),
             keys=buffer("cm_keys", _as_is),
             counts=buffer("cm_count", _as_is), inserts=buffer("cm_inserts", _as_is),
             sums=buffer("cm_sum") if summed else [], pending=buffer("cm_pending", _as_is) if defer else [],
@@ -127,14 +154,16 @@ class GroupRunner:
 
     @staticmethod
     def _moment_scales(group: dict, states: list[dict], last: dict,
-                       device: torch.device) -> list[Tensor]:
+                       device: torch.device, views) -> list[Tensor]:
         """StepArgs.moment_scales: empty unless the group has 8-bit moments; then each
-        tensor's scales, or an empty tensor for one below min_8bit_size."""
+        tensor's scales (``views``: as the kernels step them), or an empty tensor for one
+        below min_8bit_size."""
         if group.get("state_dtype") != torch.int8:
             return []
         found = [s.get(MOMENT_SCALES) for s in states]
         if all(f is None for f in found):  # (no tensor of the group is that large)
             return []
+        found = views(found)
         empty = last.get("__no_scales__")
         if empty is None:
             empty = last["__no_scales__"] = torch.empty(0, device=device)

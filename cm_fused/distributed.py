@@ -14,7 +14,8 @@ State follows torch's optimizers under FSDP2: a state tensor shaped like the par
 a DTensor with the parameter's mesh and placements; the critical buffer (one slot per
 leading index) is a DTensor sharded the same way one dimension further in; scalars (step,
 keys, counts, adaptive-memory scalars) are plain tensors, the same on every process.
-``torch.distributed.checkpoint`` saves and reshards all of it.
+``torch.distributed.checkpoint`` saves and reshards all of it, but for 8-bit state's
+scales (:func:`scale_table`), which belong to one sharding.
 
 Nothing here runs unless a parameter is a DTensor (only the DTensor class is imported, to
 recognise one; the collectives' module is imported when one is needed).
@@ -26,6 +27,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from .quantize import n_blocks
 
 try:  # torch built without distributed support has no DTensor: nothing is sharded then
     from torch.distributed.tensor import DTensor
@@ -198,3 +201,90 @@ def slots_like(p: Tensor, C: int, dtype: torch.dtype) -> Tensor:
     return DTensor.from_local(torch.zeros((C, *shard.shape), dtype=dtype, device=shard.device),
                               p.device_mesh, placements, run_check=False, shape=shape,
                               stride=stride)
+
+
+# ---------------------------------------------------------------- 8-bit state's scales
+
+EIGHT_BIT_LAYOUTS = "(Shard(0),) (FSDP2) or (Replicate(), Shard(0)) (HSDP)"
+
+
+def check_8bit_placements(what: str, p: Tensor) -> None:
+    """8-bit state quantizes the local shard in blocks of 256 elements, which is only the
+    whole tensor's flat order for a shard of dim 0 over one mesh dimension: refuse any
+    other placement (``what`` names the parameter and the state)."""
+    shards = [pl for pl in p.placements if not pl.is_replicate()]
+    if len(shards) != 1 or not _is_shard0(shards[0]):
+        raise NotImplementedError(
+            f"{what}: the parameter is placed as {tuple(p.placements)}; 8-bit state "
+            f"(state_dtype=torch.int8, buffer_dtype=torch.int8) steps DTensor parameters "
+            f"placed as {EIGHT_BIT_LAYOUTS} only")
+
+
+def _is_shard0(pl) -> bool:
+    from torch.distributed.tensor import Shard
+
+    return type(pl) is Shard and pl.dim == 0  # (not _StridedShard: FSDP2 over TP)
+
+
+def table_shape(p: Tensor, rows: int) -> tuple[int, int]:
+    """The shape of the scales of ``rows`` 8-bit tensors shaped like ``p``: ``[rows,
+    n_blocks]`` for a plain tensor; for a DTensor ``[shards, rows * most]``, a piece per
+    shard of the sharded mesh dimension, ``most`` the most blocks a shard can hold under
+    torch.chunk's rule (FSDP2's: ``ceil(d0 / shards)`` rows each, the last ones fewer or
+    none). The world size in the shape makes DCP refuse to load it into another."""
+    if not is_sharded_type(p):
+        return rows, n_blocks(p.numel())
+    d = next(d for d, pl in enumerate(p.placements) if pl.is_shard())
+    shards, d0 = p.device_mesh.size(d), p.shape[0]
+    most = n_blocks(-(-d0 // shards) * (p.numel() // d0)) if d0 else 0
+    return shards, rows * most
+
+
+def scale_table(p: Tensor, rows: int) -> Tensor:
+    """Zeros: the fp32 scales of ``rows`` 8-bit tensors shaped like ``p`` (8-bit moments'
+    ``moment_scales``, rows 2; int8 slots' ``cm_scales``, rows topC). For a DTensor (see
+    :func:`table_shape`) each shard's scales differ, so they are a DTensor too, sharded on
+    dim 0 over the parameter's sharded mesh dimension (replicated over the others): a
+    plain tensor would be saved by DCP as one replicated value. Each process's piece is
+    one row of ``rows * most`` values, of which the kernels step the first ``rows *
+    n_blocks(local numel)`` as ``[rows, n_blocks]`` (:func:`scale_views`: contiguous, no
+    copy), the rest staying 0."""
+    shape = table_shape(p, rows)
+    if not is_sharded_type(p):
+        return torch.zeros(shape, dtype=torch.float32, device=p.device)
+    from torch.distributed.tensor import Replicate, Shard
+
+    shard = p.to_local()
+    if rows * n_blocks(shard.numel()) > shape[1]:  # (a chunk rule other than torch's)
+        raise NotImplementedError(
+            f"a local shard of {shard.numel()} elements of a parameter of shape "
+            f"{tuple(p.shape)} holds more blocks than the most expected "
+            f"({shape[1] // rows}) under torch.chunk's rule")
+    placements = [pl if pl.is_replicate() else Shard(0) for pl in p.placements]
+    return DTensor.from_local(
+        torch.zeros((1, shape[1]), dtype=torch.float32, device=shard.device),
+        p.device_mesh, placements, run_check=False, shape=torch.Size(shape),
+        stride=(shape[1], 1))
+
+
+def scale_views(tables: list, rows: int, shards: list[Tensor]) -> list:
+    """What the kernels step of each table (``shards``: the local shards stepped): a
+    DTensor table's ``[rows, n_blocks(shard)]`` view of its local piece; plain tables
+    (and None) as they are."""
+    out = []
+    for t, s in zip(tables, shards):
+        if isinstance(t, DTensor):
+            nb = n_blocks(s.numel())
+            t = t._local_tensor.view(-1)[:rows * nb].view(rows, nb)
+        out.append(t)
+    return out
+
+
+def no_empty_codes(moments: list[Tensor], shards: list[Tensor]) -> list[Tensor]:
+    """A rank whose shard is empty (FSDP2's last ranks, for a tensor of few rows) holds
+    empty 8-bit codes, whose empty scales view the kernels read as full-precision moments
+    (their one sign of 8-bit ones is a nonempty table): give them an empty moment in the
+    param's dtype, equally nothing to step. Otherwise the same tensors."""
+    return [torch.empty(s.shape, dtype=s.dtype, device=s.device)
+            if m.dtype == torch.uint8 and m.numel() == 0 else m
+            for m, s in zip(moments, shards)]

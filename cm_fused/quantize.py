@@ -4,7 +4,8 @@ code) and moments (``state_dtype=torch.int8``, an e4m3 code; at the end of this 
 A slot shaped like its parameter is stored as int8 values ``q`` (``cm_buffer``, the same
 shape) and one fp32 scale per block of :data:`QBLOCK` consecutive elements of the
 flattened slot (``cm_scales``, ``[topC, n_blocks(numel)]``; the last block of a tensor
-may be short). docs/SPEC.md ("8-bit slots") defines it; every backend computes exactly this, in
+may be short; a sharded parameter's blocks are its local shard's, its scales a per-shard
+table: cm_fused/distributed.py). docs/SPEC.md ("8-bit slots") defines it; every backend computes exactly this, in
 this order, so the bytes agree:
 
 - ``a = max |x|`` over the block; a block holding a NaN or an infinity is *non-finite*;

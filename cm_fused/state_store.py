@@ -10,7 +10,6 @@ from torch import Tensor
 
 from . import checkpoint, distributed
 from .contract import Variant, sum_dtype
-from .quantize import n_blocks
 from .spec import OptimizerSpec, Roles
 
 if TYPE_CHECKING:
@@ -71,6 +70,9 @@ class StateStore:
         """Sets each plan's ``states``, with every entry its step needs allocated (zeros)
         for every group before any group steps: an out-of-memory stops before anything
         changes, and takes back what it allocated."""
+        for plan in plans:  # (before any state is made: a refusal leaves none behind)
+            if not plan.settled and plan.exchange is not None:
+                self._check_8bit_shards(plan.group, plan.params)
         added: Added = []
         try:
             for plan in plans:
@@ -82,6 +84,15 @@ class StateStore:
         except BaseException:
             self._take_back(added)
             raise
+
+    def _check_8bit_shards(self, group: dict, params: list[Tensor]) -> None:
+        """8-bit state (moments, or int8 slots) of a DTensor: only for the placements
+        distributed.scale_table lays out."""
+        slots8 = group.get("buffer_dtype") == torch.int8 and self.spec.variant.buffered \
+            and group["kappa"] > 0
+        for p in params:
+            if distributed.is_sharded_type(p) and (slots8 or eight_bit_moments(group, p)):
+                distributed.check_8bit_placements(f"{self.name}: {_which(group, p)}", p)
 
     def _take_back(self, added: Added) -> None:
         for st, keys in added:
@@ -95,11 +106,6 @@ class StateStore:
         fresh = not st
         new: dict[str, Tensor] = {}
         eight = eight_bit_moments(group, p)
-        if eight and distributed.is_sharded_type(p):
-            raise NotImplementedError(
-                f"{self.name}: state_dtype=torch.int8 with sharded (DTensor) parameters is "
-                f"not supported yet (a shard's quantization blocks would not be the whole "
-                f"tensor's); use state_dtype=None")
         for role, key in zip(Roles._fields, roles):
             if key is not None and key not in st:
                 if role in MOMENT_ROLES and eight:  # codes (cm_fused/quantize.py)
@@ -116,8 +122,7 @@ class StateStore:
                 new[key] = torch.zeros((), dtype=torch.float32,
                                        device="cpu" if meta0 else p.device)
         if eight and (roles.momenta or roles.second_moments) and MOMENT_SCALES not in st:
-            new[MOMENT_SCALES] = torch.zeros(2, n_blocks(p.numel()), dtype=torch.float32,
-                                             device=p.device)
+            new[MOMENT_SCALES] = distributed.scale_table(p, 2)
         if fresh:
             if self.spec.variant.buffered and group["kappa"] > 0:
                 new.update(self.new_buffer(p, group))
@@ -142,14 +147,8 @@ class StateStore:
         slot = group["buffer_dtype"] or p.dtype
         C = group["topC"]
         extra = {}
-        if slot == torch.int8:
-            if distributed.is_sharded_type(p):
-                raise NotImplementedError(
-                    f"{self.name}: buffer_dtype=torch.int8 with sharded (DTensor) "
-                    f"parameters is not supported yet (a shard's quantization blocks would not "
-                    f"be the whole tensor's); use a floating-point buffer_dtype")
-            extra["cm_scales"] = torch.zeros(C, n_blocks(p.numel()), dtype=torch.float32,
-                                             device=p.device)
+        if slot == torch.int8:  # (a DTensor's: a table per shard, see allocate)
+            extra["cm_scales"] = distributed.scale_table(p, C)
         if self.spec.variant == Variant.ADAM_CM:  # (see StepArgs.pending)
             extra["cm_pending"] = no_pending(p)
         # (shaped like p: DTensors for DTensor params, cm_fused/distributed.py)
@@ -201,6 +200,12 @@ def keeps_sum(group: dict) -> bool:
     8-bit moments and slots and topC <= 8, whose update sums the slots instead."""
     return not (group.get("state_dtype") == torch.int8
                 and group.get("buffer_dtype") == torch.int8 and group["topC"] <= 8)
+
+
+def _which(group: dict, p: Tensor) -> str:
+    """Names a parameter in an error: its index in its group, its shape."""
+    i = next(i for i, q in enumerate(group["params"]) if q is p)
+    return f"parameter {i} of its param group (shape {tuple(p.shape)})"
 
 
 def no_pending(p: Tensor) -> Tensor:

@@ -210,7 +210,8 @@ def ddp_vs_single(rank: int, world: int, tmp: Path, specs: dict) -> None:
 
 def dcp_run(rank: int, world: int, tmp: Path, spec: dict, phase: str) -> None:
     """phase "first": train 0..10, save with torch.distributed.checkpoint, go on to 20.
-    phase "resume" (fresh processes): load the step-10 checkpoint, train 10..20."""
+    phase "resume" (fresh processes): load the step-10 checkpoint, train 10..20.
+    phase "resize": load it (into another world size), saving what the load raised."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.device_mesh import init_device_mesh
@@ -228,6 +229,17 @@ def dcp_run(rank: int, world: int, tmp: Path, spec: dict, phase: str) -> None:
     else:
         msd, osd = get_state_dict(model, opt)  # (steps once with lr 0 to make the state)
         loaded = {"model": msd, "optim": osd}
+        if phase == "resize":
+            from torch.distributed.checkpoint.api import CheckpointException
+
+            try:
+                dcp.load(loaded, checkpoint_id=where)
+                raised = ("no error", "")
+            # (recorded for the test to judge; DCP's own is not an Exception)
+            except (Exception, CheckpointException) as e:  # noqa: BLE001
+                raised = (type(e).__name__, str(e))
+            torch.save(raised, tmp / f"dcp-resize-rank{rank}.pt")
+            return
         dcp.load(loaded, checkpoint_id=where)
         set_state_dict(model, opt, model_state_dict=loaded["model"],
                        optim_state_dict=loaded["optim"])
@@ -300,6 +312,28 @@ def refusals(rank: int, world: int, tmp: Path) -> None:
     other.grad = torch.randn(5)
     opt = cm_fused.SGDAM([p, other], backend="cpu")
     attempt("sgdam_mixed", opt.step, [p, other], opt)
+
+    # 8-bit state quantizes a shard of dim 0 only (a plain tensor first: nothing may step)
+    col = P(distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)]))
+    col.grad = distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)])
+    for name, kw in (("eight_bit_dim1", dict(state_dtype=torch.int8)),
+                     ("int8_slots_dim1", dict(buffer_dtype=torch.int8))):
+        opt = cm_fused.AdamCM([other, col], backend="cpu", min_8bit_size=0, **kw)
+        attempt(name, opt.step, [other, col], opt)
+    # sharded state loads in the layout it was saved in (8-bit codes would be misread)
+    eight = cm_fused.AdamCM([p], backend="cpu", state_dtype=torch.int8, min_8bit_size=0)
+    eight.step()
+    opt = cm_fused.AdamCM([p], backend="cpu")
+    opt.step()
+    attempt("eight_bit_into_full", lambda: opt.load_state_dict(eight.state_dict()), [p], opt)
+    # what DCP hands a full-precision optimizer for an 8-bit checkpoint without a running
+    # sum to miss (it loads into the optimizer's state as it is, casting the codes): only
+    # the checkpoint's group still says they are codes
+    saved = eight.state_dict()
+    saved["state"] = {i: {k: v.float() if v.dtype == torch.uint8 else v
+                          for k, v in st.items() if k != "moment_scales"}
+                      for i, st in saved["state"].items()}
+    attempt("eight_bit_cast", lambda: opt.load_state_dict(saved), [p], opt)
     got["unchanged"] = unchanged
     torch.save(got, tmp / f"refusals-rank{rank}.pt")
 
@@ -336,6 +370,52 @@ def mixed_group(rank: int, world: int, tmp: Path, specs: dict) -> None:
         out[name] = {"whole": snapshot_params(whole, opts[0]),
                      "placed": snapshot_params(placed, opts[1])}
     torch.save(out, tmp / f"mixed-rank{rank}.pt")
+
+
+# 8-bit state: shapes whose shards (dim 0 over 2 ranks) start at a multiple of 256
+# elements (rows 0 and 32 of [64, 8], elements 0 and 256 of [512]: one process's
+# blocks), and shapes whose do not (rank 1's shard of the [7, 100] weight starts at
+# element 400, of the [5, 100] one at 300 and holds fewer blocks than rank 0's; the
+# [1, 300] one is empty there).
+ALIGNED = [(64, 8), (512,)]
+UNALIGNED = [(7, 100), (5, 100), (1, 300)]
+
+
+def eight_bit(rank: int, world: int, tmp: Path, specs: dict) -> None:
+    """Each spec on each set of shapes: the tensors sharded on dim 0 and whole in this
+    process, stepped with the same gradients (bit for bit: no reduce-scatter in between),
+    the same coins (each run from the same seed)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    out = {}
+    for name, spec in specs.items():
+        spec = dict(spec)
+        cls = getattr(__import__("cm_fused"), spec.pop("optimizer"))
+        if spec.pop("hsdp", False):  # (as fsdp_vs_single's: replicated over 1 process)
+            mesh, placements = init_device_mesh("cpu", (1, world)), [Replicate(), Shard(0)]
+        else:
+            mesh, placements = init_device_mesh("cpu", (world,)), [Shard(0)]
+        for shapes, sizes in (("aligned", ALIGNED), ("unaligned", UNALIGNED)):
+            torch.manual_seed(0)
+            whole = [torch.nn.Parameter(torch.randn(s)) for s in sizes]
+            placed = [torch.nn.Parameter(distribute_tensor(w.detach(), mesh, placements))
+                      for w in whole]
+            got = {}
+            for kind, params in (("whole", whole), ("placed", placed)):
+                opt = cls(params, **spec)
+                torch.manual_seed(100)  # (critical_test's coins)
+                for t in range(STEPS):
+                    g = torch.Generator().manual_seed(t)
+                    for p, s in zip(params, sizes):
+                        grad = torch.randn(s, generator=g) * (1 + t % 3)
+                        p.grad = distribute_tensor(grad, mesh, placements) \
+                            if kind == "placed" else grad
+                    opt.step()
+                got[kind] = snapshot_params(params, opt)
+            got["local_numels"] = [p.to_local().numel() for p in placed]
+            out[f"{name}-{shapes}"] = got
+    torch.save(out, tmp / f"eight-bit-rank{rank}.pt")
 
 
 def snapshot_params(params, opt) -> dict:

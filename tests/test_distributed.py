@@ -4,7 +4,8 @@ and torch.distributed.checkpoint, with real processes (2 ranks, gloo on CPU, loo
 Each launch runs many configurations in one pair of processes (starting them costs
 seconds); the processes save what they got (distributed_worker.py) and the tests here
 compare: sharded vs one process on the same data (every optimizer on every backend), DDP
-vs one process, and a checkpoint resumed in fresh processes vs the run that went on.
+vs one process, a checkpoint resumed in fresh processes vs the run that went on, and
+8-bit state of shards aligned and not aligned to its 256-element blocks vs one process.
 """
 from __future__ import annotations
 
@@ -142,11 +143,36 @@ def test_ddp_matches_one_process(tmp_path):
                         assert torch.equal(r["ddp"]["state"][i][key], st[key]), (name, i)
 
 
+# AdamCM with 8-bit state (moments and slots) of every tensor of the worker's model
+# (whose shards do not start at a multiple of 256 elements; one is empty on rank 1)
+DCP_8BIT = _spec("adamcm", backend="cpu", state_dtype=torch.int8, buffer_dtype=torch.int8,
+                 min_8bit_size=0)
+
+
 @pytest.mark.parametrize("name", ["adamcm", "adamam", "sgdam"])
 def test_dcp_resume_in_fresh_processes_is_bit_identical(tmp_path, name):
     require("cpu")
     spec = _spec(name, backend="cpu")
     W.launch(W.dcp_run, WORLD, tmp_path, (spec, "first"))
+    _check_resume(tmp_path, spec)
+
+
+@pytest.fixture(scope="module")
+def dcp_8bit(tmp_path_factory):
+    """A run with 8-bit state, its DCP checkpoint at step 10 and its state at step 20."""
+    require("cpu")
+    tmp = tmp_path_factory.mktemp("dcp_8bit")
+    W.launch(W.dcp_run, WORLD, tmp, (DCP_8BIT, "first"))
+    return tmp
+
+
+def test_dcp_resume_of_8bit_state_in_fresh_processes_is_bit_identical(dcp_8bit):
+    _check_resume(dcp_8bit, DCP_8BIT)
+    st = _load(dcp_8bit / "dcp-resume-rank0.pt")["state"][0]
+    assert st["exp_avg"].dtype == torch.uint8 and st["cm_buffer"].dtype == torch.int8
+
+
+def _check_resume(tmp_path, spec):
     W.launch(W.dcp_run, WORLD, tmp_path, (spec, "resume"))
     for r in range(WORLD):
         first = _load(tmp_path / f"dcp-first-rank{r}.pt")
@@ -159,9 +185,19 @@ def test_dcp_resume_in_fresh_processes_is_bit_identical(tmp_path, name):
                     assert torch.equal(resumed["state"][i][key], value), (i, key)
 
 
+def test_dcp_8bit_state_refuses_another_world_size(dcp_8bit):
+    """8-bit state's scales are per shard: a checkpoint of 2 shards loads into no other
+    sharding (DCP refuses the scale table, whose first dimension is the shards)."""
+    W.launch(W.dcp_run, 1, dcp_8bit, (DCP_8BIT, "resize"))
+    kind, message = _load(dcp_8bit / "dcp-resize-rank0.pt")
+    assert kind != "no error" and "Size mismatch" in message, (kind, message)
+    assert "scales" in message, message
+
+
 def test_refusals_change_nothing(tmp_path):
-    """Placements the step cannot take (stochastic rounding of a dim-1 shard among them),
-    and a plain-tensor checkpoint for DTensor parameters, raise a clear error before
+    """Placements the step cannot take (stochastic rounding or 8-bit state of a dim-1
+    shard among them), a plain-tensor checkpoint for DTensor parameters and sharded 8-bit
+    state loaded as full-precision (converted or cast) raise a clear error before
     anything changes."""
     require("cpu")
     W.launch(W.refusals, WORLD, tmp_path)
@@ -176,6 +212,15 @@ def test_refusals_change_nothing(tmp_path):
         assert got["plain_checkpoint"][0] == "ValueError"
         assert "torch.distributed.checkpoint" in got["plain_checkpoint"][1]
         assert got["sgdam_mixed"][0] == "NotImplementedError"
+        for name in ("eight_bit_dim1", "int8_slots_dim1"):
+            kind, message = got[name]
+            assert kind == "NotImplementedError", (name, kind, message)
+            assert "parameter 1 of its param group (shape (4, 6))" in message
+            assert "(Shard(dim=1),)" in message and "HSDP" in message
+        assert got["eight_bit_into_full"][0] == "ValueError"
+        assert "not converted" in got["eight_bit_into_full"][1]
+        assert got["eight_bit_cast"][0] == "ValueError"
+        assert "was cast" in got["eight_bit_cast"][1]
         changed = [name for name, same in got["unchanged"].items() if not same]
         assert not changed, f"refused, yet parameters or state changed: {changed}"
 
@@ -201,3 +246,106 @@ def test_mixed_group_exchanges_only_the_sharded_rows(tmp_path):
                 if "cm_keys" in st:  # (a wrong exchange made them 17-26% too large)
                     assert _close(placed["state"][i]["cm_keys"], st["cm_keys"], 1e-5), (name, i)
                     assert st["cm_inserts"].item() >= 2, (name, i)  # (not vacuous)
+
+
+# ------------------------------------------------------------------ 8-bit state
+
+EIGHT = dict(state_dtype=torch.int8, buffer_dtype=torch.int8, min_8bit_size=100)
+EIGHT_BIT_SPECS = {
+    "adamcm-reference": _spec("adamcm", backend="reference", **EIGHT),
+    "adamcm-cpu": _spec("adamcm", backend="cpu", **EIGHT),
+    "adamcm-hsdp-cpu": _spec("adamcm", backend="cpu", hsdp=True, **EIGHT),
+    # full-precision moments, int8 slots with their running sum
+    "adamcm-slots-cpu": _spec("adamcm", backend="cpu", buffer_dtype=torch.int8),
+    "adamcg-cpu": _spec("adamcg", backend="cpu", **EIGHT),
+    "sgdcg-cpu": _spec("sgdcg", backend="cpu", **EIGHT),
+    "rmspropcg-cpu": _spec("rmspropcg", backend="cpu", centered=False, **EIGHT),
+    "adamam-reference": _spec("adamam", backend="reference", state_dtype=torch.int8,
+                              min_8bit_size=100),
+}
+TABLES = ("moment_scales", "cm_scales")
+# The unaligned shards' trajectories differ by quantization noise: measured at most 0.26
+# of the largest distance a parameter moved (AdamCM, whose buffer amplifies it).
+UNALIGNED_RTOL = 0.35
+
+
+@pytest.fixture(scope="module")
+def eight_bit(tmp_path_factory):
+    for backend in ("reference", "cpu"):
+        require(backend)
+    tmp = tmp_path_factory.mktemp("eight_bit")
+    W.launch(W.eight_bit, WORLD, tmp, (EIGHT_BIT_SPECS,))
+    return [_load(tmp / f"eight-bit-rank{r}.pt") for r in range(WORLD)]
+
+
+def _as_one_process(table: torch.Tensor, rows: int, numels: list[int]) -> torch.Tensor:
+    """A sharded scale table (rank r's piece: row r) as one process's [rows, n_blocks]:
+    each piece's first rows × n_blocks(its shard) values side by side; and whether the
+    rest of every piece is still 0."""
+    from cm_fused.quantize import n_blocks
+
+    pieces, rest = [], []
+    for r, n in enumerate(numels):
+        used = rows * n_blocks(n)
+        pieces.append(table[r, :used].view(rows, n_blocks(n)))
+        rest.append(table[r, used:])
+    return torch.cat(pieces, dim=1), bool((torch.cat(rest) == 0).all())
+
+
+def _tables(ranks, name, i, st):
+    """Tensor i's scale tables, each as one process's, checking their placement."""
+    numels = [r[name]["local_numels"][i] for r in ranks]
+    out = {}
+    for key in TABLES:
+        if key in st:
+            want = "(Replicate(), Shard(dim=0))" if "hsdp" in name else "(Shard(dim=0),)"
+            assert st["__placements__"][key] == want, (name, i, key)
+            rows = st["cm_buffer"].shape[0] if key == "cm_scales" else 2
+            out[key], padding_zero = _as_one_process(st[key], rows, numels)
+            assert padding_zero, (name, i, key)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(EIGHT_BIT_SPECS))
+def test_8bit_state_of_aligned_shards_is_one_process_bit_for_bit(eight_bit, name):
+    """Shards starting at multiples of 256 elements hold one process's blocks: with the
+    same gradients the parameters, the codes, the scales and the rest of the state are
+    one process's, bit for bit."""
+    ranks = eight_bit
+    got = ranks[0][f"{name}-aligned"]
+    whole, placed = got["whole"], got["placed"]
+    for i, (a, b) in enumerate(zip(placed["params"], whole["params"])):
+        assert torch.equal(a, b), (i, (a - b).abs().max())
+    eight = 0
+    for i, st in whole["state"].items():
+        mine = placed["state"][i]
+        tables = _tables(ranks, f"{name}-aligned", i, mine)
+        assert set(mine) == set(st)
+        for key, value in st.items():
+            if not key.startswith("__"):
+                assert torch.equal(tables.get(key, mine[key]), value), (i, key)
+        eight += sum(v.dtype in (torch.uint8, torch.int8) for v in st.values()
+                     if isinstance(v, torch.Tensor))
+    assert eight, "no 8-bit state: vacuous"
+
+
+@pytest.mark.parametrize("name", sorted(EIGHT_BIT_SPECS))
+def test_8bit_state_of_unaligned_shards_is_close_to_one_process(eight_bit, name):
+    """Shards starting elsewhere quantize other blocks: the same steps, finite, the
+    parameters within UNALIGNED_RTOL of the distance they moved from one process's."""
+    ranks = eight_bit
+    got = ranks[0][f"{name}-unaligned"]
+    whole, placed = got["whole"], got["placed"]
+    torch.manual_seed(0)  # (the worker's initial values)
+    start = [torch.randn(s) for s in W.UNALIGNED]
+    for i, (a, b, p0) in enumerate(zip(placed["params"], whole["params"], start)):
+        assert torch.isfinite(a).all(), i
+        moved = (b - p0).abs().max()
+        assert (a - b).abs().max() <= UNALIGNED_RTOL * moved, (i, (a - b).abs().max(), moved)
+    for i, st in whole["state"].items():
+        mine = placed["state"][i]
+        _tables(ranks, f"{name}-unaligned", i, mine)
+        assert torch.equal(mine["step"], st["step"])
+        for key, value in mine.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                assert torch.isfinite(value).all(), (i, key)
