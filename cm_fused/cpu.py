@@ -26,15 +26,14 @@ import time
 from pathlib import Path
 
 import torch
-from .contract import Capabilities, StepArgs, Variant, define_op
+from .contract import Capabilities, StepArgs, define_op
 from .registry import FUSED_DTYPES
 
 log = logging.getLogger("cm_fused")
 OP = "cm_fused::step_"
-# AdamCM with fp32 params defers its inserts (csrc/buffered.cpp); 8-bit moments: the
-# critical-buffer variants (adaptive memory's are the reference's so far).
-CAPABILITIES = Capabilities(defers_inserts=True,
-                            eight_bit_moments=frozenset(v for v in Variant if v.buffered))
+# AdamCM with fp32 params defers its inserts (csrc/buffered.cpp); every variant steps
+# 8-bit moments.
+CAPABILITIES = Capabilities(defers_inserts=True, eight_bit_moments=True)
 _TAG = b"CM_FUSED_BUILT_WITH_TORCH="
 _PACKAGE_DIR = Path(__file__).resolve().parent
 

@@ -33,6 +33,7 @@ void adaptive_step(const StepInputs& in) {
     a.g = grads[i].data_ptr();
     a.mom = momenta[i].data_ptr();
     a.sq = adam ? second_moments[i].data_ptr() : nullptr;
+    set_moment_scales(in, i, &a);
     a.first = *step[i] == 0.f;
     a.has_wd = in.weight_decay != 0.0;
     a.scaled = in.divide;
@@ -69,7 +70,8 @@ void adaptive_step(const StepInputs& in) {
       const Chunk& ch = chunks[c];
       const UpdateArgs& a = args[ch.tensor];
       if (!adam && a.first) return;  // SGD_AM: a fresh tensor adds nothing
-      table.am_reduce[vi][pdt[ch.tensor]](a, ch.begin, ch.end, partial[c].data());
+      table.am_reduce[vi][pdt[ch.tensor]][eight_bit(in, ch.tensor)](a, ch.begin, ch.end,
+                                                                   partial[c].data());
     });
     for (auto& t : sums) t.fill(0.0);
     for (size_t c = 0; c < chunks.size(); ++c) {
@@ -137,7 +139,8 @@ void adaptive_step(const StepInputs& in) {
   // ------------------------------------------------------------ update pass
   for_each_chunk(chunks, total, [&](int64_t c) {
     const Chunk& ch = chunks[c];
-    table.am_update[vi][pdt[ch.tensor]](args[ch.tensor], ch.begin, ch.end);
+    table.am_update[vi][pdt[ch.tensor]][eight_bit(in, ch.tensor)](args[ch.tensor], ch.begin,
+                                                                  ch.end);
   });
 }
 

@@ -43,11 +43,6 @@ Decision decide_tensor(const StepInputs& in, size_t i, float key) {
                 lucky, static_cast<float>(in.key_decay));
 }
 
-// Tensor i's moments are 8-bit codes (an empty moment_scales[i]: full precision).
-bool eight_bit(const StepInputs& in, size_t i) {
-  return !in.moment_scales.empty() && in.moment_scales[i].numel() > 0;
-}
-
 void* data_or_null(at::TensorList list, size_t i) {
   return list.empty() ? nullptr : list[i].data_ptr();
 }
@@ -90,11 +85,7 @@ UpdateArgs update_args(const StepInputs& in, size_t i, const Decision& d, float 
   } else {
     a.sum = in.sums[i].data_ptr<float>();
   }
-  if (eight_bit(in, i)) {  // rows 0 and 1 of moment_scales[i]
-    float* rows = in.moment_scales[i].data_ptr<float>();
-    a.mom_scales = a.mom ? rows : nullptr;
-    a.sq_scales = a.sq ? rows + nb : nullptr;
-  }
+  set_moment_scales(in, i, &a);
   a.first = d.first;
   a.has_wd = in.weight_decay != 0.0;
   a.scaled = in.divide;

@@ -105,6 +105,20 @@ inline void set_rounding(const StepInputs& in, size_t i, float step_after, Updat
   a->round_offset = static_cast<uint32_t>(in.rounding[2 * i + 1]);
 }
 
+// Tensor i's moments are 8-bit codes (an empty moment_scales[i]: full precision); then
+// a's scale rows are rows 0 and 1 of moment_scales[i] (nullptr where a role is unused).
+inline bool eight_bit(const StepInputs& in, size_t i) {
+  return !in.moment_scales.empty() && in.moment_scales[i].numel() > 0;
+}
+
+inline void set_moment_scales(const StepInputs& in, size_t i, UpdateArgs* a) {
+  if (!eight_bit(in, i)) return;
+  const int64_t nb = (in.params[i].numel() + kQBlock - 1) / kQBlock;
+  float* rows = in.moment_scales[i].data_ptr<float>();
+  a->mom_scales = a->mom ? rows : nullptr;
+  a->sq_scales = a->sq ? rows + nb : nullptr;
+}
+
 void buffered_step(const StepInputs& in);  // buffered.cpp
 void adaptive_step(const StepInputs& in);  // adaptive.cpp
 

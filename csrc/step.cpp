@@ -211,14 +211,20 @@ void check_tensors(StepInputs* out, const Layout& layout) {
     check_tensor(p, "params", i, n, std::nullopt);
     check_tensor(grads[i], "grads", i, n, p.scalar_type());
     // 8-bit moments: uint8 codes, their scales fp32 [2, blocks] (docs/SPEC.md)
-    const bool eight = !in.moment_scales.empty() && in.moment_scales[i].numel() > 0;
-    const at::ScalarType moment_dtype = eight ? at::kByte : p.scalar_type();
+    const bool eight = eight_bit(in, i);
+    // (a tensor of no elements has no blocks, hence an empty table, whichever its moments
+    // are: its codes pass too; no kernel reads them)
+    auto moment_dtype = [&](const at::Tensor& m) {
+      return eight || (n == 0 && m.scalar_type() == at::kByte) ? at::kByte : p.scalar_type();
+    };
     if (eight) {
       check_tensor(in.moment_scales[i], "moment_scales", i, 2 * ((n + kQBlock - 1) / kQBlock),
                    at::kFloat);
     }
-    if (has_mom) check_tensor(momenta[i], "momenta", i, n, moment_dtype);
-    if (has_sq) check_tensor(second_moments[i], "second_moments", i, n, moment_dtype);
+    if (has_mom) check_tensor(momenta[i], "momenta", i, n, moment_dtype(momenta[i]));
+    if (has_sq) {
+      check_tensor(second_moments[i], "second_moments", i, n, moment_dtype(second_moments[i]));
+    }
     if (has_extra) check_tensor(extras[i], "extras", i, n, p.scalar_type());
     check_tensor(steps[i], "steps", i, 1, at::kFloat);
     if (am) continue;
@@ -277,11 +283,6 @@ void step_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
               const std::optional<at::Tensor>& rand,
               const std::optional<at::Tensor>& rounding,
               const std::optional<at::Tensor>& reduced) {
-  // (adaptive memory's 8-bit moments are stepped by the reference backend only so far:
-  // Capabilities keeps the optimizer from calling this op with them)
-  TORCH_CHECK(moment_scales.empty() || variant < kNumBuffered, "cm_fused::step_: the C++ "
-              "kernel does not step adaptive memory's 8-bit moments (state_dtype=torch.int8) "
-              "yet: moment_scales must be empty");
   StepInputs in{params, grads, momenta, second_moments, extras, buffers, scales, keys,
                 counts, inserts, sums, pending, steps, memory, moment_scales};
   in.variant = variant;

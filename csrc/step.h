@@ -130,8 +130,9 @@ struct KernelTable {
   NormFn norm[kNumDTypes];                                // by gradient dtype
   // [variant][param][slot][8-bit moments]
   CMUpdateFn update[kNumBuffered][kNumDTypes][kNumSlotDTypes][2];
-  AMReduceFn am_reduce[kNumAM][kNumDTypes];               // [variant - kAdamAM][param]
-  UpdateFn am_update[kNumAM][kNumDTypes];
+  // [variant - kAdamAM][param][8-bit moments]
+  AMReduceFn am_reduce[kNumAM][kNumDTypes][2];
+  UpdateFn am_update[kNumAM][kNumDTypes][2];
 };
 
 namespace DEFAULT {

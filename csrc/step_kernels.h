@@ -500,20 +500,43 @@ inline float block_scale(const Vec& amax, const Vec& poison, float qmax) {
   return finite ? a / qmax : std::numeric_limits<float>::quiet_NaN();
 }
 
+// The scale of a block of `padded` values x (zero-padded to whole vectors: zeros change
+// neither the largest magnitude nor the poison), from mag(v, i), the magnitudes of the
+// vector at x + i. Four independent chains: with one, the loop waited on each add's
+// latency (max and the NaN test do not depend on the order).
+template <typename Mag>
+inline float block_scale_of(const float* x, int64_t padded, float qmax, Mag&& mag) {
+  constexpr int kChains = 4;
+  Vec amax[kChains], poison[kChains];  // poison: x * 0 is NaN for a NaN or an infinity
+  for (int k = 0; k < kChains; ++k) amax[k] = poison[k] = Vec(0.f);
+  int64_t i = 0;
+  for (; i + kChains * kV <= padded; i += kChains * kV) {
+    for (int k = 0; k < kChains; ++k) {
+      const Vec v = Vec::loadu(x + i + k * kV);
+      amax[k] = at::vec::maximum(amax[k], mag(v, i + k * kV));
+      poison[k] = poison[k] + v * Vec(0.f);
+    }
+  }
+  for (; i < padded; i += kV) {
+    const Vec v = Vec::loadu(x + i);
+    amax[0] = at::vec::maximum(amax[0], mag(v, i));
+    poison[0] = poison[0] + v * Vec(0.f);
+  }
+  return block_scale(at::vec::maximum(at::vec::maximum(amax[0], amax[1]),
+                                      at::vec::maximum(amax[2], amax[3])),
+                     (poison[0] + poison[1]) + (poison[2] + poison[3]), qmax);
+}
+
 // int8 slots (cm_fused/quantize.py, the same operations in the same order): quantize the
 // n <= kQBlock staged values x of one block into q and *scale, and update S by the
 // values the slot held and holds: S <- (S - q_old * scale_old) + q * scale (sum nullptr:
 // no running sum is kept).
-inline void quantize_insert(float* x, int64_t n, int8_t* q, float* scale, float* sum) {
+inline void quantize_insert(float* __restrict x, int64_t n, int8_t* __restrict q, float* scale,
+                            float* __restrict sum) {
   const int64_t padded = (n + kV - 1) / kV * kV;  // zeros change neither absmax nor NaN
   std::memset(static_cast<void*>(x + n), 0, (padded - n) * sizeof(float));
-  Vec amax(0.f), poison(0.f);  // poison: x * 0 is NaN for a NaN or an infinity
-  for (int64_t i = 0; i < padded; i += kV) {
-    const Vec v = Vec::loadu(x + i);
-    amax = at::vec::maximum(amax, v.abs());
-    poison = poison + v * Vec(0.f);
-  }
-  const float s = block_scale(amax, poison, 127.f);
+  const float s = block_scale_of(x, padded, 127.f,
+                                 [](const Vec& v, int64_t) { return v.abs(); });
   const bool ok = s > 0.f;  // false for NaN: the block stores zeros
   const float s_old = *scale;
   *scale = s;
@@ -521,7 +544,7 @@ inline void quantize_insert(float* x, int64_t n, int8_t* q, float* scale, float*
   float r[kQBlock];
   if (ok) {
     for (int64_t i = 0; i < n; ++i) {
-      float v = std::nearbyint(x[i] / s);  // ties to even (the default rounding mode)
+      float v = std::rint(x[i] / s);  // ties to even (the default rounding mode)
       v = v > 127.f ? 127.f : v;  // (reachable only with a subnormal scale)
       r[i] = v < -127.f ? -127.f : v;
     }
@@ -539,8 +562,9 @@ inline void quantize_insert(float* x, int64_t n, int8_t* q, float* scale, float*
 // Slots without a running sum (docs/SPEC.md): what the n <= kQBlock elements of a block
 // sum to over the C int8 slots, ((B[0] + B[1]) + B[2]) + ..., into held. block: the
 // block's index in the tensor; n_el: the tensor's elements (the slots' stride).
-inline void slot_sum(const int8_t* slots, const float* scales, int64_t C, int64_t n_el,
-                     int64_t block, int64_t n, float* held) {
+inline void slot_sum(const int8_t* __restrict slots, const float* __restrict scales,
+                     int64_t C, int64_t n_el, int64_t block, int64_t n,
+                     float* __restrict held) {
   const int64_t nb = (n_el + kQBlock - 1) / kQBlock;
   const int8_t* q = slots + block * kQBlock;
   const float s0 = scales[block];
@@ -558,36 +582,33 @@ inline void slot_sum(const int8_t* slots, const float* scales, int64_t C, int64_
 constexpr float kE4M3Max = 448.f;
 constexpr int32_t kSign = 0x80;
 
-inline float e4m3_value(int32_t c) {
-  const uint32_t bits = static_cast<uint32_t>(c + 960) << 20;
-  float normal;
-  std::memcpy(&normal, &bits, sizeof(normal));
-  return c < 8 ? static_cast<float>(c) * 0x1p-9f : normal;
-}
-
-// A code's value, signed by the momentum's sign bit: one table read per element instead
-// of the bit arithmetic (-D * scale is -(D * scale): rounding to nearest is symmetric).
-struct E4M3Table {
-  float value[256];
-  E4M3Table() {
-    for (int32_t c = 0; c < 256; ++c) {
-      const float d = e4m3_value(c & (kSign - 1));
-      value[c] = (c & kSign) ? -d : d;
-    }
-  }
-};
-inline const E4M3Table& e4m3_table() {
-  static const E4M3Table table;
-  return table;
+// A code's signed value: the magnitude's e4m3 value (c & 0x7F: below 8 a multiple of
+// 2^-9, else the code's bits rebiased into an fp32's), with the momentum's sign bit moved
+// to the fp32 sign. Bit selects rather than a table: the loop below then vectorises
+// (a 256-entry table read per element kept it scalar).
+inline float e4m3_signed(int32_t c) {
+  const int32_t mag = c & (kSign - 1);
+  const float sub = static_cast<float>(mag) * 0x1p-9f;
+  uint32_t sub_bits;
+  std::memcpy(&sub_bits, &sub, sizeof(sub));
+  const uint32_t normal_bits = static_cast<uint32_t>(mag + 960) << 20;
+  const uint32_t small = 0u - static_cast<uint32_t>(mag < 8);  // (a mask: a ternary here
+  // is a branch to the compiler, which then keeps the loop scalar)
+  const uint32_t bits = (sub_bits & small) | (normal_bits & ~small) |
+                        (static_cast<uint32_t>(c & kSign) << 24);
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
 }
 
 // The fp32 values n codes of one block hold: the momentum's signed, the second moment's
-// the square of the code's value.
+// the square of the code's value (-D * scale is -(D * scale): rounding to nearest is
+// symmetric).
 template <bool SECOND>
-inline void decode_moment(const uint8_t* codes, float scale, int64_t n, float* x) {
-  const float* value = e4m3_table().value;
+inline void decode_moment(const uint8_t* __restrict codes, float scale, int64_t n,
+                          float* __restrict x) {
   for (int64_t i = 0; i < n; ++i) {
-    const float t = value[codes[i]] * scale;
+    const float t = e4m3_signed(codes[i]) * scale;
     x[i] = SECOND ? t * t : t;
   }
 }
@@ -600,20 +621,11 @@ inline void encode_moment(float* x, int64_t n, uint8_t* codes, float* scale) {
   const int64_t padded = (n + kV - 1) / kV * kV;  // zeros change neither absmax nor NaN
   std::memset(static_cast<void*>(x + n), 0, (padded - n) * sizeof(float));
   float mag[kQBlock];
-  Vec amax(0.f), poison(0.f);  // poison: x * 0 is NaN for a NaN or an infinity
-  for (int64_t i = 0; i < padded; i += kV) {
-    const Vec v = Vec::loadu(x + i);
-    Vec m;
-    if constexpr (SECOND) {
-      m = v.sqrt();  // (IEEE sqrt: correctly rounded)
-    } else {
-      m = v.abs();
-    }
+  const float s = block_scale_of(x, padded, kE4M3Max, [&mag](const Vec& v, int64_t i) {
+    const Vec m = SECOND ? v.sqrt() : v.abs();  // (IEEE sqrt: correctly rounded)
     m.store(mag + i);
-    amax = at::vec::maximum(amax, m);
-    poison = poison + v * Vec(0.f);
-  }
-  const float s = block_scale(amax, poison, kE4M3Max);
+    return m;
+  });
   *scale = s;
   if (!(s > 0.f)) {  // a non-finite block (NaN scale) or a zero scale: every code 0
     std::memset(codes, 0, n);
@@ -679,6 +691,15 @@ inline UpdateArgs at_element(const UpdateArgs& a, int64_t b) {
   return s;
 }
 
+// The 8-bit streams (codes, int8 slots) of the block kAhead elements on, four cache lines
+// each: update_range prefetches only the streams it reads itself, and without these the
+// block loop below stalled on every new block's codes and slots.
+inline void prefetch_bytes(const void* stream, int64_t i) {
+  for (int64_t line = 0; line < kQBlock; line += 64) {
+    prefetch_one(static_cast<const uint8_t*>(stream), i + line);
+  }
+}
+
 // M8: the tensor's moments are 8-bit codes (a.mom_scales, a.sq_scales). The update then
 // runs one kQBlock block at a time, as with int8 slots: the codes decoded into fp32
 // staging areas, the block updated on them, its new moments encoded.
@@ -712,6 +733,18 @@ double update_chunk(const UpdateArgs& a, int64_t begin, int64_t end) {
       const int64_t n = std::min(end, b + kQBlock) - b;
       UpdateArgs s = at_element<T, std::conditional_t<M8, uint8_t, T>>(a, b);
       float held[kQBlock], stage[kQBlock], m[kQBlock], v[kQBlock];
+      if constexpr (M8) {
+        prefetch_bytes(a.mom, b);
+        prefetch_bytes(a.sq, b);
+      }
+      if constexpr (kInt8) {
+        prefetch_bytes(q, b);
+        if (a.sum == nullptr) {
+          for (int64_t j = 0; j < a.n_slots; ++j) {
+            prefetch_bytes(static_cast<const int8_t*>(a.slots) + j * a.numel, b);
+          }
+        }
+      }
       if constexpr (kInt8) {
         if (a.sum == nullptr) {  // no running sum: the slots' sum, before this insert
           slot_sum(static_cast<const int8_t*>(a.slots), a.all_scales, a.n_slots, a.numel,
@@ -815,14 +848,15 @@ struct Tail {
 // One block of kW elements of variant V (kAdamAM, kSGDAM). REDUCE: add the block's terms
 // to acc (kAMSums rows of kW lanes), write nothing; else: the update, with beta decided
 // (SR: the param rounded stochastically; e: p's element index in the tensor). One body
-// for both passes, so g, v and P are the same bits in each.
-template <int V, typename T, bool REDUCE, bool SR, typename Sink>
-inline void am_block(const UpdateArgs& a, int64_t e, T* p, const T* g, T* d, T* v,
+// for both passes, so g, v and P are the same bits in each. TM: the moments' type (T, or
+// fp32 staging areas of decoded 8-bit moments).
+template <int V, typename T, bool REDUCE, bool SR, typename Sink, typename TM = T>
+inline void am_block(const UpdateArgs& a, int64_t e, T* p, const T* g, TM* d, TM* v,
                      Sink& sum) {
   Vec g0, g1, x0, x1, d0, d1;
   load_gradient<T>(a, g, g0, g1);
   IO<T>::load(p, x0, x1);
-  IO<T>::load(d, d0, d1);
+  IO<TM>::load(d, d0, d1);
   const Vec one(1.f), lam(a.lam);
   if constexpr (V == kSGDAM) {
     if (a.has_wd) {  // coupled L2
@@ -841,13 +875,13 @@ inline void am_block(const UpdateArgs& a, int64_t e, T* p, const T* g, T* d, T* 
         g0 = cd * d0 + cg * g0;
         g1 = cd * d1 + cg * g1;
       }
-      IO<T>::store(d, g0, g1);
+      IO<TM>::store(d, g0, g1);
       const Vec lr(a.lr);
       store_param<T, SR>(a, p, e, x0 - lr * g0, x1 - lr * g1);
     }
   } else {  // kAdamAM
     Vec q0, q1;
-    second_moment_value<T>(a, v, g0, g1, q0, q1);
+    second_moment_value<TM>(a, v, g0, g1, q0, q1);
     // reference.adam_am_planes: 1/P = R*W and 1/R = P*W, one division per element.
     const Vec c(a.am_c), k(a.inv_sqrt_bc2), eps(a.eps);
     const Vec P0 = c * (q0.sqrt() * k + eps);
@@ -868,11 +902,11 @@ inline void am_block(const UpdateArgs& a, int64_t e, T* p, const T* g, T* d, T* 
       }
       sum.add(3, g0 * y0, g1 * y1);
     } else {
-      IO<T>::store(v, q0, q1);
+      IO<TM>::store(v, q0, q1);
       const Vec omb(a.one_minus_beta), beta(a.beta);
       const Vec n0 = (omb * g0 + (lP0 + beta) * d0) * (P0 * w0);
       const Vec n1 = (omb * g1 + (lP1 + beta) * d1) * (P1 * w1);
-      IO<T>::store(d, n0, n1);
+      IO<TM>::store(d, n0, n1);
       if (a.has_wd) {  // decoupled (AdamW)
         const Vec f(a.wd_factor);
         x0 = x0 * f;
@@ -884,13 +918,12 @@ inline void am_block(const UpdateArgs& a, int64_t e, T* p, const T* g, T* d, T* 
   }
 }
 
-template <int V, typename T>
-void am_reduce_kernel(const UpdateArgs& a, int64_t begin, int64_t end, double* sums) {
+template <int V, typename T, typename TM>
+void am_reduce_range(const UpdateArgs& a, int64_t begin, int64_t end, Lanes& lanes) {
   T* p = static_cast<T*>(a.p);
   const T* g = static_cast<const T*>(a.g);
-  T* d = static_cast<T*>(a.mom);
-  T* v = static_cast<T*>(a.sq);
-  Lanes lanes;
+  TM* d = static_cast<TM*>(a.mom);
+  TM* v = static_cast<TM*>(a.sq);
   int64_t i = begin;
   while (i + kW <= end) {
     // A fresh local per run of blocks, so that the compiler keeps it in registers.
@@ -898,19 +931,90 @@ void am_reduce_kernel(const UpdateArgs& a, int64_t begin, int64_t end, double* s
     const int64_t stop = std::min(end - kW, i + (kFlush - 1) * kW);
     for (; i <= stop; i += kW) {
       prefetch_ahead(i, p, g, d, v);
-      am_block<V, T, true, false>(a, i, p + i, g + i, d + i, v ? v + i : nullptr, regs);
+      am_block<V, T, true, false, Registers, TM>(a, i, p + i, g + i, d + i, v ? v + i : nullptr,
+                                                 regs);
     }
     regs.flush(lanes);
   }
   if (i < end) {  // the tail: zero-padded copies, the padding left out of the sums
     const int64_t r = end - i;
-    T tp[kW] = {}, tg[kW] = {}, td[kW] = {}, tv[kW] = {};
+    T tp[kW] = {}, tg[kW] = {};
+    TM td[kW] = {}, tv[kW] = {};
     std::memcpy(static_cast<void*>(tp), p + i, r * sizeof(T));
     std::memcpy(static_cast<void*>(tg), g + i, r * sizeof(T));
-    std::memcpy(static_cast<void*>(td), d + i, r * sizeof(T));
-    if (v) std::memcpy(static_cast<void*>(tv), v + i, r * sizeof(T));
+    std::memcpy(static_cast<void*>(td), d + i, r * sizeof(TM));
+    if (v) std::memcpy(static_cast<void*>(tv), v + i, r * sizeof(TM));
     Tail tail{lanes, r};
-    am_block<V, T, true, false>(a, i, tp, tg, td, v ? tv : nullptr, tail);
+    am_block<V, T, true, false, Tail, TM>(a, i, tp, tg, td, v ? tv : nullptr, tail);
+  }
+}
+
+template <int V, typename T, bool SR, typename TM>
+void am_update_range(const UpdateArgs& a, int64_t begin, int64_t end) {
+  Registers none;  // the update pass sums nothing
+  T* p = static_cast<T*>(a.p);
+  const T* g = static_cast<const T*>(a.g);
+  TM* d = static_cast<TM*>(a.mom);
+  TM* v = static_cast<TM*>(a.sq);
+  int64_t i = begin;
+  for (; i + kW <= end; i += kW) {
+    prefetch_ahead(i, p, g, d, v);
+    am_block<V, T, false, SR, Registers, TM>(a, i, p + i, g + i, d + i, v ? v + i : nullptr,
+                                             none);
+  }
+  if (i == end) return;
+  const int64_t r = end - i;  // the tail: zero-padded copies, then copy back
+  T tp[kW] = {}, tg[kW] = {};
+  TM td[kW] = {}, tv[kW] = {};
+  std::memcpy(static_cast<void*>(tp), p + i, r * sizeof(T));
+  std::memcpy(static_cast<void*>(tg), g + i, r * sizeof(T));
+  std::memcpy(static_cast<void*>(td), d + i, r * sizeof(TM));
+  if (v) std::memcpy(static_cast<void*>(tv), v + i, r * sizeof(TM));
+  am_block<V, T, false, SR, Registers, TM>(a, i, tp, tg, td, v ? tv : nullptr, none);
+  std::memcpy(static_cast<void*>(p + i), tp, r * sizeof(T));
+  std::memcpy(static_cast<void*>(d + i), td, r * sizeof(TM));
+  if (v) std::memcpy(static_cast<void*>(v + i), tv, r * sizeof(TM));
+}
+
+// 8-bit moments (M8), one kQBlock block at a time (begin is a multiple of kQBlock): the
+// codes decoded into fp32 staging areas, the range run on them, and (ENCODE: the update
+// pass) the new moments encoded. The blocks of kW and their flushes into the fp64 lanes
+// fall where they fall without staging (kQBlock is a multiple of kFlush * kW), so the
+// sums are added in the same order.
+template <bool ENCODE, typename T, typename Range>
+void am_blocks_8bit(const UpdateArgs& a, int64_t begin, int64_t end, Range&& range) {
+  static_assert(kQBlock % (kFlush * kW) == 0, "a block's flushes must fall as unstaged");
+  for (int64_t b = begin; b < end; b += kQBlock) {
+    const int64_t n = std::min(end, b + kQBlock) - b;
+    UpdateArgs s = at_element<T, uint8_t>(a, b);
+    float d[kQBlock], v[kQBlock];
+    prefetch_bytes(a.mom, b);
+    prefetch_bytes(a.sq, b);
+    decode_moment<false>(static_cast<const uint8_t*>(s.mom), a.mom_scales[b / kQBlock], n, d);
+    s.mom = d;
+    if (a.sq) {
+      decode_moment<true>(static_cast<const uint8_t*>(s.sq), a.sq_scales[b / kQBlock], n, v);
+      s.sq = v;
+    }
+    range(s, n);
+    if constexpr (ENCODE) {
+      encode_moment<false>(d, n, static_cast<uint8_t*>(a.mom) + b, a.mom_scales + b / kQBlock);
+      if (a.sq) {
+        encode_moment<true>(v, n, static_cast<uint8_t*>(a.sq) + b, a.sq_scales + b / kQBlock);
+      }
+    }
+  }
+}
+
+template <int V, typename T, bool M8>
+void am_reduce_kernel(const UpdateArgs& a, int64_t begin, int64_t end, double* sums) {
+  Lanes lanes;
+  if constexpr (M8) {
+    am_blocks_8bit<false, T>(a, begin, end, [&lanes](const UpdateArgs& s, int64_t n) {
+      am_reduce_range<V, T, float>(s, 0, n, lanes);
+    });
+  } else {
+    am_reduce_range<V, T, T>(a, begin, end, lanes);
   }
   for (int s = 0; s < kAMSums; ++s) {
     double sum = 0.0;
@@ -919,41 +1023,27 @@ void am_reduce_kernel(const UpdateArgs& a, int64_t begin, int64_t end, double* s
   }
 }
 
-template <int V, typename T, bool SR>
-void am_update_range(const UpdateArgs& a, int64_t begin, int64_t end) {
-  Registers none;  // the update pass sums nothing
-  T* p = static_cast<T*>(a.p);
-  const T* g = static_cast<const T*>(a.g);
-  T* d = static_cast<T*>(a.mom);
-  T* v = static_cast<T*>(a.sq);
-  int64_t i = begin;
-  for (; i + kW <= end; i += kW) {
-    prefetch_ahead(i, p, g, d, v);
-    am_block<V, T, false, SR>(a, i, p + i, g + i, d + i, v ? v + i : nullptr, none);
+template <int V, typename T, bool SR, bool M8>
+void am_update_chunk(const UpdateArgs& a, int64_t begin, int64_t end) {
+  if constexpr (M8) {
+    am_blocks_8bit<true, T>(a, begin, end, [](const UpdateArgs& s, int64_t n) {
+      am_update_range<V, T, SR, float>(s, 0, n);
+    });
+  } else {
+    am_update_range<V, T, SR, T>(a, begin, end);
   }
-  if (i == end) return;
-  const int64_t r = end - i;  // the tail: zero-padded copies, then copy back
-  T tp[kW] = {}, tg[kW] = {}, td[kW] = {}, tv[kW] = {};
-  std::memcpy(static_cast<void*>(tp), p + i, r * sizeof(T));
-  std::memcpy(static_cast<void*>(tg), g + i, r * sizeof(T));
-  std::memcpy(static_cast<void*>(td), d + i, r * sizeof(T));
-  if (v) std::memcpy(static_cast<void*>(tv), v + i, r * sizeof(T));
-  am_block<V, T, false, SR>(a, i, tp, tg, td, v ? tv : nullptr, none);
-  std::memcpy(static_cast<void*>(p + i), tp, r * sizeof(T));
-  std::memcpy(static_cast<void*>(d + i), td, r * sizeof(T));
-  if (v) std::memcpy(static_cast<void*>(v + i), tv, r * sizeof(T));
 }
 
 // As update_kernel: rounding or not, decided once per chunk.
-template <int V, typename T>
+template <int V, typename T, bool M8>
 void am_update_kernel(const UpdateArgs& a, int64_t begin, int64_t end) {
   if constexpr (!std::is_same_v<T, float>) {
     if (a.round) {
-      am_update_range<V, T, true>(a, begin, end);
+      am_update_chunk<V, T, true, M8>(a, begin, end);
       return;
     }
   }
-  am_update_range<V, T, false>(a, begin, end);
+  am_update_chunk<V, T, false, M8>(a, begin, end);
 }
 
 }  // namespace
@@ -965,7 +1055,8 @@ const KernelTable& kernel_table() {
 #define CM_ROW(V, T) \
   {CM_M8(V, T, float), CM_M8(V, T, BFloat16), CM_M8(V, T, Half), CM_M8(V, T, int8_t)}
 #define CM_VARIANT(V) {CM_ROW(V, float), CM_ROW(V, BFloat16), CM_ROW(V, Half)}
-#define CM_AM(F, V) {&F<V, float>, &F<V, BFloat16>, &F<V, Half>}
+#define CM_AM_M8(F, V, T) {&F<V, T, false>, &F<V, T, true>}
+#define CM_AM(F, V) {CM_AM_M8(F, V, float), CM_AM_M8(F, V, BFloat16), CM_AM_M8(F, V, Half)}
   static const KernelTable table{
       C10_STRINGIZE(CPU_CAPABILITY),
       {&norm_kernel<float>, &norm_kernel<BFloat16>, &norm_kernel<Half>},
@@ -974,6 +1065,7 @@ const KernelTable& kernel_table() {
       {CM_AM(am_update_kernel, kAdamAM), CM_AM(am_update_kernel, kSGDAM)},
   };
 #undef CM_AM
+#undef CM_AM_M8
 #undef CM_VARIANT
 #undef CM_ROW
 #undef CM_M8
