@@ -210,16 +210,6 @@ def test_backends_report_names_each_backend_with_a_status():
     assert all(isinstance(v, str) and v for v in report.values())
 
 
-def test_int8_slots_with_sharded_parameters_are_refused_and_change_nothing(monkeypatch):
-    from cm_fused import distributed
-    params = make_params([(3,), (5,)])
-    opt = ref(params, buffer_dtype=torch.int8)
-    set_grads(params, 0)
-    monkeypatch.setattr(distributed, "is_sharded_type", lambda t: True)
-    with pytest.raises(NotImplementedError, match="int8 with sharded"):
-        opt._store.new_buffer(params[0], opt.param_groups[0])
-
-
 def test_a_state_allocation_that_fails_changes_nothing():
     """topC so large that the buffer cannot be allocated: the step raises, and no state is
     left behind, not even for the group that allocated first."""
