@@ -43,7 +43,8 @@ KERNELS = {name: getattr(mod, name) for mod in (kernels, adaptive) for name in d
 ARG_TYPES = {"torch.float32": "*fp32", "torch.float64": "*fp64", "torch.int64": "*i64",
              "torch.int32": "*i32", "torch.bfloat16": "*bf16", "torch.float16": "*fp16",
              "int": "i32", "fp32": "fp32"}
-DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "int8": tl.int8}
+DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "int8": tl.int8,
+          "uint8": tl.uint8}
 
 
 def _constexpr(text: str):
@@ -106,8 +107,8 @@ def compile_variant(variant: dict, arch: int) -> dict:
             "v4_stores": len(re.findall(r"st\.global(?:\.[a-z0-9]+)*\.v4\.", ptx)),
             "v2_loads": len(re.findall(r"ld\.global(?:\.[a-z0-9]+)*\.v2\.", ptx)),
             "late_ld": late_loads(k.asm["ttgir"]),
-            # 1.5 * 2**23, the int8 slots' round-half-even constant: present unless the
-            # compiler folded (y + c) - c into y
+            # 1.5 * 2**23, the round-half-even constant of the int8 slots and the e4m3
+            # subnormals: present unless the compiler folded (y + c) - c into y
             "rne_const": ptx.count("0f4B400000")}
 
 

@@ -10,8 +10,8 @@ kernels under the launcher's register ceiling, launch.MAXNREG); in the streamed 
 (norm, update, adaptive memory), no load of a loop iteration after its first store,
 and 16-byte vector global loads in aligned buckets of every dtype (none where the
 bucket is unaligned; no 8-byte ones where params, gradients or state are 2-byte, but
-for int8 slots); and, with int8 slots, the quantizer's rounding constant in the code
-(not folded away).
+for int8 slots and 8-bit moments); and, with int8 slots or 8-bit moments, the quantizer's
+rounding constant in the code (not folded away).
 ``python -m pytest tests/test_compile_gate.py -s`` prints the table (``-m aot`` selects
 the gate alone); the default run compiles a representative subset, ``-m slow`` every
 configuration of every optimizer, dtype and topC up to 256 (the Triton backend's bound).
@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from compare import make_params, set_grads
-from family import EVERY, cases, require
+from family import EVERY, FAMILY, cases, require
 
 try:
     import triton  # noqa: F401
@@ -85,6 +85,21 @@ def _configs(full: bool):
     out.append(("adamcg/int8/bf16", "adamcg",  # (the doubled block with int8 slots)
                 dict(kw={**EVERY["adamcg"].configs["all"], "buffer_dtype": torch.int8},
                      dtype=torch.bfloat16)))
+    # 8-bit moments (the critical-buffer variants): with the params' slots, fp32 and bf16
+    # (the doubled block); with int8 slots and no running sum (topC 3); with int8 slots
+    # and the sum (topC 9). SHAPES' (64,) is at min_8bit_size 64, the others below: both
+    # kinds of bucket. The default run compiles one of each layout, -m slow all of them.
+    eight = dict(state_dtype=torch.int8, min_8bit_size=64)
+    layouts = {"": ({}, torch.float32), "/bf16": ({}, torch.bfloat16),
+               "/int8/no_sum": (dict(buffer_dtype=torch.int8, topC=3), torch.float32),
+               "/int8/sum/bf16": (dict(buffer_dtype=torch.int8, topC=9), torch.bfloat16)}
+    default = {"rmspropcg", "adamcm/bf16", "adamcm/int8/no_sum", "sgdcg/int8/sum/bf16"}
+    for name, member in FAMILY.items():  # (centered RMSprop has no 8-bit moments)
+        kw = {**member.configs["momentum" if name == "rmspropcg" else "all"], **eight}
+        for layout, (slots, dtype) in layouts.items():
+            if full or name + layout in default:
+                out.append((f"{name}/m8{layout}", name,
+                            dict(kw={**kw, **slots}, dtype=dtype)))
     # Stochastic rounding of bf16/fp16 params: the update kernels' ROUNDING variants
     # (every optimizer; fp16 and an unaligned bucket under -m slow).
     for name, member in EVERY.items():
@@ -170,18 +185,21 @@ def _gate(full: bool, capsys, archs=ARCHS):
     for r in results:
         consts = dict(r["constexprs"])
         what = (r["kernel"], r["arch"], _short(r["constexprs"]))
-        if consts.get("B_DT") == "int8":  # the quantizer's rounding was not folded away
+        codes = consts.get("B_DT") == "int8" or "uint8" in (consts.get("M_DT"),
+                                                             consts.get("V_DT"))
+        if codes:  # the quantizers' rounding (int8 values, e4m3 subnormals) not folded away
             assert r["rne_const"] > 0, what
         if r["kernel"] not in streamed:
             continue
         assert r["late_ld"] == 0, what  # every load of a block before its first store
         if consts["ALIGNED"] == "True":  # 16-byte loads, for 2-byte streams too
             assert r["v4_loads"] > 0, what
-            # (int8 slots, read on an insert only, load 8 bytes at the doubled block;
-            # the PTX does not say which stream a load reads, so those buckets are spared)
+            # (1-byte codes, int8 slots' and 8-bit moments', load 8 bytes at the
+            # doubled block; the PTX does not say which stream a load reads, so those
+            # buckets are spared)
             narrow = any(consts.get(k) in ("bf16", "fp16") for k in ("P_DT", "G_DT", "M_DT",
                                                                      "V_DT", "X_DT"))
-            if narrow and consts.get("B_DT") != "int8":
+            if narrow and not codes:
                 assert r["v2_loads"] == 0, what
         else:
             assert r["v4_loads"] == 0, what

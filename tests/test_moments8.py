@@ -205,21 +205,40 @@ def test_the_step_is_the_full_precision_step_on_the_held_values(name, config, sl
         assert all("cm_sum" in opt8.state[p] for p in params8 if opt8.state.get(p))
 
 
-# The C++ backend against the reference, in lock step: every variant it steps 8-bit
-# moments of (the critical-buffer ones), one tensor of several of its 16384-element
-# chunks, its 256-element blocks cut short at a tensor's end.
+# The fused backends against the reference, in lock step: every variant they step 8-bit
+# moments of (the critical-buffer ones). The C++ kernel: one tensor of several of its
+# 16384-element chunks, its 256-element blocks cut short at a tensor's end.
 CPU_SHAPES = [*SHAPES, (40000,)]
+# The Triton kernels (interpreted on the CPU: small tensors), whose programs are chunks of
+# 1024 elements (the small_chunks fixture): 1100 = a chunk and a short one, 666 and 300
+# blocks cut short, 7 and 99 below min_8bit_size. The same roles at the same positions
+# as CPU_SHAPES (3: subnormal scales, 4: a non-finite block, 8: SPREAD).
+TRITON_SHAPES = [(), (7,), (300,), (17, 40), (1100,), (0,), (99,), (100,), (2, 333)]
 # (codes that round to 0: the momentum's stay 0 whatever their sign, the second
 # moment's are raised to 1)
 SPREAD = 10.0 ** (-2.5 * (torch.arange(40000) % 5))
+
+
+def _lockstep_cases(default) -> list:
+    """pytest params (name, config, slots, dtype) of every critical-buffer variant in its
+    defaults and its richest configuration, every slot layout, fp32 and bf16 params;
+    marked slow unless ``default(name, config, slots, dtype)``."""
+    return [pytest.param(n, c, s, d, id=f"{n}-{c}-{s}-{str(d)[6:]}",
+                         marks=() if default(n, c, s, d) else pytest.mark.slow)
+            for n in FAMILY for c in ("defaults", "momentum" if n == "rmspropcg" else "all")
+            for s in SLOTS for d in (torch.float32, torch.bfloat16)]
+
+
 # (by default each variant's richest configuration in fp32 with every slot layout and in
 # bf16 without the running sum; the rest under -m slow: the reference's side is slow)
-CPU_CASES = [pytest.param(
-    n, c, s, d, id=f"{n}-{c}-{s}-{str(d)[6:]}",
-    marks=() if c != "defaults" and (d == torch.float32 or s == "int8_no_sum")
-    else pytest.mark.slow)
-    for n in FAMILY for c in ("defaults", "momentum" if n == "rmspropcg" else "all")
-    for s in SLOTS for d in (torch.float32, torch.bfloat16)]
+CPU_CASES = _lockstep_cases(
+    lambda n, c, s, d: c != "defaults" and (d == torch.float32 or s == "int8_no_sum"))
+# (interpreted: by default each variant once, every slot layout and both dtypes among
+# them, ~3 s each; the rest under -m slow)
+TRITON_CASES = _lockstep_cases(lambda *case: case in {
+    ("adamcm", "all", "int8_no_sum", torch.float32),
+    ("adamcg", "all", "fp32", torch.float32), ("sgdcg", "all", "int8_sum", torch.bfloat16),
+    ("rmspropcg", "momentum", "int8_no_sum", torch.bfloat16)})
 
 
 def _state_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -228,31 +247,39 @@ def _state_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
                               and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)))
 
 
-@pytest.mark.parametrize("name,config,slots,dtype", CPU_CASES)
-def test_cpu_steps_8bit_moments_as_the_reference(name, config, slots, dtype):
-    """The C++ kernel writes the reference's bytes: params, codes, moment scales, slots,
+def _lockstep_with_reference(backend, name, config, slots, dtype, shapes, steps,
+                             resume_at=None):
+    """``backend`` writes the reference's bytes: params, codes, moment scales, slots,
     slot scales, counts, after every step (an lr schedule, missing gradients, a step
-    skipped by found_inf, an infinite gradient)."""
-    require("cpu")
+    skipped by found_inf, an infinite gradient in the one but last; ``resume_at``: its
+    optimizer is replaced by a new one loading its checkpoint before that step)."""
+    require(backend)
     kw = {**FAMILY[name].configs[config], **SLOTS[slots]}
     cls = FAMILY[name].cls
-    p_cpu = make_params(CPU_SHAPES, dtype=dtype)
-    p_ref = copy_params(p_cpu)
-    opts = [cls(ps, backend=b, state_dtype=INT8, min_8bit_size=MIN, **kw)
-            for ps, b in ((p_cpu, "cpu"), (p_ref, "reference"))]
+    p_test = make_params(shapes, dtype=dtype)
+    p_ref = copy_params(p_test)
+
+    def new(ps, b):
+        return cls(ps, backend=b, state_dtype=INT8, min_8bit_size=MIN, **kw)
+
+    opts = [new(p_test, backend), new(p_ref, "reference")]
     base = opts[0].param_groups[0]["lr"]
-    for t in range(14):
+    for t in range(steps):
+        if t == resume_at:
+            sd = _roundtrip(opts[0].state_dict())
+            opts[0] = new(p_test, backend)
+            opts[0].load_state_dict(sd)
         missing = {2, 8} if t % 4 == 3 else ({5} if t % 5 == 1 else set())
-        skip = t == 9
-        for opt, ps in zip(opts, (p_cpu, p_ref)):
+        skip = t == steps - 5
+        for opt, ps in zip(opts, (p_test, p_ref)):
             if not isinstance(base, torch.Tensor):
                 opt.param_groups[0]["lr"] = base * (1 + 0.5 * math.cos(t))
             set_grads(ps, t, missing=missing)
             if ps[8].grad is not None:  # magnitudes 10 decades apart in every block
-                ps[8].grad *= SPREAD.to(dtype)
+                ps[8].grad *= SPREAD[:ps[8].numel()].view(ps[8].shape).to(dtype)
             if ps[3].grad is not None:  # subnormal momentum scales: |x| / scale > 448
                 ps[3].grad *= 3e-42
-            if t == 13:  # a non-finite block: NaN scales, zero codes (docs/SPEC.md)
+            if t == steps - 2:  # a non-finite block: NaN scales, zero codes (docs/SPEC.md)
                 ps[4].grad[300] = float("inf")
             if skip:
                 opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
@@ -260,19 +287,32 @@ def test_cpu_steps_8bit_moments_as_the_reference(name, config, slots, dtype):
             opt.step()
             if skip:
                 opt.grad_scale = opt.found_inf = None
-        assert opts[0].backends_in_use == {"cpu": "cpu"}
-        for i, (a, b) in enumerate(zip(p_cpu, p_ref)):
+        assert opts[0].backends_in_use == {"cpu": backend}
+        for i, (a, b) in enumerate(zip(p_test, p_ref)):
             assert _state_equal(a, b), f"step {t}: param {i}"
             st_a, st_b = opts[0].state.get(a, {}), opts[1].state.get(b, {})
             assert st_a.keys() == st_b.keys(), f"step {t}: param {i}"
             for k, v in st_a.items():
-                if k == "cm_keys":  # (the C++ norm sums fp32 chunks in fp64: ulps apart)
+                if k == "cm_keys":  # (the fused norms sum in another order: ulps apart)
                     torch.testing.assert_close(v, st_b[k], rtol=1e-5, atol=0, equal_nan=True)
                 elif isinstance(v, torch.Tensor):
                     assert _state_equal(v, st_b[k]), f"step {t}: {k} of param {i}"
-    st = opts[0].state[p_cpu[-1]]
+    st = opts[0].state[p_test[-1]]
     assert "moment_scales" in st or (name == "sgdcg" and "momentum" not in kw)
     assert ("cm_sum" in st) == (slots != "int8_no_sum")
+
+
+@pytest.mark.parametrize("name,config,slots,dtype", CPU_CASES)
+def test_cpu_steps_8bit_moments_as_the_reference(name, config, slots, dtype):
+    _lockstep_with_reference("cpu", name, config, slots, dtype, CPU_SHAPES, 14)
+
+
+@pytest.mark.parametrize("name,config,slots,dtype", TRITON_CASES)
+def test_triton_steps_8bit_moments_as_the_reference(small_chunks, name, config, slots,
+                                                    dtype):
+    """(and resumes from a checkpoint midway with the same bytes)"""
+    _lockstep_with_reference("triton", name, config, slots, dtype, TRITON_SHAPES, 8,
+                             resume_at=4)
 
 
 # Adaptive memory on the C++ backend: its beta comes from sums over whole tensors, which
@@ -498,9 +538,9 @@ def test_a_layout_change_after_the_first_step_is_refused(change):
 
 # ---------------------------------------------------------------- backends, validation
 
-@pytest.mark.parametrize("backend,name", [("triton", "adamcm")])
+@pytest.mark.parametrize("backend,name", [("triton", n) for n in ("adamam", "sgdam")])
 def test_fused_backends_refuse_8bit_moments_and_auto_falls_back(backend, name):
-    """Triton steps no 8-bit moments yet."""
+    """Triton steps no 8-bit moments of adaptive memory yet."""
     require(backend)
     params = make_params([(300,)])
     cls, kw = EVERY[name].cls, EVERY[name].configs["defaults"]
@@ -509,11 +549,6 @@ def test_fused_backends_refuse_8bit_moments_and_auto_falls_back(backend, name):
     with pytest.raises(RuntimeError, match="8-bit moments"):
         opt.step()
     assert not opt.state.get(params[0])
-    if backend == "cpu":  # auto prefers the cpu backend here
-        with pytest.warns(UserWarning, match="8-bit moments"):
-            opt = cls(params, state_dtype=INT8, **kw)
-        opt.step()
-        assert opt.backends_in_use == {"cpu": "reference"}
 
 
 @pytest.mark.parametrize("name", list(EVERY))

@@ -108,7 +108,7 @@ STRUCTURAL_CONSTEXPRS = {"G_DT", "HAS_SCALE", "BLOCK", "RBLOCK", "SYNCED", "HAS_
                          "HAS_FOUND_INF", "CP", "TB", "VARIANT", "P_DT", "M_DT", "V_DT",
                          "X_DT", "B_DT", "S_DT", "LR_IS_PTR", "HAS_MOM", "HAS_X", "MAXIMIZE",
                          "ALIGNED", "NS", "REDUCE", "PHASE", "QB", "DEFER",
-                         "ROUNDING"}
+                         "ROUNDING", "HAS_S"}
 
 
 def _specialisations(launch, opt, params, lrs):

@@ -39,6 +39,16 @@ reads g (4 B); the update reads p, g, m, v, S (20 B) and writes p, m, v (12 B); 
 tensor's slot is replaced it also reads B[j] and writes B[j] and S (12 B): 48 B with an
 insert, 36 B without (amsgrad: +8 B). bf16 params with bf16 slots and the fp32 S: 28 B
 with an insert. SGDCG with momentum: 40 B with an insert.
+
+8-bit moments (``m``/``v`` uint8 codes, StepArgs.moment_scales): the update reads a
+block's codes as the values they hold, computes as with full-precision moments, and
+writes the new ones back as codes, one scale per QBLOCK elements (_moment_load,
+_moment_store: cm_fused/quantize.py's operations in its order, so the bytes are the
+reference's); a momentum and a second moment of 1 B each, and 4/256 B of scales, instead
+of 4 B each. Without a running sum (8-bit moments, int8 slots, topC <= 8: ``HAS_S``
+off) the mean reads the sum of the C int8 slots (_slot_sum): C B per element read
+instead of S's 4 B read and, with an insert, written.
+
 A chunk's full blocks load and store unmasked (16-byte vectors when the host found the
 bucket aligned); only the last block of a tensor is masked.
 """
@@ -49,9 +59,10 @@ import triton.language as tl
 # position in the bucket.
 # Roles m, v, x: the StepArgs lists momenta, second_moments, extras (a zero pointer where
 # the role is unused).
-# (q: int8 slots' scales, StepArgs.scales)
-BUCKET_ROWS = ("p", "g", "m", "v", "x", "b", "s", "q", "numel", "gidx")
-ROW_P, ROW_G, ROW_M, ROW_V, ROW_X, ROW_B, ROW_S, ROW_Q, ROW_NUMEL, ROW_GIDX = (
+# (q: int8 slots' scales, StepArgs.scales; ms: 8-bit moments' scales,
+# StepArgs.moment_scales, where m and v are uint8 codes)
+BUCKET_ROWS = ("p", "g", "m", "v", "x", "b", "s", "q", "ms", "numel", "gidx")
+ROW_P, ROW_G, ROW_M, ROW_V, ROW_X, ROW_B, ROW_S, ROW_Q, ROW_MS, ROW_NUMEL, ROW_GIDX = (
     tl.constexpr(i) for i in range(len(BUCKET_ROWS)))
 # Rows of a group's table (int64 [len(GROUP_ROWS), T]), indexed by the tensor's position in
 # the group (the order of the params list).
@@ -333,19 +344,70 @@ def _round_half_even(y):
 
 
 @triton.jit
+def _rows(idx, QB: tl.constexpr, BLOCK: tl.constexpr):
+    """A block of BLOCK elements as BLOCK // QB rows of one quantization block each (QB
+    divides BLOCK, and blocks start at multiples of it): each row's block index."""
+    return tl.min(tl.reshape(idx, (BLOCK // QB, QB)), axis=1) // QB
+
+
+@triton.jit
+def _row_mask(mask, QB: tl.constexpr, BLOCK: tl.constexpr):
+    """Whether any element of each row (_rows) is in the mask."""
+    return tl.max(tl.reshape(mask, (BLOCK // QB, QB)).to(tl.int32), axis=1) > 0
+
+
+@triton.jit
+def _scales_ld(ptr, idx, mask, QB: tl.constexpr, BLOCK: tl.constexpr):
+    """The scales of a block's rows, from a tensor's row of block scales at ptr."""
+    if mask is None:
+        return tl.load(ptr + _rows(idx, QB, BLOCK))
+    else:
+        return tl.load(ptr + _rows(idx, QB, BLOCK), mask=_row_mask(mask, QB, BLOCK),
+                       other=0.0)
+
+
+@triton.jit
+def _times_scales(v, ptr, idx, mask, QB: tl.constexpr, BLOCK: tl.constexpr):
+    """v (fp32, a block) times its rows' scales at ptr: what quantized codes hold."""
+    R: tl.constexpr = BLOCK // QB
+    scaled = tl.reshape(v, (R, QB)) * _scales_ld(ptr, idx, mask, QB, BLOCK)[:, None]
+    return tl.reshape(scaled, (BLOCK,))
+
+
+@triton.jit
+def _scales_st(ptr, idx, mask, scale, QB: tl.constexpr, BLOCK: tl.constexpr):
+    if mask is None:
+        tl.store(ptr + _rows(idx, QB, BLOCK), scale)
+    else:
+        tl.store(ptr + _rows(idx, QB, BLOCK), scale, mask=_row_mask(mask, QB, BLOCK))
+
+
+@triton.jit
+def _as_rows(x, mask, QB: tl.constexpr, BLOCK: tl.constexpr):
+    """A block's new values as rows (_rows), zeros outside the mask: zeros change neither
+    a row's absmax nor its finiteness."""
+    x = tl.reshape(x, (BLOCK // QB, QB))
+    if mask is not None:
+        x = tl.where(tl.reshape(mask, (BLOCK // QB, QB)), x, 0.0)
+    return x
+
+
+@triton.jit
+def _block_scale(x, mag, qmax):
+    """Per row of x ([rows, QB], zeros outside the tensor): max(mag) / qmax, NaN where the
+    row holds a NaN or an infinity (cm_fused/quantize.py, both codes)."""
+    bad = tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1) > 0
+    return tl.where(bad, float("nan"), tl.div_rn(tl.max(mag, axis=1), qmax))
+
+
+@triton.jit
 def _slot_read(idx, mask, slot_ptr, q_ptr, B_DT: tl.constexpr, S_DT: tl.constexpr,
                QB: tl.constexpr, BLOCK: tl.constexpr):
     """A slot's values as the running sum S saw them when they went in (int8 slots:
     dequantized with their blocks' scales at q_ptr)."""
     if B_DT == tl.int8:
-        R: tl.constexpr = BLOCK // QB
-        rows = tl.min(tl.reshape(idx, (R, QB)), axis=1) // QB  # each row's block of the slot
-        if mask is None:
-            rmask = None
-        else:
-            rmask = tl.max(tl.reshape(mask, (R, QB)).to(tl.int32), axis=1) > 0
-        q = tl.reshape(_ld(slot_ptr + idx, mask), (R, QB)).to(tl.float32)
-        old = tl.reshape(q * _ld(q_ptr + rows, rmask)[:, None], (BLOCK,))
+        old = _times_scales(_ld(slot_ptr + idx, mask).to(tl.float32), q_ptr, idx, mask, QB,
+                            BLOCK)
     else:
         old = _ld(slot_ptr + idx, mask).to(S_DT).to(tl.float32)
     return old
@@ -358,13 +420,8 @@ def _slot_code(new, mask, B_DT: tl.constexpr, S_DT: tl.constexpr, QB: tl.constex
     elements (int8 slots; cm_fused/quantize.py, the same operations in the same order),
     the value S adds). Float slots: new rounded to B_DT, and no scales."""
     if B_DT == tl.int8:
-        R: tl.constexpr = BLOCK // QB
-        x = tl.reshape(new, (R, QB))
-        if mask is not None:  # zeros change neither the absmax nor finiteness
-            x = tl.where(tl.reshape(mask, (R, QB)), x, 0.0)
-        amax = tl.max(tl.abs(x), axis=1)
-        bad = tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1) > 0
-        scale = tl.where(bad, float("nan"), tl.div_rn(amax, 127.0))
+        x = _as_rows(new, mask, QB, BLOCK)
+        scale = _block_scale(x, tl.abs(x), 127.0)
         ok = scale > 0.0  # False for NaN: the block stores zeros
         r = _round_half_even(tl.div_rn(x, scale[:, None]))
         r = tl.where(ok[:, None], tl.minimum(tl.maximum(r, -127.0), 127.0), 0.0)
@@ -391,28 +448,88 @@ def _no_slot_code(B_DT: tl.constexpr, QB: tl.constexpr, BLOCK: tl.constexpr):
 def _slot_write(idx, mask, code, scale, slot_ptr, q_ptr, B_DT: tl.constexpr,
                 QB: tl.constexpr, BLOCK: tl.constexpr):
     if B_DT == tl.int8:
-        R: tl.constexpr = BLOCK // QB
-        rows = tl.min(tl.reshape(idx, (R, QB)), axis=1) // QB
-        if mask is None:
-            rmask = None
-        else:
-            rmask = tl.max(tl.reshape(mask, (R, QB)).to(tl.int32), axis=1) > 0
         _st(slot_ptr + idx, code.to(tl.int8), mask)
-        _st(q_ptr + rows, scale, rmask)
+        _scales_st(q_ptr, idx, mask, scale, QB, BLOCK)
     else:
         _st(slot_ptr + idx, code, mask)
 
 
 @triton.jit
+def _slot_sum(idx, mask, b_ptr, q_base, C, numel, n_blocks, QB: tl.constexpr,
+              BLOCK: tl.constexpr):
+    """What the C int8 slots hold, summed slot 0 first, ((B[0] + B[1]) + B[2]) + ...: the
+    buffer's sum where no running sum is kept (docs/SPEC.md "Slots without a running
+    sum"). Unfilled slots hold zeros (scale 0)."""
+    held = _slot_read(idx, mask, b_ptr, q_base, tl.int8, tl.float32, QB, BLOCK)
+    for j in range(1, C):
+        held += _slot_read(idx, mask, b_ptr + j * numel, q_base + j * n_blocks, tl.int8,
+                           tl.float32, QB, BLOCK)
+    return held
+
+
+@triton.jit
+def _moment_load(ptr, scale_ptr, idx, mask, DT: tl.constexpr, SECOND: tl.constexpr,
+                 QB: tl.constexpr, BLOCK: tl.constexpr):
+    """A moment as fp32: widened from DT, or (DT uint8: 8-bit moments) the values its
+    e4m3 codes hold with their blocks' scales at scale_ptr (quantize.dequantize_moment):
+    the momentum +-D(code & 0x7F) * scale, the second moment (D(code) * scale)^2."""
+    if DT == tl.uint8:
+        c = _ld(ptr + idx, mask).to(tl.int32)
+        e = c & 0x7F  # (a second moment's codes have no sign bit)
+        d = tl.where(e < 8, e.to(tl.float32) * 0.001953125,  # 2^-9: the subnormals
+                     ((e + 960) << 20).to(tl.float32, bitcast=True))
+        t = _times_scales(d, scale_ptr, idx, mask, QB, BLOCK)
+        if SECOND:
+            return t * t
+        else:
+            return tl.where((c & 0x80) != 0, -t, t)
+    else:
+        return _ld(ptr + idx, mask).to(tl.float32)
+
+
+@triton.jit
+def _moment_store(ptr, scale_ptr, idx, mask, x, DT: tl.constexpr, SECOND: tl.constexpr,
+                  QB: tl.constexpr, BLOCK: tl.constexpr):
+    """Store a moment's new fp32 values x: rounded to DT, or (uint8) as e4m3 codes per
+    block of QB elements with their scales (quantize.quantize_moment, the same operations
+    in the same order: the momentum by |x| and its sign, the second moment by its
+    correctly rounded root, raised to code 1 where that is > 0)."""
+    if DT == tl.uint8:
+        x = _as_rows(x, mask, QB, BLOCK)
+        if SECOND:
+            mag = tl.sqrt_rn(x)
+        else:
+            mag = tl.abs(x)
+        scale = _block_scale(x, mag, 448.0)
+        # (where scale is 0 or NaN, y is not finite: those blocks store code 0 below)
+        y = tl.minimum(tl.div_rn(mag, scale[:, None]), 448.0)
+        b = y.to(tl.int32, bitcast=True)
+        normal = ((b + 0x7FFFF + ((b >> 20) & 1)) >> 20) - 960  # 3 mantissa bits, ties even
+        sub = _round_half_even(y * 512.0).to(tl.int32)
+        c = tl.where(y < 0.015625, sub, normal)  # below 2^-6: e4m3's subnormals
+        if SECOND:  # a positive second moment never reads as 0 (the update divides by it)
+            c = tl.where((c == 0) & (mag > 0.0), 1, c)
+        else:
+            c = tl.where((x < 0.0) & (c != 0), c | 0x80, c)
+        c = tl.where((scale > 0.0)[:, None], c, 0)
+        _st(ptr + idx, tl.reshape(c, (BLOCK,)).to(tl.uint8), mask)
+        _scales_st(scale_ptr, idx, mask, scale, QB, BLOCK)
+    else:
+        _st(ptr + idx, _narrow(x, DT), mask)
+
+
+@triton.jit
 def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, q_ptr, s_ptr,
+                  mq_ptr, vq_ptr, b_ptr, q_base, C, numel, n_blocks,
                   replace, first, k_before, scale, lr, beta1, one_minus_beta1, beta2,
                   one_minus_beta2, eps, weight_decay, decay_factor, one_minus_dampening,
                   step_size, sqrt_bc2, flush, fslot_ptr, fq_ptr, rkey, roffset,
                   VARIANT: tl.constexpr, P_DT: tl.constexpr, M_DT: tl.constexpr,
                   V_DT: tl.constexpr, X_DT: tl.constexpr, B_DT: tl.constexpr,
-                  S_DT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MOM: tl.constexpr,
-                  HAS_X: tl.constexpr, MAXIMIZE: tl.constexpr, DEFER: tl.constexpr,
-                  ROUNDING: tl.constexpr, QB: tl.constexpr, BLOCK: tl.constexpr):
+                  S_DT: tl.constexpr, HAS_S: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  HAS_MOM: tl.constexpr, HAS_X: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  DEFER: tl.constexpr, ROUNDING: tl.constexpr, QB: tl.constexpr,
+                  BLOCK: tl.constexpr):
     """One block of the update of variant VARIANT: the direction u and the value
     inserted (what the variants differ in), the insert (shared), the base rule. DEFER
     (ADAM_CM): first the insert an earlier step left pending (``flush``: the momentum as
@@ -421,7 +538,9 @@ def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, q_ptr,
     insert of a DEFER update pass, has none pending, since the decide kernel leaves one
     pending only from a step that found the buffer non-empty, and checkpoint.py refuses a
     state that says otherwise.) Returns the unscaled gradient (the sum of squares of a
-    single-pass step).
+    single-pass step). Moments of dtype uint8 are 8-bit codes, their block scales at
+    mq_ptr and vq_ptr; without HAS_S no running sum is kept and the mean reads the sum of
+    the C int8 slots at b_ptr (their scales at q_base).
 
     Every load of the block comes before its first store: the compiler may not move a
     load above a store through pointers it cannot tell apart, and a load issued after
@@ -430,13 +549,16 @@ def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, q_ptr,
     USES_V: tl.constexpr = (VARIANT != SGD_CG)
     g = _ld(g_ptr + idx, mask).to(tl.float32)
     x = _ld(p_ptr + idx, mask).to(tl.float32)
-    S = _ld(s_ptr + idx, mask).to(tl.float32)
+    if HAS_S:
+        S = _ld(s_ptr + idx, mask).to(tl.float32)
+    else:
+        S = _slot_sum(idx, mask, b_ptr, q_base, C, numel, n_blocks, QB, BLOCK)
     if USES_M:
-        m_old = _ld(m_ptr + idx, mask).to(tl.float32)
+        m_old = _moment_load(m_ptr, mq_ptr, idx, mask, M_DT, False, QB, BLOCK)
     else:
         m_old = g
     if USES_V:
-        v_old = _ld(v_ptr + idx, mask).to(tl.float32)
+        v_old = _moment_load(v_ptr, vq_ptr, idx, mask, V_DT, True, QB, BLOCK)
     else:
         v_old = g
     if HAS_X:  # amsgrad's running max, centered RMSprop's gradient average
@@ -523,15 +645,16 @@ def _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, q_ptr,
     if replace:
         code, q_scale, value = _slot_code(new, mask, B_DT, S_DT, QB, BLOCK)
         _slot_write(idx, mask, code, q_scale, slot_ptr, q_ptr, B_DT, QB, BLOCK)
-        _st(s_ptr + idx, _narrow((S - old) + value, S_DT), mask)
+        if HAS_S:
+            _st(s_ptr + idx, _narrow((S - old) + value, S_DT), mask)
     else:
         if DEFER:
             if flush:
                 _st(s_ptr + idx, _narrow(S, S_DT), mask)
     if USES_M:
-        _st(m_ptr + idx, _narrow(m_store, M_DT), mask)
+        _moment_store(m_ptr, mq_ptr, idx, mask, m_store, M_DT, False, QB, BLOCK)
     if USES_V:
-        _st(v_ptr + idx, _narrow(sq, V_DT), mask)
+        _moment_store(v_ptr, vq_ptr, idx, mask, sq, V_DT, True, QB, BLOCK)
     if HAS_X:
         if VARIANT == RMSPROP_CG:
             _st(x_ptr + idx, _narrow(ga, X_DT), mask)
@@ -558,26 +681,30 @@ def _lr_and_decay(lr_ptr, lr_hi, lr_lo, wd_factor, weight_decay, LR_IS_PTR: tl.c
     return lr, lr64, decay_factor
 
 
-@triton.jit(do_not_specialize=["n_tab", "chunk_len", "T"])
+@triton.jit(do_not_specialize=["n_tab", "chunk_len", "T", "C"])
 def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_ptr,
-                   lr_hi, lr_lo, wd_factor, lr_ptr, scale_ptr, found_inf_ptr, chunk_len,
+                   lr_hi, lr_lo, wd_factor, lr_ptr, scale_ptr, found_inf_ptr, chunk_len, C,
                    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
                    one_minus_dampening, gtab_ptr, T, partial_ptr, beta1_hi, beta1_lo,
                    beta2_hi, beta2_lo, rounding_ptr, VARIANT: tl.constexpr,
                    P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr,
                    V_DT: tl.constexpr, X_DT: tl.constexpr, B_DT: tl.constexpr,
-                   S_DT: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
-                   HAS_FOUND_INF: tl.constexpr, HAS_MOM: tl.constexpr, HAS_X: tl.constexpr,
-                   MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, DEFER: tl.constexpr,
-                   ROUNDING: tl.constexpr, QB: tl.constexpr, BLOCK: tl.constexpr):
+                   S_DT: tl.constexpr, HAS_S: tl.constexpr, LR_IS_PTR: tl.constexpr,
+                   HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                   HAS_MOM: tl.constexpr, HAS_X: tl.constexpr, MAXIMIZE: tl.constexpr,
+                   ALIGNED: tl.constexpr, DEFER: tl.constexpr, ROUNDING: tl.constexpr,
+                   QB: tl.constexpr, BLOCK: tl.constexpr):
     """The update pass (see the module docstring). DEFER (ADAM_CM, a single-pass step):
     the decisions come after this pass, so it reads what it needs from the state (the
     fill count, the step count; on a tensor's first step slot 0 is filled here, that
     much is decided), writes the insert an earlier step left pending first, and sums the
     unscaled gradient's squares per chunk into partial_ptr, as _norm_kernel would.
     ROUNDING: bf16/fp16 params are rounded stochastically, with their tensor's row of
-    rounding_ptr (StepArgs.rounding; never with DEFER, whose params are fp32)."""
+    rounding_ptr (StepArgs.rounding; never with DEFER, whose params are fp32).
+    8-bit moments (M_DT or V_DT uint8) and no running sum (HAS_S False: C slots summed)
+    never DEFER: the value inserted is the momentum before it is quantized."""
     tl.static_assert(not (ROUNDING and DEFER))  # (_rounding_key reads the step decided)
+    tl.static_assert(not (DEFER and (M_DT == tl.uint8 or not HAS_S)))
     beta1 = tl.cast(beta1, tl.float32)
     one_minus_beta1 = tl.cast(one_minus_beta1, tl.float32)
     beta2 = tl.cast(beta2, tl.float32)
@@ -600,6 +727,9 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
 
     q_base = tl.load(tab_ptr + ROW_Q * n_tab + t).to(tl.pointer_type(tl.float32))
     n_blocks = (numel + QB - 1) // QB
+    # 8-bit moments: row 0 the momentum's scales, row 1 the second moment's
+    mq_ptr = tl.load(tab_ptr + ROW_MS * n_tab + t).to(tl.pointer_type(tl.float32))
+    vq_ptr = mq_ptr + n_blocks
     if DEFER:
         count = tl.load(tl.load(gtab_ptr + ROW_COUNT * T + gi).to(tl.pointer_type(tl.int64)))
         pending = tl.load(tl.load(gtab_ptr + ROW_PEND * T + gi).to(tl.pointer_type(tl.int64)))
@@ -660,23 +790,26 @@ def _update_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, dec_i_ptr, dec_f_pt
     acc = tl.zeros([BLOCK], dtype=tl.float32)  # DEFER: as _norm_kernel sums
     for off in range(start, full_end, BLOCK):  # full blocks: no mask
         g = _update_block(off + tl.arange(0, BLOCK), None, p_ptr, g_ptr, m_ptr, v_ptr,
-                          x_ptr, slot_ptr, q_ptr, s_ptr, replace, first, k_before, scale, lr,
+                          x_ptr, slot_ptr, q_ptr, s_ptr, mq_ptr, vq_ptr, b_ptr, q_base, C,
+                          numel, n_blocks, replace, first, k_before, scale, lr,
                           beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
                           decay_factor, one_minus_dampening, step_size, sqrt_bc2, flush,
                           fslot_ptr, fq_ptr, rkey, roffset, VARIANT, P_DT, M_DT, V_DT, X_DT,
-                          B_DT, S_DT, HAS_SCALE, HAS_MOM, HAS_X, MAXIMIZE, DEFER, ROUNDING,
-                          QB, BLOCK)
+                          B_DT, S_DT, HAS_S, HAS_SCALE, HAS_MOM, HAS_X, MAXIMIZE, DEFER,
+                          ROUNDING, QB, BLOCK)
         if DEFER:
             acc += g * g
     for off in range(full_end, end, BLOCK):  # the tensor's last, short block (0 or 1)
         idx = off + tl.arange(0, BLOCK)
         mask = idx < end
         g = _update_block(idx, mask, p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, slot_ptr, q_ptr,
-                          s_ptr, replace, first, k_before, scale, lr, beta1, one_minus_beta1,
+                          s_ptr, mq_ptr, vq_ptr, b_ptr, q_base, C, numel, n_blocks, replace,
+                          first, k_before, scale, lr, beta1, one_minus_beta1,
                           beta2, one_minus_beta2, eps, weight_decay, decay_factor,
                           one_minus_dampening, step_size, sqrt_bc2, flush, fslot_ptr,
                           fq_ptr, rkey, roffset, VARIANT, P_DT, M_DT, V_DT, X_DT, B_DT, S_DT,
-                          HAS_SCALE, HAS_MOM, HAS_X, MAXIMIZE, DEFER, ROUNDING, QB, BLOCK)
+                          HAS_S, HAS_SCALE, HAS_MOM, HAS_X, MAXIMIZE, DEFER, ROUNDING, QB,
+                          BLOCK)
         if DEFER:
             acc += tl.where(mask, g * g, 0.0)
     if DEFER:

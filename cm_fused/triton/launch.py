@@ -70,7 +70,8 @@ CACHE_SIZE = 32
 # The storage dtypes the kernels take (params, state and slots: registry.FUSED_DTYPES;
 # the optimizer refuses anything else before a step).
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
-              torch.float16: tl.float16, torch.int8: tl.int8}  # (int8: slots only)
+              torch.float16: tl.float16, torch.int8: tl.int8,  # (int8: slots only)
+              torch.uint8: tl.uint8}  # (8-bit moments' codes)
 
 
 def _tl_dtype(d: torch.dtype):
@@ -85,7 +86,7 @@ def _tl_dtype(d: torch.dtype):
 class _Bucket:
     n: int  # tensors in the bucket
     n_chunks: int
-    tab: torch.Tensor  # int64 [10, n] (kernels.BUCKET_ROWS)
+    tab: torch.Tensor  # int64 [11, n] (kernels.BUCKET_ROWS)
     chunk_t: torch.Tensor  # int64 [n_chunks]: tensor index in the bucket
     chunk_s: torch.Tensor  # int64 [n_chunks]: first element
     partials: torch.Tensor  # fp32 view [n_chunks] of the group's partials
@@ -147,11 +148,13 @@ def _ptrs(ts):
 
 # The StepArgs lists a table depends on, and the rows of a bucket table they give.
 _LISTS = ("params", "grads", "momenta", "second_moments", "extras", "buffers", "sums",
-          "scales", "keys", "counts", "steps", "memory", "inserts", "pending")
+          "scales", "moment_scales", "keys", "counts", "steps", "memory", "inserts",
+          "pending")
 _STATE_LISTS = _LISTS[2:]
 _BUCKET_LISTS = ("params", "grads", "momenta", "second_moments", "extras", "buffers", "sums",
-                 "scales")
-_DTYPE_NAMES = ("p", "g", "m", "v", "x", "b", "s", "q")  # kernels.BUCKET_ROWS, in that order
+                 "scales", "moment_scales")
+# kernels.BUCKET_ROWS, in that order
+_DTYPE_NAMES = ("p", "g", "m", "v", "x", "b", "s", "q", "ms")
 _GRAD_ROW = K.BUCKET_ROWS.index("g")
 
 
@@ -248,7 +251,7 @@ def _build(args: StepArgs, ns: int, chunk: int, block: int) -> _Plan:
             dtypes={k: (_tl_dtype(d) if d is not None else tl.float32)
                     for k, d in zip(_DTYPE_NAMES, dts)}, aligned=aligned))
         buckets[-1].block = _block_for(buckets[-1], block, chunk,
-                                       QBLOCK if args.scales else 1)
+                                       QBLOCK if _quantized(args) else 1)
     return _Plan(
         T=T, gtab=view(3 * len(bucket_specs)), buckets=buckets, partials=partials,
         sumsq=torch.empty(T * ns, dtype=torch.float32, device=device),
@@ -481,10 +484,29 @@ def step(args: StepArgs) -> None:
         _step(args)
 
 
+def _quantized(args: StepArgs) -> bool:
+    """Whether a step quantizes per block of QBLOCK elements (int8 slots, 8-bit moments):
+    a program's loop iterations must then hold whole blocks."""
+    return bool(args.scales or args.moment_scales)
+
+
+def _sizes(args: StepArgs) -> tuple[int, int]:
+    """(block, chunk) of the streamed launches: the module's settings (tests shrink them),
+    where the step quantizes a block at least QBLOCK and a chunk a multiple of it, so
+    that a program's loop iterations hold whole blocks of QBLOCK elements."""
+    block, chunk = int(BLOCK), int(CHUNK)
+    if _quantized(args):
+        block = max(block, QBLOCK)
+        chunk = -(-chunk // block) * block
+    return block, chunk
+
+
 def _step(args: StepArgs) -> None:
-    if args.moment_scales:  # (Capabilities keeps the optimizer from asking)
-        raise ValueError("cm_fused (triton): 8-bit moments (state_dtype=torch.int8) are "
-                         "not stepped by the Triton kernels yet")
+    if args.moment_scales and not Variant(args.variant).buffered:
+        # (Capabilities keeps the optimizer from asking)
+        raise ValueError(f"cm_fused (triton): 8-bit moments (state_dtype=torch.int8) of "
+                         f"{Variant(args.variant).name} are not stepped by the Triton "
+                         f"kernels yet")
     if args.pending and (args.variant != Variant.ADAM_CM or args.phase != Phase.ALL):
         raise ValueError("cm_fused (triton): pending inserts are AdamCM's, in a whole step "
                          "(StepArgs.pending)")
@@ -499,11 +521,7 @@ def _step(args: StepArgs) -> None:
         _step_adaptive(args)
         return
     C = int(args.buffers[0].shape[0])
-    block = int(BLOCK)
-    chunk = int(CHUNK)
-    if args.scales:  # int8 slots: a program's blocks hold whole blocks of QBLOCK elements
-        block = max(block, QBLOCK)
-        chunk = -(-chunk // block) * block
+    block, chunk = _sizes(args)
     plan = plan_for(args, 1, chunk, block)
     T = plan.T
     dummy = plan.sumsq
@@ -535,7 +553,7 @@ def _step(args: StepArgs) -> None:
                          *_split(lr), 1.0 - lr * float(args.weight_decay),
                          dummy if lr_tensor is None else lr_tensor,
                          dummy if grad_scale is None else grad_scale,
-                         dummy if found_inf is None else found_inf, chunk,
+                         dummy if found_inf is None else found_inf, chunk, C,
                          float(args.beta1), 1.0 - float(args.beta1), float(args.beta2),
                          1.0 - float(args.beta2), float(args.eps), float(args.weight_decay),
                          1.0 - float(args.dampening), plan.gtab, T, b.partials,
@@ -543,7 +561,7 @@ def _step(args: StepArgs) -> None:
                          dummy if rounding is None else rounding),
                         dict(VARIANT=int(args.variant), P_DT=d["p"], G_DT=d["g"], M_DT=d["m"],
                              V_DT=d["v"], X_DT=d["x"], B_DT=d["b"], S_DT=d["s"],
-                             LR_IS_PTR=lr_tensor is not None,
+                             HAS_S=bool(args.sums), LR_IS_PTR=lr_tensor is not None,
                              HAS_SCALE=grad_scale is not None,
                              HAS_FOUND_INF=found_inf is not None, HAS_MOM=bool(args.momenta),
                              HAS_X=bool(args.extras), MAXIMIZE=bool(args.maximize),
@@ -592,7 +610,7 @@ def _step_adaptive(args: StepArgs) -> None:
     decide, update (adaptive.py)."""
     adam = args.variant == Variant.ADAM_AM
     ns = Variant(args.variant).sums_per_tensor
-    block, chunk = int(BLOCK), int(CHUNK)
+    block, chunk = _sizes(args)
     plan = plan_for(args, ns, chunk, block)
     T = plan.T
     dummy = plan.sumsq
