@@ -13,7 +13,12 @@ from .contract import Phase, StepArgs, Tensors
 from .pending import PendingInserts
 from .planning import GroupPlan
 from .spec import OptimizerSpec, SharedDecision
-from .state_store import MOMENT_ROLES, MOMENT_SCALES, StateStore, keeps_sum
+from .state_store import MOMENT_SCALES, StateStore, keeps_sum
+
+
+def _same(old, new: list) -> bool:
+    """Whether ``old`` (a list, or None) holds the very tensors of ``new``, in order."""
+    return old is not None and len(old) == len(new) and all(map(operator.is_, old, new))
 
 
 class GroupRunner:
@@ -89,35 +94,14 @@ class GroupRunner:
             # The same tensors as last step: the same Tensors (and serial), which the
             # Triton launcher keys its tables on (cm_fused.contract.Tensors).
             old = last.get(name)
-            if old is not None and len(old) == len(ts) and all(map(operator.is_, old, ts)):
+            if _same(old, ts):
                 return old
             last[name] = new = Tensors(ts)
             return new
 
-        def derived(key: str, found: list, make) -> list:
-            # What the kernels step of sharded 8-bit state (make(found)), made once while
-            # the tensors are the same; nothing to change unless something is sharded.
-            if plan.exchange is None:
-                return found
-            cached = last.get(("derived", key))
-            if cached is not None and len(cached[0]) == len(found) \
-                    and all(map(operator.is_, cached[0], found)):
-                return cached[1]
-            out = make(found)
-            if not compiling:
-                last[("derived", key)] = (found, out)
-            return out
-
-        eight = group.get("state_dtype") == torch.int8
-
         def gather(role: str, shaped=tensors) -> list[Tensor]:
             key = getattr(roles, role)
-            if key is None:
-                return []
-            found = shaped([s[key] for s in states])
-            if eight and role in MOMENT_ROLES:
-                found = derived(key, found, lambda f: distributed.no_empty_codes(f, params))
-            return vouched(key, found)
+            return vouched(key, shaped([s[key] for s in states])) if key is not None else []
 
         buffered = self.spec.variant.buffered
 
@@ -125,7 +109,17 @@ class GroupRunner:
             return vouched(key, shaped([s[key] for s in states])) if buffered else []
 
         def scales(key: str, rows: int, found: list) -> list:
-            return derived(key, found, lambda f: distributed.scale_views(f, rows, params))
+            # What the kernels step of sharded 8-bit state's scale tables, made once while
+            # the tables are the same; nothing to change unless something is sharded.
+            if plan.exchange is None:
+                return found
+            cached = last.get(("views", key))
+            if cached is not None and _same(cached[0], found):
+                return cached[1]
+            out = distributed.scale_views(found, rows, params)
+            if not compiling:
+                last[("views", key)] = (found, out)
+            return out
 
         quantized = group.get("buffer_dtype") == torch.int8
         summed = buffered and keeps_sum(group)

@@ -279,12 +279,3 @@ def scale_views(tables: list, rows: int, shards: list[Tensor]) -> list:
         out.append(t)
     return out
 
-
-def no_empty_codes(moments: list[Tensor], shards: list[Tensor]) -> list[Tensor]:
-    """A rank whose shard is empty (FSDP2's last ranks, for a tensor of few rows) holds
-    empty 8-bit codes, whose empty scales view the kernels read as full-precision moments
-    (their one sign of 8-bit ones is a nonempty table): give them an empty moment in the
-    param's dtype, equally nothing to step. Otherwise the same tensors."""
-    return [torch.empty(s.shape, dtype=s.dtype, device=s.device)
-            if m.dtype == torch.uint8 and m.numel() == 0 else m
-            for m, s in zip(moments, shards)]

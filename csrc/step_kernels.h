@@ -700,6 +700,33 @@ inline void prefetch_bytes(const void* stream, int64_t i) {
   }
 }
 
+// 8-bit moments of the kQBlock block at element b (n elements): its codes decoded into the
+// fp32 staging areas m and v, onto which s's moment pointers are moved (a role unused:
+// nothing); unstage_moments encodes the new values staged there back.
+inline void stage_moments(const UpdateArgs& a, int64_t b, int64_t n, float* m, float* v,
+                          UpdateArgs* s) {
+  prefetch_bytes(a.mom, b);
+  prefetch_bytes(a.sq, b);
+  if (a.mom) {
+    decode_moment<false>(static_cast<const uint8_t*>(a.mom) + b, a.mom_scales[b / kQBlock], n,
+                         m);
+    s->mom = m;
+  }
+  if (a.sq) {
+    decode_moment<true>(static_cast<const uint8_t*>(a.sq) + b, a.sq_scales[b / kQBlock], n, v);
+    s->sq = v;
+  }
+}
+
+inline void unstage_moments(const UpdateArgs& a, int64_t b, int64_t n, float* m, float* v) {
+  if (a.mom) {
+    encode_moment<false>(m, n, static_cast<uint8_t*>(a.mom) + b, a.mom_scales + b / kQBlock);
+  }
+  if (a.sq) {
+    encode_moment<true>(v, n, static_cast<uint8_t*>(a.sq) + b, a.sq_scales + b / kQBlock);
+  }
+}
+
 // M8: the tensor's moments are 8-bit codes (a.mom_scales, a.sq_scales). The update then
 // runs one kQBlock block at a time, as with int8 slots: the codes decoded into fp32
 // staging areas, the block updated on them, its new moments encoded.
@@ -733,10 +760,7 @@ double update_chunk(const UpdateArgs& a, int64_t begin, int64_t end) {
       const int64_t n = std::min(end, b + kQBlock) - b;
       UpdateArgs s = at_element<T, std::conditional_t<M8, uint8_t, T>>(a, b);
       float held[kQBlock], stage[kQBlock], m[kQBlock], v[kQBlock];
-      if constexpr (M8) {
-        prefetch_bytes(a.mom, b);
-        prefetch_bytes(a.sq, b);
-      }
+      if constexpr (M8) stage_moments(a, b, n, m, v, &s);
       if constexpr (kInt8) {
         prefetch_bytes(q, b);
         if (a.sum == nullptr) {
@@ -752,18 +776,6 @@ double update_chunk(const UpdateArgs& a, int64_t begin, int64_t end) {
           s.sum = held;
         }
       }
-      if constexpr (M8) {
-        if (a.mom) {
-          decode_moment<false>(static_cast<const uint8_t*>(s.mom), a.mom_scales[b / kQBlock],
-                               n, m);
-          s.mom = m;
-        }
-        if (a.sq) {
-          decode_moment<true>(static_cast<const uint8_t*>(s.sq), a.sq_scales[b / kQBlock],
-                              n, v);
-          s.sq = v;
-        }
-      }
       if constexpr (kInt8) {
         update_range<V, T, float, true, SR, void, TM>(s, 0, n, q ? stage : nullptr, 0, norm);
         if (q) {
@@ -774,16 +786,7 @@ double update_chunk(const UpdateArgs& a, int64_t begin, int64_t end) {
         TS* slot = a.slot ? static_cast<TS*>(a.slot) + b : nullptr;
         update_range<V, T, TS, false, SR, void, TM>(s, 0, n, slot, 0, norm);
       }
-      if constexpr (M8) {
-        if (a.mom) {
-          encode_moment<false>(m, n, static_cast<uint8_t*>(a.mom) + b,
-                               a.mom_scales + b / kQBlock);
-        }
-        if (a.sq) {
-          encode_moment<true>(v, n, static_cast<uint8_t*>(a.sq) + b,
-                              a.sq_scales + b / kQBlock);
-        }
-      }
+      if constexpr (M8) unstage_moments(a, b, n, m, v);
     }
   }
   return sumsq.total();
@@ -988,21 +991,9 @@ void am_blocks_8bit(const UpdateArgs& a, int64_t begin, int64_t end, Range&& ran
     const int64_t n = std::min(end, b + kQBlock) - b;
     UpdateArgs s = at_element<T, uint8_t>(a, b);
     float d[kQBlock], v[kQBlock];
-    prefetch_bytes(a.mom, b);
-    prefetch_bytes(a.sq, b);
-    decode_moment<false>(static_cast<const uint8_t*>(s.mom), a.mom_scales[b / kQBlock], n, d);
-    s.mom = d;
-    if (a.sq) {
-      decode_moment<true>(static_cast<const uint8_t*>(s.sq), a.sq_scales[b / kQBlock], n, v);
-      s.sq = v;
-    }
+    stage_moments(a, b, n, d, v, &s);
     range(s, n);
-    if constexpr (ENCODE) {
-      encode_moment<false>(d, n, static_cast<uint8_t*>(a.mom) + b, a.mom_scales + b / kQBlock);
-      if (a.sq) {
-        encode_moment<true>(v, n, static_cast<uint8_t*>(a.sq) + b, a.sq_scales + b / kQBlock);
-      }
-    }
+    if constexpr (ENCODE) unstage_moments(a, b, n, d, v);
   }
 }
 
