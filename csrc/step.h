@@ -78,6 +78,10 @@ struct UpdateArgs {
   // tensor's moment_scales (nullptr where the role is unused).
   float* mom_scales = nullptr;
   float* sq_scales = nullptr;
+  // ... and where the update stores the roots of the new second moments it computes
+  // (element i of the range at root + i), which their encoder then takes as magnitudes;
+  // nullptr: the encoder computes them.
+  float* root = nullptr;
   bool first = false;     // count was 0: the tensor's first step
   bool has_wd = false;
   bool scaled = false;    // divide gradients by grad_scale

@@ -249,6 +249,15 @@ inline void flush_insert(const float* m, TS* slot, float* sum) {
   insert_block<TS>(slot, sum, s0, s1, m0, m1);
 }
 
+// The roots of a block's new second moments, where the 8-bit encoder takes them
+// (a.root: staged 8-bit second moments; e: the block's index in the staged range).
+inline void store_root(const UpdateArgs& a, int64_t e, const Vec& r0, const Vec& r1) {
+  if (a.root != nullptr) {
+    r0.store(a.root + e);
+    r1.store(a.root + e + kV);
+  }
+}
+
 // One block of kW elements of one tensor: docs/SPEC.md's update of variant V. The
 // direction u the base rule takes and the value inserted into the buffer come first
 // (they are what the variants differ in), then the insert (shared), then the base rule.
@@ -343,13 +352,15 @@ inline void update_block(const UpdateArgs& a, int64_t e, T* p, const T* g, TM* m
       IO<T>::store(extra, v0, v1);
     }
     IO<TM>::store(mom, m0, m1);
+    const Vec r0 = v0.sqrt(), r1 = v1.sqrt();
+    store_root(a, e, r0, r1);
     if (V == kAdamCM && a.first) {  // no Adam update on CM's first step (eps 0: 0/0)
       store_param<T, SR>(a, p, e, x0, x1);
       return;
     }
     const Vec sqrt_bc2(a.sqrt_bc2), eps(a.eps), step_size(a.step_size);
-    const Vec d0 = v0.sqrt() / sqrt_bc2 + eps;
-    const Vec d1 = v1.sqrt() / sqrt_bc2 + eps;
+    const Vec d0 = r0 / sqrt_bc2 + eps;
+    const Vec d1 = r1 / sqrt_bc2 + eps;
     store_param<T, SR>(a, p, e, x0 - (step_size * num0) / d0, x1 - (step_size * num1) / d1);
   } else if constexpr (V == kRMSpropCG) {
     Vec q0, q1, d0, d1;
@@ -364,8 +375,10 @@ inline void update_block(const UpdateArgs& a, int64_t e, T* p, const T* g, TM* m
       d0 = (q0 - c0 * c0).sqrt() + eps;
       d1 = (q1 - c1 * c1).sqrt() + eps;
     } else {
-      d0 = q0.sqrt() + eps;
-      d1 = q1.sqrt() + eps;
+      const Vec r0 = q0.sqrt(), r1 = q1.sqrt();
+      store_root(a, e, r0, r1);
+      d0 = r0 + eps;
+      d1 = r1 + eps;
     }
     const Vec lr(a.lr);
     if (mom != nullptr) {
@@ -485,6 +498,31 @@ void update_range(const UpdateArgs& a, int64_t begin, int64_t end, TS* slot_base
   if ((slot_base && !STAGE) || fslot) std::memcpy(sum + i, tsum, r * sizeof(float));
 }
 
+// ---------------------------------------------------------------- blockwise quantization
+
+using IVec = Vectorized<int32_t>;
+static_assert(IVec::size() == kV, "an int32 vector holds a float vector's lanes");
+
+inline IVec bits_of(const Vec& v) {
+#ifdef CPU_CAPABILITY_AVX2
+  return _mm256_castps_si256(v);  // (at::vec's generic cast goes through memory)
+#else
+  return at::vec::cast<int32_t>(v);
+#endif
+}
+
+// kV int8 values as fp32.
+inline Vec int8_values(const int8_t* q) {
+#ifdef CPU_CAPABILITY_AVX2
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+#else
+  float t[kV];
+  for (int64_t l = 0; l < kV; ++l) t[l] = static_cast<float>(q[l]);
+  return Vec::loadu(t);
+#endif
+}
+
 // A block's scale from its lanes' largest magnitudes and the NaN poison (x * 0 per lane):
 // largest / qmax, rounded to nearest, or NaN for a block holding a NaN or an infinity.
 inline float block_scale(const Vec& amax, const Vec& poison, float qmax) {
@@ -502,55 +540,60 @@ inline float block_scale(const Vec& amax, const Vec& poison, float qmax) {
 
 // The scale of a block of `padded` values x (zero-padded to whole vectors: zeros change
 // neither the largest magnitude nor the poison), from mag(v, i), the magnitudes of the
-// vector at x + i. Four independent chains: with one, the loop waited on each add's
-// latency (max and the NaN test do not depend on the order).
+// vector at x + i. Four independent chains, each a named register: with one chain the
+// loop waited on each op's latency, and an array of them was kept on the stack. A plain
+// max: a NaN magnitude comes from a NaN x, which the poison reports.
 template <typename Mag>
 inline float block_scale_of(const float* x, int64_t padded, float qmax, Mag&& mag) {
-  constexpr int kChains = 4;
-  Vec amax[kChains], poison[kChains];  // poison: x * 0 is NaN for a NaN or an infinity
-  for (int k = 0; k < kChains; ++k) amax[k] = poison[k] = Vec(0.f);
-  int64_t i = 0;
-  for (; i + kChains * kV <= padded; i += kChains * kV) {
-    for (int k = 0; k < kChains; ++k) {
-      const Vec v = Vec::loadu(x + i + k * kV);
-      amax[k] = at::vec::maximum(amax[k], mag(v, i + k * kV));
-      poison[k] = poison[k] + v * Vec(0.f);
-    }
-  }
-  for (; i < padded; i += kV) {
+  const Vec zero(0.f);
+  Vec a0 = zero, a1 = zero, a2 = zero, a3 = zero, p0 = zero, p1 = zero, p2 = zero, p3 = zero;
+  auto add = [&](Vec& amax, Vec& poison, int64_t i) {
     const Vec v = Vec::loadu(x + i);
-    amax[0] = at::vec::maximum(amax[0], mag(v, i));
-    poison[0] = poison[0] + v * Vec(0.f);
+    amax = at::vec::clamp_min(mag(v, i), amax);
+    poison = poison + v * zero;
+  };
+  int64_t i = 0;
+  for (; i + 4 * kV <= padded; i += 4 * kV) {
+    add(a0, p0, i);
+    add(a1, p1, i + kV);
+    add(a2, p2, i + 2 * kV);
+    add(a3, p3, i + 3 * kV);
   }
-  return block_scale(at::vec::maximum(at::vec::maximum(amax[0], amax[1]),
-                                      at::vec::maximum(amax[2], amax[3])),
-                     (poison[0] + poison[1]) + (poison[2] + poison[3]), qmax);
+  for (; i < padded; i += kV) add(a0, p0, i);
+  return block_scale(at::vec::clamp_min(at::vec::clamp_min(a0, a1), at::vec::clamp_min(a2, a3)),
+                     (p0 + p1) + (p2 + p3), qmax);
 }
 
-// int8 slots (cm_fused/quantize.py, the same operations in the same order): quantize the
-// n <= kQBlock staged values x of one block into q and *scale, and update S by the
-// values the slot held and holds: S <- (S - q_old * scale_old) + q * scale (sum nullptr:
-// no running sum is kept).
+// int8 slots (cm_fused/quantize.py, the same operations in the same order): the block's
+// quotients x / s rounded and clamped to [-127, 127] into r. (A division, as the
+// reference's: multiplying by 1 / s and redoing the blocks where a product lay near a
+// tie was slower; the divider runs beside the rest of the loop.)
+inline void slot_codes(const float* x, int64_t padded, float s, float* r) {
+  const Vec vs(s), lo(-127.f), hi(127.f);
+  for (int64_t i = 0; i < padded; i += kV) {
+    const Vec v = (Vec::loadu(x + i) / vs).round();  // ties to even
+    at::vec::clamp(v, lo, hi).store(r + i);  // (the clamp is reachable only with a tiny s)
+  }
+}
+
+// Quantize the n <= kQBlock staged values x of one block into q and *scale, and update S
+// by the values the slot held and holds: S <- (S - q_old * scale_old) + q * scale (sum
+// nullptr: no running sum is kept).
 inline void quantize_insert(float* __restrict x, int64_t n, int8_t* __restrict q, float* scale,
                             float* __restrict sum) {
   const int64_t padded = (n + kV - 1) / kV * kV;  // zeros change neither absmax nor NaN
   std::memset(static_cast<void*>(x + n), 0, (padded - n) * sizeof(float));
   const float s = block_scale_of(x, padded, 127.f,
                                  [](const Vec& v, int64_t) { return v.abs(); });
-  const bool ok = s > 0.f;  // false for NaN: the block stores zeros
   const float s_old = *scale;
   *scale = s;
-  // Plain loops over the block, which the compiler vectorises (int8 <-> fp32 included).
   float r[kQBlock];
-  if (ok) {
-    for (int64_t i = 0; i < n; ++i) {
-      float v = std::rint(x[i] / s);  // ties to even (the default rounding mode)
-      v = v > 127.f ? 127.f : v;  // (reachable only with a subnormal scale)
-      r[i] = v < -127.f ? -127.f : v;
-    }
+  if (!(s > 0.f)) {  // a NaN scale (non-finite block) or a zero one: the block stores zeros
+    std::memset(static_cast<void*>(r), 0, n * sizeof(float));
   } else {
-    for (int64_t i = 0; i < n; ++i) r[i] = 0.f;
+    slot_codes(x, padded, s, r);
   }
+  // Plain loops, which the compiler vectorises (int8 <-> fp32 included).
   if (sum != nullptr) {
     for (int64_t i = 0; i < n; ++i) {
       sum[i] = (sum[i] - static_cast<float>(q[i]) * s_old) + r[i] * s;
@@ -560,19 +603,37 @@ inline void quantize_insert(float* __restrict x, int64_t n, int8_t* __restrict q
 }
 
 // Slots without a running sum (docs/SPEC.md): what the n <= kQBlock elements of a block
-// sum to over the C int8 slots, ((B[0] + B[1]) + B[2]) + ..., into held. block: the
-// block's index in the tensor; n_el: the tensor's elements (the slots' stride).
+// sum to over the C int8 slots, ((B[0] + B[1]) + B[2]) + ..., into held: four vectors at a
+// time through all slots in registers (one vector at a time waited on each add). block:
+// the block's index in the tensor; n_el: the tensor's elements (the slots' stride).
 inline void slot_sum(const int8_t* __restrict slots, const float* __restrict scales,
                      int64_t C, int64_t n_el, int64_t block, int64_t n,
                      float* __restrict held) {
   const int64_t nb = (n_el + kQBlock - 1) / kQBlock;
   const int8_t* q = slots + block * kQBlock;
-  const float s0 = scales[block];
-  for (int64_t i = 0; i < n; ++i) held[i] = static_cast<float>(q[i]) * s0;
-  for (int64_t j = 1; j < C; ++j) {
-    const int8_t* qj = q + j * n_el;
-    const float sj = scales[j * nb + block];
-    for (int64_t i = 0; i < n; ++i) held[i] = held[i] + static_cast<float>(qj[i]) * sj;
+  const float* s = scales + block;
+  int64_t i = 0;
+  for (; i + 4 * kV <= n; i += 4 * kV) {  // (whole vectors only: the tail may end the tensor)
+    const Vec s0(s[0]);
+    Vec a0 = int8_values(q + i) * s0, a1 = int8_values(q + i + kV) * s0;
+    Vec a2 = int8_values(q + i + 2 * kV) * s0, a3 = int8_values(q + i + 3 * kV) * s0;
+    for (int64_t j = 1; j < C; ++j) {
+      const int8_t* qj = q + j * n_el + i;
+      const Vec sj(s[j * nb]);
+      a0 = a0 + int8_values(qj) * sj;
+      a1 = a1 + int8_values(qj + kV) * sj;
+      a2 = a2 + int8_values(qj + 2 * kV) * sj;
+      a3 = a3 + int8_values(qj + 3 * kV) * sj;
+    }
+    a0.store(held + i);
+    a1.store(held + i + kV);
+    a2.store(held + i + 2 * kV);
+    a3.store(held + i + 3 * kV);
+  }
+  for (; i < n; ++i) {
+    float acc = static_cast<float>(q[i]) * s[0];
+    for (int64_t j = 1; j < C; ++j) acc = acc + static_cast<float>(q[j * n_el + i]) * s[j * nb];
+    held[i] = acc;
   }
 }
 
@@ -582,81 +643,110 @@ inline void slot_sum(const int8_t* __restrict slots, const float* __restrict sca
 constexpr float kE4M3Max = 448.f;
 constexpr int32_t kSign = 0x80;
 
-// A code's signed value: the magnitude's e4m3 value (c & 0x7F: below 8 a multiple of
+// kV codes' signed values: the magnitude's e4m3 value (c & 0x7F: below 8 a multiple of
 // 2^-9, else the code's bits rebiased into an fp32's), with the momentum's sign bit moved
-// to the fp32 sign. Bit selects rather than a table: the loop below then vectorises
-// (a 256-entry table read per element kept it scalar).
-inline float e4m3_signed(int32_t c) {
-  const int32_t mag = c & (kSign - 1);
-  const float sub = static_cast<float>(mag) * 0x1p-9f;
-  uint32_t sub_bits;
-  std::memcpy(&sub_bits, &sub, sizeof(sub));
-  const uint32_t normal_bits = static_cast<uint32_t>(mag + 960) << 20;
-  const uint32_t small = 0u - static_cast<uint32_t>(mag < 8);  // (a mask: a ternary here
-  // is a branch to the compiler, which then keeps the loop scalar)
-  const uint32_t bits = (sub_bits & small) | (normal_bits & ~small) |
-                        (static_cast<uint32_t>(c & kSign) << 24);
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
+// to the fp32 sign.
+inline Vec e4m3_signed(const uint8_t* codes) {
+#ifdef CPU_CAPABILITY_AVX2
+  const IVec c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
+#else
+  int32_t t[kV];
+  for (int64_t l = 0; l < kV; ++l) t[l] = codes[l];
+  const IVec c = IVec::loadu(t);
+#endif
+  const IVec mag = c & IVec(kSign - 1);
+  const IVec sub = bits_of(at::vec::convert_to_fp_of_same_size<float>(mag) * Vec(0x1p-9f));
+  const IVec normal = (mag + IVec(960)) << IVec(20);
+  const IVec bits = IVec::blendv(normal, sub, mag < IVec(8)) | ((c & IVec(kSign)) << IVec(24));
+  return at::vec::cast<float>(bits);
 }
 
 // The fp32 values n codes of one block hold: the momentum's signed, the second moment's
 // the square of the code's value (-D * scale is -(D * scale): rounding to nearest is
-// symmetric).
+// symmetric). Whole vectors (x has room for them), the codes' tail through a copy.
 template <bool SECOND>
 inline void decode_moment(const uint8_t* __restrict codes, float scale, int64_t n,
                           float* __restrict x) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float t = e4m3_signed(codes[i]) * scale;
-    x[i] = SECOND ? t * t : t;
+  const Vec s(scale);
+  auto put = [&](const uint8_t* c, int64_t i) {
+    const Vec t = e4m3_signed(c) * s;
+    (SECOND ? t * t : t).store(x + i);
+  };
+  int64_t i = 0;
+  for (; i + kV <= n; i += kV) put(codes + i, i);
+  if (i < n) {
+    uint8_t tail[kV] = {};
+    std::memcpy(tail, codes + i, n - i);
+    put(tail, i);
+  }
+}
+
+// The e4m3 code of magnitudes y in [0, 448]: below 2^-6, rint(y * 512) (a multiple of
+// 2^-9); else y's bits rounded to three mantissa bits, ties to even, and rebiased.
+constexpr int32_t kMinNormal = 0x3C800000;  // 2^-6's bits (y >= 0: bits order as values)
+
+C10_ALWAYS_INLINE IVec e4m3_code(const Vec& y) {  // (called per vector)
+  const IVec b = bits_of(y);
+  const IVec normal =
+      ((b + IVec(0x7FFFF) + ((b >> IVec(20)) & IVec(1))) >> IVec(20)) - IVec(960);
+  const IVec sub = at::vec::convert_to_int_of_same_size((y * Vec(512.f)).round());  // ties even
+  return IVec::blendv(normal, sub, b < IVec(kMinNormal));
+}
+
+// The codes of one block's values x (magnitudes mag: |x|, or the second moment's roots)
+// by the scale s, as quantize_moment: min(mag / s, 448)'s e4m3 code (a division, as the
+// reference's: see slot_codes), the momentum's sign in bit 7, and a positive second
+// moment never 0.
+template <bool SECOND>
+inline void moment_codes(const float* x, const float* mag, int64_t padded, float s,
+                         int32_t* c) {
+  const Vec vs(s), vmax(kE4M3Max);
+  for (int64_t i = 0; i < padded; i += kV) {
+    const Vec xv = Vec::loadu(x + i);
+    const Vec m = SECOND ? Vec::loadu(mag + i) : xv.abs();
+    IVec code = e4m3_code(at::vec::clamp_max(m / vs, vmax));
+    if constexpr (SECOND) {  // (m > 0: its bits > 0)
+      code = IVec::blendv(code, IVec(1), (code == IVec(0)) & (bits_of(m) > IVec(0)));
+    } else {  // x < 0 (a -0 has code 0)
+      code = code | IVec::blendv((bits_of(xv) < IVec(0)) & IVec(kSign), IVec(0),
+                                 code == IVec(0));
+    }
+    code.store(c + i);
   }
 }
 
 // One block's n new values x (fp32) -> codes and *scale, as quantize_moment: the
-// momentum by its magnitude and sign, the second moment by its correctly rounded root.
-// Plain loops over the block's arrays, which the compiler vectorises.
+// momentum by its magnitude and sign, the second moment by its correctly rounded root
+// (root: the roots as the update computed them, nullptr: computed here).
 template <bool SECOND>
-inline void encode_moment(float* x, int64_t n, uint8_t* codes, float* scale) {
+inline void encode_moment(float* x, int64_t n, uint8_t* codes, float* scale,
+                          float* root = nullptr) {
   const int64_t padded = (n + kV - 1) / kV * kV;  // zeros change neither absmax nor NaN
   std::memset(static_cast<void*>(x + n), 0, (padded - n) * sizeof(float));
-  float mag[kQBlock];
-  const float s = block_scale_of(x, padded, kE4M3Max, [&mag](const Vec& v, int64_t i) {
-    const Vec m = SECOND ? v.sqrt() : v.abs();  // (IEEE sqrt: correctly rounded)
-    m.store(mag + i);
-    return m;
-  });
+  float roots[SECOND ? kQBlock : 1];  // (the momentum's magnitudes are recomputed: cheaper)
+  float* mag = root != nullptr ? root : roots;
+  float s;
+  if (!SECOND) {
+    s = block_scale_of(x, padded, kE4M3Max, [](const Vec& v, int64_t) { return v.abs(); });
+  } else if (root != nullptr) {
+    std::memset(static_cast<void*>(root + n), 0, (padded - n) * sizeof(float));
+    s = block_scale_of(x, padded, kE4M3Max,
+                       [root](const Vec&, int64_t i) { return Vec::loadu(root + i); });
+  } else {
+    s = block_scale_of(x, padded, kE4M3Max, [&roots](const Vec& v, int64_t i) {
+      const Vec m = v.sqrt();  // (IEEE sqrt: correctly rounded)
+      m.store(roots + i);
+      return m;
+    });
+  }
   *scale = s;
   if (!(s > 0.f)) {  // a non-finite block (NaN scale) or a zero scale: every code 0
     std::memset(codes, 0, n);
     return;
   }
-  // E in two loops without a branch per element (a data-dependent branch on y < 2^-6
-  // mispredicted at random and kept the loop scalar: 3x slower): the float part with
-  // vector ops, then integer selects on the bits, which the compiler vectorises.
-  float y[kQBlock];
-  int32_t sub[kQBlock], ybits[kQBlock], xbits[kQBlock];
-  const Vec vs(s), vmax(kE4M3Max), v512(512.f);
-  for (int64_t i = 0; i < padded; i += kV) {
-    // (a division, as the reference's; min(y, 448) as its clamp)
-    const Vec r = at::vec::minimum(Vec::loadu(mag + i) / vs, vmax);
-    r.store(y + i);
-    at::vec::convert_to_int_of_same_size((r * v512).round()).store(sub + i);  // ties even
-  }
-  std::memcpy(ybits, y, n * sizeof(float));
-  std::memcpy(xbits, SECOND ? mag : x, n * sizeof(float));
-  constexpr int32_t kMinNormal = 0x3C800000;  // 2^-6's bits (y >= 0: bits order as values)
-  for (int64_t i = 0; i < n; ++i) {
-    const int32_t b = ybits[i];
-    const int32_t normal = ((b + 0x7FFFF + ((b >> 20) & 1)) >> 20) - 960;
-    int32_t c = b < kMinNormal ? sub[i] : normal;
-    if constexpr (SECOND) {  // a positive second moment never reads as 0 (w > 0: bits > 0)
-      c = (c == 0 && xbits[i] > 0) ? 1 : c;
-    } else {  // x < 0 (a -0 has code 0; a NaN makes the block non-finite)
-      c = (xbits[i] < 0 && c != 0) ? (c | kSign) : c;
-    }
-    codes[i] = static_cast<uint8_t>(c);
-  }
+  int32_t c[kQBlock];
+  moment_codes<SECOND>(x, mag, padded, s, c);
+  for (int64_t i = 0; i < n; ++i) codes[i] = static_cast<uint8_t>(c[i]);  // (vectorised)
 }
 
 // A deferred insert into an int8 slot, elements [b, e) (b a multiple of kQBlock, e - b
@@ -718,12 +808,14 @@ inline void stage_moments(const UpdateArgs& a, int64_t b, int64_t n, float* m, f
   }
 }
 
-inline void unstage_moments(const UpdateArgs& a, int64_t b, int64_t n, float* m, float* v) {
+inline void unstage_moments(const UpdateArgs& a, int64_t b, int64_t n, float* m, float* v,
+                            float* root = nullptr) {
   if (a.mom) {
     encode_moment<false>(m, n, static_cast<uint8_t*>(a.mom) + b, a.mom_scales + b / kQBlock);
   }
   if (a.sq) {
-    encode_moment<true>(v, n, static_cast<uint8_t*>(a.sq) + b, a.sq_scales + b / kQBlock);
+    encode_moment<true>(v, n, static_cast<uint8_t*>(a.sq) + b, a.sq_scales + b / kQBlock,
+                        root);
   }
 }
 
@@ -759,8 +851,13 @@ double update_chunk(const UpdateArgs& a, int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; b += kQBlock) {
       const int64_t n = std::min(end, b + kQBlock) - b;
       UpdateArgs s = at_element<T, std::conditional_t<M8, uint8_t, T>>(a, b);
-      float held[kQBlock], stage[kQBlock], m[kQBlock], v[kQBlock];
-      if constexpr (M8) stage_moments(a, b, n, m, v, &s);
+      float held[kQBlock], stage[kQBlock], m[kQBlock], v[kQBlock], root[kQBlock];
+      if constexpr (M8) {
+        stage_moments(a, b, n, m, v, &s);
+        // the new second moments' roots, as the update computes them (with amsgrad it
+        // takes the root of their maximum with v_max instead: then the encoder's own)
+        if (a.sq && a.extra == nullptr) s.root = root;
+      }
       if constexpr (kInt8) {
         prefetch_bytes(q, b);
         if (a.sum == nullptr) {
@@ -786,7 +883,7 @@ double update_chunk(const UpdateArgs& a, int64_t begin, int64_t end) {
         TS* slot = a.slot ? static_cast<TS*>(a.slot) + b : nullptr;
         update_range<V, T, TS, false, SR, void, TM>(s, 0, n, slot, 0, norm);
       }
-      if constexpr (M8) unstage_moments(a, b, n, m, v);
+      if constexpr (M8) unstage_moments(a, b, n, m, v, s.root);
     }
   }
   return sumsq.total();
