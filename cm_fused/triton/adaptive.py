@@ -18,6 +18,11 @@ Memory traffic per element and step, fp32: AdamAM reads g, d, v, p twice and wri
 d, v, p once: 44 B (AdamW: 28 B); SGDAM reads g, d (and p, with weight decay) in the
 reduce pass and g, d, p in the update, and writes d, p: 28 B (32 B with weight decay;
 torch's SGD with momentum: 20 B).
+
+8-bit moments (d, v uint8 codes, StepArgs.moment_scales): both passes read the values
+the codes hold (kernels._moment_load), the update writes the new ones as codes per block
+of QB elements (kernels._moment_store), as the critical-buffer variants do; fp32 params:
+AdamAM 26 B per element, SGDAM 19 B (23 B with weight decay), and the scales' 4/256 B.
 """
 import triton
 import triton.language as tl
