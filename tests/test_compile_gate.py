@@ -10,7 +10,8 @@ kernels under the launcher's register ceiling, launch.MAXNREG); in the streamed 
 (norm, update, adaptive memory), no load of a loop iteration after its first store,
 and 16-byte vector global loads in aligned buckets of every dtype (none where the
 bucket is unaligned; no 8-byte ones where params, gradients or state are 2-byte, but
-for int8 slots and 8-bit moments); and, with int8 slots or 8-bit moments, the quantizer's
+for int8 slots and 8-bit moments); and, with int8 slots or 8-bit moments (adaptive
+memory's too), the quantizer's
 rounding constant in the code (not folded away).
 ``python -m pytest tests/test_compile_gate.py -s`` prints the table (``-m aot`` selects
 the gate alone); the default run compiles a representative subset, ``-m slow`` every
@@ -27,7 +28,7 @@ import pytest
 import torch
 
 from compare import make_params, set_grads
-from family import EVERY, FAMILY, cases, require
+from family import ADAPTIVE, EVERY, FAMILY, cases, require
 
 try:
     import triton  # noqa: F401
@@ -100,6 +101,13 @@ def _configs(full: bool):
             if full or name + layout in default:
                 out.append((f"{name}/m8{layout}", name,
                             dict(kw={**kw, **slots}, dtype=dtype)))
+    # Adaptive memory's 8-bit moments (no slots): its reduce and update passes, fp32 and
+    # bf16 params; the default run one dtype each.
+    for name, member in ADAPTIVE.items():
+        for layout, dtype in (("", torch.float32), ("/bf16", torch.bfloat16)):
+            if full or name + layout in ("adamam", "sgdam/bf16"):
+                out.append((f"{name}/m8{layout}", name,
+                            dict(kw={**member.configs["all"], **eight}, dtype=dtype)))
     # Stochastic rounding of bf16/fp16 params: the update kernels' ROUNDING variants
     # (every optimizer; fp16 and an unaligned bucket under -m slow).
     for name, member in EVERY.items():
@@ -187,7 +195,9 @@ def _gate(full: bool, capsys, archs=ARCHS):
         what = (r["kernel"], r["arch"], _short(r["constexprs"]))
         codes = consts.get("B_DT") == "int8" or "uint8" in (consts.get("M_DT"),
                                                              consts.get("V_DT"))
-        if codes:  # the quantizers' rounding (int8 values, e4m3 subnormals) not folded away
+        # the quantizers' rounding (int8 values, e4m3 subnormals) not folded away, where
+        # the kernel encodes (adaptive memory's reduce pass only decodes)
+        if codes and consts.get("REDUCE") != "True":
             assert r["rne_const"] > 0, what
         if r["kernel"] not in streamed:
             continue

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from ..contract import Capabilities, StepArgs, Variant
+from ..contract import Capabilities, StepArgs
 from ..registry import FUSED_DTYPES
 
 _import_error: str | None = None
@@ -23,11 +23,11 @@ _import_error: str | None = None
 # The decide kernel holds a tile of every tensor's keys in registers: up to 256 slots it
 # compiles without spills for sm_80 and sm_90 (tests/test_compile_gate.py; 512 spills
 # 360 bytes on sm_90). AdamCM with fp32 params defers its inserts (kernels._update_kernel).
-# 8-bit moments: the critical-buffer variants. (Not adaptive memory's yet: its beta comes
-# from sums the kernels add in another order than the reference, an ulp apart, and a
-# code flips on an ulp: the bytes would not be the reference's.)
-CAPABILITIES = Capabilities(defers_inserts=True, max_top_c=256,
-                            eight_bit_moments=frozenset(v for v in Variant if v.buffered))
+# 8-bit moments: every variant. The critical-buffer ones write the reference's bytes;
+# adaptive memory's beta comes from sums the kernels add in another order than the
+# reference (an ulp apart, as with full-precision state), so a new moment on a code's
+# rounding boundary may land one code step from the reference's.
+CAPABILITIES = Capabilities(defers_inserts=True, max_top_c=256, eight_bit_moments=True)
 
 
 def _op_module():

@@ -18,13 +18,18 @@ Memory traffic per element and step, fp32: AdamAM reads g, d, v, p twice and wri
 d, v, p once: 44 B (AdamW: 28 B); SGDAM reads g, d (and p, with weight decay) in the
 reduce pass and g, d, p in the update, and writes d, p: 28 B (32 B with weight decay;
 torch's SGD with momentum: 20 B).
+
+8-bit moments (d, v uint8 codes, StepArgs.moment_scales): both passes read the values
+the codes hold (kernels._moment_load), the update writes the new ones as codes per block
+of QB elements (kernels._moment_store), as the critical-buffer variants do; fp32 params:
+AdamAM 26 B per element, SGDAM 19 B (23 B with weight decay), and the scales' 4/256 B.
 """
 import triton
 import triton.language as tl
 
-from .kernels import (ADAM_AM, FLAG_FIRST, ROW_G, ROW_M, ROW_MEM, ROW_P, ROW_STEP, ROW_V,
-                      SGD_AM, _chunk, _f64, _ld, _lr_and_decay, _narrow, _param_code, _pow64,
-                      _rounding_key, _st)
+from .kernels import (ADAM_AM, FLAG_FIRST, ROW_G, ROW_M, ROW_MEM, ROW_MS, ROW_P, ROW_STEP,
+                      ROW_V, SGD_AM, _chunk, _f64, _ld, _lr_and_decay, _moment_load,
+                      _moment_store, _param_code, _pow64, _rounding_key, _st)
 
 TINY = tl.constexpr(1.1754943508222875e-38)  # fp32's smallest normal: the floor of c
 PHASE_ALL, PHASE_REDUCE, PHASE_UPDATE = (tl.constexpr(i) for i in range(3))
@@ -40,22 +45,26 @@ def _adam_am_scalars(step, prod, beta1, beta2_hi, beta2_lo):
 
 
 @triton.jit
-def _am_block(idx, mask, p_ptr, g_ptr, d_ptr, v_ptr, scale, first, c, inv_sqrt_bc2, beta,
-              coef_d, coef_g, lr, decay_factor, beta2, one_minus_beta2, eps, weight_decay,
-              lam, rkey, roffset, VARIANT: tl.constexpr, P_DT: tl.constexpr,
+def _am_block(idx, mask, p_ptr, g_ptr, d_ptr, v_ptr, dq_ptr, vq_ptr, scale, first, c,
+              inv_sqrt_bc2, beta, coef_d, coef_g, lr, decay_factor, beta2, one_minus_beta2,
+              eps, weight_decay, lam, rkey, roffset, VARIANT: tl.constexpr,
+              P_DT: tl.constexpr, M_DT: tl.constexpr, V_DT: tl.constexpr,
               HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, REDUCE: tl.constexpr,
-              ROUNDING: tl.constexpr):
+              ROUNDING: tl.constexpr, QB: tl.constexpr, BLOCK: tl.constexpr):
     """One block: REDUCE returns the NS terms (0 outside the mask); else stores the
-    update."""
+    update. d and v of dtype uint8 are 8-bit codes (their block scales at dq_ptr and
+    vq_ptr): both passes read the values they hold, so the update sees the d and v the
+    sums were taken over; the update writes its new ones back as codes."""
     g = _ld(g_ptr + idx, mask).to(tl.float32)
     if HAS_SCALE:
         g = tl.div_rn(g, scale)
     if MAXIMIZE:
         g = -g
     x = _ld(p_ptr + idx, mask).to(tl.float32)
-    d = _ld(d_ptr + idx, mask).to(tl.float32)
+    d = _moment_load(d_ptr, dq_ptr, idx, mask, M_DT, False, QB, BLOCK)
     if VARIANT == ADAM_AM:
-        v_new = _ld(v_ptr + idx, mask).to(tl.float32) * beta2 + (one_minus_beta2 * g) * g
+        v_new = (_moment_load(v_ptr, vq_ptr, idx, mask, V_DT, True, QB, BLOCK) * beta2
+                 + (one_minus_beta2 * g) * g)
         # reference.adam_am_planes: 1/P = R*W and 1/R = P*W, one division per element
         P = c * (tl.sqrt_rn(v_new) * inv_sqrt_bc2 + eps)
         R = 1.0 + lam * P
@@ -76,8 +85,8 @@ def _am_block(idx, mask, p_ptr, g_ptr, d_ptr, v_ptr, scale, first, c, inv_sqrt_b
             return t0, t1, t2, t3
         else:
             d_new = ((1.0 - beta) * g + (lam * P + beta) * d) * (P * w)
-            _st(d_ptr + idx, _narrow(d_new, P_DT), mask)
-            _st(v_ptr + idx, _narrow(v_new, P_DT), mask)
+            _moment_store(d_ptr, dq_ptr, idx, mask, d_new, M_DT, False, QB, BLOCK)
+            _moment_store(v_ptr, vq_ptr, idx, mask, v_new, V_DT, True, QB, BLOCK)
             x_new = x * decay_factor - (lr * d_new) * (R * w)
             _st(p_ptr + idx, _param_code(x_new, idx, rkey, roffset, P_DT, ROUNDING), mask)
             return g, g, g, g  # not used
@@ -93,7 +102,7 @@ def _am_block(idx, mask, p_ptr, g_ptr, d_ptr, v_ptr, scale, first, c, inv_sqrt_b
             return t0, t1, t0, t0
         else:
             d_new = tl.where(first, g, coef_d * d + coef_g * g)
-            _st(d_ptr + idx, _narrow(d_new, P_DT), mask)
+            _moment_store(d_ptr, dq_ptr, idx, mask, d_new, M_DT, False, QB, BLOCK)
             _st(p_ptr + idx, _param_code(x - lr * d_new, idx, rkey, roffset, P_DT, ROUNDING),
                 mask)
             return g, g, g, g  # not used
@@ -104,12 +113,15 @@ def _am_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, gtab_ptr, T, partial_pt
                dec_i_ptr, dec_f_ptr, lr_hi, wd_factor, lr_ptr, scale_ptr, found_inf_ptr,
                chunk_len, beta1, beta2_hi, beta2_lo, beta2, one_minus_beta2, eps,
                weight_decay, lam, one_plus_lam, rounding_ptr, VARIANT: tl.constexpr,
-               P_DT: tl.constexpr, G_DT: tl.constexpr, LR_IS_PTR: tl.constexpr,
-               HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, MAXIMIZE: tl.constexpr,
-               REDUCE: tl.constexpr, NS: tl.constexpr, ALIGNED: tl.constexpr,
-               ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
+               P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr,
+               V_DT: tl.constexpr, LR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
+               HAS_FOUND_INF: tl.constexpr, MAXIMIZE: tl.constexpr, REDUCE: tl.constexpr,
+               NS: tl.constexpr, ALIGNED: tl.constexpr, ROUNDING: tl.constexpr,
+               QB: tl.constexpr, BLOCK: tl.constexpr):
     """REDUCE: the chunk's partial sums; else the update (ROUNDING: bf16/fp16 params
     rounded stochastically with their tensor's row of rounding_ptr, StepArgs.rounding).
+    M_DT, V_DT uint8: 8-bit moments (QB elements per scale; BLOCK a multiple of QB and
+    chunks start at multiples of BLOCK, so a block's scales are its own).
     """
     tl.static_assert(not (ROUNDING and REDUCE))  # (_rounding_key reads the step decided)
     beta1 = tl.cast(beta1, tl.float32)
@@ -125,8 +137,11 @@ def _am_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, gtab_ptr, T, partial_pt
     t, start, numel, gi = _chunk(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr)
     p_ptr = tl.load(tab_ptr + ROW_P * n_tab + t).to(tl.pointer_type(P_DT))
     g_ptr = tl.load(tab_ptr + ROW_G * n_tab + t).to(tl.pointer_type(G_DT))
-    d_ptr = tl.load(tab_ptr + ROW_M * n_tab + t).to(tl.pointer_type(P_DT))
-    v_ptr = tl.load(tab_ptr + ROW_V * n_tab + t).to(tl.pointer_type(P_DT))  # 0: SGD_AM
+    d_ptr = tl.load(tab_ptr + ROW_M * n_tab + t).to(tl.pointer_type(M_DT))
+    v_ptr = tl.load(tab_ptr + ROW_V * n_tab + t).to(tl.pointer_type(V_DT))  # 0: SGD_AM
+    # 8-bit moments: row 0 d's scales, row 1 v's (0 where the moments are not codes)
+    dq_ptr = tl.load(tab_ptr + ROW_MS * n_tab + t).to(tl.pointer_type(tl.float32))
+    vq_ptr = dq_ptr + (numel + QB - 1) // QB
     if ALIGNED:  # see kernels._update_kernel
         p_ptr = tl.multiple_of(p_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
@@ -168,10 +183,10 @@ def _am_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, gtab_ptr, T, partial_pt
     a3 = tl.zeros([BLOCK], dtype=tl.float32)
     for off in range(start, full_end, BLOCK):  # full blocks: no mask
         t0, t1, t2, t3 = _am_block(
-            off + tl.arange(0, BLOCK), None, p_ptr, g_ptr, d_ptr, v_ptr, scale, first, c,
-            inv_sqrt_bc2, beta, coef_d, coef_g, lr, decay_factor, beta2, one_minus_beta2, eps,
-            weight_decay, lam, rkey, roffset, VARIANT, P_DT, HAS_SCALE, MAXIMIZE, REDUCE,
-            ROUNDING)
+            off + tl.arange(0, BLOCK), None, p_ptr, g_ptr, d_ptr, v_ptr, dq_ptr, vq_ptr, scale,
+            first, c, inv_sqrt_bc2, beta, coef_d, coef_g, lr, decay_factor, beta2,
+            one_minus_beta2, eps, weight_decay, lam, rkey, roffset, VARIANT, P_DT, M_DT, V_DT,
+            HAS_SCALE, MAXIMIZE, REDUCE, ROUNDING, QB, BLOCK)
         if REDUCE:
             a0 += t0
             a1 += t1
@@ -180,9 +195,10 @@ def _am_kernel(tab_ptr, n_tab, chunk_t_ptr, chunk_s_ptr, gtab_ptr, T, partial_pt
     for off in range(full_end, end, BLOCK):  # the tensor's last, short block (0 or 1)
         idx = off + tl.arange(0, BLOCK)
         t0, t1, t2, t3 = _am_block(
-            idx, idx < end, p_ptr, g_ptr, d_ptr, v_ptr, scale, first, c, inv_sqrt_bc2, beta,
-            coef_d, coef_g, lr, decay_factor, beta2, one_minus_beta2, eps, weight_decay,
-            lam, rkey, roffset, VARIANT, P_DT, HAS_SCALE, MAXIMIZE, REDUCE, ROUNDING)
+            idx, idx < end, p_ptr, g_ptr, d_ptr, v_ptr, dq_ptr, vq_ptr, scale, first, c,
+            inv_sqrt_bc2, beta, coef_d, coef_g, lr, decay_factor, beta2, one_minus_beta2, eps,
+            weight_decay, lam, rkey, roffset, VARIANT, P_DT, M_DT, V_DT, HAS_SCALE, MAXIMIZE,
+            REDUCE, ROUNDING, QB, BLOCK)
         if REDUCE:
             a0 += t0
             a1 += t1

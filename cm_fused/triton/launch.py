@@ -502,11 +502,6 @@ def _sizes(args: StepArgs) -> tuple[int, int]:
 
 
 def _step(args: StepArgs) -> None:
-    if args.moment_scales and not Variant(args.variant).buffered:
-        # (Capabilities keeps the optimizer from asking)
-        raise ValueError(f"cm_fused (triton): 8-bit moments (state_dtype=torch.int8) of "
-                         f"{Variant(args.variant).name} are not stepped by the Triton "
-                         f"kernels yet")
     if args.pending and (args.variant != Variant.ADAM_CM or args.phase != Phase.ALL):
         raise ValueError("cm_fused (triton): pending inserts are AdamCM's, in a whole step "
                          "(StepArgs.pending)")
@@ -634,12 +629,13 @@ def _step_adaptive(args: StepArgs) -> None:
                          float(args.lam), 1.0 + float(args.lam),
                          dummy if rounding is None else rounding),
                         dict(VARIANT=int(args.variant), P_DT=b.dtypes["p"], G_DT=b.dtypes["g"],
+                             M_DT=b.dtypes["m"], V_DT=b.dtypes["v"],
                              LR_IS_PTR=lr_tensor is not None,
                              HAS_SCALE=grad_scale is not None,
                              HAS_FOUND_INF=found_inf is not None,
                              MAXIMIZE=bool(args.maximize), REDUCE=reduce, NS=ns,
                              ALIGNED=b.aligned, ROUNDING=rounding is not None,
-                             BLOCK=b.block),
+                             QB=QBLOCK, BLOCK=b.block),
                         NUM_WARPS, MAXNREG)
 
     # ADAM_AM's split step hands its sums over in args.reduced (summed over processes);
