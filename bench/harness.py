@@ -136,6 +136,8 @@ def bytes_per_step(kind: str, numel: int, param_dtype: torch.dtype,
     accesses = opt.accesses
     if kind == "torch":
         return numel * accesses * p
+    if kind == "peer":  # torchao's AdamW8bit: p, g as torch's; m, v 1 B each + a scale per 256
+        return numel * (3 * p + 4 * (1 + 4 / 256))
     if kind != "cm":
         raise ValueError(f"unknown kind {kind!r}")
     if not opt.buffered:  # adaptive memory: the reduce pass's reads, then the update
@@ -162,10 +164,11 @@ def single_pass(prov: "Provider", optimizer: str, param_dtype: torch.dtype) -> b
 @dataclass(frozen=True)
 class Provider:
     name: str
-    kind: str            # "torch" or "cm"
-    option: str          # torch: forloop/foreach/fused; cm: backend name
+    kind: str            # "torch", "cm", or "peer" (another library's 8-bit AdamW)
+    option: str          # torch: forloop/foreach/fused; cm: backend name; peer: library
     compiled: bool = False
     doc: str = ""
+    explicit: bool = False  # run only when named in --providers (slow, or a side install)
 
     def label(self, opt: Optimizer) -> str:
         """The row's name: torch_<class>_<option> (torch_adamw_fused, ...) or cm_<backend>."""
@@ -187,6 +190,10 @@ PROVIDERS = {p.name: p for p in [
     Provider("cm_cpu_compiled", "cm", "cpu", compiled=True,
              doc='torch.compile(<class>(backend="cpu").step): the C++ step as one '
                  'torch.library op in the graph, only with --compile'),
+    Provider("torchao_adamw8bit", "peer", "torchao", explicit=True,
+             doc="torchao.optim.AdamW8bit (block 256, 8-bit m and v; its step torch.compile'd "
+                 "by torchao), beside the 8-bit rows: AdamW-based optimizers only, where "
+                 "torchao imports, only when named"),
 ]}
 
 
@@ -195,6 +202,9 @@ def make_optimizer(prov: Provider, params, topC: int | None, buffer_dtype,
     """The provider's optimizer with the benchmark's hyperparameters; ``overrides`` replace
     or add keywords (a tensor lr, capturable=True for a CUDA graph)."""
     opt = OPTIMIZERS[optimizer]
+    if prov.kind == "peer":
+        from torchao.optim import AdamW8bit
+        return AdamW8bit(params, **{**opt.hyper, **overrides})
     if prov.kind == "torch":
         flags = {"forloop": dict(foreach=False), "foreach": dict(foreach=True),
                  "fused": dict(fused=True)}[prov.option]
@@ -216,13 +226,21 @@ def why_not(prov: Provider, device: torch.device, dtype: torch.dtype,
         if reason is None and prov.compiled and device.type == "cpu" and not _have_cxx():
             reason = "torch.compile on CPU needs a C++ compiler"
         return reason
-    # torch's own: try one tiny step, and report torch's words if it refuses.
+    if prov.kind == "peer":
+        if OPTIMIZERS[optimizer].torch is not torch.optim.AdamW:
+            return "torchao's AdamW8bit stands beside the AdamW-based optimizers only"
+        try:
+            import torchao.optim  # noqa: F401
+        except Exception as e:  # noqa: BLE001 - shown in the table as the reason
+            return f"torchao does not import: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    # torch's own (or the peer's): try one tiny step, and report its words if it refuses.
     try:
         p = torch.nn.Parameter(torch.ones(4, device=device, dtype=dtype))
         p.grad = torch.ones_like(p)
         make_optimizer(prov, [p], None, None, optimizer).step()
     except Exception as e:  # noqa: BLE001 - shown in the table as the reason
-        return f"torch refuses: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        who = "torchao" if prov.kind == "peer" else "torch"
+        return f"{who} refuses: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
     return None
 
 
@@ -378,6 +396,8 @@ def state_bytes(kind: str, numel: int, dtype: torch.dtype, buffer_dtype, topC: i
                 optimizer: str = "adamcm") -> int:
     """Bytes a provider allocates for its own copy of the params and its optimizer state."""
     p = dtype.itemsize
+    if kind == "peer":
+        return round(numel * (p + 2 * (1 + 4 / 256)))
     base = numel * (1 + OPTIMIZERS[optimizer].moments) * p
     if kind == "torch" or not OPTIMIZERS[optimizer].buffered:
         return base

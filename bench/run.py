@@ -51,7 +51,8 @@ def parse_args(argv=None):
     ap.add_argument("--optimizer", default="adamcm",
                     help=f"comma list of {', '.join(H.OPTIMIZERS)}, or all (default adamcm); "
                          f"each is timed against its torch counterpart")
-    ap.add_argument("--providers", help=f"comma list (default: all but the compiled ones): "
+    ap.add_argument("--providers", help=f"comma list (default: all but the compiled ones and the peer, "
+                                        f"torchao_adamw8bit): "
                                         f"{', '.join(H.PROVIDERS)}; the baseline (torch_fused, "
                                         f"or torch_foreach for RMSprop) is always run")
     ap.add_argument("--topc", help="comma list of topC values (default 5)")
@@ -101,7 +102,7 @@ def plan(args, device):
             if p not in H.PROVIDERS:
                 sys.exit(f"unknown provider {p!r}; known: {', '.join(H.PROVIDERS)}")
     else:
-        provs = [p for p, v in H.PROVIDERS.items() if not v.compiled]
+        provs = [p for p, v in H.PROVIDERS.items() if not (v.compiled or v.explicit)]
     if args.compile:
         provs += [p for p, v in H.PROVIDERS.items() if v.compiled and p not in provs]
     topcs = [int(c) for c in _csv(args.topc)] if args.topc else ([1, 5, 20] if args.full else [5])
@@ -122,7 +123,7 @@ def plan(args, device):
         for s in sets:
             for d in dt:
                 for p in mine:
-                    if H.PROVIDERS[p].kind == "torch":
+                    if H.PROVIDERS[p].kind in ("torch", "peer"):
                         jobs.append((o, s, d, None, None, p))
                 if not H.OPTIMIZERS[o].buffered:  # no buffer: no topC, no slot dtype
                     jobs += [(o, s, d, None, None, p) for p in mine
