@@ -33,7 +33,7 @@ OPTIMIZERS = {"adamcm": cm_fused.AdamCM, "adamcg": cm_fused.AdamCG, "sgdcg": cm_
               "sgdam": cm_fused.SGDAM}
 
 
-def measure(name: str, n: int, device: str, reps: int) -> dict:
+def measure(name: str, n: int, device: str, reps: int, eight_bit: bool = False) -> dict:
     params = [torch.nn.Parameter(torch.randn(64, device=device)) for _ in range(n)]
     # Two sets of gradient tensors, alive throughout: handing out the other set before a
     # step gives every gradient a new address, as zero_grad(set_to_none=True) and the
@@ -45,7 +45,12 @@ def measure(name: str, n: int, device: str, reps: int) -> dict:
             p.grad = g
 
     give(pools[0])
-    opt = OPTIMIZERS[name](params, backend="triton")
+    kw = {}
+    if eight_bit:  # every tensor's moments and slots 8-bit (64 elements: min_8bit_size 0)
+        kw = dict(state_dtype=torch.int8, min_8bit_size=0)
+        if OPTIMIZERS[name].variant.buffered:
+            kw["buffer_dtype"] = torch.int8
+    opt = OPTIMIZERS[name](params, backend="triton", **kw)
     for _ in range(3):  # state, tables
         opt.step()
     if device == "cuda":
@@ -61,7 +66,7 @@ def measure(name: str, n: int, device: str, reps: int) -> dict:
             times.append(time.perf_counter() - t0)
     if device == "cuda":
         torch.cuda.synchronize()
-    row = dict(optimizer=name, tensors=n)
+    row = dict(optimizer=name + (" 8-bit" if eight_bit else ""), tensors=n)
     for label, times in (("same", same), ("new", new)):
         times.sort()
         med = times[len(times) // 2]
@@ -77,6 +82,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--tensors", default="148,10000")
     ap.add_argument("--optimizer", default="adamcm,adamam")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--eight-bit", action="store_true",
+                    help="8-bit moments and int8 slots (state_dtype, buffer_dtype int8)")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -90,9 +97,10 @@ def main(argv=None) -> list[dict]:
           f"{'us/t new':>9} {'builds':>6} {'grad rows':>9}")
     for name in args.optimizer.split(","):
         for n in (int(x) for x in args.tensors.split(",")):
-            r = measure(name, n, device, args.reps if n < 5000 else max(5, args.reps // 2))
+            r = measure(name, n, device, args.reps if n < 5000 else max(5, args.reps // 2),
+                        args.eight_bit)
             rows.append(r)
-            print(f"{name:10} {n:>8} {r['ms_same']:>8.2f} {r['us_per_tensor_same']:>10.2f} "
+            print(f"{r['optimizer']:10} {n:>8} {r['ms_same']:>8.2f} {r['us_per_tensor_same']:>10.2f} "
                   f"{r['ms_new']:>8.2f} {r['us_per_tensor_new']:>9.2f} {r['builds']:>6} "
                   f"{r['grad_refreshes']:>9}", flush=True)
     return rows
