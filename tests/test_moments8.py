@@ -6,6 +6,10 @@ reference, checkpoints (resume, conversion both ways, refusals), and the memory 
 saves."""
 import io
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -381,6 +385,37 @@ def test_triton_steps_8bit_moments_as_the_reference(small_chunks, name, config, 
     """(and resumes from a checkpoint midway with the same bytes)"""
     _lockstep_with_reference("triton", name, config, slots, dtype, TRITON_SHAPES, 8,
                              resume_at=4)
+
+
+def test_default_kernels_step_8bit_state_as_the_reference():
+    """The portable kernel build (picked on CPUs without AVX2; forced here with
+    ATEN_CPU_CAPABILITY=default in a subprocess), whose codecs run on at::vec's generic
+    vectors: the lock step of each critical-buffer variant with int8 slots, without and
+    with the running sum (AdamCM without amsgrad: the roots from the update; AdamCG with
+    it), and AdamAM/SGDAM each step from the reference's state."""
+    require("cpu")
+    script = textwrap.dedent("""
+        import sys, torch
+        torch.set_num_threads(1)
+        sys.path.insert(0, sys.argv[1])
+        import cm_fused.cpu
+        import test_moments8 as t
+        print("KERNEL:", cm_fused.cpu.kernel_name())
+        configs = dict(adamcm="defaults", adamcg="all", sgdcg="all", rmspropcg="momentum")
+        for name, config in configs.items():
+            for slots in ("int8_no_sum", "int8_sum"):
+                t._lockstep_with_reference("cpu", name, config, slots, torch.float32,
+                                           t.CPU_SHAPES, 6)
+        for name in t.ADAPTIVE:
+            t._am_steps_from_the_reference_state("cpu", name, "all", torch.float32,
+                                                 t.CPU_SHAPES, 4)
+        print("OK")
+    """)
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    out = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "KERNEL: DEFAULT" in out.stdout and "OK" in out.stdout
 
 
 # Adaptive memory on the fused backends: its beta comes from sums over whole tensors,
