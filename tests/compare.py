@@ -2,6 +2,11 @@
 test uses against the reference (and the reference against torch's optimizers)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import torch
 
 # (atol, rtol) by parameter dtype, after the number of steps the tests run.
@@ -230,3 +235,22 @@ def op_args(variant=None, extras=True, slot=torch.float32, dtype=torch.float32,
         rand=on(torch.rand(len(shapes), generator=g)) if optional else None,
         rounding=None)
     return args
+
+
+def run_on_default_kernels(body: str) -> None:
+    """Run ``body`` (Python, indented as written) in a subprocess whose C++ step uses the
+    portable (non-AVX2) kernel build, as picked on CPUs without AVX2: forced with
+    ATEN_CPU_CAPABILITY=default. The tests directory is on its path, torch on one thread;
+    ``body`` must print "OK" when done."""
+    script = textwrap.dedent("""
+        import sys, torch
+        torch.set_num_threads(1)
+        sys.path.insert(0, sys.argv[1])
+        import cm_fused.cpu
+        print("KERNEL:", cm_fused.cpu.kernel_name())
+    """) + textwrap.dedent(body)
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    out = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "KERNEL: DEFAULT" in out.stdout and "OK" in out.stdout

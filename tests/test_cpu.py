@@ -15,7 +15,7 @@ import torch
 import cm_fused.cpu as cpu_backend
 from cm_fused import AdamCM
 from cm_fused.contract import Variant
-from compare import assert_bit_identical, make_params, op_args, set_grads
+from compare import assert_bit_identical, make_params, op_args, run_on_default_kernels, set_grads
 from family import EVERY, make
 
 _REASON = cpu_backend.unavailable_reason()  # loads the prebuilt extension, or JIT-builds it
@@ -248,14 +248,9 @@ def test_kernel_build_matches_this_cpu():
 def test_default_kernels_match_reference_too():
     """The portable (non-AVX2) kernel build, as picked on CPUs without AVX2, forced here with
     ATEN_CPU_CAPABILITY=default in a subprocess."""
-    script = textwrap.dedent("""
-        import sys, torch
-        torch.set_num_threads(1)
-        sys.path.insert(0, sys.argv[1])
+    run_on_default_kernels("""
         from compare import run_lockstep, ODD_SHAPES
         from family import EVERY, make
-        import cm_fused.cpu
-        print("KERNEL:", cm_fused.cpu.kernel_name())
         for name, member in EVERY.items():
             kw = member.configs["all"]
             for dt, slot in [(torch.float32, None), (torch.bfloat16, torch.float16),
@@ -266,11 +261,6 @@ def test_default_kernels_match_reference_too():
                              ODD_SHAPES + [(40000,)], 20, dtype=dt)
         print("OK")
     """)
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
-    out = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "KERNEL: DEFAULT" in out.stdout and "OK" in out.stdout
 
 
 # ------------------------------------------------------------ loading and fallback

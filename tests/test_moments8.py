@@ -6,15 +6,11 @@ reference, checkpoints (resume, conversion both ways, refusals), and the memory 
 saves."""
 import io
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
-from compare import copy_params, make_params, set_grads
+from compare import copy_params, make_params, run_on_default_kernels, set_grads
 from family import ADAPTIVE, EVERY, FAMILY, require, use
 from cm_fused.quantize import (QBLOCK, dequantize, dequantize_moment, e4m3_code,
                                e4m3_value, quantize_moment, slot_sum)
@@ -394,13 +390,8 @@ def test_default_kernels_step_8bit_state_as_the_reference():
     with the running sum (AdamCM without amsgrad: the roots from the update; AdamCG with
     it), and AdamAM/SGDAM each step from the reference's state."""
     require("cpu")
-    script = textwrap.dedent("""
-        import sys, torch
-        torch.set_num_threads(1)
-        sys.path.insert(0, sys.argv[1])
-        import cm_fused.cpu
+    run_on_default_kernels("""
         import test_moments8 as t
-        print("KERNEL:", cm_fused.cpu.kernel_name())
         configs = dict(adamcm="defaults", adamcg="all", sgdcg="all", rmspropcg="momentum")
         for name, config in configs.items():
             for slots in ("int8_no_sum", "int8_sum"):
@@ -411,11 +402,6 @@ def test_default_kernels_step_8bit_state_as_the_reference():
                                                  t.CPU_SHAPES, 4)
         print("OK")
     """)
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
-    out = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "KERNEL: DEFAULT" in out.stdout and "OK" in out.stdout
 
 
 # Adaptive memory on the fused backends: its beta comes from sums over whole tensors,
