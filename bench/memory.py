@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cm_fused  # noqa: E402
-from harness import git_commit, versions  # noqa: E402
+from harness import PROVIDERS, git_commit, make_optimizer, versions  # noqa: E402
 from param_sets import SETS  # noqa: E402
 
 SLOTS = (("fp32", None), ("bf16", torch.bfloat16), ("int8", torch.int8))
@@ -56,8 +56,7 @@ ROWS = [
 
 
 def _torchao(ps):
-    from torchao.optim import AdamW8bit
-    return AdamW8bit(ps)
+    return make_optimizer(PROVIDERS["torchao_adamw8bit"], ps, None, None)
 
 
 def _bitsandbytes(ps):
