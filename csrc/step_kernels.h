@@ -523,83 +523,128 @@ inline Vec int8_values(const int8_t* q) {
 #endif
 }
 
-// A block's scale from its lanes' largest magnitudes and the NaN poison (x * 0 per lane):
-// largest / qmax, rounded to nearest, or NaN for a block holding a NaN or an infinity.
-inline float block_scale(const Vec& amax, const Vec& poison, float qmax) {
-  float lanes[kV], bad[kV];
-  amax.store(lanes);
-  poison.store(bad);
-  float a = 0.f;
-  bool finite = true;
-  for (int64_t l = 0; l < kV; ++l) {
-    a = std::max(a, lanes[l]);
-    finite = finite && !std::isnan(bad[l]);
-  }
-  return finite ? a / qmax : std::numeric_limits<float>::quiet_NaN();
-}
+// A block's 0-padded length: whole groups of kGroup elements, the codes' unit of store.
+constexpr int64_t kGroup = 4 * kV;
+static_assert(kQBlock % kGroup == 0, "a block is whole groups");
+inline int64_t padded_length(int64_t n) { return (n + kGroup - 1) / kGroup * kGroup; }
 
-// The scale of a block of `padded` values x (zero-padded to whole vectors: zeros change
-// neither the largest magnitude nor the poison), from mag(v, i), the magnitudes of the
-// vector at x + i. Four independent chains, each a named register: with one chain the
-// loop waited on each op's latency, and an array of them was kept on the stack. A plain
-// max: a NaN magnitude comes from a NaN x, which the poison reports.
+// The scale of a block of `padded` values x (zero-padded: zeros change no maximum), from
+// mag(v, i), the magnitudes (sign bit clear) of the vector v at x + i: the largest / qmax,
+// rounded to nearest, or NaN for a block holding a NaN or an infinity. A magnitude's bits
+// order as its value, and a NaN's or an infinity's lie above every finite one's, so one
+// integer maximum per vector tracks both (a float maximum and a NaN poison x * 0 took
+// three operations). Four independent chains, each a named register: with one chain the
+// loop waited on each op's latency, and an array of them was kept on the stack.
 template <typename Mag>
 inline float block_scale_of(const float* x, int64_t padded, float qmax, Mag&& mag) {
-  const Vec zero(0.f);
-  Vec a0 = zero, a1 = zero, a2 = zero, a3 = zero, p0 = zero, p1 = zero, p2 = zero, p3 = zero;
-  auto add = [&](Vec& amax, Vec& poison, int64_t i) {
-    const Vec v = Vec::loadu(x + i);
-    amax = at::vec::clamp_min(mag(v, i), amax);
-    poison = poison + v * zero;
+  const IVec zero(0);
+  IVec a0 = zero, a1 = zero, a2 = zero, a3 = zero;
+  auto add = [&](IVec& amax, int64_t i) {
+    amax = at::vec::maximum(amax, bits_of(mag(Vec::loadu(x + i), i)));
   };
   int64_t i = 0;
   for (; i + 4 * kV <= padded; i += 4 * kV) {
-    add(a0, p0, i);
-    add(a1, p1, i + kV);
-    add(a2, p2, i + 2 * kV);
-    add(a3, p3, i + 3 * kV);
+    add(a0, i);
+    add(a1, i + kV);
+    add(a2, i + 2 * kV);
+    add(a3, i + 3 * kV);
   }
-  for (; i < padded; i += kV) add(a0, p0, i);
-  return block_scale(at::vec::clamp_min(at::vec::clamp_min(a0, a1), at::vec::clamp_min(a2, a3)),
-                     (p0 + p1) + (p2 + p3), qmax);
+  for (; i < padded; i += kV) add(a0, i);
+  int32_t lanes[kV];
+  at::vec::maximum(at::vec::maximum(a0, a1), at::vec::maximum(a2, a3)).store(lanes);
+  int32_t top = 0;
+  for (int64_t l = 0; l < kV; ++l) top = std::max(top, lanes[l]);
+  constexpr int32_t kInfinity = 0x7F800000;
+  if (top >= kInfinity) return std::numeric_limits<float>::quiet_NaN();
+  float largest;
+  std::memcpy(&largest, &top, sizeof(float));
+  return largest / qmax;
+}
+
+// x rounded to the nearest integer, ties to even (the rounding mode torch leaves set).
+inline IVec nearest_int(const Vec& x) {
+#ifdef CPU_CAPABILITY_AVX2
+  return _mm256_cvtps_epi32(x);
+#else
+  return at::vec::convert_to_int_of_same_size(x.round());
+#endif
+}
+
+// Four vectors of codes (int32 lanes holding B's values) stored as kGroup bytes at out.
+template <typename B>
+C10_ALWAYS_INLINE void store_group(const IVec& c0, const IVec& c1, const IVec& c2, const IVec& c3,
+                        B* out) {
+#ifdef CPU_CAPABILITY_AVX2
+  // The packs work per 128-bit half: the bytes come out as dwords c0[0:4], c1[0:4],
+  // c2[0:4], c3[0:4], c0[4:8], ..., which the permutation puts in order.
+  __m256i b;
+  if constexpr (std::is_signed_v<B>) {
+    b = _mm256_packs_epi16(_mm256_packs_epi32(c0, c1), _mm256_packs_epi32(c2, c3));
+  } else {
+    b = _mm256_packus_epi16(_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
+  }
+  b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), b);
+#else
+  int32_t t[kGroup];
+  c0.store(t);
+  c1.store(t + kV);
+  c2.store(t + 2 * kV);
+  c3.store(t + 3 * kV);
+  for (int64_t l = 0; l < kGroup; ++l) out[l] = static_cast<B>(t[l]);
+#endif
+}
+
+// The n codes code(i) of a block (i: a vector's first element; x zero-padded to
+// padded_length(n)) stored a group at a time, the last group through a copy.
+template <typename B, typename Code>
+C10_ALWAYS_INLINE void store_codes(int64_t n, B* out, Code&& code) {
+  int64_t i = 0;
+  for (; i + kGroup <= n; i += kGroup) {
+    store_group<B>(code(i), code(i + kV), code(i + 2 * kV), code(i + 3 * kV), out + i);
+  }
+  if (i < n) {
+    B tail[kGroup];
+    store_group<B>(code(i), code(i + kV), code(i + 2 * kV), code(i + 3 * kV), tail);
+    std::memcpy(out + i, tail, (n - i) * sizeof(B));
+  }
 }
 
 // int8 slots (cm_fused/quantize.py, the same operations in the same order): the block's
-// quotients x / s rounded and clamped to [-127, 127] into r. (A division, as the
-// reference's: multiplying by 1 / s and redoing the blocks where a product lay near a
-// tie was slower; the divider runs beside the rest of the loop.)
-inline void slot_codes(const float* x, int64_t padded, float s, float* r) {
-  const Vec vs(s), lo(-127.f), hi(127.f);
-  for (int64_t i = 0; i < padded; i += kV) {
-    const Vec v = (Vec::loadu(x + i) / vs).round();  // ties to even
-    at::vec::clamp(v, lo, hi).store(r + i);  // (the clamp is reachable only with a tiny s)
-  }
+// n quotients x / s, rounded and clamped to [-127, 127], into q (x zero-padded; clamping
+// first gives the same integers). (A division, as the reference's: multiplying by 1 / s
+// and redoing the blocks where a product lay near a tie was slower.)
+inline void slot_codes(const float* x, int64_t n, float s, int8_t* q) {
+  const Vec vs(s), lo(-127.f), hi(127.f);  // (the clamp is reachable only with a tiny s)
+  store_codes(n, q, [&](int64_t i) C10_ALWAYS_INLINE_ATTRIBUTE {
+    return nearest_int(at::vec::clamp(Vec::loadu(x + i) / vs, lo, hi));
+  });
 }
 
 // Quantize the n <= kQBlock staged values x of one block into q and *scale, and update S
 // by the values the slot held and holds: S <- (S - q_old * scale_old) + q * scale (sum
 // nullptr: no running sum is kept).
-inline void quantize_insert(float* __restrict x, int64_t n, int8_t* __restrict q, float* scale,
+inline void quantize_insert(float* __restrict x, int64_t n, int8_t* q, float* scale,
                             float* __restrict sum) {
-  const int64_t padded = (n + kV - 1) / kV * kV;  // zeros change neither absmax nor NaN
+  const int64_t padded = padded_length(n);
   std::memset(static_cast<void*>(x + n), 0, (padded - n) * sizeof(float));
   const float s = block_scale_of(x, padded, 127.f,
                                  [](const Vec& v, int64_t) { return v.abs(); });
   const float s_old = *scale;
   *scale = s;
-  float r[kQBlock];
+  int8_t fresh[kQBlock];
+  int8_t* codes = sum != nullptr ? fresh : q;  // (S takes the codes the slot held)
   if (!(s > 0.f)) {  // a NaN scale (non-finite block) or a zero one: the block stores zeros
-    std::memset(static_cast<void*>(r), 0, n * sizeof(float));
+    std::memset(codes, 0, n);
   } else {
-    slot_codes(x, padded, s, r);
+    slot_codes(x, n, s, codes);
   }
-  // Plain loops, which the compiler vectorises (int8 <-> fp32 included).
-  if (sum != nullptr) {
+  if (sum != nullptr) {  // (a plain loop, which the compiler vectorises)
     for (int64_t i = 0; i < n; ++i) {
-      sum[i] = (sum[i] - static_cast<float>(q[i]) * s_old) + r[i] * s;
+      sum[i] = (sum[i] - static_cast<float>(q[i]) * s_old) + static_cast<float>(fresh[i]) * s;
     }
+    std::memcpy(q, fresh, n);
   }
-  for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(r[i]);
 }
 
 // Slots without a running sum (docs/SPEC.md): what the n <= kQBlock elements of a block
@@ -682,26 +727,28 @@ inline void decode_moment(const uint8_t* __restrict codes, float scale, int64_t 
 }
 
 // The e4m3 code of magnitudes y in [0, 448]: below 2^-6, rint(y * 512) (a multiple of
-// 2^-9); else y's bits rounded to three mantissa bits, ties to even, and rebiased.
+// 2^-9), as the bits of y + 2^14 above 2^14's (fp32's spacing there is 2^-9, so the
+// addition rounds y to that multiple, ties to even); else y's bits rounded to three
+// mantissa bits, ties to even, and rebiased.
 constexpr int32_t kMinNormal = 0x3C800000;  // 2^-6's bits (y >= 0: bits order as values)
 
 C10_ALWAYS_INLINE IVec e4m3_code(const Vec& y) {  // (called per vector)
   const IVec b = bits_of(y);
   const IVec normal =
       ((b + IVec(0x7FFFF) + ((b >> IVec(20)) & IVec(1))) >> IVec(20)) - IVec(960);
-  const IVec sub = at::vec::convert_to_int_of_same_size((y * Vec(512.f)).round());  // ties even
+  const IVec sub = bits_of(y + Vec(16384.f)) - IVec(0x46800000);
   return IVec::blendv(normal, sub, b < IVec(kMinNormal));
 }
 
-// The codes of one block's values x (magnitudes mag: |x|, or the second moment's roots)
-// by the scale s, as quantize_moment: min(mag / s, 448)'s e4m3 code (a division, as the
-// reference's: see slot_codes), the momentum's sign in bit 7, and a positive second
-// moment never 0.
+// The n codes of one block's values x (magnitudes mag: |x|, or the second moment's roots;
+// both zero-padded) by the scale s, as quantize_moment: min(mag / s, 448)'s e4m3 code (a
+// division, as the reference's: see slot_codes), the momentum's sign in bit 7, and a
+// positive second moment never 0.
 template <bool SECOND>
-inline void moment_codes(const float* x, const float* mag, int64_t padded, float s,
-                         int32_t* c) {
+inline void moment_codes(const float* x, const float* mag, int64_t n, float s,
+                         uint8_t* codes) {
   const Vec vs(s), vmax(kE4M3Max);
-  for (int64_t i = 0; i < padded; i += kV) {
+  store_codes(n, codes, [&](int64_t i) C10_ALWAYS_INLINE_ATTRIBUTE {  // (else a call each)
     const Vec xv = Vec::loadu(x + i);
     const Vec m = SECOND ? Vec::loadu(mag + i) : xv.abs();
     IVec code = e4m3_code(at::vec::clamp_max(m / vs, vmax));
@@ -711,8 +758,8 @@ inline void moment_codes(const float* x, const float* mag, int64_t padded, float
       code = code | IVec::blendv((bits_of(xv) < IVec(0)) & IVec(kSign), IVec(0),
                                  code == IVec(0));
     }
-    code.store(c + i);
-  }
+    return code;
+  });
 }
 
 // One block's n new values x (fp32) -> codes and *scale, as quantize_moment: the
@@ -721,7 +768,7 @@ inline void moment_codes(const float* x, const float* mag, int64_t padded, float
 template <bool SECOND>
 inline void encode_moment(float* x, int64_t n, uint8_t* codes, float* scale,
                           float* root = nullptr) {
-  const int64_t padded = (n + kV - 1) / kV * kV;  // zeros change neither absmax nor NaN
+  const int64_t padded = padded_length(n);  // (zeros change no maximum)
   std::memset(static_cast<void*>(x + n), 0, (padded - n) * sizeof(float));
   float roots[SECOND ? kQBlock : 1];  // (the momentum's magnitudes are recomputed: cheaper)
   float* mag = root != nullptr ? root : roots;
@@ -731,12 +778,12 @@ inline void encode_moment(float* x, int64_t n, uint8_t* codes, float* scale,
   } else if (root != nullptr) {
     std::memset(static_cast<void*>(root + n), 0, (padded - n) * sizeof(float));
     s = block_scale_of(x, padded, kE4M3Max,
-                       [root](const Vec&, int64_t i) { return Vec::loadu(root + i); });
+                       [root](const Vec&, int64_t i) { return Vec::loadu(root + i).abs(); });
   } else {
     s = block_scale_of(x, padded, kE4M3Max, [&roots](const Vec& v, int64_t i) {
       const Vec m = v.sqrt();  // (IEEE sqrt: correctly rounded)
       m.store(roots + i);
-      return m;
+      return m.abs();  // (a NaN's sign bit may be set)
     });
   }
   *scale = s;
@@ -744,9 +791,7 @@ inline void encode_moment(float* x, int64_t n, uint8_t* codes, float* scale,
     std::memset(codes, 0, n);
     return;
   }
-  int32_t c[kQBlock];
-  moment_codes<SECOND>(x, mag, padded, s, c);
-  for (int64_t i = 0; i < n; ++i) codes[i] = static_cast<uint8_t>(c[i]);  // (vectorised)
+  moment_codes<SECOND>(x, mag, n, s, codes);
 }
 
 // A deferred insert into an int8 slot, elements [b, e) (b a multiple of kQBlock, e - b

@@ -315,6 +315,19 @@ def _state_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
                               and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)))
 
 
+# A quiet NaN with the sign bit set, as x86 makes them (0 * inf), per gradient dtype: its
+# square and root keep the sign (a Python -nan loses it in a cast to bf16).
+_NEGATIVE_NAN = {torch.float32: (torch.int32, -0x400000), torch.bfloat16: (torch.int16, -0x40)}
+
+
+def _non_finite(g: torch.Tensor) -> None:
+    """An infinity in g's second block and a negative NaN in its last."""
+    g[300] = float("inf")
+    bits, pattern = _NEGATIVE_NAN[g.dtype]
+    g.view(-1)[-5:-4].view(bits).fill_(pattern)
+    assert g.view(-1)[-5].isnan()
+
+
 def _lockstep_with_reference(backend, name, config, slots, dtype, shapes, steps,
                              resume_at=None):
     """``backend`` writes the reference's bytes: params, codes, moment scales, slots,
@@ -347,8 +360,8 @@ def _lockstep_with_reference(backend, name, config, slots, dtype, shapes, steps,
                 ps[8].grad *= SPREAD[:ps[8].numel()].view(ps[8].shape).to(dtype)
             if ps[3].grad is not None:  # subnormal momentum scales: |x| / scale > 448
                 ps[3].grad *= 3e-42
-            if t == steps - 2:  # a non-finite block: NaN scales, zero codes (docs/SPEC.md)
-                ps[4].grad[300] = float("inf")
+            if t == steps - 2:  # non-finite blocks: NaN scales, zero codes (docs/SPEC.md)
+                _non_finite(ps[4].grad)
             if skip:
                 opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
             torch.manual_seed(t)  # (the same critical_test coins)
@@ -452,8 +465,8 @@ def _am_steps_from_the_reference_state(backend, name, config, dtype, shapes, ste
             set_grads(ps, t, missing=missing)
             if ps[8].grad is not None:  # magnitudes 10 decades apart in every block
                 ps[8].grad *= SPREAD[:ps[8].numel()].view(ps[8].shape).to(dtype)
-            if t == steps - 1:  # a non-finite block: NaN scales, zero codes (docs/SPEC.md)
-                ps[4].grad[300] = float("inf")
+            if t == steps - 1:  # non-finite blocks: NaN scales, zero codes (docs/SPEC.md)
+                _non_finite(ps[4].grad)
             if skip:
                 opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
             opt.step()
