@@ -545,6 +545,17 @@ def versions() -> dict:
                 python=platform.python_version())
 
 
+def cpu_kernels() -> str:
+    """The C++ kernel build the cpu backend runs here and torch's own capability: a
+    result holds for the build it ran (their speeds differ: docs/benchmarks.md)."""
+    try:
+        import cm_fused.cpu
+        name = cm_fused.cpu.kernel_name()
+    except Exception as e:  # noqa: BLE001 - only reported
+        name = f"unavailable ({type(e).__name__})"
+    return f"{name} (torch {torch.backends.cpu.get_cpu_capability()})"
+
+
 def git_commit() -> str:
     """HEAD of the checkout bench/ lives in, '+dirty' when code that can change results is."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -263,7 +263,7 @@ def _measure_rows(args, jobs, device, reps, meta) -> list[dict]:
 def _report(meta, rows, device, reps, copy_gbps, elapsed) -> None:
     """The table and its legend, on stdout."""
     print(f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
-          f"commit {meta['commit']} | {meta['threads']} threads")
+          f"commit {meta['commit']} | {meta['threads']} threads | C++ kernels {meta['cpu_kernels']}")
     share = H.COPY_CPU_SHARE[0] if device.type == "cpu" else None
     print(f"copy_ bandwidth (read+write): {copy_gbps:.1f} GB/s"
           f"{'' if share is None else f' (cpu% {100 * share:.0f})'} | {reps} timed steps per row "
@@ -319,7 +319,8 @@ def main(argv=None):
     t_start = time.perf_counter()
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     meta = dict(device=H.device_name(device), device_type=device.type, **H.versions(),
-                commit=H.git_commit(), run_id=run_id, threads=torch.get_num_threads())
+                commit=H.git_commit(), run_id=run_id, threads=torch.get_num_threads(),
+                cpu_kernels=H.cpu_kernels())
     progress(f"cm_fused bench: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
              f"{len(jobs)} rows, {reps} timed steps each")
     for name, status in H.cm_fused.backends().items():

@@ -172,7 +172,8 @@ def loaded_from() -> tuple[str | None, str | None]:
 
 
 def kernel_name() -> str:
-    """Which kernel build runs on this CPU: 'AVX2' or 'DEFAULT'."""
+    """Which kernel build runs on this CPU: 'AVX512', 'AVX2' or 'DEFAULT' (the one matching
+    torch's own, ``torch.backends.cpu.get_cpu_capability()``, where this CPU has it)."""
     reason = load()
     if reason:
         raise RuntimeError(reason)

@@ -45,11 +45,18 @@ namespace cm_fused {
 const KernelTable& kernels() {
   static const KernelTable* table = [] {
 #if defined(__x86_64__) || defined(_M_X64)
-    const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
-    if (cap != "DEFAULT" && cap != "default" && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-      return &AVX2::kernel_table();
+    // torch's own pick (it honours ATEN_CPU_CAPABILITY), so that the reference's torch ops
+    // and the kernels use the same fused multiply-adds (torch.lerp: FMA in torch's AVX2
+    // and AVX-512 kernels, none in its portable ones)
+    const std::string cap = at::get_cpu_capability();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    if (cap == "AVX512" && avx2 && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq")) {
+      return &AVX512::kernel_table();
     }
+    if (cap != "DEFAULT" && cap != "default" && avx2) return &AVX2::kernel_table();
 #endif
     return &DEFAULT::kernel_table();
   }();
@@ -379,7 +386,7 @@ at::Tensor square_sums_cpu(at::TensorList tensors) {
   return out;
 }
 
-// Which kernel build runs here ("AVX2" or "DEFAULT"): for tests and benchmarks.
+// Which kernel build runs here ("AVX512", "AVX2" or "DEFAULT"): for tests and benchmarks.
 std::string kernel_name() { return kernels().name; }
 
 }  // namespace cm_fused

@@ -5,7 +5,8 @@
 // adaptive.cpp compute the per-tensor decisions (keys, insert slot, counts, steps, bias
 // corrections, with decide.h's rules; adaptive memory: beta) and drive the parallel
 // passes (passes.h); the vectorised per-chunk kernels live in step_kernels.h, compiled
-// once per CPU capability (kernels_default.cpp, kernels_avx2.cpp) and picked at run time.
+// once per CPU capability (kernels_default.cpp, kernels_avx2.cpp, kernels_avx512.cpp) and
+// picked at run time.
 #pragma once
 
 #include <cstdint>
@@ -143,6 +144,9 @@ namespace DEFAULT {
 const KernelTable& kernel_table();
 }
 namespace AVX2 {
+const KernelTable& kernel_table();
+}
+namespace AVX512 {
 const KernelTable& kernel_table();
 }
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 # (atol, rtol) by parameter dtype, after the number of steps the tests run.
@@ -237,11 +238,21 @@ def op_args(variant=None, extras=True, slot=torch.float32, dtype=torch.float32,
     return args
 
 
-def run_on_default_kernels(body: str) -> None:
-    """Run ``body`` (Python, indented as written) in a subprocess whose C++ step uses the
-    portable (non-AVX2) kernel build, as picked on CPUs without AVX2: forced with
-    ATEN_CPU_CAPABILITY=default. The tests directory is on its path, torch on one thread;
-    ``body`` must print "OK" when done."""
+# The C++ kernel builds a subprocess can force with ATEN_CPU_CAPABILITY (the capability
+# torch and the kernels then pick) besides this process's: the portable one (picked on CPUs
+# without AVX2) and, on an AVX-512 CPU, AVX2's.
+OTHER_KERNEL_BUILDS = ("default", "avx2")
+
+
+def run_on_kernels(capability: str, body: str) -> None:
+    """Run ``body`` (Python, indented as written) in a subprocess whose torch and C++ step
+    use the kernel build of ``capability`` (an ATEN_CPU_CAPABILITY value: "default",
+    "avx2"). The tests directory is on its path, torch on one thread; ``body`` must print
+    "OK" when done. AVX2 is skipped unless this process runs AVX-512's build (else it runs
+    AVX2's itself, or the CPU has no AVX2)."""
+    import cm_fused.cpu
+    if capability == "avx2" and cm_fused.cpu.kernel_name() != "AVX512":
+        pytest.skip("this process runs the AVX2 build itself, or the CPU has none")
     script = textwrap.dedent("""
         import sys, torch
         torch.set_num_threads(1)
@@ -249,8 +260,8 @@ def run_on_default_kernels(body: str) -> None:
         import cm_fused.cpu
         print("KERNEL:", cm_fused.cpu.kernel_name())
     """) + textwrap.dedent(body)
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
     out = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "KERNEL: DEFAULT" in out.stdout and "OK" in out.stdout
+    assert f"KERNEL: {capability.upper()}" in out.stdout and "OK" in out.stdout

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from compare import copy_params, make_params, run_on_default_kernels, set_grads
+from compare import OTHER_KERNEL_BUILDS, copy_params, make_params, run_on_kernels, set_grads
 from family import ADAPTIVE, EVERY, FAMILY, require, use
 from cm_fused.quantize import (QBLOCK, dequantize, dequantize_moment, e4m3_code,
                                e4m3_value, quantize_moment, slot_sum)
@@ -396,14 +396,14 @@ def test_triton_steps_8bit_moments_as_the_reference(small_chunks, name, config, 
                              resume_at=4)
 
 
-def test_default_kernels_step_8bit_state_as_the_reference():
-    """The portable kernel build (picked on CPUs without AVX2; forced here with
-    ATEN_CPU_CAPABILITY=default in a subprocess), whose codecs run on at::vec's generic
-    vectors: the lock step of each critical-buffer variant with int8 slots, without and
+@pytest.mark.parametrize("capability", OTHER_KERNEL_BUILDS)
+def test_other_kernel_builds_step_8bit_state_as_the_reference(capability):
+    """The kernel builds this process does not run (forced with ATEN_CPU_CAPABILITY in a
+    subprocess; the portable one's codecs run on at::vec's generic vectors): the lock step of each critical-buffer variant with int8 slots, without and
     with the running sum (AdamCM without amsgrad: the roots from the update; AdamCG with
     it), and AdamAM/SGDAM each step from the reference's state."""
     require("cpu")
-    run_on_default_kernels("""
+    run_on_kernels(capability, """
         import test_moments8 as t
         configs = dict(adamcm="defaults", adamcg="all", sgdcg="all", rmspropcg="momentum")
         for name, config in configs.items():
