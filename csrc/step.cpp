@@ -49,14 +49,17 @@ const KernelTable& kernels() {
     // and the kernels use the same fused multiply-adds (torch.lerp: FMA in torch's AVX2
     // and AVX-512 kernels, none in its portable ones)
     const std::string cap = at::get_cpu_capability();
+    // (every set the builds' targets name: a VM may show AVX2 and hide BMI2)
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                      __builtin_cpu_supports("f16c");
+                      __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi") &&
+                      __builtin_cpu_supports("bmi2");
     if (cap == "AVX512" && avx2 && __builtin_cpu_supports("avx512f") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512dq")) {
       return &AVX512::kernel_table();
     }
-    if (cap != "DEFAULT" && cap != "default" && avx2) return &AVX2::kernel_table();
+    // (named, not "not DEFAULT": torch 2.7/2.8 call their portable level "NO AVX")
+    if ((cap == "AVX2" || cap == "AVX512") && avx2) return &AVX2::kernel_table();
 #endif
     return &DEFAULT::kernel_table();
   }();

@@ -6,8 +6,9 @@
 // CPU_CAPABILITY (DEFAULT, AVX2, AVX512) before including it, so everything here, at::vec
 // included, lands in a namespace of its own (see PyTorch's Note [CPU_CAPABILITY
 // namespace]) and the builds never share a symbol. A vector holds 8 fp32 lanes, 16 with
-// AVX-512: the per-element results are the same bits in every build; sums over a tensor
-// (the norms, adaptive memory's sums) are added in another order.
+// AVX-512: the AVX2 and AVX-512 builds give the same bits per element (the portable one
+// differs where at::vec's fmadd is fused on x86 and not there, as torch's own builds do);
+// sums over a tensor (the norms, adaptive memory's sums) are added in another order.
 //
 // Operation order mirrors cm_fused/reference.py, so the backends agree to rounding.
 #include <ATen/cpu/vec/functional.h>

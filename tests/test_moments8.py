@@ -399,8 +399,8 @@ def test_triton_steps_8bit_moments_as_the_reference(small_chunks, name, config, 
 @pytest.mark.parametrize("capability", OTHER_KERNEL_BUILDS)
 def test_other_kernel_builds_step_8bit_state_as_the_reference(capability):
     """The kernel builds this process does not run (forced with ATEN_CPU_CAPABILITY in a
-    subprocess; the portable one's codecs run on at::vec's generic vectors): the lock step of each critical-buffer variant with int8 slots, without and
-    with the running sum (AdamCM without amsgrad: the roots from the update; AdamCG with
+    subprocess; the portable one's codecs run on at::vec's generic vectors): the lock step
+    of each critical-buffer variant with int8 slots, without and with the running sum (AdamCM without amsgrad: the roots from the update; AdamCG with
     it), and AdamAM/SGDAM each step from the reference's state."""
     require("cpu")
     run_on_kernels(capability, """
